@@ -1,0 +1,175 @@
+"""Named encoder presets on timm: every encoder gives a global vector and a spatial map.
+
+``Encoder(images)`` returns ``EncoderOutput(pooled (B, C), tokens (B, N, C), hw)``: the
+pooled vector is what embedding heads project; the tokens (ViT patch tokens, or a CNN's
+last feature map flattened) are what Cross-Image-Attention attends over. timm already
+builds, loads and resamples the models; this module only adds names, pooling and the
+offline-weights policy (never fall back to random weights silently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+from datamodules.transforms import Normalization
+
+Pool = Literal["token", "avg", "max", "avgmax"]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were requested but cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A named timm model: architecture + weights tag + default pooling."""
+
+    timm_name: str
+    pool: Pool
+    description: str
+    kind: Literal["vit", "cnn"]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained_available: bool = True
+
+
+BACKBONES: dict[str, BackbonePreset] = {}
+
+
+def register_backbone(name: str, preset: BackbonePreset) -> None:
+    """Add a named backbone (plugins may call this)."""
+    BACKBONES[name] = preset
+
+
+register_backbone("vit_small", BackbonePreset(
+    "vit_small_patch16_224.augreg_in21k", "token", "ViT-S/16, ImageNet-21k (augreg), CLS token, 384-d", "vit"))
+register_backbone("deit_small", BackbonePreset(
+    "deit_small_patch16_224.fb_in1k", "token", "DeiT-S/16, ImageNet-1k, CLS token, 384-d", "vit"))
+register_backbone("dino_vits16", BackbonePreset(
+    "vit_small_patch16_224.dino", "token", "ViT-S/16 self-supervised with DINO, CLS token, 384-d", "vit"))
+register_backbone("resnet50", BackbonePreset(
+    "resnet50.tv_in1k", "avg", "ResNet-50, ImageNet-1k (torchvision weights), 2048-d", "cnn"))
+register_backbone("vit_tiny_test", BackbonePreset(
+    "vit_tiny_patch16_224", "token", "tiny random ViT for tests (2 blocks, 32-d, patch 8)", "vit",
+    {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}, pretrained_available=False))
+register_backbone("resnet_tiny_test", BackbonePreset(
+    "resnet18", "avg", "tiny random ResNet for tests (one block per stage, 8..64 channels)", "cnn",
+    {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 8}, pretrained_available=False))
+
+
+@dataclass
+class BackboneConfig:
+    """Which encoder to build and how.
+
+    Args:
+        name: a registered preset (``python -m benchmark list`` shows them).
+        pretrained: load the preset's pretrained weights (from the timm / Hugging Face cache,
+            or ``weights``); ``False`` trains from random initialisation.
+        weights: a local weights file (.safetensors, .pth, .bin) for the preset's
+            architecture; implies ``pretrained``.
+        pool: override the preset's global pooling (``token``, ``avg``, ``max``, ``avgmax``).
+        grad_checkpointing: recompute activations in backward to save memory.
+        channels_last: NHWC memory format for CNNs (faster convolutions on GPU).
+        drop_path_rate: stochastic depth rate (ViTs).
+    """
+
+    name: str = "resnet50"
+    pretrained: bool = True
+    weights: str | None = None
+    pool: Pool | None = None
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    drop_path_rate: float = 0.0
+
+
+class EncoderOutput(NamedTuple):
+    pooled: torch.Tensor  # (B, C) global feature
+    tokens: torch.Tensor  # (B, N, C) spatial features, N = H * W (CNN) or patch count (ViT)
+    hw: tuple[int, int]  # spatial grid of the tokens
+
+
+def _weights_message(preset: BackbonePreset, name: str, err: BaseException) -> str:
+    return (
+        f"Cannot load pretrained weights '{preset.timm_name}' for backbone '{name}' ({type(err).__name__}: {err}).\n"
+        f"  - Online: they download from https://huggingface.co/timm/{preset.timm_name.split('.')[0]}"
+        f"{'.' + preset.timm_name.split('.')[1] if '.' in preset.timm_name else ''} into the Hugging Face cache.\n"
+        "  - Offline: download that repository's model.safetensors elsewhere and pass "
+        "--backbone.weights /path/to/model.safetensors, or pre-fill the cache (HF_HOME).\n"
+        "  - To train from random initialisation on purpose, pass --backbone.pretrained false."
+    )
+
+
+class Encoder(nn.Module):
+    """A timm model wrapped to return pooled and spatial features."""
+
+    def __init__(self, config: BackboneConfig, image_size: int = 224) -> None:
+        super().__init__()
+        if config.name not in BACKBONES:
+            raise ValueError(f"Unknown backbone {config.name!r}. Choose one of: {', '.join(sorted(BACKBONES))}.")
+        preset = BACKBONES[config.name]
+        self.config, self.preset = config, preset
+        kwargs = dict(preset.model_kwargs)
+        if preset.kind == "vit":
+            kwargs["img_size"] = image_size
+        if config.drop_path_rate:
+            kwargs["drop_path_rate"] = config.drop_path_rate
+        pretrained = config.pretrained or config.weights is not None
+        if pretrained and not preset.pretrained_available:
+            raise WeightsUnavailableError(
+                f"Backbone '{config.name}' has no pretrained weights; pass --backbone.pretrained false."
+            )
+        if config.weights is not None:
+            path = Path(config.weights).expanduser()
+            if not path.is_file():
+                raise WeightsUnavailableError(f"Weights file {path} (--backbone.weights) does not exist.")
+            # timm's own loader filters the checkpoint (e.g. resamples ViT position embeddings).
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        try:
+            self.model = timm.create_model(preset.timm_name, pretrained=pretrained, num_classes=0, **kwargs)
+        except (OSError, RuntimeError, ValueError, ConnectionError) as err:
+            if not pretrained:
+                raise
+            raise WeightsUnavailableError(_weights_message(preset, config.name, err)) from err
+        cfg = self.model.pretrained_cfg
+        self.normalization = Normalization(
+            tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+            tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            cfg.get("interpolation", "bicubic"),
+        )
+        self.pool: Pool = config.pool or preset.pool
+        if preset.kind == "cnn" and self.pool == "token":
+            raise ValueError(f"Backbone '{config.name}' is a CNN; pool must be avg, max or avgmax.")
+        self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
+        self.feature_dim: int = self.model.num_features * (2 if self.pool == "avgmax" else 1)
+        self.token_dim: int = self.model.num_features
+        if config.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats = self.model.forward_features(images)
+        if feats.ndim == 4:  # CNN: (B, C, H, W)
+            h, w = feats.shape[-2:]
+            tokens = feats.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        else:  # ViT: (B, P + N, C) with P prefix (CLS / register) tokens
+            tokens = feats[:, self.num_prefix_tokens :]  # (B, N, C)
+            grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+            h, w = grid if grid is not None else (tokens.shape[1], 1)
+        if self.pool == "token":
+            pooled = feats[:, 0]  # CLS token (after the final norm)
+        elif self.pool == "avg":
+            pooled = tokens.mean(1)
+        elif self.pool == "max":
+            pooled = tokens.amax(1)
+        else:
+            pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)  # (B, 2C)
+        return EncoderOutput(pooled, tokens, (int(h), int(w)))
+

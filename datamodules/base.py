@@ -1,0 +1,369 @@
+"""The one LightningDataModule every dataset and every method shares.
+
+A subclass only says how to read its official on-disk layout (:meth:`read_records`); this
+base turns the records into datasets, class-balanced training batches, evaluation splits
+with query/gallery flags, and the `paper` / `holdout` protocols.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules.records import DatasetError, DatasetRecords, SplitRecords
+from datamodules.samplers import ClassBalancedBatchSampler
+from datamodules.transforms import AugmentConfig, Normalization, ViewRequest, eval_transform, train_transform
+
+Protocol = Literal["paper", "holdout"]
+
+
+def default_data_root() -> Path:
+    """Where datasets and caches live unless ``root`` is given: ``$DML_BENCHMARK_DATA``."""
+    return Path(os.environ.get("DML_BENCHMARK_DATA", Path.home() / ".cache" / "dml-benchmark"))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class DataRequest:
+    """What a method needs from the training data, applied before loaders are built.
+
+    ``normalization`` comes from the encoder; ``views`` from methods that train on several
+    augmented views (DMCAC); ``train_indices`` restricts training batches to a subset of the
+    training split (DMCAC's query set); ``sampler`` picks class-balanced or shuffled batches.
+    """
+
+    normalization: Normalization = field(default_factory=Normalization)
+    views: ViewRequest = field(default_factory=ViewRequest)
+    train_indices: np.ndarray | None = None
+    sampler: Literal["balanced", "shuffle"] = "balanced"
+
+
+class ImageDataset(Dataset):
+    """Images of one split as dicts: image, label, index (+ query/gallery flags)."""
+
+    def __init__(self, records: SplitRecords, transform, indices: np.ndarray | None = None) -> None:
+        self.records, self.transform = records, transform
+        self.indices = np.arange(len(records)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        idx = int(self.indices[i])
+        path = self.records.paths[idx]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DatasetError(
+                f"Cannot decode image {path}: {err}. The file is corrupt or truncated; "
+                "re-extract it from the dataset's original archive."
+            ) from err
+        return {
+            "image": self.transform(image),
+            "label": int(self.records.labels[idx]),
+            "index": idx,
+            "is_query": bool(self.records.is_query[idx]),
+            "is_gallery": bool(self.records.is_gallery[idx]),
+        }
+
+
+def _check_image(path: str) -> str | None:
+    """Cheap integrity check: the header parses and the file ends with its format's end marker."""
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 12))
+            tail = f.read()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as err:
+        return f"unreadable ({err})"
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated (no JPEG end-of-image marker)"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return "truncated (no PNG IEND chunk)"
+    return None
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Shared base: readers -> splits -> transforms -> loaders.
+
+    Args:
+        root: dataset folder (the layout each subclass documents); ``None`` uses
+            ``$DML_BENCHMARK_DATA/<name>``.
+        image_size: training crop and evaluation center-crop size in pixels.
+        classes_per_batch: n, distinct classes in a training batch.
+        samples_per_class: m, images per class in a training batch (batch = n * m per rank).
+        batches_per_epoch: fixed epoch length; ``None`` = about one pass over the images.
+        eval_batch_size: batch size of the evaluation loaders.
+        num_workers: loader worker processes (``None``: ``min(8, cpu count)``).
+        protocol: ``paper`` evaluates the test split during training (as the published
+            tables do); ``holdout`` carves ``val_fraction`` of the training classes as a
+            class-disjoint validation split for model selection and tests once at the end.
+        val_fraction: share of training classes held out under ``holdout``.
+        split_seed: seed of the holdout class choice (kept apart from the training seed so
+            that every run of a sweep validates on the same classes).
+        seed: seed of the training batch sampler.
+        augment: training augmentation strength.
+        eval_crop_pct: evaluation resize = image_size / eval_crop_pct, then center crop.
+        verify_images: ``header`` checks that every listed image exists, parses and is not
+            truncated before training (cached); ``exists`` only checks existence; ``none``
+            skips checks.
+    """
+
+    name: ClassVar[str] = ""
+    recall_ks: ClassVar[tuple[int, ...]] = (1, 2, 4, 8)
+    compute_nmi: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass with a ``name`` becomes available as ``--data <name>``."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            from benchmark.registry import register_dataset
+
+            register_dataset(cls)
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 224,
+        classes_per_batch: int = 32,
+        samples_per_class: int = 4,
+        batches_per_epoch: int | None = None,
+        eval_batch_size: int = 256,
+        num_workers: int | None = None,
+        protocol: Protocol = "paper",
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        seed: int = 0,
+        augment: AugmentConfig = AugmentConfig(),
+        eval_crop_pct: float = 0.875,
+        verify_images: Literal["header", "exists", "none"] = "header",
+    ) -> None:
+        super().__init__()
+        if protocol not in ("paper", "holdout"):
+            raise ValueError(f"protocol must be 'paper' or 'holdout', got {protocol!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.root = Path(root).expanduser() if root is not None else default_data_root() / self.name
+        self.image_size = image_size
+        self.classes_per_batch, self.samples_per_class = classes_per_batch, samples_per_class
+        self.batches_per_epoch = batches_per_epoch
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.protocol: Protocol = protocol
+        self.val_fraction, self.split_seed, self.seed = val_fraction, split_seed, seed
+        self.augment, self.eval_crop_pct, self.verify_images = augment, eval_crop_pct, verify_images
+        self.request = DataRequest()
+        self._splits: dict[str, SplitRecords] | None = None
+        self._train_sampler: ClassBalancedBatchSampler | None = None
+
+    # ------------------------------------------------------------------ reading
+    def read_records(self, root: Path) -> DatasetRecords:
+        """Parse the official lists under ``root`` (no image is opened here)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement read_records(root)")
+
+    def prepare_records(self) -> None:
+        """Hook for datasets that must be created first (the embedded synthetic default)."""
+
+    def _load(self) -> dict[str, SplitRecords]:
+        if self._splits is not None:
+            return self._splits
+        self.prepare_records()
+        records = self.read_records(self.root)
+        self._check_sizes(records)
+        for split_name, split in (("train", records.train), ("test", records.test)):
+            if len(split) == 0:
+                raise DatasetError(f"{self.name}: the {split_name} split under {self.root} is empty.")
+        if not records.test.is_query.any() or not records.test.is_gallery.any():
+            raise DatasetError(f"{self.name}: the test split has no queries or no gallery images.")
+        self._verify(records)
+        train, test = records.train, records.test
+        splits = {"test": test}
+        if self.protocol == "holdout":
+            splits["train"], splits["val"] = self._holdout(train)
+        else:
+            splits["train"], splits["val"] = train, test
+        self._splits = splits
+        return splits
+
+    def _holdout(self, train: SplitRecords) -> tuple[SplitRecords, SplitRecords]:
+        """Carve a class-disjoint validation split from the training classes."""
+        num_classes = train.num_classes
+        num_val = max(1, int(round(self.val_fraction * num_classes)))
+        if num_val >= num_classes:
+            raise DatasetError(f"{self.name}: val_fraction={self.val_fraction} leaves no training classes.")
+        rng = np.random.default_rng(self.split_seed)
+        val_classes = np.zeros(num_classes, dtype=bool)
+        val_classes[rng.choice(num_classes, size=num_val, replace=False)] = True
+        in_val = val_classes[train.labels]  # (N,) bool
+        return train.subset(np.flatnonzero(~in_val)), train.subset(np.flatnonzero(in_val))
+
+    def _check_sizes(self, records: DatasetRecords) -> None:
+        found = {"train": len(records.train), "test": len(records.test)}
+        found["query"] = int(records.test.is_query.sum())
+        found["gallery"] = int(records.test.is_gallery.sum())
+        diffs = [
+            f"{k}: {found[k]} (published {v})" for k, v in records.expected_sizes.items() if k in found and found[k] != v
+        ]
+        if diffs:
+            warnings.warn(
+                f"{self.name} at {self.root} differs from the published dataset: {', '.join(diffs)}. "
+                "Results are not comparable with the papers' numbers.",
+                stacklevel=2,
+            )
+
+    def _verify(self, records: DatasetRecords) -> None:
+        """Fail before training if a listed image is missing or damaged (cached per file list)."""
+        if self.verify_images == "none":
+            return
+        paths = records.train.paths + records.test.paths
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DatasetError(
+                f"{self.name}: {len(missing)} listed image(s) are missing, e.g. {missing[0]}. "
+                f"Re-extract the dataset under {self.root} (see docs/datasets.md for the layout)."
+            )
+        if self.verify_images == "exists":
+            return
+        digest = hashlib.sha1()
+        for p in paths:
+            st = os.stat(p)
+            digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        stamp = default_data_root() / "verified" / f"{self.name}-{digest.hexdigest()[:20]}.json"
+        if stamp.is_file():
+            return
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            problems = [(p, r) for p, r in zip(paths, pool.map(_check_image, paths, chunksize=256)) if r]
+        if problems:
+            listing = "\n".join(f"  {p}: {r}" for p, r in problems[:10])
+            raise DatasetError(
+                f"{self.name}: {len(problems)} image(s) are corrupt or truncated:\n{listing}\n"
+                "Re-extract them from the original archive (or pass verify_images='exists' to skip the check)."
+            )
+        atomic_write_text(stamp, json.dumps({"dataset": self.name, "root": str(self.root), "images": len(paths)}))
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def train_records(self) -> SplitRecords:
+        return self._load()["train"]
+
+    @property
+    def val_records(self) -> SplitRecords:
+        return self._load()["val"]
+
+    @property
+    def test_records(self) -> SplitRecords:
+        return self._load()["test"]
+
+    @property
+    def num_train_classes(self) -> int:
+        """Classes the training loss sees (flows into the method's classifier heads)."""
+        return self.train_records.num_classes
+
+    def describe(self) -> dict[str, Any]:
+        """Flat metadata recorded with every result."""
+        return {
+            "dataset": self.name,
+            "protocol": self.protocol,
+            "image_size": self.image_size,
+            "num_train_classes": self.num_train_classes,
+            "num_train_images": len(self.train_records),
+            "num_test_images": len(self.test_records),
+        }
+
+    # ------------------------------------------------------------------ requests from the method
+    def apply_request(self, request: DataRequest) -> None:
+        """Adopt the method's data needs (normalisation, views, training subset, sampler)."""
+        self.request = replace(request)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        self.prepare_records()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_transform(self):
+        return train_transform(self.image_size, self.request.normalization, self.augment, self.request.views)
+
+    def eval_transform(self):
+        return eval_transform(self.image_size, self.request.normalization, self.eval_crop_pct)
+
+    def train_dataloader(self) -> DataLoader:
+        records = self.train_records
+        subset = self.request.train_indices
+        dataset = ImageDataset(records, self.train_transform(), subset)
+        labels = records.labels[dataset.indices]  # (N_sub,) labels in dataset order
+        world, rank = self._world()
+        if self.request.sampler == "balanced":
+            self._train_sampler = ClassBalancedBatchSampler(
+                labels,
+                self.classes_per_batch,
+                self.samples_per_class,
+                self.batches_per_epoch,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+            )
+            return DataLoader(dataset, batch_sampler=self._train_sampler, **self._loader_kwargs())
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
+        return DataLoader(
+            dataset,
+            batch_size=self.classes_per_batch * self.samples_per_class,
+            sampler=sampler,
+            drop_last=True,
+            **self._loader_kwargs(),
+        )
+
+    def eval_dataloader(self, records: SplitRecords) -> DataLoader:
+        """Loader over every sample of ``records``; under DDP each rank gets a padded shard."""
+        dataset = ImageDataset(records, self.eval_transform())
+        world, rank = self._world()
+        sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader(self.val_records)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader(self.test_records)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "split_seed": self.split_seed, "val_fraction": self.val_fraction}

@@ -1,0 +1,114 @@
+"""Image transforms built from a backbone's timm data configuration.
+
+Normalisation (mean, std) and interpolation come from the encoder (what its weights were
+trained with); sizes and augmentation strength come from the datamodule. Methods that need
+several augmented views per image (DMCAC) ask for them with a :class:`ViewRequest`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2 as T
+
+_INTERPOLATION = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Input statistics of an encoder (from its timm ``pretrained_cfg``)."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class ViewRequest:
+    """How many views of each training image a method needs, and how they are made.
+
+    ``num_views == 1`` gives a (C, H, W) image per sample, more gives (V, C, H, W). With
+    ``augment == "randaugment"`` every view is RandAugment applied to one shared training
+    crop, except view 0 when ``keep_original`` is set: it is the crop itself.
+    """
+
+    num_views: int = 1
+    augment: str | None = None
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    keep_original: bool = True
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation: random resized crop + horizontal flip (+ optional extras)."""
+
+    crop_scale: tuple[float, float] = (0.16, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+
+
+def _to_tensor(norm: Normalization) -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(norm.mean, norm.std)]
+
+
+def eval_transform(image_size: int, norm: Normalization, crop_pct: float = 0.875) -> T.Compose:
+    """Resize the short side to ``image_size / crop_pct`` then center-crop ``image_size``."""
+    interp = _INTERPOLATION[norm.interpolation]
+    resize = max(image_size, int(round(image_size / crop_pct)))
+    return T.Compose([T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(image_size), *_to_tensor(norm)])
+
+
+class MultiView:
+    """One shared training crop, then ``num_views`` (optionally RandAugment-ed) views."""
+
+    def __init__(self, crop: T.Transform, finish: T.Compose, request: ViewRequest, interpolation) -> None:
+        self.crop, self.finish, self.request = crop, finish, request
+        self.augment = (
+            T.RandAugment(request.randaugment_ops, request.randaugment_magnitude, interpolation=interpolation)
+            if request.augment == "randaugment"
+            else None
+        )
+        if request.augment not in (None, "randaugment"):
+            raise ValueError(f"Unknown view augmentation {request.augment!r}; choose None or 'randaugment'.")
+
+    def __call__(self, image) -> torch.Tensor:
+        crop = self.crop(image)
+        views = []
+        for v in range(self.request.num_views):
+            view = crop
+            if self.augment is not None and not (v == 0 and self.request.keep_original):
+                view = self.augment(crop)
+            views.append(self.finish(view))
+        return torch.stack(views)  # (V, C, H, W)
+
+
+def train_transform(
+    image_size: int,
+    norm: Normalization,
+    augment: AugmentConfig = AugmentConfig(),
+    views: ViewRequest = ViewRequest(),
+):
+    """Random resized crop + flip (+ jitter, erasing), optionally as several views."""
+    interp = _INTERPOLATION[norm.interpolation]
+    crop_ops: list = [
+        T.RandomResizedCrop(image_size, scale=augment.crop_scale, ratio=augment.crop_ratio, interpolation=interp, antialias=True)
+    ]
+    if augment.hflip > 0:
+        crop_ops.append(T.RandomHorizontalFlip(augment.hflip))
+    if augment.color_jitter > 0:
+        j = augment.color_jitter
+        crop_ops.append(T.ColorJitter(j, j, j))
+    finish_ops = _to_tensor(norm)
+    if augment.random_erasing > 0:
+        finish_ops.append(T.RandomErasing(p=augment.random_erasing))
+    if views.num_views == 1 and views.augment is None:
+        return T.Compose(crop_ops + finish_ops)
+    return MultiView(T.Compose(crop_ops), T.Compose(finish_ops), views, interp)

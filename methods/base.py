@@ -1,0 +1,202 @@
+"""The shared base of every method: encoder + embedding head, evaluation, optimisers.
+
+A method subclasses :class:`RetrievalMethod`, registers itself by name, and implements
+:meth:`training_loss`. Everything a method does not override behaves the same for all:
+evaluation batches return L2-normalised embeddings for the one evaluation callback, the
+optimiser and schedule come from the constructor, and a non-finite loss stops training
+with a message instead of silently corrupting the weights. Methods are plain modules:
+tests drive ``training_loss`` and ``embed`` without a Trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
+from datamodules.base import DataRequest
+
+OptimizerName = Literal["adamw", "adam", "radam", "sgd"]
+SchedulerName = Literal["none", "multistep", "cosine"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class RetrievalMethod(L.LightningModule):
+    """Backbone -> embedding head -> method's loss; one evaluation path for all methods.
+
+    Args:
+        backbone: the encoder (a named timm preset, see ``python -m benchmark list``).
+        embedding_dim: size of the linear embedding head on the pooled feature; ``None``
+            uses the pooled feature itself (e.g. the ViT CLS token).
+        num_classes: training classes; filled in from the datamodule by the CLI.
+        image_size: input resolution; filled in from the datamodule by the CLI (ViT
+            position embeddings are resampled to it).
+        optimizer: ``adamw``, ``adam``, ``radam`` or ``sgd`` (momentum 0.9).
+        lr: learning rate of the backbone.
+        weight_decay: weight decay of every parameter group.
+        head_lr_mult: learning-rate multiplier of the parameters outside the backbone.
+        scheduler: ``none``, ``multistep`` (divide by 1/lr_gamma at ``lr_milestones``
+            epochs) or ``cosine`` (per step over the whole run).
+        lr_milestones: epochs at which ``multistep`` multiplies the lr by ``lr_gamma``.
+        lr_gamma: ``multistep`` factor.
+    """
+
+    method_name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        backbone: BackboneConfig | None = None,
+        embedding_dim: int | None = None,
+        num_classes: int | None = None,
+        image_size: int = 224,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        head_lr_mult: float = 1.0,
+        scheduler: SchedulerName = "none",
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone_config = backbone or BackboneConfig()
+        self.num_classes = num_classes
+        self.encoder = Encoder(self.backbone_config, image_size)
+        feature_dim = self.encoder.feature_dim
+        self.head: nn.Module = (
+            nn.Linear(feature_dim, embedding_dim) if embedding_dim and embedding_dim != feature_dim else nn.Identity()
+        )
+        self.embedding_dim: int = embedding_dim or feature_dim
+
+    # ------------------------------------------------------------------ embeddings
+    def encode(self, images: torch.Tensor) -> EncoderOutput:
+        """Backbone features of (B, C, H, W) images."""
+        return self.encoder(images)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) pooled features -> (B, D) unnormalised embeddings."""
+        return self.head(pooled)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, D) L2-normalised embeddings used for retrieval."""
+        return F.normalize(self.project(self.encode(images).pooled), dim=-1)
+
+    def require_classes(self) -> int:
+        """The number of training classes, or a clear error for heads that need it."""
+        if not self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__} needs num_classes (the CLI fills it from the datamodule; "
+                "pass num_classes=datamodule.num_train_classes when building it by hand)."
+            )
+        return self.num_classes
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Return the method's loss terms; ``"loss"`` is the one optimised."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        terms = self.training_loss(batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(
+                f"{self.method_name or type(self).__name__}: non-finite loss at step {self.global_step} ({parts}). "
+                "Lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val), "
+                "or use fp32 instead of fp16 mixed precision."
+            )
+        batch_size = len(batch["label"])
+        for name, value in terms.items():
+            key = "train/loss" if name == "loss" else f"train/{name}"
+            self.log(key, value.detach(), prog_bar=name == "loss", batch_size=batch_size)
+        return loss
+
+    def data_request(self) -> DataRequest:
+        """What this method needs from the training data (normalisation, views, ...)."""
+        return DataRequest(normalization=self.encoder.normalization)
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "apply_request"):
+            datamodule.apply_request(self.data_request())
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {
+            "embeddings": self.embed(batch["image"]),
+            "labels": batch["label"],
+            "indices": batch["index"],
+            "is_query": batch["is_query"],
+            "is_gallery": batch["is_gallery"],
+        }
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch)
+
+    def refine(
+        self, embeddings: torch.Tensor, is_query: torch.Tensor, is_gallery: torch.Tensor
+    ) -> dict[str, Any] | None:
+        """Optional transductive test-time step (no labels): refined embeddings or rankings.
+
+        Returns ``None`` (nothing to refine) or a dict whose values are (N, D') refined
+        embeddings or ``RankedLists``; the evaluation callback reports them as
+        ``<stage>/refined/<key>/...`` next to the plain metrics.
+        """
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Flat metadata recorded with every result."""
+        return {
+            "method": self.method_name or type(self).__name__,
+            "backbone": self.backbone_config.name,
+            "pretrained": bool(self.backbone_config.pretrained or self.backbone_config.weights),
+            "embedding_dim": self.embedding_dim,
+        }
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Backbone parameters at ``lr``; everything else at ``lr * head_lr_mult``."""
+        hp = self.hparams
+        backbone = [p for p in self.encoder.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in backbone}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": backbone, "lr": hp.lr, "name": "backbone"}]
+        if rest:
+            groups.append({"params": rest, "lr": hp.lr * hp.head_lr_mult, "name": "head"})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.parameter_groups()
+        if hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "radam":
+            opt = torch.optim.RAdam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.9)
+        else:
+            raise ValueError(f"Unknown optimizer {hp.optimizer!r}; choose adamw, adam, radam or sgd.")
+        if hp.scheduler == "none":
+            return opt
+        if hp.scheduler == "multistep":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.lr_milestones or []), gamma=hp.lr_gamma)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if hp.scheduler == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        raise ValueError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep or cosine.")

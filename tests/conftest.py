@@ -1,0 +1,18 @@
+"""Test-wide settings: never touch the network, the user's caches or W&B servers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Datasets, verification stamps and caches go to a per-session temporary folder."""
+    root = tmp_path_factory.getbasetemp() / "dml-data"
+    monkeypatch.setenv("DML_BENCHMARK_DATA", str(root))
