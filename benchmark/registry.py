@@ -53,22 +53,33 @@ def register_dataset(cls: M) -> M:
     return cls
 
 
-_discovered = False
+_builtins_loaded = False
+_loaded_entry_points: set[str] = set()
 
 
 def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
-    """Import built-ins, installed entry-point plugins and the named plugin modules."""
-    global _discovered
-    if not _discovered:
+    """Import built-ins (once), installed entry-point plugins and the named plugin modules.
+
+    Entry points are re-scanned on every call (cheap), so a plugin installed while the
+    process runs is found by the next call.
+    """
+    global _builtins_loaded
+    if not _builtins_loaded:
         for package in ("datamodules", "methods"):
             pkg = importlib.import_module(package)
             for info in pkgutil.iter_modules(pkg.__path__):
                 if not info.name.startswith("_"):
                     importlib.import_module(f"{package}.{info.name}")
-        for group in ("benchmark.methods", "benchmark.datasets", "benchmark.backbones"):
-            for ep in entry_points(group=group):
-                ep.load()
-        _discovered = True
+        _builtins_loaded = True
+    for group in ("benchmark.methods", "benchmark.datasets", "benchmark.backbones"):
+        for ep in entry_points(group=group):
+            key = f"{group}:{ep.name}={ep.value}"
+            if key not in _loaded_entry_points:
+                try:
+                    ep.load()
+                except Exception as err:
+                    raise ImportError(f"Plugin entry point {ep.name!r} ({ep.value}) in group {group} failed to load: {err}") from err
+                _loaded_entry_points.add(key)
     for module in plugins:
         try:
             importlib.import_module(module)

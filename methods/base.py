@@ -10,6 +10,9 @@ tests drive ``training_loss`` and ``embed`` without a Trainer.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
+from benchmark.distributed import gather_by_index
 from datamodules.base import DataRequest
 
 OptimizerName = Literal["adamw", "adam", "radam", "sgd"]
@@ -88,6 +92,34 @@ class RetrievalMethod(L.LightningModule):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, D) L2-normalised embeddings used for retrieval."""
         return F.normalize(self.project(self.encode(images).pooled), dim=-1)
+
+    @torch.no_grad()
+    def embed_loader(self, loader: Iterable[dict[str, Any]], desc: str = "embedding") -> torch.Tensor:
+        """Embed every sample of an evaluation-style loader: (N, D) rows in dataset-index order.
+
+        Under DDP each rank embeds its shard of a distributed loader and the rows are
+        gathered and de-duplicated, so the work is done once across ranks. Shows a progress
+        bar on rank 0 and logs the time taken as ``time/<desc>_s``.
+        """
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        start = time.perf_counter()
+        trainer = self._trainer
+        context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+        show = trainer is None or trainer.is_global_zero
+        embeddings, indices = [], []
+        with context:
+            for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+                images = batch["image"].to(self.device, non_blocking=True)
+                embeddings.append(self.embed(images).float())  # (b, D)
+                indices.append(batch["index"].to(self.device))
+        _, emb = gather_by_index(torch.cat(indices), torch.cat(embeddings))
+        self.train(was_training)
+        if trainer is not None:
+            self.log(f"time/{desc}_s", time.perf_counter() - start, rank_zero_only=True)
+        return emb
 
     def require_classes(self) -> int:
         """The number of training classes, or a clear error for heads that need it."""
