@@ -48,20 +48,25 @@ class DataRequest:
 
     ``normalization`` comes from the encoder; ``views`` from methods that train on several
     augmented views (DMCAC); ``train_indices`` restricts training batches to a subset of the
-    training split (DMCAC's query set); ``sampler`` picks class-balanced or shuffled batches.
+    training split (DMCAC's query set); ``sampler`` picks class-balanced or shuffled batches;
+    ``load_images=False`` gives training batches without images (label and index only) for
+    methods that train on cached embeddings (Context-Refine).
     """
 
     normalization: Normalization = field(default_factory=Normalization)
     views: ViewRequest = field(default_factory=ViewRequest)
     train_indices: np.ndarray | None = None
     sampler: Literal["balanced", "shuffle"] = "balanced"
+    load_images: bool = True
 
 
 class ImageDataset(Dataset):
     """Images of one split as dicts: image, label, index (+ query/gallery flags)."""
 
-    def __init__(self, records: SplitRecords, transform, indices: np.ndarray | None = None) -> None:
-        self.records, self.transform = records, transform
+    def __init__(
+        self, records: SplitRecords, transform, indices: np.ndarray | None = None, load_images: bool = True
+    ) -> None:
+        self.records, self.transform, self.load_images = records, transform, load_images
         self.indices = np.arange(len(records)) if indices is None else np.asarray(indices, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -69,6 +74,17 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         idx = int(self.indices[i])
+        item = {
+            "label": int(self.records.labels[idx]),
+            "index": idx,
+            "is_query": bool(self.records.is_query[idx]),
+            "is_gallery": bool(self.records.is_gallery[idx]),
+        }
+        if self.load_images:
+            item["image"] = self.transform(self._load(idx))
+        return item
+
+    def _load(self, idx: int) -> Image.Image:
         path = self.records.paths[idx]
         try:
             with Image.open(path) as im:
@@ -78,13 +94,7 @@ class ImageDataset(Dataset):
                 f"Cannot decode image {path}: {err}. The file is corrupt or truncated; "
                 "re-extract it from the dataset's original archive."
             ) from err
-        return {
-            "image": self.transform(image),
-            "label": int(self.records.labels[idx]),
-            "index": idx,
-            "is_query": bool(self.records.is_query[idx]),
-            "is_gallery": bool(self.records.is_gallery[idx]),
-        }
+        return image
 
 
 def _check_image(path: str) -> str | None:
@@ -329,7 +339,7 @@ class RetrievalDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         records = self.train_records
         subset = self.request.train_indices
-        dataset = ImageDataset(records, self.train_transform(), subset)
+        dataset = ImageDataset(records, self.train_transform(), subset, load_images=self.request.load_images)
         labels = records.labels[dataset.indices]  # (N_sub,) labels in dataset order
         world, rank = self._world()
         if self.request.sampler == "balanced":

@@ -188,6 +188,11 @@ class RetrievalMethod(L.LightningModule):
         """
         return None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the registered name so :func:`load_method` can rebuild any method."""
+        checkpoint["method_name"] = self.method_name
+        checkpoint["method_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
     def describe(self) -> dict[str, Any]:
         """Flat metadata recorded with every result."""
         return {
@@ -232,3 +237,20 @@ class RetrievalMethod(L.LightningModule):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         raise ValueError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep or cosine.")
+
+
+def load_method(checkpoint_path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> RetrievalMethod:
+    """Rebuild whichever registered method wrote ``checkpoint_path`` (its class and weights)."""
+    from pathlib import Path
+
+    from benchmark import registry
+
+    path = Path(checkpoint_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    name = checkpoint.get("method_name")
+    if not name:
+        raise ValueError(f"{path} was not written by a benchmark method (no 'method_name' entry).")
+    cls = registry.get_method(name)
+    return cls.load_from_checkpoint(path, map_location=map_location, **overrides)
