@@ -21,8 +21,17 @@ import numpy as np
 import scipy.io
 
 from datamodules.base import RetrievalDataModule
-from datamodules.cub import absolute_paths, check_range, check_unique, require_nonempty
-from datamodules.records import DatasetError, DatasetRecords, SplitRecords, require_dir, require_file
+from datamodules.records import (
+    DatasetError,
+    DatasetRecords,
+    SplitRecords,
+    absolute_paths,
+    check_range,
+    check_unique,
+    require_dir,
+    require_file,
+    require_nonempty,
+)
 
 CARS_URL = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html"
 CARS_HINT = (

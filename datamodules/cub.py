@@ -1,4 +1,4 @@
-"""CUB-200-2011 reader (and the list-file parsing helpers shared by the other readers).
+"""CUB-200-2011 reader.
 
 Official layout (the extracted ``CUB_200_2011.tgz``)::
 
@@ -14,14 +14,23 @@ images); every test image is both a query and a gallery item.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from datamodules.base import RetrievalDataModule
-from datamodules.records import DatasetError, DatasetRecords, SplitRecords, require_dir, require_file
+from datamodules.records import (
+    DatasetError,
+    DatasetRecords,
+    SplitRecords,
+    absolute_paths,
+    check_range,
+    check_unique,
+    parse_int_column,
+    read_table,
+    require_dir,
+    require_nonempty,
+)
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158"
 CUB_HINT = (
@@ -32,132 +41,6 @@ CUB_HINT = (
 CUB_NUM_CLASSES = 200
 CUB_TRAIN_CLASSES = 100  # classes 1..100 train, 101..200 test
 CUB_EXPECTED_SIZES = {"train": 5864, "test": 5924}
-
-
-# --------------------------------------------------------------------------------------
-# List-file helpers shared by all readers: whitespace-separated tables, integer columns,
-# uniqueness and range checks, each failing with a DatasetError naming file and line.
-# --------------------------------------------------------------------------------------
-
-
-def read_table(
-    path: Path,
-    columns: Sequence[str],
-    *,
-    dataset: str,
-    hint: str,
-    skip: int = 0,
-    header: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read a whitespace-separated list file into an ``(N, len(columns))`` array of strings.
-
-    The first ``skip`` lines are ignored; with ``header=True`` the next line must then be
-    exactly the column names. Blank lines are ignored. Also returns the 1-based line number
-    of every row, so later checks can point at the offending line.
-    """
-    require_file(path, dataset, hint)
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{dataset}: {path} is not a UTF-8 text file ({err}). {hint}") from err
-    lines = text.splitlines()
-    if header:
-        found = lines[skip] if skip < len(lines) else "<end of file>"
-        if found.split() != list(columns):
-            raise DatasetError(
-                f"{dataset}: {path}, line {skip + 1}: expected the header {' '.join(columns)!r}, "
-                f"found {found!r}. {hint}"
-            )
-        skip += 1
-    lines = lines[skip:]
-    fields = [line.split() for line in lines]
-    counts = np.fromiter(map(len, fields), dtype=np.int64, count=len(fields))
-    nonblank = counts > 0
-    bad = np.flatnonzero(nonblank & (counts != len(columns)))
-    if bad.size:
-        i = int(bad[0])
-        raise DatasetError(
-            f"{dataset}: {path}, line {i + skip + 1}: expected {len(columns)} whitespace-separated "
-            f"fields ({' '.join(columns)}), found {counts[i]}: {lines[i]!r}. {hint}"
-        )
-    if not nonblank.all():
-        fields = [f for f, keep in zip(fields, nonblank) if keep]
-    table = np.array(fields, dtype=str).reshape(-1, len(columns))
-    line_numbers = np.flatnonzero(nonblank) + skip + 1
-    return table, line_numbers
-
-
-def parse_int_column(
-    values: np.ndarray, line_numbers: np.ndarray, path: Path, column: str, *, dataset: str, hint: str
-) -> np.ndarray:
-    """Convert a column of strings to int64, naming the first non-integer entry and its line."""
-    try:
-        return values.astype(np.int64)
-    except (ValueError, OverflowError):
-        pass
-    for value, line in zip(values, line_numbers):
-        try:
-            np.int64(int(value))
-        except (ValueError, OverflowError):
-            raise DatasetError(
-                f"{dataset}: {path}, line {line}: {column} must be an integer, found {value!r}. {hint}"
-            ) from None
-    raise DatasetError(f"{dataset}: {path}: column {column} is not a valid integer column. {hint}")
-
-
-def check_unique(
-    values: np.ndarray,
-    line_numbers: np.ndarray,
-    path: Path | str,
-    what: str,
-    *,
-    dataset: str,
-    hint: str,
-    unit: str = "line",
-) -> None:
-    """Raise if ``values`` has a duplicate, naming both occurrences (``unit``: "line", "entry")."""
-    uniq, counts = np.unique(values, return_counts=True)
-    if len(uniq) == len(values):
-        return
-    dup = uniq[np.argmax(counts > 1)].item()
-    where = np.flatnonzero(values == dup)[:2]
-    raise DatasetError(
-        f"{dataset}: {path}: duplicate {what} {dup!r} at {unit} {line_numbers[where[0]]} and "
-        f"{unit} {line_numbers[where[1]]}. {hint}"
-    )
-
-
-def check_range(
-    values: np.ndarray,
-    low: int,
-    high: int,
-    line_numbers: np.ndarray,
-    path: Path | str,
-    what: str,
-    *,
-    dataset: str,
-    hint: str,
-    unit: str = "line",
-) -> None:
-    """Raise if any of ``values`` lies outside ``[low, high]``, naming the first one and its line."""
-    bad = np.flatnonzero((values < low) | (values > high))
-    if bad.size:
-        i = int(bad[0])
-        raise DatasetError(
-            f"{dataset}: {path}, {unit} {line_numbers[i]}: {what} {values[i]} is outside {low}..{high}. {hint}"
-        )
-
-
-def absolute_paths(base: Path, relative: Sequence[str]) -> list[str]:
-    """Join relative image paths onto ``base`` as absolute strings (fast for 100k+ entries)."""
-    prefix = str(base.expanduser().resolve()) + os.sep
-    return [prefix + p for p in relative]
-
-
-def require_nonempty(split: SplitRecords, name: str, source: Path | str, *, dataset: str, hint: str) -> None:
-    """Raise if a split has no images (e.g. a truncated list file)."""
-    if len(split) == 0:
-        raise DatasetError(f"{dataset}: the {name} split read from {source} is empty. {hint}")
 
 
 # --------------------------------------------------------------------------------------

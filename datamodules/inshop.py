@@ -22,8 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import RetrievalDataModule
-from datamodules.cub import absolute_paths, check_unique, parse_int_column, read_table
-from datamodules.records import DatasetError, DatasetRecords, SplitRecords, require_dir
+from datamodules.records import (
+    DatasetError,
+    DatasetRecords,
+    SplitRecords,
+    absolute_paths,
+    check_unique,
+    parse_int_column,
+    read_table,
+    require_dir,
+)
 
 INSHOP_URL = "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
 INSHOP_HINT = (

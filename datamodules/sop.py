@@ -18,15 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import RetrievalDataModule
-from datamodules.cub import (
+from datamodules.records import (
+    DatasetError,
+    DatasetRecords,
+    SplitRecords,
     absolute_paths,
     check_range,
     check_unique,
     parse_int_column,
     read_table,
+    require_dir,
     require_nonempty,
 )
-from datamodules.records import DatasetError, DatasetRecords, SplitRecords, require_dir
 
 SOP_URL = "https://cvgl.stanford.edu/projects/lifted_struct/"
 SOP_HINT = (
