@@ -1,0 +1,618 @@
+"""Retrieval metrics for deep metric learning: Recall@K, MAP@R, R-Precision, mAP@k and NMI.
+
+Pure functions on tensors (no Lightning). Conventions, shared by every backend:
+
+* cosine similarity: embeddings are L2-normalised here, so the score is a dot product;
+* a query never retrieves itself: it is excluded by its position in the evaluated set (its
+  dataset index), not by dropping the first neighbour, which duplicates and ties break;
+* ties: among equal scores the gallery item with the lower dataset index ranks first (a
+  stable sort by descending score);
+* queries without a positive in the gallery are left out of every average and counted in
+  ``queries_without_positive``.
+
+Every ranking metric follows from the ranks of a query's positives (0-based positions in
+its ranked gallery list), and only ranks below ``cap = max(max K, map_at_k, R)`` matter.
+The search computes those ranks exactly without sorting any gallery list, with memory
+bounded by a chunk of queries (never an N x N matrix):
+
+1. one matrix product per chunk of queries gives the (c, G) scores against the gallery,
+   whose columns are ordered by (label, dataset index) so that each query's positives are
+   one contiguous range;
+2. the scores are cut into blocks of ``b`` columns and each block's maximum is taken
+   (one streaming pass); a block whose maximum is below a threshold holds nothing above it;
+3. a positive with ``cap`` or more blocks scoring above it has rank ``>= cap`` and is
+   dropped; the threshold of a query is the score of its worst remaining positive;
+4. only the blocks reaching that threshold are read again; their items are compared with
+   the query's positives by a binary search on exact order keys (score bits, then dataset
+   index), which gives each positive the exact number of negatives ranked before it.
+
+The work beyond the matrix product is one pass over the scores plus a cost proportional to
+the number of items that outrank a query's positives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["RankedLists", "retrieval_metrics", "ranked_list_metrics", "nmi", "default_chunk_size"]
+
+# Scores of the (c, G) block of one query chunk stay within this many bytes by default.
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+_NO_RANK = 2**62  # rank of a positive that is not (or need not be) located
+
+
+@dataclass(frozen=True)
+class RankedLists:
+    """Re-ranked neighbour lists returned by a method's transductive ``refine`` step.
+
+    Attributes:
+        indices: (Q, k) int64 positions into the N evaluated samples (ascending dataset
+            index). Row q belongs to the q-th query in ascending dataset-index order; entries
+            are gallery samples, best first, the query itself excluded. ``-1`` pads a row
+            with fewer than k entries. Positives beyond the list count as misses.
+    """
+
+    indices: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.indices, torch.Tensor) or self.indices.ndim != 2:
+            raise TypeError(
+                "RankedLists.indices must be a 2-D LongTensor (num_queries, k); "
+                f"got {type(self.indices).__name__} with shape {getattr(self.indices, 'shape', None)}."
+            )
+        if self.indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"RankedLists.indices must be int64 positions; got dtype {self.indices.dtype}.")
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+# ---------------------------------------------------------------------------- input checks
+@dataclass
+class _EvalSet:
+    """Validated inputs, rows in ascending dataset-index order, on the compute device."""
+
+    embeddings: torch.Tensor  # (N, D) float32, L2-normalised
+    labels: torch.Tensor  # (N,) int64
+    is_query: torch.Tensor  # (N,) bool
+    is_gallery: torch.Tensor  # (N,) bool
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_vector(x: torch.Tensor | np.ndarray | Sequence, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but there are {n} embeddings; pass one {name} "
+            "entry per embedding row."
+        )
+    if dtype == torch.bool and t.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (a mask); got dtype {t.dtype}.")
+    if dtype == torch.int64 and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
+        raise TypeError(f"{name} must hold integers; got dtype {t.dtype}.")
+    return t.to(dtype)
+
+
+def _check_ks(recall_ks: Sequence[int], map_at_k: int) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in recall_ks)
+    if any(k < 1 for k in ks) or any(k != k_ for k, k_ in zip(ks, recall_ks)):
+        raise ValueError(f"recall_ks must be positive integers; got {list(recall_ks)}.")
+    if int(map_at_k) < 1:
+        raise ValueError(f"map_at_k must be a positive integer; got {map_at_k}.")
+    return tuple(sorted(set(ks)))
+
+
+def _prepare_roles(
+    labels: torch.Tensor,
+    is_query: torch.Tensor | None,
+    is_gallery: torch.Tensor | None,
+    indices: torch.Tensor | None,
+    n: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check labels, roles and indices; return (order or None, labels, is_query, is_gallery).
+
+    ``order`` sorts rows by dataset index (None when they already are); the returned
+    vectors are already in that order.
+    """
+    if n == 0:
+        raise ValueError(
+            "The evaluation split is empty: there are no embeddings to evaluate. Check that the "
+            "datamodule's evaluation dataloader yields samples for this split."
+        )
+    labels = _as_vector(labels, "labels", n, torch.int64).to(device)
+    is_query = torch.ones(n, dtype=torch.bool) if is_query is None else _as_vector(is_query, "is_query", n, torch.bool)
+    is_gallery = (
+        torch.ones(n, dtype=torch.bool) if is_gallery is None else _as_vector(is_gallery, "is_gallery", n, torch.bool)
+    )
+    is_query, is_gallery = is_query.to(device), is_gallery.to(device)
+    order = None
+    if indices is not None:
+        idx = _as_vector(indices, "indices", n, torch.int64).to(device)
+        order = torch.argsort(idx, stable=True)  # (N,)
+        sorted_idx = idx[order]
+        dup = sorted_idx[1:] == sorted_idx[:-1]
+        if bool(dup.any()):
+            raise ValueError(
+                f"indices are not unique (dataset index {int(sorted_idx[1:][dup][0])} appears more than once). "
+                "Remove duplicate samples (e.g. DistributedSampler padding) before computing metrics."
+            )
+        if bool((order == torch.arange(n, device=device)).all()):
+            order = None
+        else:
+            labels, is_query, is_gallery = labels[order], is_query[order], is_gallery[order]
+    if not bool(is_query.any()):
+        raise ValueError("No sample is flagged as a query (is_query is all False); there is nothing to evaluate.")
+    if not bool(is_gallery.any()):
+        raise ValueError(
+            "No sample is flagged as a gallery item (is_gallery is all False); queries have nothing to retrieve."
+        )
+    return order, labels, is_query, is_gallery
+
+
+def _prepare(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    is_query: torch.Tensor | None,
+    is_gallery: torch.Tensor | None,
+    indices: torch.Tensor | None,
+    device: torch.device,
+) -> _EvalSet:
+    """Check shapes, dtypes and values; sort rows by dataset index; L2-normalise."""
+    emb = torch.as_tensor(embeddings)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D (N, D) tensor; got shape {tuple(emb.shape)}.")
+    if not emb.is_floating_point():
+        raise TypeError(f"embeddings must be floating point; got dtype {emb.dtype}.")
+    n = emb.shape[0]
+    order, labels, is_query, is_gallery = _prepare_roles(labels, is_query, is_gallery, indices, n, device)
+    if emb.shape[1] == 0:
+        raise ValueError("embeddings have 0 dimensions; the method's embedding head produced no features.")
+    emb = emb.detach().to(device=device, dtype=torch.float32)
+    finite = torch.isfinite(emb).all(dim=1)  # (N,)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(
+            f"{bad.numel()} of {n} embeddings contain NaN or inf (first at row {int(bad[0])}). The model "
+            "produced non-finite features: check the loss, the learning rate and mixed precision."
+        )
+    if order is not None:
+        emb = emb[order]
+    return _EvalSet(F.normalize(emb, dim=1), labels, is_query, is_gallery)
+
+
+def _positives_per_query(labels: torch.Tensor, qpos: torch.Tensor, gpos: torch.Tensor) -> torch.Tensor:
+    """(Q,) R: gallery samples sharing each query's label, the query itself excluded."""
+    glab = labels[gpos].sort().values
+    qlab = labels[qpos]
+    count = torch.searchsorted(glab, qlab, side="right") - torch.searchsorted(glab, qlab, side="left")
+    in_gallery = torch.zeros_like(labels, dtype=torch.bool)
+    in_gallery[gpos] = True
+    return count - in_gallery[qpos].long()
+
+
+def _no_positive_error(num_queries: int) -> ValueError:
+    return ValueError(
+        f"None of the {num_queries} queries has a positive (a gallery sample with its label, other than "
+        "itself): the metrics are undefined. Check the labels and the is_query / is_gallery flags of the split."
+    )
+
+
+# ---------------------------------------------------------------------------- rank -> metric
+def _metric_sums(
+    ranks: torch.Tensor, num_pos: torch.Tensor, recall_ks: tuple[int, ...], map_at_k: int
+) -> torch.Tensor:
+    """Per-metric sums over the queries of one chunk, from the ranks of their positives.
+
+    ``ranks`` is (c, H): ascending 0-based ranks of each query's located positives (the i-th
+    column is the i-th best positive), padded with a large value. ``num_pos`` is (c,) = R.
+    Returns float64 (len(recall_ks) + 3,): hits for each K, then MAP@R, R-Precision, mAP@k.
+    Queries with R = 0 must not be passed.
+    """
+    c, h = ranks.shape
+    r = num_pos.to(torch.float64)  # (c,)
+    first = ranks[:, 0] if h > 0 else torch.full((c,), _NO_RANK, dtype=torch.int64, device=ranks.device)
+    ks = torch.tensor(recall_ks, device=ranks.device)
+    hits = (first[:, None] < ks[None, :]).sum(0, dtype=torch.float64)  # (len(ks),)
+    if h == 0:
+        return torch.cat([hits, torch.zeros(3, dtype=torch.float64, device=ranks.device)])
+    ordinal = torch.arange(1, h + 1, device=ranks.device, dtype=torch.float64)  # i-th positive
+    precision = ordinal[None, :] / (ranks.to(torch.float64) + 1.0)  # (c, H) P@(rank+1) at each hit
+    in_r = ranks < num_pos[:, None]  # (c, H) hit within the top R
+    in_k = ranks < map_at_k
+    map_r = ((precision * in_r).sum(1) / r).sum()
+    r_prec = (in_r.sum(1, dtype=torch.float64) / r).sum()
+    map_k = ((precision * in_k).sum(1) / r.clamp(max=map_at_k)).sum()
+    return torch.cat([hits, torch.stack([map_r, r_prec, map_k])])
+
+
+def _finish(
+    sums: torch.Tensor, num_queries: int, num_gallery: int, without_positive: int, recall_ks: tuple[int, ...], map_at_k: int
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    values = (sums / num_queries).tolist()
+    for k, v in zip(recall_ks, values):
+        out[f"R@{k}"] = v
+    out["MAP@R"], out["R-Precision"], out[f"mAP@{map_at_k}"] = values[len(recall_ks) :]
+    out["num_queries"] = num_queries
+    out["num_gallery"] = num_gallery
+    out["queries_without_positive"] = without_positive
+    return out
+
+
+# ---------------------------------------------------------------------------- exact order keys
+def _desc_key(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32) that sort float32 scores in descending order, exactly.
+
+    The float's bits are mapped to an order-preserving integer (so comparisons are exact and
+    never depend on rounding); -0.0 is folded onto +0.0 because they compare equal.
+    """
+    bits = (values.to(torch.float32) + 0.0).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32, same order as the floats
+    return (2**31 - 1) - ordered.to(torch.int64)  # larger score -> smaller key
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Disable TF32 for the similarity products (CUDA) so every backend ranks alike."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def default_chunk_size(num_gallery: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Queries per chunk so that the (chunk, G) fp32 score block stays within the budget."""
+    return max(1, min(4096, memory_budget // (4 * max(num_gallery, 1))))
+
+
+def _block_size(num_gallery: int, cap: int) -> int:
+    """Columns per block: at least 1.5 * cap blocks so that pruning by block counts can act."""
+    b = 2 ** int(math.floor(math.log2(max(num_gallery / (1.5 * cap), 1.0))))
+    return int(min(max(b, 8), 64))
+
+
+class _Gallery:
+    """Gallery embeddings ordered by (label, dataset index), padded to whole blocks."""
+
+    def __init__(self, data: _EvalSet, block: int) -> None:
+        positions = data.is_gallery.nonzero().flatten()  # (G,) ascending dataset index
+        order = torch.argsort(data.labels[positions], stable=True)
+        self.position = positions[order]  # (G,) tie key: position in dataset-index order
+        self.labels = data.labels[self.position]  # (G,) sorted
+        self.size = g = positions.numel()
+        self.block = block
+        self.num_blocks = -(-g // block)
+        padded = self.num_blocks * block
+        self.embeddings = data.embeddings.new_zeros(padded, data.embeddings.shape[1])  # (Gp, D)
+        self.embeddings[:g] = data.embeddings[self.position]
+        self.column = torch.full_like(data.labels, -1)  # (N,) column of each sample, -1 if not gallery
+        self.column[self.position] = torch.arange(g, device=positions.device)
+
+
+def _kept_prefix(blockmax: torch.Tensor, pval: torch.Tensor, num_pos: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """How many of each query's best positives have fewer than ``cap`` blocks scoring above.
+
+    A positive with ``cap`` blocks above it has at least ``cap`` items above it, so its rank
+    is >= cap and it cannot change any metric. The count is monotone along the positives
+    (sorted by descending score), so a binary search finds the kept prefix in
+    log2(R + 1) passes over the (o, nb) block maxima of these queries.
+    """
+    lo = torch.zeros_like(num_pos)
+    hi = num_pos.clone()
+    while bool((lo < hi).any()):
+        mid = (lo + hi) // 2
+        thr = pval.gather(1, mid.clamp(max=pval.shape[1] - 1)[:, None])  # (o, 1)
+        kept = (blockmax > thr).sum(1) < cap  # (o,)
+        active = lo < hi
+        lo = torch.where(active & kept, mid + 1, lo)
+        hi = torch.where(active & ~kept, mid, hi)
+    return lo
+
+
+def _chunk_ranks(
+    scores: torch.Tensor,
+    gallery: _Gallery,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    self_col: torch.Tensor,
+    num_pos: torch.Tensor,
+    cap: torch.Tensor,
+) -> torch.Tensor:
+    """Exact ranks (c, K) of the positives of c queries whose ranks can be below ``cap``.
+
+    ``scores`` is the (c, Gp) score block (padding and self already at -inf); ``lo``/``hi``
+    delimit each query's class in the gallery columns, ``self_col`` is its own column or -1,
+    ``num_pos`` (R) is at least 1. Ranks are ascending per row, padded with ``_NO_RANK``.
+    """
+    c = scores.shape[0]
+    dev = scores.device
+    b, nb = gallery.block, gallery.num_blocks
+    rows = torch.arange(c, device=dev)
+
+    # Positives: the contiguous class range, self removed; sorted by (score desc, index asc)
+    # (a stable sort keeps the column order, which is the dataset-index order within a class).
+    width = int((hi - lo).max())
+    pcol = lo[:, None] + torch.arange(width, device=dev)  # (c, W)
+    pvalid = (pcol < hi[:, None]) & (pcol != self_col[:, None])
+    pcol.clamp_(max=gallery.size - 1)
+    pval = torch.where(pvalid, scores.gather(1, pcol), float("-inf"))  # (c, W)
+    pval, perm = pval.sort(dim=1, descending=True, stable=True)
+    pcol = pcol.gather(1, perm)
+
+    # Block maxima: a block whose maximum is below a threshold holds nothing above it.
+    blockmax = scores.view(c, nb, b).amax(dim=2)  # (c, nb)
+    threshold = pval.gather(1, (num_pos - 1)[:, None]).squeeze(1)  # (c,) worst positive
+    cand = (blockmax >= threshold[:, None]).nonzero()  # (P, 2) candidate (row, block)
+    n_kept = num_pos.clone()
+    # Fewer than cap blocks reach the worst positive: every positive is kept (the usual case).
+    deep = (torch.bincount(cand[:, 0], minlength=c) >= cap).nonzero().flatten()
+    if deep.numel():  # drop the positives that provably rank >= cap, re-select candidates
+        n_kept[deep] = _kept_prefix(blockmax[deep], pval[deep], num_pos[deep], cap[deep])
+        last = pval[deep].gather(1, (n_kept[deep] - 1).clamp(min=0)[:, None]).squeeze(1)
+        threshold[deep] = torch.where(n_kept[deep] > 0, last, float("inf"))
+        is_deep = torch.zeros(c, dtype=torch.bool, device=dev)
+        is_deep[deep] = True
+        redo = (blockmax[deep] >= threshold[deep, None]).nonzero()  # (P', 2) rows into deep
+        redo[:, 0] = deep[redo[:, 0]]
+        cand = torch.cat([cand[~is_deep[cand[:, 0]]], redo])
+    kmax = int(n_kept.max())
+    if kmax == 0:
+        return torch.full((c, 0), _NO_RANK, dtype=torch.int64, device=dev)
+    kept = torch.arange(kmax, device=dev)[None, :] < n_kept[:, None]  # (c, K)
+    pval, pcol = pval[:, :kmax], pcol[:, :kmax]
+
+    # Items that may outrank a kept positive: at or above the threshold, in candidate blocks.
+    # They include the positives themselves; the tie rule below keeps each from counting itself.
+    crow, cblk = cand[:, 0], cand[:, 1]
+    vals = scores.view(c * nb, b).index_select(0, crow * nb + cblk)  # (P, b)
+    pi, ei = (vals >= threshold[crow, None]).nonzero(as_tuple=True)
+    irow = crow[pi]  # (n,)
+    ikey = (irow << 32) | _desc_key(vals[pi, ei])  # (n,) row, then score descending
+
+    # Kept positives, flattened row-major; keys ascending, equal keys ordered by index.
+    pkey = ((rows[:, None] << 32) | _desc_key(pval))[kept]  # (n_pos,)
+    ptie = gallery.position[pcol[kept]]  # (n_pos,)
+    left = torch.searchsorted(pkey, ikey, side="left")
+    slot = torch.searchsorted(pkey, ikey, side="right")  # first positive the item outranks
+    tied = (slot > left).nonzero().flatten()  # equal scores: the lower dataset index ranks first
+    if tied.numel():
+        itie = gallery.position[cblk[pi[tied]] * b + ei[tied]]
+        t_left, t_right = left[tied], slot[tied]
+        first = t_left.clone()  # first tied positive with a larger index than the item
+        for offset in range(int((t_right - t_left).max())):
+            m = t_left + offset
+            first += (m < t_right) & (ptie[m.clamp(max=ptie.numel() - 1)] <= itie)
+        slot[tied] = first
+    # An item outranks every kept positive of its row from its slot on: a histogram and a
+    # cumulative sum, with one extra slot per row so that counts never leak into the next row.
+    prow = rows[:, None].expand(c, kmax)[kept]  # (n_pos,)
+    flat = torch.arange(pkey.numel(), device=dev)
+    csum = torch.bincount(slot + irow, minlength=pkey.numel() + c).cumsum(0)  # (n_pos + c,)
+    row_start = flat - kept.long().cumsum(1)[kept] + 1 + prow  # extended slot of each row's first
+    before = csum[flat + prow] - torch.where(row_start > 0, csum[(row_start - 1).clamp(min=0)], 0)
+    ranks = torch.full((c, kmax), _NO_RANK, dtype=torch.int64, device=dev)
+    ranks[kept] = before
+    return ranks
+
+
+def retrieval_metrics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    is_query: torch.Tensor | None = None,
+    is_gallery: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    map_at_k: int = 1000,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    *,
+    block_size: int | None = None,
+) -> dict[str, float]:
+    """Recall@K, MAP@R, R-Precision and mAP@k of a query/gallery split, exactly.
+
+    Args:
+        embeddings: (N, D) features; L2-normalised here (cosine similarity).
+        labels: (N,) class ids.
+        is_query / is_gallery: (N,) bool roles; default: every sample is both (a query
+            never retrieves itself).
+        indices: (N,) unique dataset indices; they fix the tie order (lower index first)
+            and identify the query in the gallery. Default: row order.
+        recall_ks: the K of Recall@K (hit rate: a positive among the K nearest).
+        map_at_k: k of mAP@k, average precision over the top k, divided by min(R, k).
+        chunk_size: queries per similarity block; default keeps the (chunk, G) fp32 block
+            within 256 MiB.
+        device: "cpu", "cuda", a torch.device, or None/"auto" (CUDA when available).
+        block_size: columns per block of the pruning pass, a multiple of 8 (a tuning knob;
+            default derived from the gallery size and the deepest rank needed). The gallery
+            is padded to whole blocks, which also keeps BLAS on kernels that give identical
+            scores to identical embeddings wherever they sit.
+
+    Returns:
+        ``R@K`` for each K, ``MAP@R``, ``R-Precision``, ``mAP@<map_at_k>`` (averages over
+        the queries that have at least one positive), and the counts ``num_queries`` (those
+        queries), ``num_gallery`` and ``queries_without_positive``.
+    """
+    ks = _check_ks(recall_ks, map_at_k)
+    dev = _resolve_device(device)
+    data = _prepare(embeddings, labels, is_query, is_gallery, indices, dev)
+    qpos = data.is_query.nonzero().flatten()  # (Q,) ascending dataset index
+    depth = max(max(ks), int(map_at_k))
+    if block_size is not None and (block_size < 8 or block_size % 8):
+        raise ValueError(f"block_size must be a positive multiple of 8; got {block_size}.")
+    gallery = _Gallery(data, block_size or _block_size(int(data.is_gallery.sum()), depth))
+    qlab = data.labels[qpos]
+    lo = torch.searchsorted(gallery.labels, qlab, side="left")  # (Q,) class range in columns
+    hi = torch.searchsorted(gallery.labels, qlab, side="right")
+    self_col = gallery.column[qpos]  # (Q,) -1 when the query is not in the gallery
+    num_pos = hi - lo - (self_col >= 0).long()  # (Q,) R
+    has_pos = num_pos > 0
+    without_positive = int((~has_pos).sum())
+    if without_positive == qpos.numel():
+        raise _no_positive_error(qpos.numel())
+    qpos, lo, hi, self_col, num_pos = qpos[has_pos], lo[has_pos], hi[has_pos], self_col[has_pos], num_pos[has_pos]
+    cap = num_pos.clamp(min=depth)  # (Q,) deepest rank that matters for each query
+    q = qpos.numel()
+    sums = torch.zeros(len(ks) + 3, dtype=torch.float64, device=dev)
+    gp = gallery.num_blocks * gallery.block
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(gp)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be a positive number of queries; got {chunk_size}.")
+    buffer = torch.empty(min(chunk, max(q, 1)), gp, device=dev)  # (c, Gp) reused for every chunk
+    with torch.no_grad(), _exact_fp32_matmul(dev):
+        for a in range(0, q, chunk):
+            sl = slice(a, min(a + chunk, q))
+            c = sl.stop - sl.start
+            scores = buffer[:c]
+            torch.mm(data.embeddings[qpos[sl]], gallery.embeddings.T, out=scores)  # (c, D) @ (D, Gp)
+            if gp > gallery.size:
+                scores[:, gallery.size :] = float("-inf")
+            in_gallery = (self_col[sl] >= 0).nonzero().flatten()
+            scores[in_gallery, self_col[sl][in_gallery]] = float("-inf")
+            ranks = _chunk_ranks(scores, gallery, lo[sl], hi[sl], self_col[sl], num_pos[sl], cap[sl])
+            sums += _metric_sums(ranks, num_pos[sl], ks, int(map_at_k))
+    return _finish(sums.cpu(), q, gallery.size, without_positive, ks, int(map_at_k))
+
+
+# ---------------------------------------------------------------------------- ranked lists
+def ranked_list_metrics(
+    ranked: RankedLists | torch.Tensor,
+    labels: torch.Tensor,
+    is_query: torch.Tensor | None = None,
+    is_gallery: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    map_at_k: int = 1000,
+) -> dict[str, float]:
+    """The metrics of :func:`retrieval_metrics`, from given neighbour lists of length k.
+
+    Ranks are exact up to k; a positive beyond the list counts as a miss, so Recall@K with
+    K > k, R-Precision and MAP@R with R > k, and mAP@m with m > k are lower bounds of what
+    a full ranking would give. R (the number of positives) still comes from ``labels``.
+
+    Args:
+        ranked: (Q, k) positions into the N samples (ascending dataset index, i.e. rows of
+            ``labels`` sorted by ``indices``), one row per query in that same order; ``-1``
+            pads short rows. Entries must be distinct gallery samples other than the query.
+        labels, is_query, is_gallery, indices: as in :func:`retrieval_metrics`.
+    """
+    ks = _check_ks(recall_ks, map_at_k)
+    lists = ranked.indices if isinstance(ranked, RankedLists) else torch.as_tensor(ranked)
+    dev = lists.device
+    n = torch.as_tensor(labels).shape[0] if torch.as_tensor(labels).ndim == 1 else -1
+    if n < 0:
+        raise ValueError(f"labels must be 1-D (N,); got shape {tuple(torch.as_tensor(labels).shape)}.")
+    _, labels, is_query, is_gallery = _prepare_roles(labels, is_query, is_gallery, indices, n, dev)
+    qpos = is_query.nonzero().flatten()  # (Q,)
+    if lists.ndim != 2 or lists.shape[0] != qpos.numel():
+        raise ValueError(
+            f"ranked lists have shape {tuple(lists.shape)} but there are {qpos.numel()} queries; return one "
+            "row per query (ascending dataset index), i.e. shape (num_queries, k)."
+        )
+    lists = lists.to(torch.int64)
+    pad = lists < 0  # (Q, k)
+    if bool((lists >= n).any()) or bool((lists < -1).any()):
+        raise ValueError(f"ranked list entries must be positions in [0, {n}) or -1 for padding.")
+    safe = lists.clamp(min=0)
+    if bool((~is_gallery[safe] & ~pad).any()):
+        raise ValueError("ranked lists contain samples that are not in the gallery (is_gallery is False).")
+    if bool(((safe == qpos[:, None]) & ~pad).any()):
+        raise ValueError("ranked lists contain the query itself; exclude each query from its own list.")
+    if lists.shape[1] > 1:
+        distinct = torch.where(pad, -1 - torch.arange(lists.shape[1], device=dev), lists).sort(dim=1).values
+        if bool((distinct[:, 1:] == distinct[:, :-1]).any()):
+            raise ValueError("a ranked list contains the same gallery sample twice; lists must be duplicate-free.")
+
+    num_pos = _positives_per_query(labels, qpos, is_gallery.nonzero().flatten())  # (Q,)
+    has_pos = num_pos > 0
+    if not bool(has_pos.any()):
+        raise _no_positive_error(qpos.numel())
+    rel = (labels[safe] == labels[qpos][:, None]) & ~pad  # (Q, k) relevance of each entry
+    position = torch.arange(lists.shape[1], device=dev).expand_as(lists)
+    ranks = torch.where(rel, position, _NO_RANK).sort(dim=1).values  # (Q, k) ascending hit ranks
+    h = int(rel.sum(1).max()) if rel.numel() else 0
+    sums = _metric_sums(ranks[has_pos, :h], num_pos[has_pos], ks, int(map_at_k))
+    return _finish(sums.cpu(), int(has_pos.sum()), int(is_gallery.sum()), int((~has_pos).sum()), ks, int(map_at_k))
+
+
+# ---------------------------------------------------------------------------- clustering
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def nmi_from_assignments(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Normalised mutual information 2 I(Y; C) / (H(Y) + H(C)) from two labelings."""
+    labels = np.asarray(labels).ravel()
+    clusters = np.asarray(clusters).ravel()
+    if labels.shape != clusters.shape or labels.size == 0:
+        raise ValueError(f"NMI needs two non-empty labelings of equal length; got {labels.size} and {clusters.size}.")
+    _, y = np.unique(labels, return_inverse=True)
+    _, k = np.unique(clusters, return_inverse=True)
+    ny, nk = int(y.max()) + 1, int(k.max()) + 1
+    joint = np.bincount(y * nk + k, minlength=ny * nk).reshape(ny, nk).astype(np.float64)  # contingency
+    n = joint.sum()
+    a, b = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mutual = float((joint[nz] / n * np.log(joint[nz] * n / np.outer(a, b)[nz])).sum())
+    h = _entropy(a) + _entropy(b)
+    if h == 0.0:  # both labelings are a single group: identical partitions
+        return 1.0
+    return float(np.clip(2.0 * mutual / h, 0.0, 1.0))
+
+
+def nmi(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int = 0,
+    num_clusters: int | None = None,
+    niter: int = 20,
+    use_gpu: bool | None = None,
+) -> float:
+    """NMI between the labels and a faiss k-means clustering of the L2-normalised embeddings.
+
+    The number of clusters defaults to the number of distinct labels (the DML convention).
+    k-means uses every point (no subsampling) and a fixed seed, so the value is reproducible.
+    """
+    import faiss
+
+    emb = torch.as_tensor(embeddings).detach()
+    if emb.ndim != 2 or emb.shape[0] == 0:
+        raise ValueError(f"NMI needs a non-empty (N, D) embedding matrix; got shape {tuple(emb.shape)}.")
+    y = torch.as_tensor(labels).detach().cpu().numpy()
+    if y.shape != (emb.shape[0],):
+        raise ValueError(f"labels has shape {y.shape} but there are {emb.shape[0]} embeddings.")
+    x = F.normalize(emb.to(torch.float32), dim=1).cpu().numpy()
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or inf; NMI cannot be computed.")
+    k = int(num_clusters or len(np.unique(y)))
+    if k <= 1:
+        return nmi_from_assignments(y, np.zeros_like(y))
+    k = min(k, x.shape[0])
+    if use_gpu is None:
+        use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and emb.is_cuda
+    kmeans = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, gpu=bool(use_gpu), verbose=False,
+        max_points_per_centroid=x.shape[0], min_points_per_centroid=1,
+    )
+    kmeans.train(x)
+    _, assign = kmeans.index.search(x, 1)
+    return nmi_from_assignments(y, assign.ravel())

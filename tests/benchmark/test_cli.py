@@ -1,0 +1,123 @@
+"""The command line: names, recipes, a full fit through main(), resuming, every recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark.cli import CONFIG_DIR, build_cli, main
+from tests.datamodules import fixtures
+
+TINY = ["--backbone", "resnet_tiny_test", "--backbone.pretrained", "false", "--model.embedding_dim", "8"]
+
+
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_cub(tmp_path_factory.mktemp("cub"), classes=200, per_class=3).parent
+
+
+def _fit_args(cub_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--method", "ms", "--data", "cub", "--data.root", str(cub_root), "--recipe", "none", *TINY,
+        "--data.image_size", "16", "--data.classes_per_batch", "4", "--data.samples_per_class", "2",
+        "--data.batches_per_epoch", "3", "--data.num_workers", "0", "--data.eval_batch_size", "128",
+        "--logger", "csv", "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra,
+    ]
+
+
+def test_list_shows_methods_backbones_and_datasets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ms", "proxy_anchor", "margin", "vit_small", "resnet50", "cub", "cars", "sop", "inshop"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["fit", "--method", "nope"], "Unknown method 'nope'. Registered methods: "),
+        (["fit", "--data", "imagenet"], "Unknown dataset 'imagenet'. Registered datasets: "),
+        (["fit", "--logger", "mlflow"], "Unknown logger 'mlflow'. Choose one of: wandb"),
+        (["frobnicate"], "Unknown command 'frobnicate'"),
+        (["perf", "nothing"], "Unknown benchmark 'nothing'"),
+    ],
+)
+def test_unknown_names_fail_with_choices(args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_unknown_option_fails_without_traceback(cub_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--method", "ms", "--data", "cub", "--data.root", str(cub_root), "--model.no_such_option", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no_such_option" in err and "Traceback" not in err
+
+
+def test_fit_evaluates_before_and_after_and_resumes(cub_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(_fit_args(cub_root, run, "--trainer.max_epochs", "2")) == 0
+    assert (run / "config.yaml").is_file()
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file() and list((run / "checkpoints").glob("best-*.ckpt"))
+    import json
+
+    val = json.loads((run / "metrics_val.json").read_text())
+    test = json.loads((run / "metrics_test.json").read_text())
+    assert len(val["evaluations"]) == 3  # before training + after each of the 2 epochs
+    assert val["evaluations"][0]["global_step"] == 0
+    assert "R@1" in test["evaluations"][-1]["metrics"]
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6
+    steps_before = float(state["optimizer_states"][0]["state"][0]["step"])
+
+    resumed = tmp_path / "resumed"
+    assert main(_fit_args(cub_root, resumed, "--trainer.max_epochs", "3", "--ckpt_path", str(last))) == 0
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 9 and state["epoch"] == 2
+    assert float(state["optimizer_states"][0]["state"][0]["step"]) == steps_before + 3
+
+
+def _roots(tmp: Path) -> dict[str, Path]:
+    return {
+        "cub": fixtures.make_cub(tmp / "cub", classes=200, per_class=2).parent,
+        "cars": fixtures.make_cars(tmp / "cars"),
+        "sop": fixtures.make_sop(tmp / "sop"),
+        "inshop": fixtures.make_inshop(tmp / "inshop"),
+    }
+
+
+RECIPES = sorted(CONFIG_DIR.glob("*/*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def dataset_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _roots(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])
+def test_every_recipe_parses_and_instantiates(recipe: Path, dataset_roots: dict[str, Path], tmp_path: Path) -> None:
+    dataset = recipe.stem
+    extra = ["--data.root", str(dataset_roots[dataset])] if dataset in dataset_roots else []
+    backbone = "vit_tiny_test" if "vit" in recipe.read_text() or "deit" in recipe.read_text() else "resnet_tiny_test"
+    with pytest.warns(UserWarning, match="differs from the published") if extra else _nullcontext():
+        cli = build_cli(
+            None,
+            ["--config", str(recipe), "--model.backbone.name", backbone, "--model.backbone.pretrained", "false",
+             "--data.num_workers", "0", *extra, "--logger", "none", "--run_dir", str(tmp_path)],
+            run=False,
+        )
+    assert cli.model.num_classes == cli.datamodule.num_train_classes
+    assert cli.trainer is not None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
