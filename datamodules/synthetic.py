@@ -15,9 +15,10 @@ Every class is one combination of shared generative factors (see :data:`VOCABULA
 * continuous, fixed per class: aspect ratio, texture frequency and angle, head size and tail
   length.
 
-The discrete combinations are a seeded permutation of all 64,800 possibilities, so classes
-never repeat one, every factor value is shared by many classes and the test classes are new
-combinations of values seen in training, as a learned metric must generalise on CUB.
+The discrete combinations are a seeded permutation of all 64,800 possibilities, so no two
+classes share one while every factor value is shared by many classes; the test classes are
+new combinations of values seen in training (for the default 200 classes every value occurs
+among the training classes), which is what a learned metric must generalise over on CUB.
 
 Every image adds nuisances that a metric must learn to ignore: horizontal flip, rotation,
 scale, position, a random two-colour gradient background with low-frequency mottling,
@@ -29,20 +30,30 @@ On disk
 -------
 :func:`generate_synthetic` writes ``<root>/CUB_200_2011/`` exactly as the official archive
 lays it out (``images.txt``, ``image_class_labels.txt``, ``classes.txt``,
-``train_test_split.txt``, ``images/NNN.Class_Name/*.jpg``), so the CUB reader loads it
-unchanged, plus ``synthetic.json``, a manifest of the generation parameters used to detect a
-stale cache. Generation goes to a temporary sibling directory that is renamed into place
-only when complete: an interrupted run leaves no dataset, concurrent runs (DDP ranks) agree
-on one winner, and a matching manifest makes later calls a no-op.
+``train_test_split.txt``, ``images/NNN.Class_Name/Class_Name_KKKK.jpg``), so the CUB reader
+loads it unchanged, plus ``synthetic.json``, a manifest of the generation parameters that
+detects a stale cache. Generation goes to a temporary sibling directory that is renamed into
+place only when complete: an interrupted run leaves no dataset (a killed process may leave
+a hidden ``.CUB_200_2011.tmp-*`` directory, never read, safe to delete), concurrent runs (DDP
+ranks) agree on one winner, and a matching manifest makes later calls a no-op.
+
+API
+---
+* :func:`default_synthetic_root` - ``$DML_BENCHMARK_DATA/synthetic`` (default
+  ``~/.cache/dml-benchmark/synthetic``), the parent of all generated variants;
+* :func:`synthetic_dirname` - a per-parameter folder name, ``synthetic-c200-n30-s64-seed0``;
+* :func:`generate_synthetic` - write (or find cached) ``<root>/CUB_200_2011``, return it;
+* :func:`class_factors`, :data:`VOCABULARY` - what each class is made of;
+* :func:`render_class` - the images of one class as an array, without touching the disk.
 
 Typical use::
 
-    root = default_synthetic_root() / synthetic_dirname()   # .../synthetic/synthetic-c200-n30-s64-seed0
-    cub_dir = generate_synthetic(root)                        # .../CUB_200_2011, cached
+    root = default_synthetic_root() / synthetic_dirname()  # .../synthetic/synthetic-c200-n30-s64-seed0
+    cub_dir = generate_synthetic(root)                       # .../CUB_200_2011, generated once
 
-Output is a pure function of the parameters: the same seed gives byte-identical files, and
-image ``k`` of class ``c`` depends only on ``(seed, c, k, image_size)``, so it is the same
-scene whatever ``num_classes`` or ``images_per_class`` is.
+Output is a pure function of the parameters: the same seed gives byte-identical files (for
+one numpy / Pillow build), and image ``k`` of class ``c`` depends only on ``(seed, c, k,
+image_size)``, so it is the same scene whatever ``num_classes`` or ``images_per_class`` is.
 """
 
 from __future__ import annotations
@@ -80,7 +91,7 @@ __all__ = [
     "synthetic_dirname",
 ]
 
-FORMAT_VERSION = 1  # bump whenever the rendered pixels or the layout change
+FORMAT_VERSION = 2  # bump whenever the rendered pixels or the layout change (stale caches regenerate)
 DATASET_DIRNAME = "CUB_200_2011"
 MANIFEST_NAME = "synthetic.json"
 ENV_DATA_ROOT = "DML_BENCHMARK_DATA"
@@ -123,21 +134,24 @@ VOCABULARY: dict[str, tuple[str, ...]] = {
 _FACTOR_SIZES = (len(SHAPES), len(PALETTE), len(PALETTE) - 1, len(TEXTURES), len(LAYOUTS), len(HEAD_COLORS))
 MAX_CLASSES = math.prod(_FACTOR_SIZES)
 
-_DARK = np.array([0.08, 0.07, 0.07], dtype=np.float32)
-_LIGHT = np.array([0.95, 0.95, 0.92], dtype=np.float32)
+_DARK = (0.08, 0.07, 0.07)
+_LIGHT = (0.95, 0.95, 0.92)
 
 # Independent random streams, mixed into every seed sequence.
 _ORDER_STREAM, _CLASS_STREAM, _IMAGE_STREAM = 0, 1, 2
 
 # --- nuisance ranges (image coordinates span [-1, 1]) ---------------------------------------------
-_OBJECT_SCALE = 0.36  # body half-length as a fraction of the image half-width
+_OBJECT_SCALE = 0.42  # body half-length as a fraction of the image half-width
 _SCALE_RANGE = (0.8, 1.25)
 _MAX_ROTATION = math.radians(35.0)
-_MAX_SHIFT = 0.3
+_MAX_SHIFT = 0.25
 _NUM_BLOBS = 3
 _BLOB_PROB = 0.6
 _PERCH_PROB = 0.5
+_PERCH_BROWN = np.array([0.42, 0.3, 0.18])
 _BG_FIELD_GRID = 4  # low-frequency background mottling, bilinearly upsampled from a 4x4 grid
+_BG_FIELD_STD = 0.07
+_BG_SATURATION = (0.0, 0.7)
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -237,6 +251,7 @@ def generate_synthetic(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET_DIRNAME}.tmp-", dir=root))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         _write_dataset(tmp, manifest)
         _install(tmp, target, manifest)
     finally:
@@ -333,7 +348,7 @@ def _write_dataset(out: Path, manifest: dict[str, Any]) -> None:
 
 def _save_jpeg(pixels: np.ndarray, path: Path) -> None:
     """Encode with every option explicit so that the bytes are reproducible."""
-    Image.fromarray(pixels, mode="RGB").save(
+    Image.fromarray(pixels).save(
         path, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False, progressive=False
     )
 
@@ -370,39 +385,37 @@ def _draw_nuisances(seed: int, class_id: int, num_images: int, image_size: int) 
 
 
 def _draw_image(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
-    """Nuisances of one image; the resolution-dependent noise is drawn last so the scene is size-independent."""
-    present = rng.random(_NUM_BLOBS) < _BLOB_PROB
-    return {
-        "flip": np.float32(rng.choice((-1.0, 1.0))),
-        "angle": np.float32(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)),
-        "scale": np.float32(_OBJECT_SCALE * math.exp(rng.uniform(*np.log(_SCALE_RANGE)))),
-        "shift": rng.uniform(-_MAX_SHIFT, _MAX_SHIFT, 2).astype(np.float32),
+    """Nuisances of one image; the pixel noise is drawn last, so the scene does not depend on ``size``."""
+    draw = {
+        "flip": rng.choice((-1.0, 1.0)),
+        "angle": rng.uniform(-_MAX_ROTATION, _MAX_ROTATION),
+        "scale": _OBJECT_SCALE * math.exp(rng.uniform(*np.log(_SCALE_RANGE))),
+        "shift": rng.uniform(-_MAX_SHIFT, _MAX_SHIFT, 2),
         "bg_colors": _random_colors(rng, 2),
-        "bg_angle": np.float32(rng.uniform(0.0, 2 * math.pi)),
-        "bg_field": rng.normal(0.0, 0.12, (_BG_FIELD_GRID, _BG_FIELD_GRID, 3)).astype(np.float32),
-        "blob_centers": rng.uniform(-0.9, 0.9, (_NUM_BLOBS, 2)).astype(np.float32),
-        "blob_radii": (rng.uniform(0.07, 0.2, (_NUM_BLOBS, 2)) * present[:, None]).astype(np.float32),
+        "bg_angle": rng.uniform(0.0, 2.0 * math.pi),
+        "bg_field": rng.normal(0.0, _BG_FIELD_STD, (3, _BG_FIELD_GRID, _BG_FIELD_GRID)),
+        "blob_present": rng.random(_NUM_BLOBS) < _BLOB_PROB,
+        "blob_centers": rng.uniform(-0.9, 0.9, (_NUM_BLOBS, 2)),
+        "blob_radii": rng.uniform(0.07, 0.2, (_NUM_BLOBS, 2)),
         "blob_colors": _random_colors(rng, _NUM_BLOBS),
-        "perch": np.float32(rng.random() < _PERCH_PROB),
-        "perch_angle": np.float32(rng.uniform(-0.5, 0.5)),
-        "perch_offset": np.float32(rng.choice((-1.0, 1.0)) * rng.uniform(0.25, 0.9)),
-        "perch_width": np.float32(rng.uniform(0.04, 0.08)),
-        "perch_color": (np.array([0.42, 0.3, 0.18]) * rng.uniform(0.5, 1.4) + rng.uniform(-0.06, 0.06, 3))
-        .clip(0, 1)
-        .astype(np.float32),
-        "gain": (rng.uniform(0.7, 1.2) * rng.uniform(0.9, 1.1, 3)).astype(np.float32),
-        "shading": np.float32(rng.uniform(0.0, 0.3)),
-        "noise": (rng.standard_normal((size, size, 3), dtype=np.float32) * rng.uniform(0.01, 0.05)).astype(
-            np.float32
-        ),
+        "perch_present": rng.random() < _PERCH_PROB,
+        "perch_angle": rng.uniform(-0.5, 0.5),
+        "perch_offset": rng.choice((-1.0, 1.0)) * rng.uniform(0.25, 0.9),  # in bird scales
+        "perch_width": rng.uniform(0.04, 0.08),
+        "perch_color": np.clip(_PERCH_BROWN * rng.uniform(0.5, 1.4) + rng.uniform(-0.06, 0.06, 3), 0.0, 1.0),
+        "gain": rng.uniform(0.7, 1.2) * rng.uniform(0.9, 1.1, 3),  # exposure x white balance
+        "shading": rng.uniform(0.0, 0.3),
+        "noise_std": rng.uniform(0.01, 0.05),
     }
+    draw["noise"] = rng.standard_normal((3, size, size), dtype=np.float32) * np.float32(draw.pop("noise_std"))
+    return {key: np.asarray(value, dtype=np.float32) for key, value in draw.items()}
 
 
 def _random_colors(rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` RGB colours of random hue, saturation and brightness (as backgrounds and clutter)."""
     rgb = rng.random((n, 3))
     grey = rgb.mean(axis=1, keepdims=True)
-    saturation = rng.uniform(0.2, 1.0, (n, 1))
+    saturation = rng.uniform(*_BG_SATURATION, (n, 1))
     return (grey + (rgb - grey) * saturation).astype(np.float32)
 
 
@@ -410,7 +423,11 @@ def _random_colors(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _render(factors: dict[str, Any], nz: dict[str, np.ndarray], size: int) -> np.ndarray:
-    """Composite background, clutter, bird and perch for a batch of images; returns uint8."""
+    """Composite background, clutter, bird and perch for a batch of images; returns ``(N, S, S, 3)`` uint8.
+
+    Works channels-first, ``(N, 3, S, S)``, so that per-pixel alphas broadcast over whole
+    rows rather than over an innermost axis of length 3.
+    """
     n = len(nz["flip"])
     pixel = 2.0 / size  # pixel width in image units
     grid = (np.arange(size, dtype=np.float32) + 0.5) * pixel - 1.0
@@ -420,42 +437,38 @@ def _render(factors: dict[str, Any], nz: dict[str, np.ndarray], size: int) -> np
         return a.reshape(n, 1, 1)
 
     img = _background(nz, x, y, size)
-    for b in range(_NUM_BLOBS):  # clutter: random ellipses behind the bird
-        dx = x - per_image(nz["blob_centers"][:, b, 0])
-        dy = y - per_image(nz["blob_centers"][:, b, 1])
-        radii = np.maximum(nz["blob_radii"][:, b], 1e-6)
-        r = np.sqrt((dx / per_image(radii[:, 0])) ** 2 + (dy / per_image(radii[:, 1])) ** 2)
-        alpha = _coverage(r, per_image(radii.min(axis=1)), pixel) * per_image(nz["blob_radii"][:, b, 0] > 0)
-        img = _over(img, nz["blob_colors"][:, b, None, None, :], alpha)
+    for k in range(_NUM_BLOBS):  # clutter: random ellipses behind the bird
+        dx = x - per_image(nz["blob_centers"][:, k, 0])
+        dy = y - per_image(nz["blob_centers"][:, k, 1])
+        rx, ry = per_image(nz["blob_radii"][:, k, 0]), per_image(nz["blob_radii"][:, k, 1])
+        alpha = _coverage(np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2), np.minimum(rx, ry), pixel)
+        img = _over(img, _rgb(nz["blob_colors"][:, k]), alpha * per_image(nz["blob_present"][:, k]))
 
     # Object coordinates: body centred at 0, body half-length 1, head towards +u, "up" is -v.
     scale = per_image(nz["scale"])
+    cx, cy = x - per_image(nz["shift"][:, 0]), y - per_image(nz["shift"][:, 1])
     cos, sin = per_image(np.cos(nz["angle"])), per_image(np.sin(nz["angle"]))
-    dx = (x - per_image(nz["shift"][:, 0])) * per_image(nz["flip"])
-    dy = y - per_image(nz["shift"][:, 1])
-    u = (cos * dx + sin * dy) / scale
-    v = (-sin * dx + cos * dy) / scale
+    fx = cx * per_image(nz["flip"])
+    u, v = (cos * fx + sin * cy) / scale, (cos * cy - sin * fx) / scale
     img = _draw_bird(img, factors, u, v, pixel / scale, per_image(nz["shading"]))
 
-    # Perch: a band near the bird, in front of it, at a slight angle.
-    angle = per_image(nz["perch_angle"])
-    offset = per_image(nz["perch_offset"]) * scale
-    dist = np.abs(-np.sin(angle) * (x - per_image(nz["shift"][:, 0])) + np.cos(angle) * (y - per_image(nz["shift"][:, 1])) - offset)
-    alpha = _coverage(dist / per_image(nz["perch_width"]), per_image(nz["perch_width"]), pixel)
-    img = _over(img, nz["perch_color"][:, None, None, :], alpha * per_image(nz["perch"]))
+    # Perch: a slightly tilted band passing above or below the bird's centre, drawn in front of it.
+    angle, width = per_image(nz["perch_angle"]), per_image(nz["perch_width"])
+    dist = np.abs(np.cos(angle) * cy - np.sin(angle) * cx - per_image(nz["perch_offset"]) * scale)
+    alpha = _coverage(dist / width, width, pixel) * per_image(nz["perch_present"])
+    img = _over(img, _rgb(nz["perch_color"]), alpha)
 
-    img = img * nz["gain"][:, None, None, :] + nz["noise"]
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    img = img * _rgb(nz["gain"]) + nz["noise"]
+    return np.ascontiguousarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def _background(nz: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
     """Two-colour linear gradient in a random direction plus low-frequency colour mottling."""
     angle = nz["bg_angle"][:, None, None]
     t = (np.cos(angle) * x + np.sin(angle) * y) * 0.5 + 0.5  # (N, S, S) in [0, 1]
-    colors = nz["bg_colors"]
-    img = colors[:, None, None, 0] + (colors[:, None, None, 1] - colors[:, None, None, 0]) * t[..., None]
+    start, end = _rgb(nz["bg_colors"][:, 0]), _rgb(nz["bg_colors"][:, 1])
     up = _upsample_matrix(_BG_FIELD_GRID, size)
-    return img + np.einsum("hy,nyxc,wx->nhwc", up, nz["bg_field"], up, optimize=True)
+    return start + (end - start) * t[:, None] + up @ nz["bg_field"] @ up.T
 
 
 def _upsample_matrix(grid: int, size: int) -> np.ndarray:
@@ -473,11 +486,10 @@ def _draw_bird(
     img: np.ndarray, f: dict[str, Any], u: np.ndarray, v: np.ndarray, pw: np.ndarray, shading: np.ndarray
 ) -> np.ndarray:
     """Tail, body, wing, head, crest and eye of class ``f`` over ``img``; ``pw`` is the pixel width in object units."""
-    primary = np.array(PALETTE[f["primary"]], dtype=np.float32)
-    secondary = np.array(PALETTE[f["secondary"]], dtype=np.float32)
+    primary, secondary = _rgb(PALETTE[f["primary"]]), _rgb(PALETTE[f["secondary"]])
     parts = LAYOUTS[f["layout"]]
     b = f["aspect"]
-    light = (1.0 - shading * np.clip(v / b, -1.0, 1.0))[..., None]  # lit from above
+    light = (1.0 - shading * np.clip(v / b, -1.0, 1.0))[:, None]  # lit from above
 
     if "tail" in parts or "forktail" in parts:
         length = f["tail_length"]
@@ -491,22 +503,29 @@ def _draw_bird(
 
     body = _coverage(_shape(f["shape"], u, v, b), b, pw)
     pattern = _texture(f["texture"], u, v, b, f["texture_frequency"], math.radians(f["texture_angle"]), pw)
-    color = primary + (secondary - primary) * pattern[..., None]
+    color = primary + (secondary - primary) * pattern[:, None]
     img = _over(img, color * light, body)
 
     if "wing" in parts:
-        wing = _ellipse(u, v, (-0.2, 0.1 * b), (0.6, 0.55 * b), math.radians(-12.0))
-        img = _over(img, secondary * 0.65 * light, _coverage(wing, 0.55 * b, pw) * body)
+        wing = _ellipse(u, v, (-0.2, 0.05 * b), (0.5, 0.45 * b), math.radians(-12.0))
+        img = _over(img, secondary * 0.65 * light, _coverage(wing, 0.45 * b, pw) * body)
 
     radius = f["head_size"]
     center = (0.95, -0.45 * b)
-    head_color = {"primary": primary, "secondary": secondary, "dark": _DARK, "light": _LIGHT}[f["head_color"]]
+    head_color = {"primary": primary, "secondary": secondary, "dark": _rgb(_DARK), "light": _rgb(_LIGHT)}[
+        f["head_color"]
+    ]
     if "crest" in parts:
-        crest = _ellipse(u, v, (center[0] - 0.35 * radius, center[1] - 1.0 * radius), (0.22, 0.5 * radius), 0.6)
-        img = _over(img, secondary * 0.7, _coverage(crest, 0.22, pw))
+        crest = _ellipse(
+            u, v, (center[0] - 0.45 * radius, center[1] - 1.15 * radius), (0.25, 0.6 * radius), 0.6
+        )
+        crest_color = primary if f["head_color"] == "secondary" else secondary
+        img = _over(img, crest_color * 0.8, _coverage(crest, 0.6 * radius, pw))
     img = _over(img, head_color * light, _coverage(_ellipse(u, v, center, (radius, radius)), radius, pw))
-    eye = _ellipse(u, v, (center[0] + 0.4 * radius, center[1] - 0.15 * radius), (0.25 * radius, 0.25 * radius))
-    eye_color = _LIGHT if f["head_color"] == "dark" else _DARK
+    eye = _ellipse(
+        u, v, (center[0] + 0.4 * radius, center[1] - 0.15 * radius), (0.25 * radius, 0.25 * radius)
+    )
+    eye_color = _rgb(_LIGHT if f["head_color"] == "dark" else _DARK)
     return _over(img, eye_color, _coverage(eye, 0.25 * radius, pw))
 
 
@@ -563,6 +582,11 @@ def _texture(
     raise ValueError(f"unknown texture {name!r}; choose from {TEXTURES}")
 
 
+def _rgb(color: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+    """RGB along the last axis -> ``(..., 3, 1, 1)`` float32, to broadcast against ``(N, 3, S, S)``."""
+    return np.asarray(color, dtype=np.float32)[..., None, None]
+
+
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     """Anti-aliased step: 0 below -0.5, 1 above 0.5 (``x`` in pixel units)."""
     return np.clip(x + 0.5, 0.0, 1.0)
@@ -574,6 +598,8 @@ def _coverage(level: np.ndarray, radius: float | np.ndarray, pw: float | np.ndar
 
 
 def _over(img: np.ndarray, color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Alpha-composite ``color`` (broadcastable to ``img``) with per-pixel ``alpha`` over ``img``."""
-    a = alpha[..., None]
-    return img + (color - img) * a
+    """Alpha-composite ``color`` (broadcastable to ``img``) with per-pixel ``alpha`` over ``img``, in place."""
+    delta = color - img
+    delta *= alpha[:, None]
+    img += delta
+    return img
