@@ -202,7 +202,6 @@ def _make_cli_class():
                     filename="last",
                     monitor=None,
                     save_top_k=1,
-                    save_on_train_epoch_end=False,
                     enable_version_counter=False,
                 )
             )

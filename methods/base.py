@@ -253,4 +253,5 @@ def load_method(checkpoint_path: str, map_location: str | torch.device = "cpu", 
     if not name:
         raise ValueError(f"{path} was not written by a benchmark method (no 'method_name' entry).")
     cls = registry.get_method(name)
-    return cls.load_from_checkpoint(path, map_location=map_location, **overrides)
+    # weights_only=False: hyper-parameters of models built in Python hold dataclasses (BackboneConfig).
+    return cls.load_from_checkpoint(path, map_location=map_location, weights_only=False, **overrides)
