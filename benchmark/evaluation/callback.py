@@ -33,7 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmark.distributed import gather_by_index
+from benchmark.distributed import all_gather_uneven, gather_by_index, is_distributed
 from benchmark.evaluation.metrics import RankedLists, nmi, ranked_list_metrics, retrieval_metrics
 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
@@ -201,10 +201,12 @@ class RetrievalEvaluator(Callback):
     # ------------------------------------------------------------------ evaluation
     def _gather(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         """Every rank's batches, de-duplicated by dataset index, in ascending index order."""
+        dim = self._batches[0]["embeddings"].shape[1] if self._batches else 0
+        if is_distributed():  # a rank without batches must still send (0, D) embeddings
+            dim = int(all_gather_uneven(torch.tensor([dim], device=pl_module.device)).max())
         if self._batches:
             local = {k: torch.cat([b[k] for b in self._batches]) for k in OUTPUT_KEYS}
-        else:  # a rank without batches still takes part in the collectives
-            dim = 0
+        else:
             local = {
                 "embeddings": torch.zeros(0, dim),
                 "labels": torch.zeros(0, dtype=torch.int64),

@@ -22,9 +22,10 @@ bounded by a chunk of queries (never an N x N matrix):
    (one streaming pass); a block whose maximum is below a threshold holds nothing above it;
 3. a positive with ``cap`` or more blocks scoring above it has rank ``>= cap`` and is
    dropped; the threshold of a query is the score of its worst remaining positive;
-4. only the blocks reaching that threshold are read again; their items are compared with
-   the query's positives by a binary search on exact order keys (score bits, then dataset
-   index), which gives each positive the exact number of negatives ranked before it.
+4. only the blocks reaching that threshold are read again; their negatives are placed
+   among the query's positives by a binary search on exact order keys (the score's bits;
+   equal scores are settled by dataset index), which gives each positive the exact number
+   of negatives ranked before it.
 
 The work beyond the matrix product is one pass over the scores plus a cost proportional to
 the number of items that outrank a query's positives.
@@ -68,7 +69,7 @@ class RankedLists:
                 f"got {type(self.indices).__name__} with shape {getattr(self.indices, 'shape', None)}."
             )
         if self.indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"RankedLists.indices must be int64 positions; got dtype {self.indices.dtype}.")
+            raise TypeError(f"RankedLists.indices must hold integer positions; got dtype {self.indices.dtype}.")
 
     @property
     def k(self) -> int:
@@ -108,6 +109,8 @@ def _as_vector(x: torch.Tensor | np.ndarray | Sequence, name: str, n: int, dtype
 
 def _check_ks(recall_ks: Sequence[int], map_at_k: int) -> tuple[int, ...]:
     ks = tuple(int(k) for k in recall_ks)
+    if not ks:
+        raise ValueError("recall_ks is empty; pass at least one K, e.g. (1, 2, 4, 8).")
     if any(k < 1 for k in ks) or any(k != k_ for k, k_ in zip(ks, recall_ks)):
         raise ValueError(f"recall_ks must be positive integers; got {list(recall_ks)}.")
     if int(map_at_k) < 1:
@@ -182,9 +185,13 @@ def _prepare(
     if emb.shape[1] == 0:
         raise ValueError("embeddings have 0 dimensions; the method's embedding head produced no features.")
     emb = emb.detach().to(device=device, dtype=torch.float32)
-    finite = torch.isfinite(emb).all(dim=1)  # (N,)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten()
+    if not bool(torch.isfinite(emb.sum(dim=1)).all()):  # one cheap pass; NaN and inf propagate
+        bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten()
+        if bad.numel() == 0:
+            raise ValueError(
+                f"embeddings are too large for float32 arithmetic (max |x| = {emb.abs().max():.3g}); "
+                "scale them down (they are L2-normalised anyway)."
+            )
         raise ValueError(
             f"{bad.numel()} of {n} embeddings contain NaN or inf (first at row {int(bad[0])}). The model "
             "produced non-finite features: check the loss, the learning rate and mixed precision."
@@ -254,15 +261,17 @@ def _finish(
 
 
 # ---------------------------------------------------------------------------- exact order keys
-def _desc_key(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys in [0, 2^32) that sort float32 scores in descending order, exactly.
+def _order_key(values: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort (row ascending, float32 score descending) exactly.
 
-    The float's bits are mapped to an order-preserving integer (so comparisons are exact and
-    never depend on rounding); -0.0 is folded onto +0.0 because they compare equal.
+    The float's sign-magnitude bits become a two's-complement integer with the same order
+    (comparisons are then exact, never subject to rounding; -0.0 and +0.0 both map to 0, as
+    they compare equal); the row goes in the upper 32 bits.
     """
-    bits = (values.to(torch.float32) + 0.0).view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32, same order as the floats
-    return (2**31 - 1) - ordered.to(torch.int64)  # larger score -> smaller key
+    bits = values.view(torch.int32)
+    sign = bits >> 31  # 0 or -1
+    ordered = ((bits & 0x7FFFFFFF) ^ sign) - sign  # int32, same order as the floats
+    return ((row << 32) + 2**31) - ordered  # larger score -> smaller key, within the row
 
 
 @contextlib.contextmanager
@@ -339,9 +348,10 @@ def _chunk_ranks(
 ) -> torch.Tensor:
     """Exact ranks (c, K) of the positives of c queries whose ranks can be below ``cap``.
 
-    ``scores`` is the (c, Gp) score block (padding and self already at -inf); ``lo``/``hi``
-    delimit each query's class in the gallery columns, ``self_col`` is its own column or -1,
-    ``num_pos`` (R) is at least 1. Ranks are ascending per row, padded with ``_NO_RANK``.
+    ``scores`` is the (c, Gp) score block (padding and self already at -inf; positives are
+    overwritten with -inf here). ``lo``/``hi`` delimit each query's class in the gallery
+    columns, ``self_col`` is its own column or -1, ``num_pos`` (R) is at least 1. Ranks are
+    ascending per row, padded with ``_NO_RANK``.
     """
     c = scores.shape[0]
     dev = scores.device
@@ -355,11 +365,17 @@ def _chunk_ranks(
     pvalid = (pcol < hi[:, None]) & (pcol != self_col[:, None])
     pcol.clamp_(max=gallery.size - 1)
     pval = torch.where(pvalid, scores.gather(1, pcol), float("-inf"))  # (c, W)
+    # From here on the score block holds negatives only: a positive's rank is the number of
+    # negatives before it plus the number of positives before it (its place in this order).
+    scores[rows[:, None].expand_as(pcol)[pvalid], pcol[pvalid]] = float("-inf")
     pval, perm = pval.sort(dim=1, descending=True, stable=True)
     pcol = pcol.gather(1, perm)
 
     # Block maxima: a block whose maximum is below a threshold holds nothing above it.
-    blockmax = scores.view(c, nb, b).amax(dim=2)  # (c, nb)
+    if b >= 32:  # the fastest reduction differs with the block width (CPU kernels)
+        blockmax = scores.view(c, nb, b).amax(dim=2)  # (c, nb)
+    else:
+        blockmax = F.max_pool1d(scores.view(c, 1, nb * b), b).view(c, nb)
     threshold = pval.gather(1, (num_pos - 1)[:, None]).squeeze(1)  # (c,) worst positive
     cand = (blockmax >= threshold[:, None]).nonzero()  # (P, 2) candidate (row, block)
     n_kept = num_pos.clone()
@@ -380,37 +396,37 @@ def _chunk_ranks(
     kept = torch.arange(kmax, device=dev)[None, :] < n_kept[:, None]  # (c, K)
     pval, pcol = pval[:, :kmax], pcol[:, :kmax]
 
-    # Items that may outrank a kept positive: at or above the threshold, in candidate blocks.
-    # They include the positives themselves; the tie rule below keeps each from counting itself.
+    # Negatives that may outrank a kept positive: at or above the threshold, in candidate blocks.
     crow, cblk = cand[:, 0], cand[:, 1]
     vals = scores.view(c * nb, b).index_select(0, crow * nb + cblk)  # (P, b)
     pi, ei = (vals >= threshold[crow, None]).nonzero(as_tuple=True)
     irow = crow[pi]  # (n,)
-    ikey = (irow << 32) | _desc_key(vals[pi, ei])  # (n,) row, then score descending
+    ikey = _order_key(vals[pi, ei], irow)  # (n,)
 
-    # Kept positives, flattened row-major; keys ascending, equal keys ordered by index.
-    pkey = ((rows[:, None] << 32) | _desc_key(pval))[kept]  # (n_pos,)
-    ptie = gallery.position[pcol[kept]]  # (n_pos,)
+    # Kept positives, flattened row-major; keys ascending, equal keys in dataset-index order.
+    pkey = _order_key(pval, rows[:, None])[kept]  # (n_pos,)
     left = torch.searchsorted(pkey, ikey, side="left")
     slot = torch.searchsorted(pkey, ikey, side="right")  # first positive the item outranks
-    tied = (slot > left).nonzero().flatten()  # equal scores: the lower dataset index ranks first
-    if tied.numel():
+    tied = (slot > left).nonzero().flatten()
+    if tied.numel():  # equal scores (rare): the lower dataset index ranks first
+        ptie = gallery.position[pcol[kept]]  # (n_pos,)
         itie = gallery.position[cblk[pi[tied]] * b + ei[tied]]
         t_left, t_right = left[tied], slot[tied]
         first = t_left.clone()  # first tied positive with a larger index than the item
         for offset in range(int((t_right - t_left).max())):
             m = t_left + offset
-            first += (m < t_right) & (ptie[m.clamp(max=ptie.numel() - 1)] <= itie)
+            first += (m < t_right) & (ptie[m.clamp(max=ptie.numel() - 1)] < itie)
         slot[tied] = first
-    # An item outranks every kept positive of its row from its slot on: a histogram and a
+    # A negative outranks every kept positive of its row from its slot on: a histogram and a
     # cumulative sum, with one extra slot per row so that counts never leak into the next row.
+    within = kept.long().cumsum(1)[kept] - 1  # (n_pos,) positives before it in its row
     prow = rows[:, None].expand(c, kmax)[kept]  # (n_pos,)
-    flat = torch.arange(pkey.numel(), device=dev)
+    ext = torch.arange(pkey.numel(), device=dev) + prow  # extended slot of each positive
     csum = torch.bincount(slot + irow, minlength=pkey.numel() + c).cumsum(0)  # (n_pos + c,)
-    row_start = flat - kept.long().cumsum(1)[kept] + 1 + prow  # extended slot of each row's first
-    before = csum[flat + prow] - torch.where(row_start > 0, csum[(row_start - 1).clamp(min=0)], 0)
+    row_first = ext - within  # extended slot of the row's first positive
+    before = csum[ext] - torch.where(row_first > 0, csum[(row_first - 1).clamp(min=0)], 0)
     ranks = torch.full((c, kmax), _NO_RANK, dtype=torch.int64, device=dev)
-    ranks[kept] = before
+    ranks[kept] = before + within
     return ranks
 
 

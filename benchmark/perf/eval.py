@@ -1,0 +1,307 @@
+"""Evaluation speed at SOP scale: the metric suite against its floor and two peer tools.
+
+    python -m benchmark perf eval                      # 60,502 x 512, ~11,316 classes
+    python -m benchmark perf eval --n 8000 --repeats 3 # smaller
+
+Builds a synthetic SOP-sized evaluation set (classes of 2 to 12 images in 12 super-categories,
+clustered so that the metrics are neither 0 nor 1), then measures in the same run:
+
+* the floor: one dense fp32 similarity product of all queries against the gallery, in the
+  chunks the suite uses (its lower bound: the suite does this product plus its ranking);
+* the metric suite without NMI (Recall@K with SOP's K, MAP@R, R-Precision, mAP@1000);
+* faiss ``IndexFlatIP`` search with k = 1000, the way peer frameworks get Recall@1000;
+* pytorch-metric-learning's ``AccuracyCalculator`` on the metrics it shares with the suite
+  (precision_at_1, r_precision, mean_average_precision_at_r);
+* NMI (faiss k-means with one cluster per class) on its own;
+
+and prints times, ratios to the floor and peak extra memory (CPU: resident set size sampled
+every 5 ms; CUDA: device memory in use). Targets on 2 CPU cores: suite within 1.3x the floor,
+faster than both peers, at most 2 GiB of extra memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmark.evaluation.metrics import _block_size, default_chunk_size, nmi, retrieval_metrics
+
+SOP_RECALL_KS = (1, 10, 100, 1000)
+TARGET_RATIO = 1.3
+TARGET_EXTRA_MIB = 2048
+
+
+# ---------------------------------------------------------------------------- synthetic data
+def make_sop_like(
+    n: int = 60502,
+    dim: int = 512,
+    num_classes: int | None = None,
+    seed: int = 0,
+    noise: float = 1.8,
+    super_classes: int = 12,
+    max_class_size: int = 12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised (n, dim) embeddings and (n,) labels shaped like SOP's test split.
+
+    Class sizes lie in [2, max_class_size] (mean n / num_classes); each class centre mixes a
+    super-category direction with its own, and samples add isotropic noise. Rows are sorted
+    by class, like SOP's list files. ``noise`` = 1.8 gives R@1 ~ 0.64, R@1000 ~ 0.999.
+    """
+    num_classes = num_classes or max(1, round(n / 5.3466))  # SOP: 60,502 images, 11,316 classes
+    if not 2 * num_classes <= n <= max_class_size * num_classes:
+        raise ValueError(f"{n} samples cannot form {num_classes} classes of 2 to {max_class_size} images.")
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.full((num_classes,), 2, dtype=torch.int64)
+    remaining = n - 2 * num_classes
+    while remaining > 0:  # spread the rest uniformly over classes that still have room
+        room = (sizes < max_class_size).nonzero().flatten()
+        pick = room[torch.randint(0, room.numel(), (remaining,), generator=g)]
+        sizes += torch.bincount(pick, minlength=num_classes)
+        over = (sizes - max_class_size).clamp(min=0)
+        sizes -= over
+        remaining = int(over.sum())
+    labels = torch.repeat_interleave(torch.arange(num_classes), sizes)  # (n,)
+    supers = torch.randn(super_classes, dim, generator=g)
+    super_of = torch.randint(0, super_classes, (num_classes,), generator=g).sort().values
+    centres = F.normalize(torch.randn(num_classes, dim, generator=g) + supers[super_of], dim=1)  # (C, dim)
+    x = centres[labels] + noise / math.sqrt(dim) * torch.randn(n, dim, generator=g)
+    return F.normalize(x, dim=1), labels
+
+
+# ---------------------------------------------------------------------------- measurement
+@dataclass
+class Measurement:
+    name: str
+    seconds: float
+    extra_mib: float | None
+    note: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class PeakMemory:
+    """Peak extra memory of a block: process RSS on CPU, device memory in use on CUDA."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
+        self.device = device
+        self.interval = interval
+        self.peak = 0
+        self.extra_mib: float | None = None
+        self._stop = threading.Event()
+
+    def _used(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return total - free
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._used())
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[PeakMemory]:
+        try:
+            base = self._used()
+        except (OSError, RuntimeError, ValueError):  # no /proc (not Linux): no memory figure
+            yield self
+            return
+        self.peak = base
+        self._stop.clear()
+        thread = threading.Thread(target=self._sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+            self.peak = max(self.peak, self._used())
+            self.extra_mib = (self.peak - base) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(name: str, fn: Callable[[], Any], device: torch.device, note: str = "") -> tuple[Measurement, Any]:
+    """Run ``fn`` once; wall time and peak extra memory."""
+    probe = PeakMemory(device)
+    with probe.measure():
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        seconds = time.perf_counter() - start
+    return Measurement(name, seconds, probe.extra_mib, note), result
+
+
+def floor_product(x: torch.Tensor, chunk: int, block: int) -> None:
+    """The suite's unavoidable work: all queries against the padded gallery, chunk by chunk."""
+    n = x.shape[0]
+    padded = -(-n // block) * block
+    gallery = x.new_zeros(padded, x.shape[1])  # (Gp, D), as the suite pads it
+    gallery[:n] = x
+    out = x.new_empty(min(chunk, n), padded)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        torch.mm(x[start:stop], gallery.T, out=out[: stop - start])  # (c, D) @ (D, Gp)
+
+
+def faiss_knn(x: torch.Tensor, k: int) -> None:
+    """faiss exact inner-product search with k neighbours (GPU index on CUDA)."""
+    import faiss
+
+    xs = x.float().cpu().numpy()
+    if x.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), xs.shape[1])
+    else:
+        index = faiss.IndexFlatIP(xs.shape[1])
+    index.add(xs)
+    index.search(xs, k)
+
+
+def pml_accuracy(x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """pytorch-metric-learning's AccuracyCalculator on the metrics it shares with the suite."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), k="max_bin_count", device=x.device
+    )
+    return calc.get_accuracy(x, labels, x, labels, ref_includes_query=True)
+
+
+# ---------------------------------------------------------------------------- report
+def _library_versions() -> str:
+    import faiss
+    import pytorch_metric_learning
+
+    return f"torch {torch.__version__}, faiss {faiss.__version__}, pytorch-metric-learning {pytorch_metric_learning.__version__}"
+
+
+def print_report(rows: list[Measurement], floor: Measurement, header: list[str], footer: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for line in header:
+        console.print(line, highlight=False)
+    table = Table(title="Evaluation performance (one run; ratios to this run's floor)")
+    table.add_column("measurement")
+    table.add_column("seconds", justify="right")
+    table.add_column("x floor", justify="right")
+    table.add_column("peak extra MiB", justify="right")
+    for m in rows:
+        mem = "n/a" if m.extra_mib is None else f"{m.extra_mib:,.0f}"
+        table.add_row(m.name, f"{m.seconds:.2f}", f"{m.seconds / floor.seconds:.2f}", mem)
+    console.print(table)
+    for m in rows:
+        if m.note:
+            console.print(f"{m.name}: {m.note}", highlight=False)
+    for line in footer:
+        console.print(line, highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark perf eval", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--n", type=int, default=60502, help="evaluated samples (query = gallery)")
+    parser.add_argument("--dim", type=int, default=512, help="embedding dimensions")
+    parser.add_argument("--classes", type=int, default=None, help="classes (default: n / 5.35, as SOP)")
+    parser.add_argument("--noise", type=float, default=1.8, help="within-class noise of the synthetic set")
+    parser.add_argument("--repeats", type=int, default=1, help="floor and suite are timed this often (best kept)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="queries per block (default: 256 MiB block)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--map-at-k", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=1000, help="k of the faiss peer search")
+    parser.add_argument("--no-peers", action="store_true", help="skip faiss and pytorch-metric-learning")
+    parser.add_argument("--no-nmi", action="store_true", help="skip NMI (k-means with one cluster per class)")
+    parser.add_argument("--nmi-iters", type=int, default=20, help="k-means iterations for NMI")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    start = time.perf_counter()
+    x, labels = make_sop_like(args.n, args.dim, args.classes, args.seed, args.noise)
+    x, labels = x.to(device), labels.to(device)
+    made = time.perf_counter() - start
+    depth = max(max(SOP_RECALL_KS), args.map_at_k)
+    block = _block_size(args.n, depth)
+    chunk = args.chunk_size or default_chunk_size(-(-args.n // block) * block)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    header = [
+        f"[bold]python -m benchmark perf eval[/bold] {' '.join(argv or [])}".rstrip(),
+        f"data: {args.n:,} x {args.dim} fp32, {int(labels.max()) + 1:,} classes (built in {made:.1f}s); "
+        f"device: {where}; chunk: {chunk} queries x {-(-args.n // block) * block} gallery columns",
+        f"versions: {_library_versions()}",
+    ]
+
+    floors, suites = [], []
+    metrics: dict[str, float] = {}
+    for _ in range(max(1, args.repeats)):  # interleaved, so both see the same machine state
+        floors.append(timed("floor: dense fp32 product (chunked)", lambda: floor_product(x, chunk, block), device)[0])
+        m, metrics = timed(
+            "metric suite without NMI",
+            lambda: retrieval_metrics(x, labels, recall_ks=SOP_RECALL_KS, map_at_k=args.map_at_k,
+                                      chunk_size=chunk, device=device),
+            device,
+        )
+        suites.append(m)
+    floor = min(floors, key=lambda m: m.seconds)
+    suite = min(suites, key=lambda m: m.seconds)
+    suite.note = ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
+    rows = [floor, suite]
+
+    if not args.no_peers:
+        faiss_row, _ = timed(f"faiss IndexFlatIP search, k={args.k}", lambda: faiss_knn(x, args.k), device)
+        rows.append(faiss_row)
+        pml_row, pml = timed("pytorch-metric-learning AccuracyCalculator", lambda: pml_accuracy(x, labels), device)
+        agree = max(
+            abs(pml["precision_at_1"] - metrics["R@1"]),
+            abs(pml["r_precision"] - metrics["R-Precision"]),
+            abs(pml["mean_average_precision_at_r"] - metrics["MAP@R"]),
+        )
+        pml_row.note = (
+            f"P@1 {pml['precision_at_1']:.4f}, R-Prec {pml['r_precision']:.4f}, "
+            f"MAP@R {pml['mean_average_precision_at_r']:.4f} (max |diff| to suite {agree:.1e})"
+        )
+        rows.append(pml_row)
+    if not args.no_nmi:
+        nmi_row, value = timed(
+            f"NMI (faiss k-means, {int(labels.max()) + 1:,} clusters, {args.nmi_iters} iters)",
+            lambda: nmi(x, labels, niter=args.nmi_iters), device,
+        )
+        nmi_row.note = f"NMI {value:.4f}"
+        rows.append(nmi_row)
+
+    ratio = suite.seconds / floor.seconds
+    verdict = [f"suite / floor = {ratio:.2f} (target <= {TARGET_RATIO})"]
+    if args.repeats > 1:
+        verdict[0] += f"; all repeats: floor {', '.join(f'{m.seconds:.2f}' for m in floors)} s, " + (
+            f"suite {', '.join(f'{m.seconds:.2f}' for m in suites)} s"
+        )
+    if suite.extra_mib is not None:
+        verdict.append(f"suite extra memory {suite.extra_mib:,.0f} MiB (target <= {TARGET_EXTRA_MIB:,})")
+    for row in rows[2:4] if not args.no_peers else []:
+        verdict.append(f"suite is {row.seconds / suite.seconds:.1f}x faster than {row.name.split(',')[0]}")
+    print_report(rows, floor, header, verdict)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
