@@ -1,0 +1,1 @@
+"""Figure commands that reproduce analyses of the papers (one module per method)."""

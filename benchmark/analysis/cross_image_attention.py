@@ -1,0 +1,373 @@
+"""The Cross-Image-Attention supplement's analyses as figure commands.
+
+``gradients`` (supplement Fig. S1): trains the method and the same backbone without the
+cross-attention blocks (``--model.num_blocks 0``, i.e. the unconditional Multi-Similarity
+loss alone) with identical settings, records ``log10 |dL/dE(I)|`` — the gradient of the
+training loss with respect to the encoder's output feature map — during the chosen epochs,
+and draws one histogram per epoch (baseline blue, ours red).
+
+``attention`` (supplement Figs. S2-S3): for image triples ``(I_a, I_1, I_2)`` of the
+evaluation split (I_1 of I_a's class, I_2 of another class, or given by index), draws the
+attention of ``phi^n(E(I_1 | I_a))`` and ``phi^n(E(I_2 | I_a))`` over the locations of
+``E(I_a)`` for the chosen blocks n (heads averaged), top and bottom rows, and their squared
+difference per location in the middle row.
+
+Both take the options of ``fit`` after their own (recipe, ``--data``, ``--backbone``,
+``--model.*``, ``--trainer.*``, ``--logger``); they write PNGs (and a JSON summary) to
+``--out`` and log the figures to W&B when it is the logger::
+
+    python -m benchmark.analysis.cross_image_attention gradients --epochs 0,4,9 --out figs \\
+        --data cub --data.root /data/cub --backbone resnet50 --trainer.max_epochs 10
+    python -m benchmark.analysis.cross_image_attention attention --ckpt runs/<run>/checkpoints/last.ckpt \\
+        --blocks 2,4,6 --num-triples 4 --out figs --data cub --data.root /data/cub
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+METHOD = "cross_image_attention"
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def _split_argv(argv: list[str] | None, parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    """This command's options, and the rest for the fit CLI (recipe, data, model, trainer flags)."""
+    import sys
+
+    parser.allow_abbrev = False  # a fit flag must never be taken for an abbreviation of ours
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if "--method" not in rest:
+        rest = ["--method", METHOD, *rest]
+    return args, rest
+
+
+def build(fit_args: list[str], run_dir: Path, defaults: list[str] = ()) -> Any:
+    """Model, datamodule and trainer exactly as ``fit`` would build them (recipe included)."""
+    from benchmark.cli import build_cli
+
+    args = [*defaults, *fit_args]
+    if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in args):
+        args += ["--run_dir", str(run_dir)]
+    return build_cli(None, args, run=False)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log_figures(trainer: L.Trainer, key: str, paths: list[Path]) -> None:
+    """Log PNGs to W&B when the trainer's logger is a WandbLogger (other loggers: files only)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(p) for p in paths], caption=[p.stem for p in paths])
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        raise SystemExit(f"error: expected comma-separated integers, got {text!r}") from err
+
+
+# ---------------------------------------------------------------------------- gradients (Fig. S1)
+class FeatureGradientRecorder(L.Callback):
+    """Records ``log10 |dL/dE(I)|`` (the encoder's output feature map) during chosen epochs.
+
+    The encoder's ``forward_features`` is wrapped during those epochs only, so that the
+    gradient arriving at its output is captured by a tensor hook; a random subsample of at
+    most ``max_values`` elements per epoch is kept (exact zeros are counted, not logged).
+    """
+
+    def __init__(self, epochs: list[int], max_values: int = 200_000, seed: int = 0) -> None:
+        self.epochs = set(epochs)
+        self.max_values = max_values
+        self.values: dict[int, list[torch.Tensor]] = {}
+        self.zeros: dict[int, int] = {}
+        self.total: dict[int, int] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._per_step = max_values
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch not in self.epochs:
+            return
+        steps = trainer.num_training_batches if math.isfinite(trainer.num_training_batches) else 100
+        self._per_step = max(1, self.max_values // max(1, int(steps)))
+        model = pl_module.encoder.model
+        original = type(model).forward_features.__get__(model)
+
+        def forward_features(x: torch.Tensor) -> torch.Tensor:
+            out = original(x)
+            if out.requires_grad:
+                out.register_hook(lambda g, e=epoch: self._record(e, g))
+            return out
+
+        model.forward_features = forward_features  # instance attribute shadows the class method
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.encoder.model
+        if "forward_features" in vars(model):
+            del model.forward_features
+
+    def _record(self, epoch: int, grad: torch.Tensor) -> None:
+        g = grad.detach().abs().flatten().float()
+        self.total[epoch] = self.total.get(epoch, 0) + g.numel()
+        zero = g == 0
+        self.zeros[epoch] = self.zeros.get(epoch, 0) + int(zero.sum())
+        g = g[~zero]
+        if g.numel() > self._per_step:
+            pick = torch.randint(g.numel(), (self._per_step,), generator=self._generator).to(g.device)
+            g = g[pick]
+        self.values.setdefault(epoch, []).append(g.log10().cpu())
+
+    def log10_magnitudes(self, epoch: int) -> np.ndarray:
+        chunks = self.values.get(epoch, [])
+        return torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
+
+
+def plot_gradient_histograms(
+    ours: FeatureGradientRecorder, baseline: FeatureGradientRecorder, epochs: list[int], path: Path, title: str = ""
+) -> dict[str, Any]:
+    """One histogram panel per epoch (baseline blue, ours red); returns the summary statistics."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(epochs), figsize=(4.2 * len(epochs), 3.4), squeeze=False)
+    summary: dict[str, Any] = {}
+    for ax, epoch in zip(axes[0], epochs):
+        a, b = baseline.log10_magnitudes(epoch), ours.log10_magnitudes(epoch)
+        both = np.concatenate([a, b])
+        if both.size == 0:
+            ax.set_title(f"epoch {epoch}: no gradients recorded")
+            continue
+        bins = np.linspace(np.percentile(both, 0.1), np.percentile(both, 99.9), 80)
+        ax.hist(a, bins=bins, density=True, color="tab:blue", alpha=0.55, label="without cross-attention")
+        ax.hist(b, bins=bins, density=True, color="tab:red", alpha=0.55, label="Cross-Image-Attention")
+        ax.set_title(f"epoch {epoch}")
+        ax.set_xlabel(r"$\log_{10} |\partial L / \partial E(I)|$")
+        summary[str(epoch)] = {
+            name: {
+                "median": float(np.median(v)) if v.size else None,
+                "mean": float(np.mean(v)) if v.size else None,
+                "values": int(v.size),
+                "zero_fraction": rec.zeros.get(epoch, 0) / max(1, rec.total.get(epoch, 0)),
+            }
+            for name, v, rec in (("baseline", a, baseline), ("cross_image_attention", b, ours))
+        }
+    axes[0][0].set_ylabel("density")
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return summary
+
+
+def gradients_main(argv: list[str] | None = None) -> int:
+    """Supplement Fig. S1: gradient magnitudes at the encoder output, with vs without the blocks."""
+    parser = argparse.ArgumentParser(
+        prog="cia-gradients", description=gradients_main.__doc__,
+        epilog="Every other option goes to the fit CLI (recipe, --data, --backbone, --model.*, --trainer.*, --logger).",
+    )
+    parser.add_argument("--epochs", default="0", help="comma-separated epochs (0-based) to record, e.g. 0,4,9")
+    parser.add_argument("--out", type=Path, default=Path("figures/cross_image_attention"), help="output folder")
+    parser.add_argument("--max-values", type=int, default=200_000, help="gradient values kept per epoch and model")
+    args, fit_args = _split_argv(argv, parser)
+    epochs = sorted(set(_int_list(args.epochs)))
+    if not epochs or epochs[0] < 0:
+        raise SystemExit("error: --epochs needs epochs >= 0 (0-based, as Lightning counts them).")
+    defaults = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.max_epochs", str(epochs[-1] + 1)]  # the user's flags come later and win
+    recorders, trainers = {}, {}
+    for name, extra in (("cross_image_attention", []), ("baseline", ["--model.num_blocks", "0"])):
+        cli = build([*fit_args, *extra], args.out / f"run_{name}", defaults)
+        if cli.trainer.max_epochs is not None and cli.trainer.max_epochs <= epochs[-1]:
+            raise SystemExit(f"error: --epochs asks for epoch {epochs[-1]} but --trainer.max_epochs is {cli.trainer.max_epochs}.")
+        L.seed_everything(int(cli.config.get("seed_everything") or 0), workers=True)
+        recorder = FeatureGradientRecorder(epochs, args.max_values)
+        cli.trainer.callbacks.append(recorder)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        recorders[name], trainers[name] = recorder, cli.trainer
+    if not trainers["cross_image_attention"].is_global_zero:
+        return 0
+    model = trainers["cross_image_attention"].lightning_module
+    title = f"{model.backbone_config.name}, {getattr(trainers['baseline'].datamodule, 'name', '')}"
+    png = args.out / "cia_gradients.png"
+    summary = plot_gradient_histograms(recorders["cross_image_attention"], recorders["baseline"], epochs, png, title)
+    (args.out / "cia_gradients.json").write_text(json.dumps(summary, indent=2))
+    log_figures(trainers["cross_image_attention"], "analysis/cia_gradients", [png])
+    for epoch, stats in summary.items():
+        print(f"epoch {epoch}: median log10|dL/dE| baseline {stats['baseline']['median']:.3f}, "
+              f"cross_image_attention {stats['cross_image_attention']['median']:.3f}")
+    print(f"wrote {png}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- attention maps (Figs. S2-S3)
+def choose_triples(labels: np.ndarray, num: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """``num`` triples (a, 1, 2) of positions: 1 shares a's class, 2 does not."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels)
+    candidates = np.flatnonzero(counts[labels] >= 2)  # anchors with a positive
+    if len(candidates) == 0 or len(np.unique(labels)) < 2:
+        raise ValueError("Attention triples need a class with two images and at least two classes.")
+    triples = []
+    for a in rng.choice(candidates, size=min(num, len(candidates)), replace=False):
+        pos = np.flatnonzero((labels == labels[a]) & (np.arange(len(labels)) != a))
+        neg = np.flatnonzero(labels != labels[a])
+        triples.append((int(a), int(rng.choice(pos)), int(rng.choice(neg))))
+    return triples
+
+
+@torch.no_grad()
+def attention_maps(model, images: torch.Tensor, blocks: list[int]) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """Attention of z(1|a), z(2|a) over E(I_a) for (3, C, H, W) images ordered (I_a, I_1, I_2).
+
+    Returns (len(blocks), 2, h, w) head-averaged maps, the token grid (h, w) and the two
+    conditional similarities (the method's pair similarity with I_a as the anchor).
+    """
+    model.eval()
+    out = model.encode(images)
+    emb = model.project(out.pooled)  # (3, D)
+    _, maps = model.conditional_embeddings(emb[1:], out.tokens[:1], return_attention=True)  # (1, H, 2, N) per block
+    h, w = out.hw
+    picked = torch.stack([maps[n - 1][0].mean(0) for n in blocks])  # (n_blocks, 2, N)
+    sims = model.pair_scores(emb[:1].expand(2, -1), out.tokens[:1].expand(2, -1, -1), emb[1:], out.tokens[1:])
+    return picked.view(len(blocks), 2, h, w).float().cpu().numpy(), (h, w), sims.float().cpu().numpy()
+
+
+def plot_triple(
+    images: np.ndarray, maps: np.ndarray, blocks: list[int], path: Path, labels: tuple[int, int, int],
+    sims: np.ndarray, title: str = "",
+) -> None:
+    """Rows: attention of z(1|a) over I_a, squared difference, attention of z(2|a); one column per block."""
+    plt = _plt()
+    size = images.shape[1]
+    fig, axes = plt.subplots(3, len(blocks) + 1, figsize=(2.3 * (len(blocks) + 1), 7.0), squeeze=False)
+    names = (f"$I_1$ (class {labels[1]})", f"$I_a$ (class {labels[0]})", f"$I_2$ (class {labels[2]})")
+    for row, (img, name) in enumerate(zip((images[1], images[0], images[2]), names)):
+        axes[row][0].imshow(img)
+        axes[row][0].set_title(name, fontsize=9)
+    for col, block in enumerate(blocks, start=1):
+        top, bottom = maps[col - 1, 0], maps[col - 1, 1]
+        diff = (top - bottom) ** 2
+        high = float(max(top.max(), bottom.max()))  # one colour scale for both rows of a block
+        for row, (m, cmap, label, vmax) in enumerate(
+            ((top, "jet", f"block {block}: $I_1|I_a$", high), (diff, "magma", "squared difference", None),
+             (bottom, "jet", f"block {block}: $I_2|I_a$", high))
+        ):
+            ax = axes[row][col]
+            ax.imshow(images[0])
+            ax.imshow(m, cmap=cmap, alpha=0.55, extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="bilinear",
+                      vmin=0.0, vmax=vmax)
+            ax.set_title(label, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}  s(1|a)={sims[0]:.3f}  s(2|a)={sims[1]:.3f}".strip(), fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parse_triples(text: str) -> list[tuple[int, int, int]]:
+    triples = []
+    for part in text.split(";"):
+        values = _int_list(part)
+        if len(values) != 3:
+            raise SystemExit(f"error: a triple is 'a,1,2' (three dataset positions); got {part!r}.")
+        triples.append((values[0], values[1], values[2]))
+    return triples
+
+
+def attention_main(argv: list[str] | None = None) -> int:
+    """Supplement Figs. S2-S3: cross-attention maps of chosen blocks for image triples."""
+    parser = argparse.ArgumentParser(
+        prog="cia-attention", description=attention_main.__doc__,
+        epilog="Every other option goes to the fit CLI (recipe, --data, --backbone, --model.*, --trainer.*, --logger).",
+    )
+    parser.add_argument("--ckpt", type=Path, help="a trained cross_image_attention checkpoint; without it the "
+                        "model is trained first with the fit options (--trainer.max_epochs)")
+    parser.add_argument("--blocks", default="2,4,6", help="1-based block numbers to show")
+    parser.add_argument("--triples", help="explicit triples 'a,1,2;a,1,2' (positions in the evaluated split)")
+    parser.add_argument("--num-triples", type=int, default=4)
+    parser.add_argument("--split", choices=("test", "val", "train"), default="test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("figures/cross_image_attention"), help="output folder")
+    args, fit_args = _split_argv(argv, parser)
+    defaults = ["--trainer.num_sanity_val_steps", "0"]
+    cli = build(fit_args, args.out / "run_attention", defaults)
+    model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    if args.ckpt is not None:
+        from methods.base import load_method
+
+        model = load_method(str(args.ckpt))
+    if not getattr(model, "num_blocks", 0):
+        raise SystemExit("error: the model has no cross-attention blocks (num_blocks = 0).")
+    blocks = _int_list(args.blocks)
+    bad = [b for b in blocks if not 1 <= b <= model.num_blocks]
+    if bad:
+        raise SystemExit(f"error: --blocks {bad} outside 1..{model.num_blocks} (the model has {model.num_blocks} blocks).")
+    if args.ckpt is None:
+        print("[cia-attention] no --ckpt: training the model first with the given fit options")
+        trainer.fit(model, datamodule=dm)
+    from datamodules.base import ImageDataset
+
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    dm.apply_request(model.data_request())
+    dm.setup("test")
+    records = {"test": dm.test_records, "val": dm.val_records, "train": dm.train_records}[args.split]
+    labels = np.asarray(records.labels)
+    triples = _parse_triples(args.triples) if args.triples else choose_triples(labels, args.num_triples, args.seed)
+    for t in triples:
+        if max(t) >= len(records) or min(t) < 0:
+            raise SystemExit(f"error: triple {t} is outside the {args.split} split (0..{len(records) - 1}).")
+    dataset = ImageDataset(records, dm.eval_transform())
+    norm = model.encoder.normalization
+    mean, std = np.array(norm.mean)[:, None, None], np.array(norm.std)[:, None, None]
+    device = next(model.parameters()).device
+    paths = []
+    for k, (a, i1, i2) in enumerate(triples):
+        images = torch.stack([dataset[a]["image"], dataset[i1]["image"], dataset[i2]["image"]]).to(device)
+        maps, _, sims = attention_maps(model, images, blocks)
+        shown = np.clip(images.cpu().numpy() * std + mean, 0, 1).transpose(0, 2, 3, 1)  # (3, H, W, 3)
+        path = args.out / f"cia_attention_{args.split}_{k}_{a}_{i1}_{i2}.png"
+        plot_triple(shown, maps, blocks, path, (int(labels[a]), int(labels[i1]), int(labels[i2])), sims,
+                    title=f"{args.split} triple (a={a}, 1={i1}, 2={i2})")
+        paths.append(path)
+        print(f"wrote {path}")
+    log_figures(trainer, "analysis/cia_attention", paths)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``gradients`` or ``attention``; the rest of the arguments as for that command."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"gradients": gradients_main, "attention": attention_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m benchmark.analysis.cross_image_attention {gradients,attention} [options] [fit options]\n"
+              "       (add --help after the command for its options)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

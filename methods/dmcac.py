@@ -1,0 +1,530 @@
+"""DMCAC: divergence minimisation over a training database + cross-attention classification.
+
+Trivedy & Latecki, "Image Retrieval with Self-Supervised Divergence Minimization and
+Cross-Attention Classification". The training split is divided, stratified over classes,
+into a *query set* (the images training batches are drawn from) and a *database* whose
+embeddings ``Z_D`` are computed without gradient and refreshed every ``refresh_every``
+epochs. For every query, ``A`` views (view 0 the un-augmented crop, the others RandAugment)
+are embedded (``Z_A``, L2-normalised CLS tokens) and each view retrieves its ``k`` nearest
+database entries; the union ``S`` of those indices (``T`` entries, ``T`` varies per query)
+gives ``Z_S``. With ``P' = softmax(Z_A Z_S^T / temperature)`` (A, T):
+
+* ``L_frob`` (Eq. 11-13): the Frobenius norm of the strict lower triangle of the A x A
+  matrix of Jensen-Shannon divergences between the rows of ``P'``;
+* ``L_ce`` (Eq. 14-15): a linear classifier on every view embedding, cross-entropy;
+* ``L_cac`` (Eq. 16-19): every view embedding attends over ``Z_S`` (query ``W_q z``, keys
+  ``W_k Z_S``, values ``W_v Z_S``, scaled by ``1/sqrt(F)``), a linear classifier ``W_c`` on
+  the result, cross-entropy.
+
+``L = beta_frob L_frob + beta_ce L_ce + beta_cac L_cac``. ``retrieval="full"`` uses the
+whole database instead of the union of neighbours. At test time the plain L2-normalised
+embedding of the un-augmented image is used (no refinement).
+
+The whole mini-batch is computed at once: unions of different sizes are padded to the
+largest ``T`` in the batch and masked (a padded entry gets probability 0 in ``P'`` and
+attention 0 in the cross-attention). See ``docs/methods/dmcac.md`` for the equations, the
+choices made where the paper is silent and the degenerate cases.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from benchmark.backbones import BackboneConfig
+from benchmark.registry import register_method
+from datamodules.base import DataRequest
+from datamodules.transforms import ViewRequest
+from methods.base import RetrievalMethod
+
+Retrieval = Literal["approximate", "full"]
+DatabaseMode = Literal["split", "all"]
+SearchBackend = Literal["auto", "faiss", "torch"]
+
+
+# ---------------------------------------------------------------------------- data split
+def stratified_split(labels: np.ndarray, database_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample positions into (query, database), stratified over classes.
+
+    Every class with ``n >= 2`` images puts ``round(n * database_fraction)`` of them, clamped
+    to ``[1, n - 1]``, into the database and the rest into the query set, so it appears in
+    both. A class with a single image cannot be in both: it goes to the query set (it still
+    trains the classifiers; its queries retrieve other classes' database entries). The
+    choice within a class is random with ``seed`` and independent of the training seed.
+
+    Returns sorted int64 arrays of positions into ``labels``; they are disjoint and cover it.
+    """
+    labels = np.asarray(labels)
+    if not 0.0 < database_fraction < 1.0:
+        raise ValueError(f"database_fraction must be in (0, 1), got {database_fraction}.")
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-d array, got shape {labels.shape}.")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    n_db = np.floor(counts * database_fraction + 0.5).astype(np.int64)  # round half up
+    n_db = np.where(counts >= 2, np.clip(n_db, 1, counts - 1), 0)  # (C,)
+    keys = np.random.default_rng(seed).random(len(labels))
+    order = np.lexsort((keys, inverse))  # grouped by class, random within a class
+    starts = np.cumsum(counts) - counts  # (C,) first position of each class in ``order``
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - np.repeat(starts, counts)  # rank within the class
+    in_db = rank < n_db[inverse]
+    return np.flatnonzero(~in_db).astype(np.int64), np.flatnonzero(in_db).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- retrieval
+def _drop_self(neighbours: torch.Tensor, database_ids: torch.Tensor, query_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the first ``k`` of (Q, k + 1) neighbours that are not the query itself."""
+    is_self = database_ids[neighbours] == query_ids[:, None]  # (Q, k + 1)
+    order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)  # non-self first, rank kept
+    return neighbours.gather(1, order[:, :k])  # (Q, k)
+
+
+def topk_search(queries: torch.Tensor, database: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Exact inner-product top-``k``: (Q, F) x (N, F) -> (Q, k) database positions, best first.
+
+    Chunked over queries so that at most ``chunk_elements`` scores exist at a time.
+    """
+    rows = max(1, chunk_elements // max(1, database.shape[0]))
+    out = [
+        (q @ database.T).topk(k, dim=1).indices  # (q, F) @ (F, N) -> (q, N) -> (q, k)
+        for q in queries.split(rows)
+    ]
+    return torch.cat(out)
+
+
+def union_of_neighbours(neighbours: torch.Tensor, num_database: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the union of its views' neighbour indices, padded to the largest union.
+
+    Args:
+        neighbours: (B, A, k) database positions retrieved by the A views of each query.
+        num_database: N, the database size (used as the padding sentinel while sorting).
+
+    Returns:
+        indices: (B, T) union members in ascending order, then padding (position 0);
+        mask: (B, T) True for union members. ``T`` is the largest union in the batch.
+    """
+    b = neighbours.shape[0]
+    flat, _ = neighbours.reshape(b, -1).sort(dim=1)  # (B, A * k)
+    duplicate = torch.zeros_like(flat, dtype=torch.bool)
+    duplicate[:, 1:] = flat[:, 1:] == flat[:, :-1]
+    flat, _ = flat.masked_fill(duplicate, num_database).sort(dim=1)  # members first, sentinels last
+    mask = flat < num_database  # (B, A * k)
+    t = int(mask.sum(dim=1).max())
+    return flat[:, :t].masked_fill(~mask[:, :t], 0), mask[:, :t]
+
+
+# ---------------------------------------------------------------------------- the loss terms
+def _masked_value(dtype: torch.dtype) -> float:
+    # A finite "minus infinity": exp() gives exactly 0, while log-domain arithmetic on it stays
+    # finite, so padded entries contribute 0 to the JS sums with finite (zero) gradients.
+    return torch.finfo(dtype).min / 4
+
+
+def similarity_log_probs(
+    views: torch.Tensor, database: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log softmax(Z_A Z_S^T / temperature)`` over the database entries (Eq. 9-10).
+
+    Args:
+        views: (B, A, F) L2-normalised view embeddings.
+        database: (B, T, F) per-query entries, or (T, F) shared by every query (full retrieval).
+        mask: (B, T) True for real entries; padded ones get probability exactly 0.
+
+    Returns:
+        (B, A, T) log-probabilities (padded entries: a large finite negative number).
+    """
+    eq = "baf,btf->bat" if database.ndim == 3 else "baf,tf->bat"
+    logits = torch.einsum(eq, views, database) / temperature  # (B, A, F) x (B, T, F) -> (B, A, T)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, :], _masked_value(logits.dtype))
+    return logits.log_softmax(dim=-1)
+
+
+def js_divergence_matrix(log_p: torch.Tensor) -> torch.Tensor:
+    """Pairwise Jensen-Shannon divergences between the rows of each query's ``P'`` (Eq. 11-12).
+
+    ``L_ij = (KL(P_i || M_ij) + KL(P_j || M_ij)) / 2`` with ``M_ij = (P_i + P_j) / 2``, in nats.
+
+    Args:
+        log_p: (B, A, T) log-probabilities; entries with probability 0 contribute 0.
+
+    Returns:
+        (B, A, A) symmetric, zero on the diagonal.
+    """
+    lp_i = log_p[:, :, None, :]  # (B, A, 1, T)
+    lp_j = log_p[:, None, :, :]  # (B, 1, A, T)
+    log_m = torch.logaddexp(lp_i, lp_j) - math.log(2.0)  # (B, A, A, T) log of the mixture
+    kl_i = (lp_i.exp() * (lp_i - log_m)).sum(dim=-1)  # (B, A, A) KL(P_i || M)
+    kl_j = (lp_j.exp() * (lp_j - log_m)).sum(dim=-1)  # (B, A, A) KL(P_j || M)
+    return 0.5 * (kl_i + kl_j)
+
+
+def frobenius_lower(matrix: torch.Tensor) -> torch.Tensor:
+    """(B, A, A) -> (B,) Frobenius norm of the strict lower triangle (Eq. 13).
+
+    The gradient at a zero matrix (identical views) is 0, not NaN.
+    """
+    a = matrix.shape[-1]
+    rows, cols = torch.tril_indices(a, a, offset=-1, device=matrix.device)  # the A(A-1)/2 pairs i > j
+    return torch.linalg.vector_norm(matrix[:, rows, cols], dim=-1)
+
+
+class CrossAttentionClassifier(nn.Module):
+    """Eq. 16-18: one view embedding attends over database embeddings, then a linear classifier.
+
+    ``z' = softmax((W_q z)(W_k Z_S)^T / sqrt(F)) W_v Z_S`` and ``logits = W_c z'``; single head,
+    ``W_q, W_k, W_v`` are F x F as in the paper (no bias unless ``attention_bias``).
+    """
+
+    def __init__(self, dim: int, num_classes: int, attention_bias: bool = False, classifier_bias: bool = True) -> None:
+        super().__init__()
+        self.q = nn.Linear(dim, dim, bias=attention_bias)
+        self.k = nn.Linear(dim, dim, bias=attention_bias)
+        self.v = nn.Linear(dim, dim, bias=attention_bias)
+        self.classifier = nn.Linear(dim, num_classes, bias=classifier_bias)
+        self.scale = dim**-0.5
+
+    def forward(
+        self, views: torch.Tensor, database: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A, F) views over (B, T, F) or shared (T, F) entries -> (logits (B, A, C), attention (B, A, T))."""
+        q, k, v = self.q(views), self.k(database), self.v(database)
+        eq_scores, eq_out = ("baf,btf->bat", "bat,btf->baf") if database.ndim == 3 else ("baf,tf->bat", "bat,tf->baf")
+        scores = torch.einsum(eq_scores, q, k) * self.scale  # (B, A, F) x (B, T, F) -> (B, A, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], _masked_value(scores.dtype))
+        attention = scores.softmax(dim=-1)  # padded entries: exactly 0
+        attended = torch.einsum(eq_out, attention, v)  # (B, A, T) x (B, T, F) -> (B, A, F)
+        return self.classifier(attended), attention
+
+
+# ---------------------------------------------------------------------------- the method
+@register_method("dmcac")
+class DMCAC(RetrievalMethod):
+    """DMCAC (Trivedy & Latecki): JS-divergence matching of views over a training database + CAC.
+
+    Args:
+        num_views: A, views per query; view 0 is the un-augmented training crop.
+        randaugment_ops: RandAugment operations per view.
+        randaugment_magnitude: RandAugment magnitude.
+        retrieval: ``approximate`` (union of the views' k nearest database entries) or
+            ``full`` (every database entry).
+        k: neighbours retrieved per view (approximate retrieval).
+        temperature: softmax temperature of ``P'`` (1 in the paper).
+        beta_frob: weight of ``L_frob``; 0 removes the term.
+        beta_ce: weight of ``L_ce`` (and its classifier); 0 removes it.
+        beta_cac: weight of ``L_cac`` (and its attention and classifier); 0 removes it.
+        view_reduction: ``sum`` (the paper: CE terms summed over the views) or ``mean``; the
+            batch is always averaged.
+        database: ``split`` (the paper: a stratified query/database split of the training
+            images, disjoint) or ``all`` (every training image is in the database, as in the
+            public code; a query never retrieves itself, by dataset index).
+        database_fraction: share of each class's training images in the database (``split``).
+        split_seed: seed of the query/database split.
+        refresh_every: re-embed the database every this many epochs (0: only before training).
+        search_backend: top-k search: ``faiss`` (IndexFlatIP, on GPU when faiss has GPUs and
+            the model is on CUDA), ``torch`` (chunked exact matmul on the model's device), or
+            ``auto`` (faiss if installed).
+        sampler: training batches of the query set: ``shuffle`` (plain random batches of
+            ``classes_per_batch * samples_per_class``) or ``balanced`` (n classes x m images).
+        classifier_bias: bias in the two linear classifiers (the equations write none).
+        attention_bias: bias in ``W_q, W_k, W_v``.
+        **kwargs: everything :class:`RetrievalMethod` takes.
+    """
+
+    description = "DMCAC: JS divergence of views over a training database + cross-attention classification"
+
+    def __init__(
+        self,
+        num_views: int = 6,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        retrieval: Retrieval = "approximate",
+        k: int = 12,
+        temperature: float = 1.0,
+        beta_frob: float = 1.0,
+        beta_ce: float = 1.0,
+        beta_cac: float = 1.0,
+        view_reduction: Literal["sum", "mean"] = "sum",
+        database: DatabaseMode = "split",
+        database_fraction: float = 0.2,
+        split_seed: int = 0,
+        refresh_every: int = 15,
+        search_backend: SearchBackend = "auto",
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
+        classifier_bias: bool = True,
+        attention_bias: bool = False,
+        backbone: BackboneConfig | None = None,
+        lr: float = 3e-5,
+        weight_decay: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone=backbone or BackboneConfig("vit_small"), lr=lr, weight_decay=weight_decay, **kwargs)
+        if num_views < 1 or k < 1 or temperature <= 0 or refresh_every < 0:
+            raise ValueError(
+                f"Need num_views >= 1, k >= 1, temperature > 0 and refresh_every >= 0; got num_views={num_views}, "
+                f"k={k}, temperature={temperature}, refresh_every={refresh_every}."
+            )
+        if min(beta_frob, beta_ce, beta_cac) < 0 or max(beta_frob, beta_ce, beta_cac) == 0:
+            raise ValueError("The loss weights beta_frob, beta_ce, beta_cac must be >= 0 and not all 0.")
+        if not 0.0 < database_fraction < 1.0:
+            raise ValueError(f"database_fraction must be in (0, 1), got {database_fraction}.")
+        for name, value, choices in (
+            ("retrieval", retrieval, ("approximate", "full")),
+            ("database", database, ("split", "all")),
+            ("search_backend", search_backend, ("auto", "faiss", "torch")),
+            ("sampler", sampler, ("shuffle", "balanced")),
+            ("view_reduction", view_reduction, ("sum", "mean")),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+        self.num_views, self.randaugment_ops, self.randaugment_magnitude = num_views, randaugment_ops, randaugment_magnitude
+        self.retrieval, self.k, self.temperature = retrieval, k, temperature
+        self.beta_frob, self.beta_ce, self.beta_cac = beta_frob, beta_ce, beta_cac
+        self.view_reduction, self.database_mode = view_reduction, database
+        self.database_fraction, self.split_seed, self.refresh_every = database_fraction, split_seed, refresh_every
+        self.search_backend, self.sampler = search_backend, sampler
+        dim = self.embedding_dim
+        # Heads exist only for terms that are used, so that every parameter gets a gradient (DDP).
+        self.classifier = nn.Linear(dim, self.require_classes(), bias=classifier_bias) if beta_ce > 0 else None
+        self.cac = (
+            CrossAttentionClassifier(dim, self.require_classes(), attention_bias, classifier_bias) if beta_cac > 0 else None
+        )
+        # Database state: derived from the data and the encoder, rebuilt on demand, never saved.
+        self.query_indices: np.ndarray | None = None  # training-split positions of the query set
+        self.database_indices: np.ndarray | None = None  # training-split positions of the database
+        self.database_embeddings: torch.Tensor | None = None  # (N, F) Z_D, no gradient
+        self._database_ids: torch.Tensor | None = None  # (N,) training-split index of each row
+        self._database_epoch = -1  # epoch at which the database was last embedded
+        self._faiss_index: Any = None
+        self._warned_small_database = False
+        self.refresh_seconds_total = 0.0
+        self.refresh_count = 0
+
+    # ------------------------------------------------------------------ data
+    def _datamodule(self) -> Any:
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def split_training_set(self, labels: np.ndarray) -> None:
+        """Choose the query set and the database from the training labels (deterministic)."""
+        n = len(labels)
+        if self.database_mode == "all":
+            self.query_indices = self.database_indices = np.arange(n, dtype=np.int64)
+        else:
+            self.query_indices, self.database_indices = stratified_split(labels, self.database_fraction, self.split_seed)
+        if len(self.database_indices) == 0:
+            raise ValueError(
+                "DMCAC: the training database is empty: no training class has two images, so none can be in "
+                "both the query set and the database. Use database='all' or a dataset with >= 2 images per class."
+            )
+
+    def setup(self, stage: str) -> None:
+        dm = self._datamodule()
+        if stage == "fit" and dm is not None and hasattr(dm, "train_records"):
+            self.split_training_set(dm.train_records.labels)
+            batch = getattr(dm, "classes_per_batch", 0) * getattr(dm, "samples_per_class", 0)
+            if self.sampler == "shuffle" and 0 < len(self.query_indices) < batch:
+                raise ValueError(
+                    f"DMCAC: the query set has {len(self.query_indices)} images, fewer than one batch of {batch} "
+                    "(classes_per_batch * samples_per_class); lower the batch size."
+                )
+        super().setup(stage)
+
+    def data_request(self) -> DataRequest:
+        views = ViewRequest(
+            num_views=self.num_views,
+            augment="randaugment",
+            randaugment_ops=self.randaugment_ops,
+            randaugment_magnitude=self.randaugment_magnitude,
+            keep_original=True,
+        )
+        return DataRequest(
+            normalization=self.encoder.normalization, views=views, train_indices=self.query_indices, sampler=self.sampler
+        )
+
+    # ------------------------------------------------------------------ database
+    def set_database(self, embeddings: torch.Tensor, train_indices: np.ndarray | torch.Tensor) -> None:
+        """Install ``Z_D``: (N, F) L2-normalised embeddings and the training-split index of each row."""
+        ids = torch.as_tensor(np.asarray(train_indices), dtype=torch.long, device=self.device)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(ids) or len(ids) == 0:
+            raise ValueError(
+                f"set_database needs (N, F) embeddings with N = len(train_indices) > 0; got {tuple(embeddings.shape)} "
+                f"and {len(ids)} indices."
+            )
+        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        self.database_embeddings = embeddings.detach().to(self.device, dtype).contiguous()
+        self._database_ids = ids
+        self._database_epoch = self.current_epoch
+        self._faiss_index = self._build_faiss_index(self.database_embeddings) if self._use_faiss() else None
+
+    def _use_faiss(self) -> bool:
+        if self.retrieval == "full" or self.search_backend == "torch":
+            return False
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            if self.search_backend == "faiss":
+                raise ImportError("search_backend='faiss' needs faiss (pip install faiss-cpu); or use 'torch'.") from None
+            return False
+        return True
+
+    def _build_faiss_index(self, embeddings: torch.Tensor) -> Any:
+        import faiss
+
+        index = faiss.IndexFlatIP(embeddings.shape[1])
+        if embeddings.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self._faiss_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._faiss_resources, embeddings.device.index or 0, index)
+        index.add(np.ascontiguousarray(embeddings.float().cpu().numpy()))
+        return index
+
+    @torch.no_grad()
+    def refresh_database(self) -> torch.Tensor:
+        """Re-embed the database images (un-augmented, no gradient) with the current encoder.
+
+        Under DDP every rank embeds its shard and the rows are gathered (``embed_loader``), so
+        the database is computed once across ranks. Logs ``time/database_s`` (this refresh)
+        and ``time/database_total_s`` (all refreshes so far) and prints a one-line summary.
+        """
+        dm = self._datamodule()
+        if dm is None or not hasattr(dm, "eval_dataloader"):
+            raise RuntimeError(
+                "DMCAC.refresh_database needs a trainer with a RetrievalDataModule; "
+                "without one, call set_database(embeddings, train_indices) yourself."
+            )
+        if self.database_indices is None:
+            self.split_training_set(dm.train_records.labels)
+        start = time.perf_counter()
+        records = dm.train_records.subset(self.database_indices)  # keeps order: row i = database_indices[i]
+        embeddings = self.embed_loader(dm.eval_dataloader(records), desc="database")  # (N, F)
+        self.set_database(embeddings, self.database_indices)
+        elapsed = time.perf_counter() - start
+        self.refresh_seconds_total += elapsed
+        self.refresh_count += 1
+        if self._trainer is not None:
+            self.log("time/database_total_s", self.refresh_seconds_total, rank_zero_only=True)
+        rank_zero_info(
+            f"[dmcac] database refresh {self.refresh_count} (epoch {self.current_epoch}): {len(records)} images "
+            f"embedded in {elapsed:.1f}s ({self.refresh_seconds_total:.1f}s in all refreshes)"
+        )
+        return self.database_embeddings
+
+    def on_train_epoch_start(self) -> None:
+        """Embed the database before the first epoch, then every ``refresh_every`` epochs."""
+        epoch = self.current_epoch
+        due = self.refresh_every > 0 and epoch % self.refresh_every == 0 and self._database_epoch != epoch
+        if self.database_embeddings is None or due:
+            self.refresh_database()
+
+    # ------------------------------------------------------------------ retrieval
+    def _effective_k(self, exclude_self: bool) -> int:
+        n = self.database_embeddings.shape[0] - int(exclude_self)
+        if n < 1:
+            raise ValueError("DMCAC: the database holds only the query itself; it needs at least one other image.")
+        if n < self.k and not self._warned_small_database:
+            rank_zero_warn(f"DMCAC: the database has {n} usable entries, fewer than k={self.k}; retrieving {n} per view.")
+            self._warned_small_database = True
+        return min(self.k, n)
+
+    @torch.no_grad()
+    def retrieve(self, views: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+        """(B, A, F) view embeddings -> (B, A, k) database positions of each view's neighbours.
+
+        With ``database='all'`` the query's own image (same training-split index) is excluded.
+        """
+        b, a, f = views.shape
+        exclude_self = self.database_mode == "all"
+        k = self._effective_k(exclude_self)
+        search_k = min(k + int(exclude_self), self.database_embeddings.shape[0])
+        flat = views.reshape(b * a, f).to(self.database_embeddings.dtype)  # (B * A, F)
+        if self._faiss_index is not None:
+            _, found = self._faiss_index.search(np.ascontiguousarray(flat.float().cpu().numpy()), search_k)
+            neighbours = torch.from_numpy(found).to(views.device)  # (B * A, search_k)
+        else:
+            neighbours = topk_search(flat, self.database_embeddings, search_k)
+        if exclude_self:
+            neighbours = _drop_self(neighbours, self._database_ids, query_ids.repeat_interleave(a), k)
+        return neighbours.reshape(b, a, k)
+
+    # ------------------------------------------------------------------ loss
+    def _reduce_views(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of (B, A, C) logits, summed (or averaged) over views, averaged over the batch."""
+        b, a, _ = logits.shape
+        ce = F.cross_entropy(logits.reshape(b * a, -1).to(torch.promote_types(logits.dtype, torch.float32)), labels.repeat_interleave(a))
+        return ce * a if self.view_reduction == "sum" else ce
+
+    def loss_terms(self, views: torch.Tensor, labels: torch.Tensor, query_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The DMCAC loss of (B, A, F) L2-normalised view embeddings against the current database.
+
+        ``labels`` (B,) are class ids; ``query_ids`` (B,) training-split indices (used to keep a
+        query out of its own neighbours when the database contains the query set).
+        """
+        if self.database_embeddings is None:
+            raise RuntimeError(
+                "DMCAC: no database embeddings yet. In a Trainer they are computed at the start of training; "
+                "by hand call refresh_database() or set_database(embeddings, train_indices)."
+            )
+        b, a, _ = views.shape
+        js_dtype = torch.promote_types(views.dtype, torch.float32)  # fp32 (fp64 in tests) for the JS term
+        database = self.database_embeddings.to(views.device, js_dtype)
+        if self.retrieval == "full":
+            keys, mask = database, None  # (N, F) shared by every query
+            if self.database_mode == "all":  # a query never sees itself
+                mask = self._database_ids[None, :] != query_ids[:, None]  # (B, N)
+            union_size = mask.sum(dim=1).float().mean() if mask is not None else views.new_tensor(database.shape[0])
+        else:
+            neighbours = self.retrieve(views.detach(), query_ids)  # (B, A, k)
+            indices, mask = union_of_neighbours(neighbours, database.shape[0])  # (B, T), (B, T)
+            keys = database[indices]  # (B, T, F) Z_S, constants
+            union_size = mask.sum(dim=1).float().mean()
+        terms: dict[str, torch.Tensor] = {}
+        total = views.new_zeros((), dtype=js_dtype)
+        with torch.autocast(views.device.type, enabled=False):  # tiny JS values need fp32
+            if self.beta_frob > 0:
+                log_p = similarity_log_probs(views.to(js_dtype), keys, mask, self.temperature)  # (B, A, T)
+                terms["frob"] = frobenius_lower(js_divergence_matrix(log_p)).mean()
+                total = total + self.beta_frob * terms["frob"]
+        if self.classifier is not None:
+            terms["ce"] = self._reduce_views(self.classifier(views), labels)
+            total = total + self.beta_ce * terms["ce"]
+        if self.cac is not None:
+            logits, _ = self.cac(views, keys.to(views.dtype), mask)  # (B, A, C)
+            terms["cac"] = self._reduce_views(logits, labels)
+            total = total + self.beta_cac * terms["cac"]
+        terms["union_size"] = union_size.detach()
+        return {"loss": total, **terms}
+
+    def embed_views(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, A, C, H, W) views -> (B, A, F) L2-normalised embeddings (all views in one pass)."""
+        b, a = images.shape[:2]
+        pooled = self.encode(images.flatten(0, 1)).pooled  # (B * A, C)
+        return F.normalize(self.project(pooled), dim=-1).reshape(b, a, -1)
+
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        if images.ndim == 4:  # a single view per query
+            images = images[:, None]
+        if images.ndim != 5:
+            raise ValueError(
+                f"DMCAC expects (B, A, C, H, W) views, got {tuple(images.shape)}; train through a RetrievalDataModule "
+                "so that the method's data_request() (views, query subset) is applied."
+            )
+        return self.loss_terms(self.embed_views(images), batch["label"], batch["index"])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "retrieval": self.retrieval,
+            "num_views": self.num_views,
+            "k": self.k,
+            "database": self.database_mode,
+            "database_fraction": self.database_fraction,
+        }

@@ -1,0 +1,690 @@
+"""Intra-Batch MPN: message passing over the whole mini-batch (Seidenschwarz et al., ICML 2021).
+
+"Learning Intra-Batch Connections for Deep Metric Learning". Every training batch (n classes
+x m samples) is a fully connected graph whose nodes are the L2-normalised embeddings. A
+message passing network (MPN) of ``L`` steps refines them: each step is multi-head
+dot-product attention over all nodes of the batch (Eq. 1-4), residual + LayerNorm (Eq. 5), a
+two-layer feed-forward block, residual + LayerNorm (Eq. 6). Two classifiers, both trained
+with label-smoothing cross-entropy on temperature-scaled logits:
+
+* on the backbone embedding (the *auxiliary* loss; the unnormalised 512-d vector), and
+* on the MPN output (BatchNorm -> bias-free Linear).
+
+Retrieval uses the backbone embeddings (the paper's main tables). :meth:`IntraBatchMPN.refine`
+additionally runs the trained MPN at test time on a *reciprocal k-NN batch* built around every
+evaluated sample (Supp. C.3, :func:`reciprocal_knn_batches`) and keeps the sample's own output;
+the evaluation callback reports it as ``test/refined/...``.
+
+The batch construction works from a top-k neighbour graph (:func:`knn_graph`: chunked matrix
+products, no N x N matrix and no full sort), is vectorised over all samples, and the MPN runs
+on thousands of batches at once, so it reaches Stanford Online Products (60,502 test images)
+on a CPU (``python -m benchmark perf reciprocal``). See docs/methods/intra_batch.md for the
+equations, the recipes and the choices made where the paper is silent.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.backbones import BACKBONES, BackboneConfig, Pool
+from benchmark.registry import register_method
+from methods.base import OptimizerName, RetrievalMethod, SchedulerName
+
+ClassifierInput = Literal["last", "concat"]
+RefineStages = Literal["test", "val_and_test", "never"]
+
+# Memory for one (chunk, M) block of squared distances in knn_graph, and for the gathered
+# batches of the refined forward pass.
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+# A tolerance on the reciprocal-overlap test so that alpha = 2/3 behaves as the exact fraction.
+_OVERLAP_TOLERANCE = 1e-9
+
+
+# ============================================================================ message passing
+class MessagePassingLayer(nn.Module):
+    """One message-passing step over fully connected batches (paper Eq. 1-6, post-LN).
+
+    ``h' = LN(h + drop(W_o cat_m(sum_j a^m_ij W^m_v h_j)))``, ``a^m_i = softmax_j(q^m_i . k^m_j /
+    sqrt(d/M))`` with ``q^m_i = W^m_q h_i``, ``k^m_j = W^m_k h_j``; then
+    ``out = LN(h' + drop(FF(h')))`` with ``FF = Linear -> ReLU -> Linear``.
+
+    Args:
+        dim: node feature size ``d`` (divisible by ``heads``).
+        heads: attention heads ``M``; each works on ``d / M`` dimensions.
+        ff_dim: hidden size of the feed-forward block.
+        dropout: dropout on the attention and feed-forward outputs (before each residual).
+        null_logit: add an implicit zero logit to every softmax, ``exp(s_ij) / (1 + sum_j
+            exp(s_ij))`` (the public code's attention); ``False`` is the paper's plain softmax.
+    """
+
+    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float = 0.1, null_logit: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(
+                f"The MPN's feature size {dim} is not divisible by mpn_heads={heads}; "
+                "choose a number of heads that divides embedding_dim."
+            )
+        self.dim, self.heads, self.head_dim, self.null_logit = dim, heads, dim // heads, null_logit
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(inplace=True), nn.Linear(ff_dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, num_receivers: int | None = None) -> torch.Tensor:
+        """Update the nodes of every batch.
+
+        Args:
+            h: (..., B, d) node features; the last two dims are one fully connected batch.
+            num_receivers: update only the first R nodes (they still attend over all B);
+                ``None`` updates all. The refined forward pass only needs node 0.
+
+        Returns:
+            (..., R, d) updated features of the first R nodes.
+        """
+        receivers = h if num_receivers is None else h[..., :num_receivers, :]
+        return self.update(receivers, self.q(receivers), self.k(h), self.v(h))
+
+    def update(self, receivers: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Eq. 2-6 from projected features: receivers/q (..., R, d), k/v (..., B, d) -> (..., R, d)."""
+        messages = self.attend(q, k, v)  # (..., R, d)
+        x = self.norm1(receivers + self.dropout(self.out(messages)))  # Eq. 5
+        return self.norm2(x + self.dropout(self.ff(x)))  # Eq. 6
+
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(..., R, d), (..., B, d) -> (..., M, R, B) attention weights alpha (Eq. 3 + softmax)."""
+        qh = q.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)  # (..., M, R, d/M)
+        kh = k.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)  # (..., M, B, d/M)
+        scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.head_dim)  # (..., M, R, d/M) @ (..., M, d/M, B)
+        if not self.null_logit:
+            return scores.softmax(dim=-1)
+        zero = scores.new_zeros(scores.shape[:-1] + (1,))
+        return torch.cat([scores, zero], dim=-1).softmax(dim=-1)[..., :-1]  # drop the null column
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Multi-head messages (Eq. 4): cat over heads of sum_j alpha_ij W_v h_j -> (..., R, d)."""
+        attn = self.attention_weights(q, k)  # (..., M, R, B)
+        vh = v.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)  # (..., M, B, d/M)
+        return (attn @ vh).transpose(-3, -2).flatten(-2)  # (..., M, R, d/M) -> (..., R, d)
+
+
+class MessagePassingNetwork(nn.Module):
+    """An optional input Linear, then ``L`` :class:`MessagePassingLayer` steps.
+
+    :meth:`forward` refines training batches (every node, every layer); :meth:`forward_batches`
+    refines node 0 of many index batches into a shared node table (test time).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 1,
+        heads: int = 2,
+        ff_dim: int | None = None,
+        dropout: float = 0.1,
+        null_logit: bool = False,
+        input_projection: bool = True,
+    ) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"mpn_layers must be at least 1; got {layers}.")
+        self.dim = dim
+        self.input = nn.Linear(dim, dim) if input_projection else nn.Identity()
+        self.layers = nn.ModuleList(
+            MessagePassingLayer(dim, heads, ff_dim or 4 * dim, dropout, null_logit) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(..., B, d) node features -> the (..., B, d) output of every layer."""
+        h = self.input(x)
+        outputs = []
+        for layer in self.layers:
+            h = layer(h)
+            outputs.append(h)
+        return outputs
+
+    def forward_batches(
+        self, nodes: torch.Tensor, batches: torch.Tensor, chunk_size: int | None = None
+    ) -> list[torch.Tensor]:
+        """Refine node 0 of each index batch: the output of every layer for that node.
+
+        Node-wise work (the input Linear and the first layer's q/k/v projections) is done once
+        per node, then gathered; later layers run on the gathered batches, and the last one only
+        updates node 0. Equal to ``forward(nodes[batches])`` restricted to node 0.
+
+        Args:
+            nodes: (N, d) node features shared by all batches.
+            batches: (G, B) indices into ``nodes``; column 0 is the node being refined.
+            chunk_size: batches per step (default: about 256 MiB of gathered features).
+
+        Returns:
+            ``L`` tensors of shape (G, d).
+        """
+        if batches.ndim != 2 or batches.shape[1] < 1:
+            raise ValueError(f"batches must be a (G, B) index tensor; got shape {tuple(batches.shape)}.")
+        g, b = batches.shape
+        chunk = chunk_size or max(1, DEFAULT_MEMORY_BUDGET // (4 * 4 * b * self.dim))
+        first, rest = self.layers[0], self.layers[1:]
+        h0 = self.input(nodes)  # (N, d)
+        q0, k0, v0 = first.q(h0), first.k(h0), first.v(h0)  # (N, d) each
+        outputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        for start in range(0, g, chunk):
+            idx = batches[start : start + chunk]  # (c, B)
+            recv = idx if rest else idx[:, :1]  # every node feeds the next layer; else node 0 only
+            h = first.update(h0[recv], q0[recv], k0[idx], v0[idx])  # (c, R, d)
+            outputs[0].append(h[:, 0])
+            for i, layer in enumerate(rest, start=1):
+                h = layer(h, num_receivers=None if i < len(self.layers) - 1 else 1)
+                outputs[i].append(h[:, 0])
+        return [torch.cat(o) if o else nodes.new_zeros(0, self.dim) for o in outputs]
+
+
+# ============================================================================ k-NN graph
+def _check_embeddings(embeddings: torch.Tensor, database: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D); got shape {tuple(embeddings.shape)}.")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or infinite values; the neighbour graph needs finite features.")
+    database = torch.as_tensor(database, dtype=torch.bool, device=embeddings.device).flatten()
+    if database.numel() != len(embeddings):
+        raise ValueError(f"The database mask has {database.numel()} entries for {len(embeddings)} embeddings.")
+    return embeddings.float(), database
+
+
+def knn_graph(
+    embeddings: torch.Tensor,
+    database: torch.Tensor,
+    k: int,
+    chunk_size: int | None = None,
+    margin: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-first k-nearest-neighbour lists into a database, by squared Euclidean distance.
+
+    Row i is ``[i, n_1, ..., n_k]``: the sample itself, then its k nearest *other* database
+    samples ordered by (distance, index); a sample outside the database still comes first in
+    its own list. Exact (ties broken by the lower index) without an N x N matrix and without
+    sorting rows: one matrix product per chunk of rows gives ``||b||^2 - 2 a.b`` (the
+    distance up to the row's constant ``||a||^2``); the columns are grouped into strided
+    blocks and super-blocks, and the ``k + margin``-th smallest super-block minimum is a
+    threshold that at least ``k + margin`` columns reach. Only blocks whose minimum reaches
+    it are read again, and their columns at or below it are sorted by (distance, index).
+
+    Args:
+        embeddings: (N, D) features (any norm).
+        database: (N,) bool, the samples that can be neighbours (at least ``k + 1``).
+        k: neighbours per sample besides itself.
+        chunk_size: rows per product (default: about 256 MiB of distances per chunk).
+        margin: extra super-blocks behind the threshold (more: fewer candidates per row
+            when neighbours cluster in index order; a tuning knob, never affects results).
+
+    Returns:
+        ``(indices, distances)``, (N, k + 1) int64 and float32; column 0 is the sample itself
+        at distance 0.
+    """
+    return _knn_graph(*_check_embeddings(embeddings, database), k, chunk_size, margin)
+
+
+def _knn_graph(
+    emb: torch.Tensor, database: torch.Tensor, k: int, chunk_size: int | None = None, margin: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn_graph` on checked float32 embeddings and a bool database mask."""
+    (n, dim), device = emb.shape, emb.device
+    db = database.nonzero().flatten()  # (M,) ascending sample index
+    m = db.numel()
+    if k < 1 or k > m - 1:
+        raise ValueError(f"k={k} neighbours need 1 <= k <= (database size - 1) = {m - 1}.")
+    column = torch.full((n,), -1, dtype=torch.long, device=device)
+    column[db] = torch.arange(m, device=device)  # database column of each sample, -1 outside
+    sq = emb.pow(2).sum(1)  # (N,)
+    # Columns per super-block: a power of two <= 256 that leaves >= 4 (k + margin) super-blocks.
+    kp = k + margin
+    group = 1
+    while group < 256 and m // (2 * group) >= 4 * kp:
+        group *= 2
+    bs = min(16, group)  # columns per block
+    nsuper = -(-m // group)
+    mp, nb = nsuper * group, nsuper * group // bs
+    kp = min(kp, nsuper)
+    db_aug = emb.new_zeros(mp, dim + 1)  # [-2 b, ||b||^2] so that [a, 1] . it = ||b||^2 - 2 a.b
+    db_aug[:m, :dim] = emb[db] * -2
+    db_aug[:m, dim] = sq[db]
+    emb_aug = torch.cat([emb, emb.new_ones(n, 1)], 1)  # (N, D+1)
+    chunk = int(chunk_size) if chunk_size else max(1, min(8192, DEFAULT_MEMORY_BUDGET // (4 * mp)))
+    buffer = torch.empty(min(chunk, n), mp, device=device)  # (c, Mp) reused for every chunk
+    strides = torch.arange(bs, device=device) * nb  # column t * nb + j belongs to block j
+    indices = torch.empty(n, k + 1, dtype=torch.long, device=device)
+    distances = torch.empty(n, k + 1, device=device)
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=device)
+        c = rows.numel()
+        d = buffer[:c]
+        torch.mm(emb_aug[rows], db_aug.T, out=d)  # (c, D+1) @ (D+1, Mp)
+        d[:, m:] = float("inf")  # padding
+        own = column[rows]
+        inside = (own >= 0).nonzero().flatten()
+        d[inside, own[inside]] = float("inf")  # a sample is not its own neighbour
+        block_min = d.view(c, bs, nb).amin(1)  # (c, nb): block j = columns j, j + nb, ...
+        super_min = block_min.view(c, group // bs, nsuper).amin(1)  # (c, nsuper): blocks j, j + nsuper, ...
+        threshold = super_min.topk(kp, dim=1, largest=False).values[:, -1:]  # (c, 1): >= kp columns reach it
+        # Blocks holding a column <= threshold (every such column is in one), padded per row.
+        r, blk = (block_min <= threshold).nonzero(as_tuple=True)  # row-major
+        counts = torch.bincount(r, minlength=c)
+        slot = torch.arange(r.numel(), device=device) - (counts.cumsum(0) - counts)[r]
+        blocks = torch.full((c, int(counts.max())), nb, dtype=torch.long, device=device)  # nb = padding
+        blocks[r, slot] = blk
+        pad = (blocks == nb)[:, :, None].expand(-1, -1, bs).flatten(1)  # (c, W * bs)
+        cols = (blocks[:, :, None] + strides).flatten(1).masked_fill_(pad, 0)  # (c, W * bs)
+        # Exact (value, column) order: order-preserving int32 of the float, then the column.
+        key = (_ordered_bits(d.gather(1, cols)) << 32) | cols
+        key.masked_fill_(pad, torch.iinfo(torch.int64).max)  # there are >= kp > k real candidates
+        key = key.topk(k, dim=1, largest=False).values  # (c, k) ascending
+        cols = key & 0xFFFFFFFF
+        indices[rows, 1:] = db[cols]
+        distances[rows, 1:] = d.gather(1, cols) + sq[rows, None]
+    indices[:, 0] = torch.arange(n, device=device)
+    distances[:, 0] = 0.0
+    return indices, distances
+
+
+def _ordered_bits(values: torch.Tensor) -> torch.Tensor:
+    """int64 in [-2^31, 2^31) with the order of the float32 ``values`` (-0.0 folded onto +0.0)."""
+    bits = (values.float() + 0.0).view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+
+
+def _edge_keys(nbr: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted keys ``j * N + n`` of the edges j -> n of the lists ``N_k(j)`` (for membership)."""
+    n = len(nbr)
+    return (torch.arange(n, device=nbr.device)[:, None] * n + nbr[:, : k + 1]).flatten().sort().values
+
+
+def _has_edge(keys: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """Whether ``dst`` is in the list of ``src`` (any shape), by binary search in ``keys``."""
+    key = src * n + dst
+    pos = torch.searchsorted(keys, key.flatten()).clamp_(max=len(keys) - 1).view_as(key)
+    return keys[pos] == key
+
+
+def _row_lookup(values: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise membership: is ``values[r, w]`` in ``table[r]`` (distinct entries), and where.
+
+    Returns ``(found (c, W) bool, position (c, W) long)``: the column of ``table`` holding
+    the value (meaningful where found).
+    """
+    sorted_table, perm = table.sort(dim=1)  # (c, L)
+    pos = torch.searchsorted(sorted_table, values).clamp_(max=table.shape[1] - 1)  # (c, W)
+    found = sorted_table.gather(1, pos) == values
+    return found, perm.gather(1, pos)
+
+
+def _reciprocal_mask(
+    nbr: torch.Tensor, dist: torch.Tensor, keys: torch.Tensor, outside: torch.Tensor, k: int, rows: torch.Tensor
+) -> torch.Tensor:
+    """(c, k + 1) bool: is row sample x among the k nearest of its p-th neighbour j?
+
+    For a database sample x this is list membership (``keys`` from :func:`_edge_keys`). A
+    sample outside the database attaches to the fixed database lists: it counts as a
+    neighbour of j when it would rank before j's k-th neighbour, by (distance, index).
+    Position 0 (x itself) is always reciprocal.
+    """
+    cand = nbr[rows, : k + 1]  # (c, k+1) neighbours j of each x
+    member = _has_edge(keys, cand, rows[:, None].expand_as(cand), len(nbr))  # x in N_k(j)
+    d_xj = dist[rows, : k + 1]  # (c, k+1) distance x -> j (= j -> x)
+    d_kth, n_kth = dist[cand, k], nbr[cand, k]  # (c, k+1) j's k-th neighbour
+    beats = (d_xj < d_kth) | ((d_xj == d_kth) & (rows[:, None] < n_kth))
+    mask = torch.where(outside[rows, None], beats, member)
+    mask[:, 0] = True
+    return mask
+
+
+def reciprocal_knn_batches(
+    embeddings: torch.Tensor,
+    database: torch.Tensor | None = None,
+    k1: int = 30,
+    batch_size: int = 7,
+    alpha: float = 2 / 3,
+    strict_overlap: bool = False,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """A reciprocal k-NN batch around every sample (paper Supp. C.3), all samples at once.
+
+    For a sample x, with ``N_k(j)`` = j followed by its k nearest database samples
+    (:func:`knn_graph`) and ``k2 = round(k1 / 2)``:
+
+    1. ``R(x) = {j in N_k1(x) : x in N_k1(j)}`` (x included);
+    2. for every ``c in R(x)``: ``R2(c) = {j in N_k2(c) : c in N_k2(j)}``; if
+       ``|R2(c) & R(x)| >= alpha |R2(c)|`` (``>`` with ``strict_overlap``), add ``R2(c)``;
+    3. the union, ordered by distance to x (x first, ties by index), truncated to
+       ``batch_size``; if it is smaller, x's nearest samples not yet in it fill it up.
+
+    Samples outside the database (In-Shop queries) build their batch from database samples:
+    their neighbours are database samples, and they join a database sample's list when they
+    would rank before its k-th neighbour (they never displace anything, so database lists do
+    not depend on the query). Everything is vectorised over chunks of samples.
+
+    Args:
+        embeddings: (N, D) features (L2-normalised at test time).
+        database: (N,) bool, the samples batches draw from (the gallery); default all.
+        k1: reciprocal neighbourhood size (clamped to database size - 1).
+        batch_size: samples per batch (clamped to the database size).
+        alpha: expansion overlap fraction.
+        strict_overlap: ``>`` instead of the paper's ``>=`` in the overlap test.
+        chunk_size: samples processed together in the expansion step.
+
+    Returns:
+        (N, batch_size) int64 sample indices; column 0 is the sample itself.
+    """
+    if database is None:
+        database = torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    emb, database = _check_embeddings(embeddings, database)
+    n, device = len(emb), emb.device
+    m = int(database.sum())
+    if m < 2:
+        raise ValueError(f"Reciprocal k-NN batches need at least 2 database (gallery) samples; got {m}.")
+    if k1 < 1 or batch_size < 1 or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"Need k1 >= 1, batch_size >= 1 and 0 <= alpha <= 1; got {k1}, {batch_size}, {alpha}.")
+    k1 = min(k1, m - 1)
+    batch_size = min(batch_size, m)
+    k2 = min(round(k1 / 2), k1)
+    kk = max(k1, batch_size - 1)  # fill-up candidates come from the same lists
+    nbr, dist = _knn_graph(emb, database, kk)  # (N, kk+1)
+    outside = ~database
+    out = torch.empty(n, batch_size, dtype=torch.long, device=device)
+    # R2 of every sample depends only on the sample (and, outside the database, on itself).
+    all_rows = torch.arange(n, device=device)
+    keys1, keys2 = _edge_keys(nbr, k1), _edge_keys(nbr, k2)
+    mask2 = torch.cat([_reciprocal_mask(nbr, dist, keys2, outside, k2, r) for r in all_rows.split(chunk_size)])
+    for rows in all_rows.split(chunk_size):
+        mask1 = _reciprocal_mask(nbr, dist, keys1, outside, k1, rows)  # (c, k1+1): R(x) over N_k1(x)
+        out[rows] = _batches_for_rows(emb, nbr, dist, outside, mask1, mask2, rows, k1, k2, batch_size, alpha,
+                                      strict_overlap)
+    return out
+
+
+def _batches_for_rows(
+    emb: torch.Tensor,
+    nbr: torch.Tensor,
+    dist: torch.Tensor,
+    outside: torch.Tensor,
+    mask1: torch.Tensor,
+    mask2: torch.Tensor,
+    rows: torch.Tensor,
+    k1: int,
+    k2: int,
+    batch_size: int,
+    alpha: float,
+    strict: bool,
+) -> torch.Tensor:
+    """Steps 2-3 of :func:`reciprocal_knn_batches` for a chunk of samples -> (c, batch_size).
+
+    Ordering the expanded set E by distance to x needs no new distance: x's own list
+    ``N(x)`` is sorted by (distance, index), so E's members in it come first, in list order,
+    and every member outside it is farther than the whole list. Distances are computed only
+    for rows whose list holds fewer than ``batch_size`` members of E.
+    """
+    c, device = rows.numel(), emb.device
+    forward = nbr[rows, : k1 + 1]  # (c, k1+1)
+    # R2(c) of every neighbour c, plus x itself when it joins c's list from outside the database.
+    lists2 = nbr[forward, : k2 + 1]  # (c, k1+1, k2+1)
+    in2 = mask2[forward]  # (c, k1+1, k2+1)
+    pos = torch.arange(k1 + 1, device=device)
+    d_xc = dist[rows, : k1 + 1]  # (c, k1+1)
+    d_kth, n_kth = dist[forward, k2], nbr[forward, k2]  # c's k2-th neighbour
+    x_joins = (pos > 0) & (pos <= k2) & outside[rows, None]  # c among x's first k2 ...
+    x_joins &= (d_xc < d_kth) | ((d_xc == d_kth) & (rows[:, None] < n_kth))  # ... and x before c's k2-th
+    # Eq. 7: |R2(c) & R(x)| >= alpha |R2(c)|; R(x) is the reciprocal part of N_k1(x).
+    found, where = _row_lookup(lists2.flatten(1), forward)  # (c, W), W = (k1+1)(k2+1)
+    in_r = (found & mask1.gather(1, where)).view_as(in2)
+    count = (in2 & in_r).sum(-1) + x_joins  # x is always in R(x)
+    size = in2.sum(-1) + x_joins
+    bound = alpha * size.double()
+    grow = count.double() > bound + _OVERLAP_TOLERANCE if strict else count.double() >= bound - _OVERLAP_TOLERANCE
+    grow &= mask1  # (c, k1+1): c is reciprocal and R2(c) is added
+    grown = torch.where(in2 & grow[..., None], lists2, torch.full_like(lists2, -1)).flatten(1)  # (c, W), -1 = none
+    # Which entries of x's list are in E = R(x) + the grown R2 sets.
+    near = nbr[rows]  # (c, K+1), nearest first
+    kk1 = near.shape[1]
+    found, where = _row_lookup(grown, near)  # (c, W)
+    in_e = torch.zeros(c, kk1, dtype=torch.uint8, device=device).scatter_reduce_(
+        1, where, found.to(torch.uint8), "amax"
+    ).bool()
+    in_e[:, : k1 + 1] |= mask1
+    # E's members in list order, then the fill-up (the rest of the list, in order).
+    order = (~in_e).long() * kk1 + torch.arange(kk1, device=device)  # (c, K+1)
+    out = near.gather(1, order.argsort(dim=1)[:, :batch_size])
+    far = (grown >= 0) & ~found  # (c, W) members of E beyond x's list
+    short = ((in_e.sum(1) < batch_size) & far.any(1)).nonzero().flatten()
+    if short.numel():  # too few members of E in the list, more beyond it: order those by distance
+        out[short] = _batches_beyond_list(emb, rows[short], near[short], in_e[short], grown[short], far[short],
+                                          batch_size)
+    return out
+
+
+def _batches_beyond_list(
+    emb: torch.Tensor,
+    rows: torch.Tensor,
+    near: torch.Tensor,
+    in_e: torch.Tensor,
+    grown: torch.Tensor,
+    far: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Batches of rows whose list holds fewer than ``batch_size`` members of E.
+
+    Order: E's members in the list (list order), E's members beyond it (``far``) by
+    (distance, index), then the list's other entries (list order); the first ``batch_size``.
+    """
+    c, kk1, n, device = rows.numel(), near.shape[1], len(emb), emb.device
+    x_loc, col = far.nonzero(as_tuple=True)
+    pair = (x_loc * n + grown[x_loc, col]).unique()  # sorted by row, then index; no duplicates
+    x_far, s_far = pair // n, pair % n
+    x = rows[x_far]
+    d_far = emb[x].pow(2).sum(1) + emb[s_far].pow(2).sum(1) - 2 * (emb[x] * emb[s_far]).sum(1)
+    # Lexicographic (row, group, list position, distance, index) with group 0 = E in the
+    # list, 1 = E beyond it, 2 = the rest of the list.
+    row_id = torch.cat([torch.arange(c, device=device).repeat_interleave(kk1), x_far])
+    group = torch.cat([torch.where(in_e, 0, 2).flatten(), torch.ones_like(x_far)])
+    position = torch.cat([torch.arange(kk1, device=device).repeat(c), torch.zeros_like(x_far)])
+    distance = torch.cat([torch.zeros(c * kk1, device=device), d_far])
+    sample = torch.cat([near.flatten(), s_far])
+    order = sample.argsort(stable=True)
+    order = order[distance[order].argsort(stable=True)]
+    key = (row_id * 3 + group) * kk1 + position
+    order = order[key[order].argsort(stable=True)]
+    counts = torch.bincount(row_id, minlength=c)  # >= K + 1 >= batch_size per row
+    starts = counts.cumsum(0) - counts
+    return sample[order][starts[:, None] + torch.arange(batch_size, device=device)]
+
+
+# ============================================================================ the method
+@register_method("intra_batch")
+class IntraBatchMPN(RetrievalMethod):
+    """Intra-Batch MPN (Seidenschwarz et al., ICML 2021): attention over the mini-batch graph.
+
+    Args:
+        mpn_layers: L, message-passing steps.
+        mpn_heads: attention heads per step (divide ``embedding_dim``).
+        mpn_ff_dim: hidden size of the feed-forward block (default ``4 * embedding_dim``).
+        mpn_dropout: dropout after attention and feed-forward.
+        mpn_null_logit: the public code's attention softmax with an implicit extra zero logit;
+            ``False`` (default) is the paper's plain softmax.
+        mpn_input_projection: a Linear on the normalised embeddings before the first step
+            (the public code's architecture).
+        mpn_classifier_input: ``last`` layer's output (the paper) or ``concat`` of every
+            layer's output (the public Cars recipe) feeds the MPN classifier; it is also the
+            refined test embedding.
+        temperature: logits of both classifiers are divided by it.
+        label_smoothing: epsilon of both cross-entropies.
+        backbone_loss_weight: weight of the auxiliary (backbone classifier) loss.
+        mpn_loss_weight: weight of the MPN classifier loss (0 = the public SOP config).
+        cnn_pool: global pooling of CNN backbones whose ``backbone.pool`` is unset (the
+            reference uses max pooling); ViTs keep their preset's pooling.
+        refine_stages: when :meth:`refine` works: ``test`` (default: not during validation),
+            ``val_and_test`` or ``never``.
+        refine_k1: k1 of the reciprocal neighbourhoods.
+        refine_batch_size: nodes per reciprocal k-NN batch.
+        refine_alpha: overlap fraction of the expansion step (Eq. 7).
+        refine_strict_overlap: ``>`` instead of the paper's ``>=`` in Eq. 7 (the public code).
+        **kwargs: the base arguments (backbone, embedding_dim, optimiser, schedule, ...).
+    """
+
+    description = "Intra-Batch MPN: attention over the mini-batch graph + CE (Seidenschwarz et al. 2021)"
+
+    def __init__(
+        self,
+        mpn_layers: int = 1,
+        mpn_heads: int = 2,
+        mpn_ff_dim: int | None = None,
+        mpn_dropout: float = 0.1,
+        mpn_null_logit: bool = False,
+        mpn_input_projection: bool = True,
+        mpn_classifier_input: ClassifierInput = "last",
+        temperature: float = 0.2,
+        label_smoothing: float = 0.1,
+        backbone_loss_weight: float = 1.0,
+        mpn_loss_weight: float = 1.0,
+        cnn_pool: Pool | None = "max",
+        refine_stages: RefineStages = "test",
+        refine_k1: int = 30,
+        refine_batch_size: int = 7,
+        refine_alpha: float = 2 / 3,
+        refine_strict_overlap: bool = False,
+        backbone: BackboneConfig | None = None,
+        embedding_dim: int | None = 512,
+        optimizer: OptimizerName = "radam",
+        lr: float = 1.5637e-4,
+        weight_decay: float = 6.06e-6,
+        scheduler: SchedulerName = "multistep",
+        lr_milestones: Sequence[int] | None = (31, 51),
+        **kwargs: Any,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive; got {temperature}.")
+        if backbone_loss_weight < 0 or mpn_loss_weight < 0 or backbone_loss_weight + mpn_loss_weight == 0:
+            raise ValueError(
+                "backbone_loss_weight and mpn_loss_weight must be >= 0 and not both 0; "
+                f"got {backbone_loss_weight} and {mpn_loss_weight}."
+            )
+        if mpn_classifier_input not in ("last", "concat"):
+            raise ValueError(f"mpn_classifier_input must be 'last' or 'concat'; got {mpn_classifier_input!r}.")
+        if refine_stages not in ("test", "val_and_test", "never"):
+            raise ValueError(f"refine_stages must be 'test', 'val_and_test' or 'never'; got {refine_stages!r}.")
+        backbone = backbone or BackboneConfig()
+        preset = BACKBONES.get(backbone.name)
+        if backbone.pool is None and cnn_pool is not None and preset is not None and preset.kind == "cnn":
+            backbone = replace(backbone, pool=cnn_pool)
+        super().__init__(
+            backbone=backbone,
+            embedding_dim=embedding_dim,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            lr_milestones=list(lr_milestones) if lr_milestones is not None else None,
+            **kwargs,
+        )
+        self.temperature, self.label_smoothing = temperature, label_smoothing
+        self.backbone_loss_weight, self.mpn_loss_weight = backbone_loss_weight, mpn_loss_weight
+        self.classifier_input: ClassifierInput = mpn_classifier_input
+        self.refine_stages: RefineStages = refine_stages
+        self.refine_k1, self.refine_batch_size = refine_k1, refine_batch_size
+        self.refine_alpha, self.refine_strict_overlap = refine_alpha, refine_strict_overlap
+        num_classes = self.require_classes()
+        dim = self.embedding_dim
+        self.mpn = MessagePassingNetwork(
+            dim, mpn_layers, mpn_heads, mpn_ff_dim, mpn_dropout, mpn_null_logit, mpn_input_projection
+        )
+        feature_dim = dim * (mpn_layers if mpn_classifier_input == "concat" else 1)
+        self.backbone_classifier = nn.Linear(dim, num_classes)
+        self.mpn_classifier = nn.Sequential(nn.BatchNorm1d(feature_dim), nn.Linear(feature_dim, num_classes, bias=False))
+
+    # ------------------------------------------------------------------ training
+    def mpn_features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The MPN classifier's input from the per-layer outputs: last, or all concatenated."""
+        return torch.cat(outputs, dim=-1) if self.classifier_input == "concat" else outputs[-1]
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float() / self.temperature, labels, label_smoothing=self.label_smoothing)
+
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        if images.ndim != 4:
+            raise ValueError(f"intra_batch trains on (B, C, H, W) images; got shape {tuple(images.shape)}.")
+        emb = self.project(self.encode(images).pooled)  # (B, D) unnormalised
+        terms: dict[str, torch.Tensor] = {}
+        loss = emb.new_zeros(())
+        if self.backbone_loss_weight:
+            terms["backbone_ce"] = self._cross_entropy(self.backbone_classifier(emb), labels)
+            loss = loss + self.backbone_loss_weight * terms["backbone_ce"]
+        if self.mpn_loss_weight:
+            refined = self.mpn_features(self.mpn(F.normalize(emb, dim=-1)))  # the batch is one graph
+            terms["mpn_ce"] = self._cross_entropy(self.mpn_classifier(refined), labels)
+            loss = loss + self.mpn_loss_weight * terms["mpn_ce"]
+        return {"loss": loss, **terms}
+
+    # ------------------------------------------------------------------ test time
+    def _refine_now(self) -> bool:
+        """Whether :meth:`refine` works now: never, always, or (default) outside validation."""
+        if self.refine_stages != "test":
+            return self.refine_stages == "val_and_test"
+        trainer = self._trainer
+        return trainer is None or not (trainer.validating or trainer.sanity_checking)
+
+    @torch.no_grad()
+    def refine_embeddings(
+        self, embeddings: torch.Tensor, is_gallery: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MPN embeddings from reciprocal k-NN batches: (N, D) normalised -> (N, D') normalised.
+
+        Every sample gets a batch drawn from the gallery (:func:`reciprocal_knn_batches`),
+        the MPN refines all batches, and the sample keeps only its own output.
+        """
+        nodes = F.normalize(embeddings.float(), dim=-1)
+        batches = reciprocal_knn_batches(
+            nodes, is_gallery, self.refine_k1, self.refine_batch_size, self.refine_alpha, self.refine_strict_overlap
+        )
+        was_training = self.mpn.training
+        self.mpn.eval()
+        try:
+            with torch.autocast(nodes.device.type, enabled=False):
+                dtype = next(self.mpn.parameters()).dtype  # fp32, or bf16/fp16 under "-true" precision
+                outputs = self.mpn.forward_batches(nodes.to(dtype), batches)
+        finally:
+            self.mpn.train(was_training)
+        return F.normalize(self.mpn_features(outputs).float(), dim=-1)
+
+    def refine(
+        self, embeddings: torch.Tensor, is_query: torch.Tensor, is_gallery: torch.Tensor
+    ) -> dict[str, Any] | None:
+        """``{"": MPN-refined embeddings}`` from reciprocal k-NN batches (Supp. C.3), or ``None``.
+
+        Queries outside the gallery (In-Shop) build their batches from gallery neighbours.
+        """
+        if not self._refine_now():
+            return None
+        if self.mpn_loss_weight == 0:
+            warnings.warn("intra_batch: refining with an MPN that was trained without its loss (mpn_loss_weight=0).",
+                          stacklevel=2)
+        return {"": self.refine_embeddings(embeddings, is_gallery)}
+
+    def describe(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            **super().describe(),
+            "mpn_layers": hp.mpn_layers,
+            "mpn_heads": hp.mpn_heads,
+            "temperature": self.temperature,
+            "mpn_loss_weight": self.mpn_loss_weight,
+            "backbone_loss_weight": self.backbone_loss_weight,
+        }

@@ -1,0 +1,423 @@
+"""Context-Refine CA: the blocks against a float64 reference of Eq. 2-3, the set paths, the
+neighbour search, the embedding cache, the ablations, and a refinement that helps where
+neighbourhoods carry information."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.backbones import BackboneConfig
+from benchmark.evaluation import retrieval_metrics
+from datamodules.cub import CUB200
+from methods.baselines import MultiSimilarity
+from methods.context_refine import (
+    ContextRefine,
+    ContextRefiner,
+    CrossAttentionBlock,
+    EmbeddingCache,
+    embedding_cache_key,
+    knn_search,
+)
+from tests.datamodules.fixtures import make_cub
+
+TINY = BackboneConfig("resnet_tiny_test", pretrained=False)
+
+
+def plain_model(dim: int = 16, **kwargs) -> ContextRefine:
+    """A Context-Refine whose refiner works on ``dim``-d embeddings (backbone unused)."""
+    return ContextRefine(backbone=TINY, embedding_dim=dim, image_size=16, **kwargs)
+
+
+def unit_rows(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- Eq. 2-3 reference
+def _silu(z: torch.Tensor) -> torch.Tensor:
+    return z / (1.0 + torch.exp(-z))
+
+
+def _mlp(x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
+    """Linear -> SiLU -> Linear of one vector, written out."""
+    w1, b1, w2, b2 = (
+        t.detach().double() for t in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    )
+    hidden = torch.stack([_silu(w1[j] @ x + b1[j]) for j in range(w1.shape[0])])
+    return torch.stack([w2[i] @ hidden + b2[i] for i in range(w2.shape[0])])
+
+
+def reference_block(block: CrossAttentionBlock, e: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """e^1 = normalize(e + CA(e, C, C)), one sample and one neighbour at a time, float64."""
+    out = []
+    d = e.shape[1]
+    heads = block.num_heads
+    dh = d // heads
+    for b in range(e.shape[0]):
+        q = e[b] + _mlp(e[b], block.query)  # skip connection around the query projection
+        keys = [_mlp(c, block.key) for c in context[b]]
+        values = [_mlp(c, block.value) for c in context[b]]
+        update = torch.zeros(d, dtype=torch.float64)
+        for h in range(heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            logits = torch.stack([q[sl] @ k[sl] / math.sqrt(dh) for k in keys])
+            weights = torch.exp(logits - logits.max())
+            weights = weights / weights.sum()
+            for w, v in zip(weights, values):
+                update[sl] += w * v[sl]
+        x = e[b] + update
+        out.append(x / torch.sqrt((x * x).sum()))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_one_block_matches_float64_reference(heads: int) -> None:
+    torch.manual_seed(0)
+    refiner = ContextRefiner(dim=6, num_blocks=1, hidden_dim=5, num_heads=heads).double()
+    e, context = unit_rows(3, 6, 1, torch.float64), unit_rows(12, 6, 2, torch.float64).view(3, 4, 6)
+    levels, out = refiner(e, context)
+    expected = reference_block(refiner.blocks[0], e, context)
+    torch.testing.assert_close(levels[0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_chain_and_output_layer_match_reference() -> None:
+    torch.manual_seed(1)
+    refiner = ContextRefiner(dim=6, num_blocks=3, hidden_dim=4, output_dim=3).double()
+    e, context = unit_rows(2, 6, 3, torch.float64), unit_rows(10, 6, 4, torch.float64).view(2, 5, 6)
+    levels, out = refiner(e, context)
+    expected = e
+    for block, level in zip(refiner.blocks, levels):
+        expected = reference_block(block, expected, context)  # the context stays e0 (Eq. 3)
+        torch.testing.assert_close(level, expected, rtol=1e-12, atol=1e-12)
+    w, b = refiner.output.weight.detach(), refiner.output.bias.detach()
+    projected = expected @ w.T + b
+    torch.testing.assert_close(out, projected / projected.norm(dim=1, keepdim=True), rtol=1e-12, atol=1e-12)
+
+
+def test_default_model_has_about_12m_parameters() -> None:
+    # 8 blocks x (Q, K, V) x two 512 x 512 linear layers with bias = 12.6 M; the paper: "12M".
+    refiner = ContextRefiner(dim=512)
+    count = sum(p.numel() for p in refiner.parameters())
+    assert count == 8 * 3 * 2 * (512 * 512 + 512) == 12_607_488
+    assert abs(count - 12e6) / 12e6 < 0.06
+    model = plain_model(dim=512)
+    assert model.num_refiner_parameters() == count
+    assert model.describe()["refiner_parameters"] == count
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == count  # the stage-1 model (backbone + head) is frozen
+
+
+# ---------------------------------------------------------------------------- set paths, order
+def test_set_paths_equal_the_batch_path() -> None:
+    torch.manual_seed(2)
+    refiner = ContextRefiner(dim=16, num_blocks=3, hidden_dim=24, output_dim=8).eval()
+    bank, e0 = unit_rows(60, 16, 5), unit_rows(40, 16, 6)
+    neighbours = knn_search(e0, bank, 5)  # (40, 5)
+    with torch.no_grad():
+        levels, out = refiner(e0, bank[neighbours])
+    for fast in (True, False):
+        set_levels, set_out = refiner.refine_set(e0, bank, neighbours, fast=fast, chunk_size=7)
+        for a, b in zip(levels + [out], set_levels + [set_out]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # bfloat16 products: the same embeddings up to bf16 rounding
+    _, bf16 = refiner.refine_set(e0, bank, neighbours, dtype=torch.bfloat16)
+    assert (bf16 * out).sum(dim=1).min() > 0.999
+    # with the sample itself in its context (gather path)
+    with torch.no_grad():
+        _, out_self = refiner(e0, torch.cat([e0[:, None], bank[neighbours]], dim=1))
+    _, set_self = refiner.refine_set(e0, bank, neighbours, self_context=True)
+    torch.testing.assert_close(out_self, set_self, rtol=1e-5, atol=1e-6)
+
+
+def test_output_is_invariant_to_the_order_of_the_neighbours() -> None:
+    torch.manual_seed(3)
+    refiner = ContextRefiner(dim=12, num_blocks=2, num_heads=2).eval()
+    bank, e0 = unit_rows(50, 12, 7), unit_rows(20, 12, 8)
+    neighbours = knn_search(e0, bank, 6)
+    shuffled = neighbours.gather(
+        1, torch.rand(20, 6, generator=torch.Generator().manual_seed(9)).argsort(dim=1)
+    )
+    assert not torch.equal(shuffled, neighbours)
+    with torch.no_grad():
+        _, a = refiner(e0, bank[neighbours])
+        _, b = refiner(e0, bank[shuffled])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    single = ContextRefiner(dim=12, num_blocks=2).eval()
+    for fast in (True, False):
+        torch.testing.assert_close(
+            single.refine_set(e0, bank, neighbours, fast=fast)[1],
+            single.refine_set(e0, bank, shuffled, fast=fast)[1],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+# ---------------------------------------------------------------------------- neighbours
+def test_knn_excludes_the_query_by_index_even_with_duplicates() -> None:
+    x = unit_rows(30, 8, 10)
+    x[5] = x[4]  # an exact duplicate: rows 4 and 5 tie for the first place of each other
+    rows = torch.arange(30)
+    for backend in ("torch", "faiss"):
+        found = knn_search(x, x, 3, exclude=rows, backend=backend)
+        assert not (found == rows[:, None]).any(), backend
+        assert found[4, 0] == 5 and found[5, 0] == 4, backend
+        brute = (x @ x.T).fill_diagonal_(-2).topk(3, dim=1).indices
+        assert torch.equal(found.sort(1).values, brute.sort(1).values), backend
+    with pytest.raises(ValueError, match="Cannot find 30 neighbours"):
+        knn_search(x, x, 30, exclude=rows)
+
+
+def test_refine_takes_context_from_the_gallery_only_and_never_the_sample_itself() -> None:
+    # Mean aggregation is parameter-free: its output is checked against a brute-force mean.
+    model = plain_model(dim=8, aggregation="mean", num_neighbours=3)
+    e0 = unit_rows(25, 8, 11)
+    is_gallery = torch.arange(25) % 3 != 0  # In-Shop style: some samples are queries only
+    is_query = ~is_gallery | (torch.arange(25) % 2 == 0)
+    out = model.refine(e0, is_query, is_gallery)[""]
+    sims = (e0 @ e0.T).double()
+    sims[:, ~is_gallery] = -math.inf
+    sims.fill_diagonal_(-math.inf)
+    nn = sims.topk(3, dim=1).indices
+    expected = F.normalize((e0 + e0[nn].sum(dim=1)) / 4, dim=-1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_refine_returns_output_and_every_level() -> None:
+    model = plain_model(dim=8, num_blocks=3, num_neighbours=4, output_dim=5)
+    e0 = unit_rows(30, 8, 12)
+    flags = torch.ones(30, dtype=torch.bool)
+    out = model.refine(e0, flags, flags)
+    assert sorted(out) == ["", "level1", "level2", "level3"]
+    assert out[""].shape == (30, 5) and out["level3"].shape == (30, 8)
+    for value in out.values():
+        torch.testing.assert_close(value.norm(dim=1), torch.ones(30))
+    assert sorted(plain_model(dim=8, report_levels=False).refine(e0, flags, flags)) == [""]
+
+
+def test_ca_without_neighbours_attends_to_itself() -> None:
+    with pytest.raises(ValueError, match="include_self=true"):
+        plain_model(num_neighbours=0)
+    model = plain_model(dim=8, num_blocks=1, num_neighbours=0, include_self=True)
+    e0 = unit_rows(10, 8, 13)
+    flags = torch.ones(10, dtype=torch.bool)
+    out = model.refine(e0, flags, flags)[""]
+    block = model.refiner.blocks[0]
+    with torch.no_grad():
+        expected = F.normalize(e0 + block.value(e0), dim=-1)  # softmax over one element is 1
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- embedding cache
+def test_cache_round_trip_and_stale_entries_are_rejected(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path)
+    emb = unit_rows(7, 4, 14)
+    cache.save("abc", emb, {"split": "train"})
+    torch.testing.assert_close(cache.load("abc", rows=7, dim=4), emb)
+    with pytest.warns(UserWarning, match="stale or mismatched"):
+        assert cache.load("abc", rows=8) is None  # another split size
+    with pytest.warns(UserWarning, match="stale or mismatched"):
+        assert cache.load("abc", rows=7, dim=5) is None
+    os.replace(cache.path("abc"), cache.path("xyz"))  # a file under a key it was not written for
+    with pytest.warns(UserWarning, match="another key"):
+        assert cache.load("xyz", rows=7) is None
+    cache.path("bad").write_bytes(cache.path("xyz").read_bytes()[:50])  # truncated by someone else
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert cache.load("bad", rows=7) is None
+
+
+def test_interrupted_cache_write_leaves_no_usable_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = EmbeddingCache(tmp_path)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):  # writes half a file, then the process "dies"
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save("key", unit_rows(5, 4, 15))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not cache.path("key").exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary file is removed too
+    (tmp_path / ".key.pt.123.deadbeef.tmp").write_bytes(b"left by a killed process")
+    assert cache.load("key", rows=5) is None  # a leftover temporary file is never read
+
+
+def test_cache_key_changes_with_what_the_embeddings_depend_on() -> None:
+    base = dict(
+        source={"checkpoint": {"path": "/a.ckpt", "size": 1, "mtime_ns": 2}},
+        dataset="cub",
+        root="/d",
+        paths=["x.jpg", "y.jpg"],
+        transform="Resize(256) CenterCrop(224)",
+        precision="32-true",
+    )
+    key = embedding_cache_key(**base)
+    assert key == embedding_cache_key(**base)
+    for field, value in [
+        ("source", {"checkpoint": {"path": "/a.ckpt", "size": 1, "mtime_ns": 3}}),
+        ("paths", ["x.jpg", "z.jpg"]),
+        ("paths", ["y.jpg", "x.jpg"]),
+        ("transform", "Resize(292) CenterCrop(256)"),
+        ("precision", "bf16-mixed"),
+    ]:
+        assert embedding_cache_key(**{**base, field: value}) != key, field
+
+
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cub(tmp_path_factory.mktemp("cub"), classes=200, per_class=2).parent
+
+
+def cub(root: Path, **kwargs) -> CUB200:
+    dm = CUB200(root=str(root), image_size=16, num_workers=0, eval_batch_size=64, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fixture's sizes differ from the real CUB
+        dm.setup("fit")
+    return dm
+
+
+def write_source_checkpoint(path: Path, seed: int) -> MultiSimilarity:
+    """A stage-1 ``ms`` checkpoint as Lightning writes it (hyper-parameters, weights, name)."""
+    torch.manual_seed(seed)
+    model = MultiSimilarity(backbone=TINY, embedding_dim=8, image_size=16)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "method_name": "ms",
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    return model
+
+
+def test_cache_is_reused_and_invalidated_by_checkpoint_or_transform(
+    cub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    ckpt = tmp_path / "ms.ckpt"
+    source = write_source_checkpoint(ckpt, seed=0)
+    model = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    images = torch.rand(3, 3, 16, 16)
+    torch.testing.assert_close(model.embed(images), source.eval().embed(images))  # e0 = the source's
+    calls = []
+    real = ContextRefine.embed_loader
+
+    def counting(self, loader, desc="embedding"):
+        calls.append(desc)
+        return real(self, loader, desc)
+
+    monkeypatch.setattr(ContextRefine, "embed_loader", counting)
+    dm = cub(cub_root)
+    first = model.split_embeddings(dm, "train")
+    assert first.shape == (len(dm.train_records), 8) and calls == ["source_train"]
+    again = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    torch.testing.assert_close(again.split_embeddings(dm, "train"), first)
+    assert len(calls) == 1  # read from the cache, not re-embedded
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+    # another evaluation transform: another key, embedded again
+    assert model.split_embeddings(cub(cub_root, eval_crop_pct=0.5), "train").shape == first.shape
+    assert len(calls) == 2
+
+    # a retrained (rewritten) checkpoint: its file identity changes, so does the key
+    write_source_checkpoint(ckpt, seed=1)
+    stat = ckpt.stat()
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    assert not torch.allclose(changed.split_embeddings(dm, "train"), first)
+    assert len(calls) == 3
+
+    # a file at the right key holding something else is detected, not reused
+    key = changed.cache_key(dm, "train")
+    EmbeddingCache(tmp_path / "cache").save(key, torch.zeros(3, 8))
+    fresh = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    with pytest.warns(UserWarning, match="stale or mismatched"):
+        fresh.split_embeddings(dm, "train")
+    assert len(calls) == 4
+
+
+# ---------------------------------------------------------------------------- training helps
+def clustered(num_classes: int, per_class: int, dim: int, noise: float, gen: torch.Generator):
+    """Unit vectors around random class centres: a sample's neighbours mostly share its class."""
+    centres = F.normalize(torch.randn(num_classes, dim, generator=gen), dim=-1)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    x = centres[labels] + noise * torch.randn(len(labels), dim, generator=gen) / math.sqrt(dim)
+    return F.normalize(x, dim=-1), labels
+
+
+def test_refinement_beats_initial_recall_where_neighbourhoods_carry_information(one_thread: None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    classes, per_class, dim = 500, 10, 64
+    train, train_labels = clustered(classes, per_class, dim, 1.5, gen)
+    test, test_labels = clustered(classes, per_class, dim, 1.5, gen)  # other, unseen classes
+    torch.manual_seed(0)
+    model = plain_model(dim=dim, num_blocks=2)
+    model.set_training_bank(train)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(300):  # batches of 64 classes x 2 samples, as in the paper
+        chosen = torch.randperm(classes, generator=gen)[:64]
+        within = torch.rand(64, per_class, generator=gen).argsort(dim=1)[:, :2]
+        index = (chosen[:, None] * per_class + within).reshape(-1)
+        loss = model.training_loss({"index": index, "label": train_labels[index]})["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    flags = torch.ones(len(test), dtype=torch.bool)
+    initial = retrieval_metrics(test, test_labels)["R@1"]
+    refined = retrieval_metrics(model.refine(test, flags, flags)[""], test_labels)["R@1"]
+    print(f"synthetic clustered embeddings: R@1 {initial:.4f} -> {refined:.4f}")
+    assert 0.45 < initial < 0.65
+    assert refined > initial + 0.01
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_fit_reports_initial_refined_and_every_level(
+    cub_root: Path, tmp_path: Path, one_thread: None
+) -> None:
+    from benchmark.cli import main
+
+    ckpt = tmp_path / "ms.ckpt"
+    write_source_checkpoint(ckpt, seed=0)
+    run = tmp_path / "run"
+    # fmt: off
+    args = [
+        "fit", "--method", "context_refine", "--data", "cub", "--data.root", str(cub_root), "--recipe", "none",
+        "--model.source", str(ckpt), "--model.num_blocks", "2", "--model.num_neighbours", "3",
+        "--model.cache_dir", str(tmp_path / "cache"), "--data.image_size", "16", "--data.classes_per_batch", "8",
+        "--data.samples_per_class", "2", "--data.batches_per_epoch", "2", "--data.num_workers", "0",
+        "--data.eval_batch_size", "128", "--trainer.max_epochs", "1", "--logger", "none", "--run_dir", str(run),
+        "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
+    ]
+    # fmt: on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    test = json.loads((run / "metrics_test.json").read_text())
+    assert {"", "level1", "level2"} <= {k.removeprefix("refined").removeprefix("/") for k in test["refined"]}
+    assert "R@1" in test["metrics"] and "R@1" in test["refined"]["refined"]
+    assert test["refiner_parameters"] > 0 and test["source"] == str(ckpt)
+    val = json.loads((run / "metrics_val.json").read_text())
+    assert val["evaluations"][0]["metrics"]["R@1"] == test["metrics"]["R@1"]  # e0 is frozen

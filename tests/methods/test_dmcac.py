@@ -1,0 +1,366 @@
+"""DMCAC: the loss terms against naive float64 loops of the paper's equations, retrieval,
+the query/database split, the database refresh and a real training signal."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.backbones import BackboneConfig
+from datamodules.cub import CUB200
+from methods.dmcac import (
+    DMCAC,
+    CrossAttentionClassifier,
+    frobenius_lower,
+    js_divergence_matrix,
+    similarity_log_probs,
+    stratified_split,
+    topk_search,
+    union_of_neighbours,
+)
+from tests.datamodules.fixtures import make_cub
+
+TINY = dict(backbone=BackboneConfig("vit_tiny_test", pretrained=False), image_size=16)
+
+
+def tiny_model(**kwargs) -> DMCAC:
+    torch.manual_seed(0)
+    return DMCAC(**{**TINY, "num_classes": 5, **kwargs})
+
+
+def unit(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
+
+
+# ---------------------------------------------------------------------------- naive references
+def naive_kl(p: list[float], r: list[float]) -> float:
+    """Eq. 12 with 0 log 0 = 0."""
+    return sum(pi * math.log(pi / ri) for pi, ri in zip(p, r) if pi > 0)
+
+
+def naive_js(p: list[float], q: list[float]) -> float:
+    """Eq. 11."""
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    return (naive_kl(p, m) + naive_kl(q, m)) / 2
+
+
+def naive_frob(matrix: list[list[float]]) -> float:
+    """Eq. 13: sqrt(sum_{i=2..A} sum_{j=1..i-1} L_ij^2)."""
+    a = len(matrix)
+    return math.sqrt(sum(matrix[i][j] ** 2 for i in range(1, a) for j in range(i)))
+
+
+def naive_softmax(row: list[float]) -> list[float]:
+    top = max(row)
+    e = [math.exp(x - top) for x in row]
+    return [x / sum(e) for x in e]
+
+
+def naive_linear(layer: torch.nn.Linear, x: list[float]) -> list[float]:
+    w = layer.weight.detach().tolist()
+    b = layer.bias.detach().tolist() if layer.bias is not None else [0.0] * len(w)
+    return [sum(wi * xi for wi, xi in zip(row, x)) + bi for row, bi in zip(w, b)]
+
+
+def naive_ce(logits: list[float], label: int) -> float:
+    return -math.log(naive_softmax(logits)[label])
+
+
+def naive_query_loss(model: DMCAC, views: torch.Tensor, label: int, query_id: int) -> dict[str, float]:
+    """One query, written from Eq. 8-19 with Python lists (no batching, no masks)."""
+    z = views.tolist()  # A x F
+    database = model.database_embeddings.tolist()  # N x F
+    db_ids = model._database_ids.tolist()
+    dot = lambda u, v: sum(a * b for a, b in zip(u, v))  # noqa: E731
+    allowed = [n for n in range(len(database)) if not (model.database_mode == "all" and db_ids[n] == query_id)]
+    if model.retrieval == "full":
+        union = allowed
+    else:
+        k = min(model.k, len(allowed))
+        union = sorted({n for zi in z for n in sorted(allowed, key=lambda n: -dot(zi, database[n]))[:k]})  # Eq. 8
+    zs = [database[n] for n in union]
+    p = [naive_softmax([dot(zi, d) / model.temperature for d in zs]) for zi in z]  # Eq. 9-10
+    a = len(z)
+    js = [[naive_js(p[i], p[j]) for j in range(a)] for i in range(a)]
+    out = {"frob": naive_frob(js), "ce": 0.0, "cac": 0.0, "union_size": float(len(union))}
+    cac = model.cac
+    keys = [naive_linear(cac.k, d) for d in zs]
+    values = [naive_linear(cac.v, d) for d in zs]
+    for zi in z:
+        out["ce"] += naive_ce(naive_linear(model.classifier, zi), label)  # Eq. 14-15
+        q = naive_linear(cac.q, zi)  # Eq. 16
+        att = naive_softmax([dot(q, kk) / math.sqrt(len(zi)) for kk in keys])  # Eq. 17
+        attended = [sum(w * v[f] for w, v in zip(att, values)) for f in range(len(zi))]
+        out["cac"] += naive_ce(naive_linear(cac.classifier, attended), label)  # Eq. 18-19
+    return out
+
+
+# ---------------------------------------------------------------------------- L_frob and JS
+def test_js_matrix_matches_naive_float64_and_is_symmetric() -> None:
+    b, a, t = 3, 5, 7
+    g = torch.Generator().manual_seed(1)
+    log_p = torch.randn(b, a, t, generator=g, dtype=torch.float64).mul(2).log_softmax(-1)
+    js = js_divergence_matrix(log_p)
+    p = log_p.exp().tolist()
+    expected = torch.tensor(
+        [[[naive_js(p[n][i], p[n][j]) for j in range(a)] for i in range(a)] for n in range(b)], dtype=torch.float64
+    )
+    torch.testing.assert_close(js, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(js, js.transpose(1, 2), rtol=0, atol=1e-15)
+    assert torch.all(js.diagonal(dim1=1, dim2=2).abs() < 1e-15)
+    assert torch.all(js >= -1e-15) and torch.all(js <= math.log(2) + 1e-12)  # JS in nats is bounded by log 2
+
+
+def test_identical_views_give_zero_divergence_and_a_finite_zero_gradient() -> None:
+    views = unit(1, 1, 6).expand(2, 4, 6).clone().requires_grad_(True)  # every view identical
+    log_p = similarity_log_probs(views, unit(9, 6, seed=3))
+    loss = frobenius_lower(js_divergence_matrix(log_p))
+    assert torch.all(loss.abs() < 1e-15)
+    loss.sum().backward()
+    assert torch.isfinite(views.grad).all() and views.grad.abs().max() < 1e-6
+
+
+def test_frobenius_counts_only_the_strict_lower_triangle() -> None:
+    g = torch.Generator().manual_seed(2)
+    matrix = torch.rand(2, 4, 4, generator=g, dtype=torch.float64)
+    expected = torch.tensor([naive_frob(m) for m in matrix.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(frobenius_lower(matrix), expected)
+    changed = matrix + torch.triu(torch.full((4, 4), 7.0, dtype=torch.float64))  # upper triangle + diagonal
+    torch.testing.assert_close(frobenius_lower(changed), expected)
+    # A symmetric JS matrix: the lower triangle alone, not the full norm (which double-counts).
+    js = js_divergence_matrix(unit(1, 4, 5).log_softmax(-1))
+    assert frobenius_lower(js).item() == pytest.approx(torch.linalg.matrix_norm(js).item() / math.sqrt(2), rel=1e-12)
+
+
+def test_padded_entries_have_zero_probability_and_change_nothing() -> None:
+    views, database = unit(2, 3, 4), unit(2, 6, 4, seed=1)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    log_p = similarity_log_probs(views, database, mask, temperature=0.5)
+    assert torch.all(log_p[0, :, 4:].exp() == 0)
+    alone = similarity_log_probs(views[:1], database[:1, :4], temperature=0.5)
+    torch.testing.assert_close(log_p[:1, :, :4], alone)
+    torch.testing.assert_close(js_divergence_matrix(log_p)[:1], js_divergence_matrix(alone))
+
+
+# ---------------------------------------------------------------------------- L_cac
+def test_cac_shapes_masking_and_gradients() -> None:
+    torch.manual_seed(0)
+    b, a, t, f, c = 3, 4, 6, 8, 5
+    cac = CrossAttentionClassifier(f, c).double()
+    views = unit(b, a, f).requires_grad_(True)
+    database = unit(b, t, f, seed=1)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, 1:] = False  # a union of one entry
+    logits, attention = cac(views, database, mask)
+    assert logits.shape == (b, a, c) and attention.shape == (b, a, t)
+    assert torch.all(attention[~mask[:, None, :].expand(b, a, t)] == 0)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(b, a, dtype=torch.float64))
+    # Whatever a padded slot holds, the output is the same.
+    garbage = database.clone()
+    garbage[~mask] = 100.0
+    torch.testing.assert_close(cac(views, garbage, mask)[0], logits)
+    F.cross_entropy(logits.flatten(0, 1), torch.arange(b * a) % c).backward()
+    for name in ("q", "k", "v", "classifier"):
+        grad = getattr(cac, name).weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    assert views.grad is not None and views.grad.abs().sum() > 0
+
+
+def test_cac_gradient_reaches_the_encoder() -> None:
+    model = tiny_model(beta_frob=0.0, beta_ce=0.0, embedding_dim=None)
+    model.set_database(unit(20, model.embedding_dim, dtype=torch.float32), np.arange(20))
+    batch = {"image": torch.randn(2, 3, 3, 16, 16), "label": torch.tensor([0, 3]), "index": torch.tensor([100, 101])}
+    terms = model.training_loss(batch)
+    assert set(terms) == {"loss", "cac", "union_size"}
+    terms["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.encoder.model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- retrieval
+def test_union_retrieval_with_a_small_fixed_database() -> None:
+    angles = torch.tensor([0.0, 20.0, 40.0, 90.0, 180.0, 270.0]) * math.pi / 180  # database on the unit circle
+    database = torch.stack([angles.cos(), angles.sin()], dim=1)
+    view_angles = torch.tensor([[5.0, 35.0], [185.0, 265.0]]) * math.pi / 180  # 2 queries x 2 views
+    views = torch.stack([view_angles.cos(), view_angles.sin()], dim=-1)  # (2, 2, 2)
+    neighbours = topk_search(views.reshape(4, 2), database, k=2).reshape(2, 2, 2)
+    assert [sorted(v) for q in neighbours.tolist() for v in q] == [[0, 1], [1, 2], [4, 5], [4, 5]]
+    indices, mask = union_of_neighbours(neighbours, len(database))
+    assert indices.shape == (2, 3)  # padded to the largest union
+    assert indices[mask].tolist() == [0, 1, 2, 4, 5] and mask.tolist() == [[True] * 3, [True, True, False]]
+    # The method's own search (faiss and torch) finds the same sets.
+    for backend in ("faiss", "torch"):
+        model = tiny_model(k=2, search_backend=backend, embedding_dim=2)
+        model.set_database(database, np.arange(10, 16))
+        found = model.retrieve(views, torch.tensor([0, 1]))
+        assert [sorted(v) for q in found.tolist() for v in q] == [[0, 1], [1, 2], [4, 5], [4, 5]], backend
+
+
+def test_the_query_is_never_its_own_neighbour_when_the_database_contains_it() -> None:
+    database = unit(8, 4, dtype=torch.float32)
+    model = tiny_model(k=3, database="all", search_backend="torch", embedding_dim=4)
+    model.set_database(database, np.arange(8))
+    views = database[[2, 5]][:, None].expand(2, 3, 4)  # each query's views equal its own database row
+    found = model.retrieve(views, torch.tensor([2, 5]))
+    assert found.shape == (2, 3, 3)
+    assert not (found[0] == 2).any() and not (found[1] == 5).any()
+    expected = (database[[2, 5]] @ database.T).scatter(1, torch.tensor([[2], [5]]), -9).topk(3).indices
+    assert found[:, 0].tolist() == expected.tolist()
+
+
+def test_a_database_smaller_than_k_retrieves_all_of_it() -> None:
+    model = tiny_model(k=12, search_backend="torch", embedding_dim=4)
+    model.set_database(unit(3, 4, dtype=torch.float32), np.arange(3))
+    with pytest.warns(UserWarning, match="fewer than k=12"):
+        found = model.retrieve(unit(2, 4, 4, dtype=torch.float32), torch.tensor([10, 11]))
+    assert found.shape == (2, 4, 3) and (found.sort(-1).values == torch.arange(3)).all()
+
+
+# ---------------------------------------------------------------------------- the whole loss
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"retrieval": "full"},
+        {"database": "all", "temperature": 0.1},
+        {"database": "all", "retrieval": "full", "view_reduction": "mean"},
+    ],
+    ids=["approximate", "full", "all-approximate", "all-full"],
+)
+def test_batched_loss_equals_a_per_query_loop_in_float64(options: dict) -> None:
+    b, a, f, n = 5, 4, 6, 16
+    model = tiny_model(embedding_dim=f, k=3, search_backend="torch", **options).double()
+    model.set_database(unit(n, f, seed=7), np.arange(100, 100 + n))
+    views = unit(b, a, f, seed=8)
+    views[1, 2] = views[1, 0]  # two identical views in one query
+    labels = torch.tensor([0, 4, 2, 2, 1])
+    query_ids = torch.tensor([103, 7, 110, 115, 8])  # in "all" mode some queries are in the database
+    terms = model.loss_terms(views, labels, query_ids)
+    loops = [naive_query_loss(model, views[i], int(labels[i]), int(query_ids[i])) for i in range(b)]
+    per_view = 1.0 if model.view_reduction == "sum" else 1.0 / a
+    expected = {
+        "frob": sum(q["frob"] for q in loops) / b,
+        "ce": per_view * sum(q["ce"] for q in loops) / b,
+        "cac": per_view * sum(q["cac"] for q in loops) / b,
+        "union_size": sum(q["union_size"] for q in loops) / b,
+    }
+    expected["loss"] = expected["frob"] + expected["ce"] + expected["cac"]
+    for key, value in expected.items():
+        tolerance = 1e-6 if key == "union_size" else 1e-10  # a float32 statistic, not part of the loss
+        assert terms[key].item() == pytest.approx(value, rel=tolerance, abs=1e-13), key
+
+
+def test_loss_weights_remove_terms_and_their_heads() -> None:
+    model = tiny_model(beta_ce=0.0, beta_frob=0.5)
+    assert model.classifier is None and model.cac is not None
+    with pytest.raises(ValueError, match="not all 0"):
+        tiny_model(beta_ce=0.0, beta_frob=0.0, beta_cac=0.0)
+
+
+def test_mixed_precision_keeps_the_js_term_in_float32() -> None:
+    model = tiny_model(embedding_dim=8, search_backend="torch")
+    model.set_database(unit(10, 8, dtype=torch.float32), np.arange(10))
+    views = unit(2, 3, 8, dtype=torch.float32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.loss_terms(views, torch.tensor([0, 1]), torch.tensor([20, 21]))
+    assert terms["frob"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+
+
+# ---------------------------------------------------------------------------- query / database split
+def test_stratified_split_is_disjoint_covering_and_deterministic() -> None:
+    sizes = [1, 2, 3, 5, 10, 60]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    np.random.default_rng(0).shuffle(labels)
+    query, database = stratified_split(labels, 0.2, seed=3)
+    assert len(np.intersect1d(query, database)) == 0
+    assert np.array_equal(np.sort(np.concatenate([query, database])), np.arange(len(labels)))
+    for c, n in enumerate(sizes):
+        in_q, in_db = (labels[query] == c).sum(), (labels[database] == c).sum()
+        if n == 1:
+            assert (in_q, in_db) == (1, 0)  # a single image goes to the query set
+        else:
+            assert in_q >= 1 and in_db >= 1
+    assert (labels[database] == 5).sum() == 12 and (labels[database] == 4).sum() == 2  # round(0.2 n)
+    again = stratified_split(labels, 0.2, seed=3)
+    assert np.array_equal(again[0], query) and np.array_equal(again[1], database)
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=4)[1], database)
+    with pytest.raises(ValueError, match="database_fraction"):
+        stratified_split(labels, 1.0)
+
+
+def test_every_class_a_singleton_is_a_clear_error() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="database is empty"):
+        model.split_training_set(np.arange(10))
+    model = tiny_model(database="all")
+    model.split_training_set(np.arange(10))
+    assert np.array_equal(model.query_indices, model.database_indices)
+
+
+# ---------------------------------------------------------------------------- in a Trainer
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cub(tmp_path_factory.mktemp("cub"), classes=200, per_class=3).parent
+
+
+def test_training_uses_the_query_set_and_refreshes_the_database(cub_root: Path, tmp_path: Path) -> None:
+    dm = CUB200(root=str(cub_root), image_size=16, classes_per_batch=4, samples_per_class=2, num_workers=0,
+                batches_per_epoch=1, eval_batch_size=128)
+    with pytest.warns(UserWarning):
+        dm.setup("fit")
+    model = DMCAC(**TINY, embedding_dim=8, num_classes=dm.num_train_classes, num_views=3, refresh_every=2)
+    seen: list[int] = []
+    refreshes: list[tuple[int, int]] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            assert batch["image"].shape[1:] == (3, 3, 16, 16)
+            seen.extend(batch["index"].tolist())
+            if trainer.current_epoch == 2 and batch_idx == 0:  # just refreshed, not trained on yet
+                pl_module.eval()
+                with torch.no_grad():
+                    loader = dm.eval_dataloader(dm.train_records.subset(pl_module.database_indices))
+                    expected = torch.cat([pl_module.embed(b["image"]) for b in loader])  # plain, un-augmented
+                pl_module.train()
+                torch.testing.assert_close(pl_module.database_embeddings, expected)
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            refreshes.append((trainer.current_epoch, pl_module.refresh_count))
+
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Spy()], default_root_dir=tmp_path, accelerator="cpu",
+                        use_distributed_sampler=False)
+    trainer.fit(model, datamodule=dm)
+    assert refreshes == [(0, 1), (1, 1), (2, 2)]  # before training, then every 2 epochs
+    assert set(seen) <= set(model.query_indices.tolist())
+    assert not set(seen) & set(model.database_indices.tolist())
+    assert model.database_embeddings.shape == (len(model.database_indices), 8)
+    assert "time/database_s" in trainer.callback_metrics and "time/database_total_s" in trainer.callback_metrics
+
+
+# ---------------------------------------------------------------------------- a real training signal
+@pytest.mark.slow
+def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None:
+    """The CLI on the embedded default with a tiny ViT: R@1 after training > R@1 before."""
+    from benchmark.cli import main
+
+    run = tmp_path / "run"
+    args = [
+        "fit", "--method", "dmcac", "--backbone", "vit_tiny_test", "--backbone.pretrained", "false",
+        "--trainer.max_steps", "120", "--model.lr", "1e-3", "--logger", "csv", "--run_dir", str(run),
+        "--trainer.enable_progress_bar", "false",
+    ]
+    assert main(args) == 0
+    before = json.loads((run / "metrics_val.json").read_text())["evaluations"][0]["metrics"]["R@1"]
+    after = json.loads((run / "metrics_test.json").read_text())["evaluations"][-1]["metrics"]["R@1"]
+    assert after > before + 0.05, (before, after)

@@ -1,0 +1,350 @@
+"""Intra-Batch MPN: the MPN against Eq. 2-6, the reciprocal k-NN batches against Supp. C.3.
+
+References are written independently of the implementation: the MPN layer is checked against
+a float64 loop over nodes and heads, the neighbour graph against a full stable sort, and the
+reciprocal k-NN batches against :class:`ReferenceReciprocalBatches`, a literal per-query
+transcription (``benchmark/perf/reciprocal.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.backbones import BackboneConfig
+from benchmark.perf.reciprocal import ReferenceReciprocalBatches, synthetic_sop_embeddings
+from methods.intra_batch import (
+    IntraBatchMPN,
+    MessagePassingLayer,
+    MessagePassingNetwork,
+    knn_graph,
+    reciprocal_knn_batches,
+)
+
+
+# ---------------------------------------------------------------------------- MPN layer
+def _layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+    mean = sum(x) / len(x)
+    var = sum((v - mean) ** 2 for v in x) / len(x)
+    return torch.stack([(x[i] - mean) / math.sqrt(var + ln.eps) * ln.weight[i] + ln.bias[i] for i in range(len(x))])
+
+
+def _reference_layer(layer: MessagePassingLayer, h: torch.Tensor) -> torch.Tensor:
+    """Eq. 2-6 for one batch (B, d), written out node by node and head by head in float64."""
+    b, d = h.shape
+    heads, dh = layer.heads, d // layer.heads
+    wq, bq = layer.q.weight, layer.q.bias
+    wk, bk = layer.k.weight, layer.k.bias
+    wv, bv = layer.v.weight, layer.v.bias
+    out = []
+    for i in range(b):
+        message = []
+        for m in range(heads):
+            rows = slice(m * dh, (m + 1) * dh)  # W^{l,m}: the head's block of the projections
+            q_i = wq[rows] @ h[i] + bq[rows]
+            scores = [float((q_i @ (wk[rows] @ h[j] + bk[rows])) / math.sqrt(dh)) for j in range(b)]  # Eq. 3
+            denom = sum(math.exp(s) for s in scores) + (1.0 if layer.null_logit else 0.0)
+            alpha = [math.exp(s) / denom for s in scores]
+            message.append(sum(alpha[j] * (wv[rows] @ h[j] + bv[rows]) for j in range(b)))  # Eq. 2
+        h_new = layer.out.weight @ torch.cat(message) + layer.out.bias  # Eq. 4: heads concatenated
+        f = _layer_norm(h_new + h[i], layer.norm1)  # Eq. 5
+        lin1, lin2 = layer.ff[0], layer.ff[2]
+        ff = lin2.weight @ torch.relu(lin1.weight @ f + lin1.bias) + lin2.bias
+        out.append(_layer_norm(ff + f, layer.norm2))  # Eq. 6
+    return torch.stack(out)
+
+
+def _randomised(module: torch.nn.Module) -> torch.nn.Module:
+    """float64, and LayerNorm affine parameters away from their (1, 0) initialisation."""
+    module = module.double()
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.LayerNorm):
+                sub.weight.uniform_(0.5, 1.5)
+                sub.bias.uniform_(-0.5, 0.5)
+    return module.eval()
+
+
+@pytest.mark.parametrize("null_logit", [False, True])
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_mpn_layer_matches_the_equations(heads: int, null_logit: bool) -> None:
+    torch.manual_seed(heads)
+    layer = _randomised(MessagePassingLayer(8, heads, ff_dim=12, dropout=0.3, null_logit=null_logit))
+    h = torch.randn(5, 8, dtype=torch.float64)
+    expected = _reference_layer(layer, h)
+    torch.testing.assert_close(layer(h), expected, rtol=1e-10, atol=1e-10)
+    # Several batches at once, and updating only the first node of each.
+    hs = torch.randn(3, 5, 8, dtype=torch.float64)
+    batched = layer(hs)
+    for g in range(3):
+        torch.testing.assert_close(batched[g], _reference_layer(layer, hs[g]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(hs, num_receivers=1), batched[:, :1], rtol=1e-12, atol=1e-12)
+
+
+def test_null_logit_attention_sums_to_less_than_one() -> None:
+    layer = _randomised(MessagePassingLayer(8, 2, 16, null_logit=True))
+    h = torch.randn(6, 8, dtype=torch.float64)
+    attn = layer.attention_weights(layer.q(h), layer.k(h))  # (M, B, B)
+    assert attn.shape == (2, 6, 6)
+    assert (attn.sum(-1) < 1).all() and (attn > 0).all()
+    plain = _randomised(MessagePassingLayer(8, 2, 16))
+    torch.testing.assert_close(plain.attention_weights(h, h).sum(-1), torch.ones(2, 6, dtype=torch.float64))
+
+
+def test_bad_head_count_names_the_fix() -> None:
+    with pytest.raises(ValueError, match="not divisible by mpn_heads=3"):
+        MessagePassingLayer(8, 3, 16)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_mpn_is_permutation_equivariant(layers: int) -> None:
+    torch.manual_seed(layers)
+    mpn = _randomised(MessagePassingNetwork(16, layers, heads=4, dropout=0.0))
+    x = torch.randn(9, 16, dtype=torch.float64)
+    perm = torch.randperm(9)
+    for out, out_perm in zip(mpn(x), mpn(x[perm])):
+        torch.testing.assert_close(out_perm, out[perm], rtol=1e-10, atol=1e-10)
+    # And it is not a per-node map: changing one node changes the others.
+    y = x.clone()
+    y[0] += 1.0
+    assert not torch.allclose(mpn(y)[-1][1:], mpn(x)[-1][1:])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_forward_batches_equals_forward_on_gathered_batches(layers: int) -> None:
+    torch.manual_seed(0)
+    mpn = _randomised(MessagePassingNetwork(16, layers, heads=2))
+    nodes = torch.randn(30, 16, dtype=torch.float64)
+    batches = torch.stack([torch.cat([torch.tensor([i]), torch.randperm(30)[:6]]) for i in range(30)])
+    fast = mpn.forward_batches(nodes, batches, chunk_size=7)
+    slow = mpn(nodes[batches])  # (G, B, d) per layer
+    assert len(fast) == layers
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s[:, 0], rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- neighbour graph
+def _brute_force_knn(emb: torch.Tensor, database: torch.Tensor, k: int) -> torch.Tensor:
+    e = emb.double()
+    sq = (e * e).sum(1)
+    d = sq[:, None] + sq[None] - 2 * e @ e.T  # float64: exact for the small-integer features
+    d[:, ~database] = math.inf
+    d.fill_diagonal_(math.inf)
+    order = d.sort(dim=1, stable=True).indices  # ties: lower index first
+    return torch.cat([torch.arange(len(emb))[:, None], order[:, :k]], 1)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "integer", "with_database"),
+    # The larger sizes group columns into blocks and super-blocks (the fast path of knn_graph).
+    [(300, 7, True, False), (300, 12, False, True), (1500, 30, True, True), (2000, 2, True, False),
+     (2000, 6, False, False)],
+)
+def test_knn_graph_is_exact_with_ties(n: int, k: int, integer: bool, with_database: bool) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    emb = torch.randint(0, 3, (n, 4), generator=gen).float() if integer else torch.randn(n, 6, generator=gen)
+    database = torch.rand(n, generator=gen) < 0.6 if with_database else torch.ones(n, dtype=torch.bool)
+    indices, distances = knn_graph(emb, database, k, chunk_size=256)
+    assert torch.equal(indices, _brute_force_knn(emb, database, k))
+    expected = ((emb[indices] - emb[:, None]) ** 2).sum(-1)
+    torch.testing.assert_close(distances, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_knn_graph_rejects_bad_input() -> None:
+    emb = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="1 <= k <= "):
+        knn_graph(emb, torch.ones(10, dtype=torch.bool), 10)
+    emb[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        knn_graph(emb, torch.ones(10, dtype=torch.bool), 3)
+
+
+# ---------------------------------------------------------------------------- reciprocal batches
+def _scenario(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Small-integer features (exact distances: ties and duplicates) or continuous ones."""
+    if kind == "ties":  # 3^3 = 27 distinct points among n: many duplicates and tied distances
+        return torch.randint(0, 3, (n, 3), generator=gen).float()
+    if kind == "clusters":  # integer cluster centres + small integer offsets: large reciprocal sets
+        centres = torch.randint(-6, 7, (n // 5 + 1, 4), generator=gen)
+        return (centres[torch.randint(len(centres), (n,), generator=gen)] + torch.randint(0, 2, (n, 4), generator=gen)).float()
+    return torch.randn(n, 8, generator=gen)
+
+
+CASES = [
+    # (features, n, k1, batch_size, alpha, strict, database: all | random | disjoint)
+    ("ties", 80, 6, 5, 2 / 3, False, "all"),
+    ("ties", 120, 10, 7, 2 / 3, True, "all"),
+    ("clusters", 150, 8, 7, 2 / 3, False, "all"),
+    ("clusters", 150, 8, 4, 0.5, False, "random"),
+    ("clusters", 140, 5, 9, 1.0, False, "disjoint"),  # In-Shop: queries outside the gallery
+    ("continuous", 100, 4, 8, 2 / 3, False, "all"),  # small reciprocal sets: fill-up
+    ("continuous", 130, 3, 6, 0.0, False, "disjoint"),
+    ("ties", 90, 2, 7, 2 / 3, False, "disjoint"),  # k1 + 1 < batch_size: the lists grow to fit
+    ("clusters", 110, 11, 3, 1.0, True, "random"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[6]}-k{c[2]}-b{c[3]}" for c in CASES])
+def test_reciprocal_batches_equal_the_per_query_reference(case: tuple) -> None:
+    kind, n, k1, batch_size, alpha, strict, db = case
+    gen = torch.Generator().manual_seed(n * 31 + k1)
+    emb = _scenario(kind, n, gen)
+    database = {
+        "all": None,
+        "random": torch.rand(n, generator=gen) < 0.7,
+        "disjoint": torch.arange(n) % 3 != 0,  # every third sample is a query only
+    }[db]
+    fast = reciprocal_knn_batches(emb, database, k1, batch_size, alpha, strict, chunk_size=17)
+    reference = ReferenceReciprocalBatches(emb, database, k1, batch_size, alpha, strict)
+    expected = reference.all_batches()
+    assert fast.shape == (n, batch_size)
+    mismatched = (fast != expected).any(1).nonzero().flatten().tolist()
+    assert not mismatched, f"rows {mismatched[:5]}: {fast[mismatched[:3]].tolist()} != {expected[mismatched[:3]].tolist()}"
+    assert torch.equal(fast[:, 0], torch.arange(n))
+    if database is not None:  # batches draw only from the gallery (besides the sample itself)
+        assert database[fast[:, 1:]].all()
+
+
+def test_reference_cases_exercise_every_branch() -> None:
+    """The cases above reach expansion, non-expansion, fill-up, members beyond the list and queries attaching."""
+    stats: Counter[str] = Counter()
+    for kind, n, k1, batch_size, alpha, strict, db in CASES:
+        gen = torch.Generator().manual_seed(n * 31 + k1)
+        emb = _scenario(kind, n, gen)
+        database = {"all": None, "random": torch.rand(n, generator=gen) < 0.7, "disjoint": torch.arange(n) % 3 != 0}[db]
+        reference = ReferenceReciprocalBatches(emb, database, k1, batch_size, alpha, strict)
+        reference.all_batches()
+        stats += reference.stats
+    for branch in ("expanded", "not_expanded", "filled", "beyond_list", "query_attached"):
+        assert stats[branch] > 0, f"no case takes the {branch!r} branch: {dict(stats)}"
+
+
+@pytest.mark.slow
+def test_reciprocal_batches_on_clustered_embeddings_at_scale() -> None:
+    emb, _ = synthetic_sop_embeddings(3000, 560, 32, seed=1)
+    fast = reciprocal_knn_batches(emb, None, 30, 7)
+    queries = torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:20]
+    expected = ReferenceReciprocalBatches(emb, None, 30, 7).all_batches(queries.tolist())
+    assert (fast[queries] == expected).all(1).float().mean() >= 0.95  # float32 vs float64 near-ties aside
+
+
+def test_reciprocal_batches_validate_input() -> None:
+    with pytest.raises(ValueError, match="at least 2 database"):
+        reciprocal_knn_batches(torch.randn(5, 3), torch.tensor([True, False, False, False, False]))
+    with pytest.raises(ValueError, match="database mask has 3 entries"):
+        reciprocal_knn_batches(torch.randn(5, 3), torch.ones(3, dtype=torch.bool))
+    # Small databases clamp k1 and the batch size instead of failing.
+    assert reciprocal_knn_batches(torch.randn(4, 3), None, 30, 7).shape == (4, 4)
+
+
+# ---------------------------------------------------------------------------- the method
+def _model(**kwargs) -> IntraBatchMPN:
+    base = dict(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=16, num_classes=5,
+                image_size=16, mpn_heads=4)
+    return IntraBatchMPN(**{**base, **kwargs})
+
+
+def _batch(n_classes: int = 4, per_class: int = 3) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {"image": torch.randn(n_classes * per_class, 3, 16, 16),
+            "label": torch.arange(n_classes).repeat_interleave(per_class)}
+
+
+def _backbone_grad(model: IntraBatchMPN, batch: dict[str, torch.Tensor]) -> float:
+    model.zero_grad()
+    model.training_loss(batch)["loss"].backward()
+    return sum(float(p.grad.abs().sum()) for p in model.encoder.parameters() if p.grad is not None)
+
+
+def test_gradients_reach_the_backbone_through_both_losses() -> None:
+    batch = _batch()
+    both = _model()
+    terms = both.training_loss(batch)
+    assert set(terms) == {"loss", "backbone_ce", "mpn_ce"}
+    torch.testing.assert_close(terms["loss"], terms["backbone_ce"] + terms["mpn_ce"])
+    only_mpn = _model(backbone_loss_weight=0.0)
+    assert _backbone_grad(only_mpn, batch) > 0
+    assert only_mpn.backbone_classifier.weight.grad is None
+    assert all(p.grad is not None for p in only_mpn.mpn.parameters())
+    only_backbone = _model(mpn_loss_weight=0.0)
+    assert _backbone_grad(only_backbone, batch) > 0
+    assert all(p.grad is None for p in only_backbone.mpn.parameters())
+
+
+def test_the_mpn_sees_the_whole_batch_and_the_backbone_head_the_raw_embedding() -> None:
+    model = _model(mpn_dropout=0.0).eval()
+    batch = _batch()
+    base = model.training_loss(batch)
+    shuffled = torch.randperm(len(batch["label"]))
+    perm = model.training_loss({k: v[shuffled] for k, v in batch.items()})
+    torch.testing.assert_close(perm["mpn_ce"], base["mpn_ce"])  # a set function of the batch
+    emb = model.project(model.encode(batch["image"]).pooled)
+    expected = F.cross_entropy(model.backbone_classifier(emb) / model.temperature, batch["label"], label_smoothing=0.1)
+    torch.testing.assert_close(base["backbone_ce"], expected)
+
+
+def test_defaults_follow_the_reference_recipe() -> None:
+    model = _model()
+    assert model.encoder.pool == "max"  # CNNs are max-pooled unless backbone.pool says otherwise
+    assert _model(backbone=BackboneConfig("resnet_tiny_test", pretrained=False, pool="avg")).encoder.pool == "avg"
+    assert _model(backbone=BackboneConfig("vit_tiny_test", pretrained=False)).encoder.pool == "token"
+    hp = model.hparams
+    assert (hp.optimizer, hp.scheduler, list(hp.lr_milestones), hp.lr_gamma) == ("radam", "multistep", [31, 51], 0.1)
+    concat = _model(mpn_layers=2, mpn_classifier_input="concat")
+    assert concat.mpn_classifier[1].in_features == 32
+    with pytest.raises(ValueError, match="not both 0"):
+        _model(backbone_loss_weight=0.0, mpn_loss_weight=0.0)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_refine_runs_the_mpn_on_reciprocal_batches(layers: int) -> None:
+    model = _model(mpn_layers=layers, mpn_classifier_input="concat" if layers == 2 else "last", refine_k1=6,
+                   refine_batch_size=4).eval()
+    gen = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(60, 16, generator=gen), dim=1)
+    is_query = torch.ones(60, dtype=torch.bool)
+    is_gallery = torch.arange(60) % 4 != 0  # In-Shop-like: every fourth sample is a query only
+    is_query[1::4] = False
+    out = model.refine(emb, is_query, is_gallery)
+    refined = out[""]
+    assert refined.shape == (60, 16 * layers)
+    torch.testing.assert_close(refined.norm(dim=1), torch.ones(60))
+    # Per sample: its reference batch through the MPN, keeping its own output.
+    batches = ReferenceReciprocalBatches(emb, is_gallery, 6, 4).all_batches()
+    with torch.no_grad():
+        expected = F.normalize(model.mpn_features([o[:, 0] for o in model.mpn(emb[batches])]), dim=1)
+    torch.testing.assert_close(refined, expected, rtol=1e-4, atol=1e-5)
+    assert _model(refine_stages="never").refine(emb, is_query, is_gallery) is None
+
+
+# ---------------------------------------------------------------------------- a CPU fit
+@pytest.mark.slow
+def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path) -> None:
+    """The embedded default through the CLI and its recipe (a tiny encoder, 100 steps)."""
+    from benchmark.cli import main
+
+    run = tmp_path / "run"
+    args = [
+        "fit", "--method", "intra_batch", "--data", "synthetic", "--backbone", "resnet_tiny_test",
+        "--backbone.pretrained", "false", "--data.images_per_class", "8", "--data.classes_per_batch", "8",
+        "--data.samples_per_class", "4", "--data.batches_per_epoch", "25", "--data.num_workers", "0",
+        "--model.embedding_dim", "64", "--model.lr", "1e-2", "--model.lr_milestones", "[100]",
+        "--model.refine_k1", "10", "--trainer.max_epochs", "4", "--trainer.enable_progress_bar", "false",
+        "--logger", "none", "--run_dir", str(run),
+    ]
+    assert main(args) == 0
+    val = json.loads((run / "metrics_val.json").read_text())["evaluations"]
+    test = json.loads((run / "metrics_test.json").read_text())["evaluations"][-1]
+    untrained, trained = val[0]["metrics"]["R@1"], test["metrics"]["R@1"]
+    assert val[0]["global_step"] == 0
+    assert trained > 1.5 * untrained and trained > untrained + 0.02, (untrained, trained)
+    assert "refined" not in val[0]  # refinement runs at test time by default
+    refined = test["refined"]["refined"]
+    assert set(refined) >= {"R@1", "MAP@R", "NMI"}
+    assert 0.0 < refined["R@1"] <= 1.0
