@@ -39,6 +39,7 @@ commands:
   list         registered methods, backbones and datasets
   leaderboard  results of local runs (runs/*/metrics_test.json) next to the papers' numbers
   perf NAME    performance benchmarks (python -m benchmark perf --help)
+  analyze NAME figure-writing analyses, e.g. analyze cross_image_attention gradients
 
 fit/validate/test options (plus every LightningCLI option, see `fit --help`):
   --method NAME        method to train (default: {method})
@@ -325,20 +326,30 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
-def cmd_perf(argv: list[str]) -> int:
+def _dispatch(package: str, command: str, argv: list[str]) -> int:
+    """Run ``<package>.<argv[0]>.main(argv[1:])``: perf benchmarks and analyses are plain modules."""
+    pkg = importlib.import_module(package)
     if not argv or argv[0] in ("-h", "--help"):
         import pkgutil
 
-        import benchmark.perf as perf
-
-        names = [m.name for m in pkgutil.iter_modules(perf.__path__) if not m.name.startswith("_")]
-        print("usage: python -m benchmark perf NAME [options]\n\nbenchmarks: " + ", ".join(sorted(names)))
+        names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+        print(f"usage: python -m benchmark {command} NAME [options]\n\navailable: " + ", ".join(sorted(names)))
         return 0
     try:
-        module = importlib.import_module(f"benchmark.perf.{argv[0]}")
+        module = importlib.import_module(f"{package}.{argv[0]}")
     except ModuleNotFoundError as err:
-        raise CLIError(f"Unknown benchmark {argv[0]!r}; see `python -m benchmark perf --help`.") from err
+        if err.name != f"{package}.{argv[0]}":
+            raise
+        raise CLIError(f"Unknown {command} {argv[0]!r}; see `python -m benchmark {command} --help`.") from err
     return int(module.main(argv[1:]) or 0)
+
+
+def cmd_perf(argv: list[str]) -> int:
+    return _dispatch("benchmark.perf", "perf", argv)
+
+
+def cmd_analyze(argv: list[str]) -> int:
+    return _dispatch("benchmark.analysis", "analyze", argv)
 
 
 def cmd_leaderboard(argv: list[str]) -> int:
@@ -353,14 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA))
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"list": cmd_list, "perf": cmd_perf, "leaderboard": cmd_leaderboard}
+    commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard}
     try:
         if command in ("fit", "validate", "test"):
             build_cli(command, rest)
             return 0
         if command in commands:
             return commands[command](rest)
-        raise CLIError(f"Unknown command {command!r}. Choose one of: fit, validate, test, list, leaderboard, perf.")
+        raise CLIError(
+            f"Unknown command {command!r}. Choose one of: fit, validate, test, list, leaderboard, perf, analyze."
+        )
     except CLIError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

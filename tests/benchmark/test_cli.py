@@ -41,7 +41,7 @@ def test_list_shows_methods_backbones_and_datasets(capsys: pytest.CaptureFixture
         (["fit", "--data", "imagenet"], "Unknown dataset 'imagenet'. Registered datasets: "),
         (["fit", "--logger", "mlflow"], "Unknown logger 'mlflow'. Choose one of: wandb"),
         (["frobnicate"], "Unknown command 'frobnicate'"),
-        (["perf", "nothing"], "Unknown benchmark 'nothing'"),
+        (["perf", "nothing"], "Unknown perf 'nothing'"),
     ],
 )
 def test_unknown_names_fail_with_choices(args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
