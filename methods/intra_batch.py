@@ -536,7 +536,10 @@ class IntraBatchMPN(RetrievalMethod):
         refine_batch_size: nodes per reciprocal k-NN batch.
         refine_alpha: overlap fraction of the expansion step (Eq. 7).
         refine_strict_overlap: ``>`` instead of the paper's ``>=`` in Eq. 7 (the public code).
-        **kwargs: the base arguments (backbone, embedding_dim, optimiser, schedule, ...).
+        backbone, embedding_dim, optimizer, lr, weight_decay, scheduler, lr_milestones: the
+            base's arguments with this method's defaults (ResNet-50, 512-d, RAdam with the CUB
+            lr and weight decay, lr / 10 at epochs 31 and 51).
+        **kwargs: the other base arguments (num_classes, image_size, head_lr_mult, lr_gamma).
     """
 
     description = "Intra-Batch MPN: attention over the mini-batch graph + CE (Seidenschwarz et al. 2021)"

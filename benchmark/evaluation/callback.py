@@ -37,7 +37,6 @@ from benchmark.distributed import all_gather_uneven, gather_by_index, is_distrib
 from benchmark.evaluation.metrics import RankedLists, nmi, ranked_list_metrics, retrieval_metrics
 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
-_STAGE_PREFIX = {"validate": "val", "test": "test"}
 
 
 def library_versions() -> dict[str, str]:

@@ -275,6 +275,25 @@ def _order_key(values: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run a stretch of many mid-sized CPU ops on one thread.
+
+    The matrix product and the block maxima use every core; the ops that follow are short,
+    and each parallel region costs a synchronisation of the thread team, which dominates
+    them (and costs far more when other processes share the cores). The setting is restored.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def _exact_fp32_matmul(device: torch.device) -> Iterator[None]:
     """Disable TF32 for the similarity products (CUDA) so every backend ranks alike."""
     if device.type != "cuda":
@@ -376,6 +395,28 @@ def _chunk_ranks(
         blockmax = scores.view(c, nb, b).amax(dim=2)  # (c, nb)
     else:
         blockmax = F.max_pool1d(scores.view(c, 1, nb * b), b).view(c, nb)
+    with _one_cpu_thread(dev):
+        return _ranks_from_blocks(scores, blockmax, gallery, pval, pcol, num_pos, cap)
+
+
+def _ranks_from_blocks(
+    scores: torch.Tensor,
+    blockmax: torch.Tensor,
+    gallery: _Gallery,
+    pval: torch.Tensor,
+    pcol: torch.Tensor,
+    num_pos: torch.Tensor,
+    cap: torch.Tensor,
+) -> torch.Tensor:
+    """Steps 3 and 4 of the search for one chunk: prune positives, count negatives above.
+
+    ``scores`` (c, Gp) holds negatives only; ``blockmax`` (c, nb) its block maxima; ``pval``
+    / ``pcol`` (c, W) the positives' scores and columns, sorted by (score desc, index asc).
+    """
+    c = scores.shape[0]
+    dev = scores.device
+    b, nb = gallery.block, gallery.num_blocks
+    rows = torch.arange(c, device=dev)
     threshold = pval.gather(1, (num_pos - 1)[:, None]).squeeze(1)  # (c,) worst positive
     cand = (blockmax >= threshold[:, None]).nonzero()  # (P, 2) candidate (row, block)
     n_kept = num_pos.clone()
@@ -399,19 +440,21 @@ def _chunk_ranks(
     # Negatives that may outrank a kept positive: at or above the threshold, in candidate blocks.
     crow, cblk = cand[:, 0], cand[:, 1]
     vals = scores.view(c * nb, b).index_select(0, crow * nb + cblk)  # (P, b)
-    pi, ei = (vals >= threshold[crow, None]).nonzero(as_tuple=True)
-    irow = crow[pi]  # (n,)
-    ikey = _order_key(vals[pi, ei], irow)  # (n,)
+    item = (vals >= threshold[crow, None]).view(-1).nonzero().squeeze(1)  # (n,) into (P*b)
+    item_block = item >> (b.bit_length() - 1)  # b is a power of two
+    irow = crow.index_select(0, item_block)  # (n,) rows ascending
+    ikey = _order_key(vals.view(-1).index_select(0, item), irow)  # (n,)
 
     # Kept positives, flattened row-major; keys ascending, equal keys in dataset-index order.
     pkey = _order_key(pval, rows[:, None])[kept]  # (n_pos,)
-    left = torch.searchsorted(pkey, ikey, side="left")
     slot = torch.searchsorted(pkey, ikey, side="right")  # first positive the item outranks
-    tied = (slot > left).nonzero().flatten()
+    tied = ((slot > 0) & (pkey[(slot - 1).clamp(min=0)] == ikey)).nonzero().flatten()
     if tied.numel():  # equal scores (rare): the lower dataset index ranks first
         ptie = gallery.position[pcol[kept]]  # (n_pos,)
-        itie = gallery.position[cblk[pi[tied]] * b + ei[tied]]
-        t_left, t_right = left[tied], slot[tied]
+        at = item[tied]
+        itie = gallery.position[cblk[item_block[tied]] * b + (at & (b - 1))]
+        t_left = torch.searchsorted(pkey, ikey[tied], side="left")  # first equal positive
+        t_right = slot[tied]
         first = t_left.clone()  # first tied positive with a larger index than the item
         for offset in range(int((t_right - t_left).max())):
             m = t_left + offset
@@ -457,7 +500,7 @@ def retrieval_metrics(
         chunk_size: queries per similarity block; default keeps the (chunk, G) fp32 block
             within 256 MiB.
         device: "cpu", "cuda", a torch.device, or None/"auto" (CUDA when available).
-        block_size: columns per block of the pruning pass, a multiple of 8 (a tuning knob;
+        block_size: columns per block of the pruning pass, a power of two >= 8 (a tuning knob;
             default derived from the gallery size and the deepest rank needed). The gallery
             is padded to whole blocks, which also keeps BLAS on kernels that give identical
             scores to identical embeddings wherever they sit.
@@ -472,8 +515,8 @@ def retrieval_metrics(
     data = _prepare(embeddings, labels, is_query, is_gallery, indices, dev)
     qpos = data.is_query.nonzero().flatten()  # (Q,) ascending dataset index
     depth = max(max(ks), int(map_at_k))
-    if block_size is not None and (block_size < 8 or block_size % 8):
-        raise ValueError(f"block_size must be a positive multiple of 8; got {block_size}.")
+    if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two >= 8; got {block_size}.")
     gallery = _Gallery(data, block_size or _block_size(int(data.is_gallery.sum()), depth))
     qlab = data.labels[qpos]
     lo = torch.searchsorted(gallery.labels, qlab, side="left")  # (Q,) class range in columns

@@ -287,7 +287,7 @@ def test_no_query_with_a_positive_is_an_error() -> None:
         ({"embeddings": torch.randn(10)}, ValueError, "2-D"),
         ({"recall_ks": (0, 1)}, ValueError, "recall_ks must be positive"),
         ({"chunk_size": -1}, ValueError, "chunk_size"),
-        ({"block_size": 12}, ValueError, "multiple of 8"),
+        ({"block_size": 12}, ValueError, "power of two"),
     ],
 )
 def test_bad_input_gives_a_clear_error(kwargs: dict, error: type, match: str) -> None:
