@@ -207,7 +207,6 @@ def knn_graph(
     database: torch.Tensor,
     k: int,
     chunk_size: int | None = None,
-    margin: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-first k-nearest-neighbour lists into a database, by squared Euclidean distance.
 
@@ -216,27 +215,25 @@ def knn_graph(
     its own list. Exact (ties broken by the lower index) without an N x N matrix and without
     sorting rows: one matrix product per chunk of rows gives ``||b||^2 - 2 a.b`` (the
     distance up to the row's constant ``||a||^2``); the columns are grouped into strided
-    blocks and super-blocks, and the ``k + margin``-th smallest super-block minimum is a
-    threshold that at least ``k + margin`` columns reach. Only blocks whose minimum reaches
-    it are read again, and their columns at or below it are sorted by (distance, index).
+    blocks and super-blocks, and the k-th smallest super-block minimum is a threshold that at
+    least k columns reach: the k nearest are at or below it. Only the blocks whose minimum
+    reaches it are read again, and their columns are ranked by (distance, index).
 
     Args:
         embeddings: (N, D) features (any norm).
         database: (N,) bool, the samples that can be neighbours (at least ``k + 1``).
         k: neighbours per sample besides itself.
         chunk_size: rows per product (default: about 256 MiB of distances per chunk).
-        margin: extra super-blocks behind the threshold (more: fewer candidates per row
-            when neighbours cluster in index order; a tuning knob, never affects results).
 
     Returns:
         ``(indices, distances)``, (N, k + 1) int64 and float32; column 0 is the sample itself
         at distance 0.
     """
-    return _knn_graph(*_check_embeddings(embeddings, database), k, chunk_size, margin)
+    return _knn_graph(*_check_embeddings(embeddings, database), k, chunk_size)
 
 
 def _knn_graph(
-    emb: torch.Tensor, database: torch.Tensor, k: int, chunk_size: int | None = None, margin: int = 8
+    emb: torch.Tensor, database: torch.Tensor, k: int, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`knn_graph` on checked float32 embeddings and a bool database mask."""
     (n, dim), device = emb.shape, emb.device
@@ -247,15 +244,14 @@ def _knn_graph(
     column = torch.full((n,), -1, dtype=torch.long, device=device)
     column[db] = torch.arange(m, device=device)  # database column of each sample, -1 outside
     sq = emb.pow(2).sum(1)  # (N,)
-    # Columns per super-block: a power of two <= 256 that leaves >= 4 (k + margin) super-blocks.
-    kp = k + margin
+    # Columns per super-block: a power of two <= 256 that leaves >= 4 k super-blocks.
     group = 1
-    while group < 256 and m // (2 * group) >= 4 * kp:
+    while group < 256 and m // (2 * group) >= 4 * k:
         group *= 2
     bs = min(16, group)  # columns per block
     nsuper = -(-m // group)
     mp, nb = nsuper * group, nsuper * group // bs
-    kp = min(kp, nsuper)
+    kp = min(k, nsuper)  # nsuper >= k: a single-column group has m - 1 >= k finite columns
     db_aug = emb.new_zeros(mp, dim + 1)  # [-2 b, ||b||^2] so that [a, 1] . it = ||b||^2 - 2 a.b
     db_aug[:m, :dim] = emb[db] * -2
     db_aug[:m, dim] = sq[db]
@@ -287,7 +283,7 @@ def _knn_graph(
         cols = (blocks[:, :, None] + strides).flatten(1).masked_fill_(pad, 0)  # (c, W * bs)
         # Exact (value, column) order: order-preserving int32 of the float, then the column.
         key = (_ordered_bits(d.gather(1, cols)) << 32) | cols
-        key.masked_fill_(pad, torch.iinfo(torch.int64).max)  # there are >= kp > k real candidates
+        key.masked_fill_(pad, torch.iinfo(torch.int64).max)  # there are >= k real candidates
         key = key.topk(k, dim=1, largest=False).values  # (c, k) ascending
         cols = key & 0xFFFFFFFF
         indices[rows, 1:] = db[cols]

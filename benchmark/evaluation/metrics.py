@@ -399,6 +399,42 @@ def _chunk_ranks(
         return _ranks_from_blocks(scores, blockmax, gallery, pval, pcol, num_pos, cap)
 
 
+def _negative_slots(
+    blocks: torch.Tensor,
+    crow: torch.Tensor,
+    cblk: torch.Tensor,
+    nb: int,
+    threshold: torch.Tensor,
+    pkey: torch.Tensor,
+    ptie: torch.Tensor,
+    gallery: _Gallery,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots and rows of the negatives at or above their row's threshold in candidate blocks.
+
+    ``blocks`` is the score block viewed as (c * nb, b); ``crow``/``cblk`` (P,) name the
+    candidate blocks. An item's slot is the flat index of the first kept positive (in
+    ``pkey`` order) that it outranks; it outranks every later positive of its row as well.
+    """
+    b = blocks.shape[1]
+    vals = blocks.index_select(0, crow * nb + cblk)  # (P, b)
+    item = (vals >= threshold[crow, None]).view(-1).nonzero().squeeze(1)  # (n,) into (P * b)
+    item_block = item >> (b.bit_length() - 1)  # b is a power of two
+    irow = crow.index_select(0, item_block)  # (n,) rows ascending
+    ikey = _order_key(vals.view(-1).index_select(0, item), irow)  # (n,)
+    slot = torch.searchsorted(pkey, ikey, side="right")  # past every positive scoring >= item
+    tied = ((slot > 0) & (pkey[(slot - 1).clamp(min=0)] == ikey)).nonzero().flatten()
+    if tied.numel():  # equal scores (rare): the lower dataset index ranks first
+        itie = gallery.position[cblk[item_block[tied]] * b + (item[tied] & (b - 1))]
+        t_left = torch.searchsorted(pkey, ikey[tied], side="left")  # first equal positive
+        t_right = slot[tied]
+        first = t_left.clone()  # first tied positive with a larger index than the item
+        for offset in range(int((t_right - t_left).max())):
+            m = t_left + offset
+            first += (m < t_right) & (ptie[m.clamp(max=ptie.numel() - 1)] < itie)
+        slot[tied] = first
+    return slot, irow
+
+
 def _ranks_from_blocks(
     scores: torch.Tensor,
     blockmax: torch.Tensor,
@@ -437,35 +473,22 @@ def _ranks_from_blocks(
     kept = torch.arange(kmax, device=dev)[None, :] < n_kept[:, None]  # (c, K)
     pval, pcol = pval[:, :kmax], pcol[:, :kmax]
 
-    # Negatives that may outrank a kept positive: at or above the threshold, in candidate blocks.
-    crow, cblk = cand[:, 0], cand[:, 1]
-    vals = scores.view(c * nb, b).index_select(0, crow * nb + cblk)  # (P, b)
-    item = (vals >= threshold[crow, None]).view(-1).nonzero().squeeze(1)  # (n,) into (P*b)
-    item_block = item >> (b.bit_length() - 1)  # b is a power of two
-    irow = crow.index_select(0, item_block)  # (n,) rows ascending
-    ikey = _order_key(vals.view(-1).index_select(0, item), irow)  # (n,)
-
     # Kept positives, flattened row-major; keys ascending, equal keys in dataset-index order.
     pkey = _order_key(pval, rows[:, None])[kept]  # (n_pos,)
-    slot = torch.searchsorted(pkey, ikey, side="right")  # first positive the item outranks
-    tied = ((slot > 0) & (pkey[(slot - 1).clamp(min=0)] == ikey)).nonzero().flatten()
-    if tied.numel():  # equal scores (rare): the lower dataset index ranks first
-        ptie = gallery.position[pcol[kept]]  # (n_pos,)
-        at = item[tied]
-        itie = gallery.position[cblk[item_block[tied]] * b + (at & (b - 1))]
-        t_left = torch.searchsorted(pkey, ikey[tied], side="left")  # first equal positive
-        t_right = slot[tied]
-        first = t_left.clone()  # first tied positive with a larger index than the item
-        for offset in range(int((t_right - t_left).max())):
-            m = t_left + offset
-            first += (m < t_right) & (ptie[m.clamp(max=ptie.numel() - 1)] < itie)
-        slot[tied] = first
-    # A negative outranks every kept positive of its row from its slot on: a histogram and a
-    # cumulative sum, with one extra slot per row so that counts never leak into the next row.
+    ptie = gallery.position[pcol[kept]]  # (n_pos,) tie key: position in dataset-index order
+    # A negative outranks every kept positive of its row from its "slot" on: a histogram of
+    # slots, with one extra slot per row so that counts never leak into the next row. The
+    # candidates go in slices, which bounds the memory of the item arrays.
+    hist = torch.zeros(pkey.numel() + c, dtype=torch.int64, device=dev)
+    step = max(1, scores.numel() // (16 * b))  # candidate blocks per slice: <= 1/16 of the block
+    for start in range(0, cand.shape[0], step):
+        crow, cblk = cand[start : start + step].unbind(1)
+        slot, irow = _negative_slots(scores.view(c * nb, b), crow, cblk, nb, threshold, pkey, ptie, gallery)
+        hist += torch.bincount(slot + irow, minlength=hist.numel())
+    csum = hist.cumsum(0)  # (n_pos + c,)
     within = kept.long().cumsum(1)[kept] - 1  # (n_pos,) positives before it in its row
     prow = rows[:, None].expand(c, kmax)[kept]  # (n_pos,)
     ext = torch.arange(pkey.numel(), device=dev) + prow  # extended slot of each positive
-    csum = torch.bincount(slot + irow, minlength=pkey.numel() + c).cumsum(0)  # (n_pos + c,)
     row_first = ext - within  # extended slot of the row's first positive
     before = csum[ext] - torch.where(row_first > 0, csum[(row_first - 1).clamp(min=0)], 0)
     ranks = torch.full((c, kmax), _NO_RANK, dtype=torch.int64, device=dev)
@@ -511,12 +534,14 @@ def retrieval_metrics(
         queries), ``num_gallery`` and ``queries_without_positive``.
     """
     ks = _check_ks(recall_ks, map_at_k)
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of queries; got {chunk_size}.")
+    if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two >= 8; got {block_size}.")
     dev = _resolve_device(device)
     data = _prepare(embeddings, labels, is_query, is_gallery, indices, dev)
     qpos = data.is_query.nonzero().flatten()  # (Q,) ascending dataset index
     depth = max(max(ks), int(map_at_k))
-    if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
-        raise ValueError(f"block_size must be a power of two >= 8; got {block_size}.")
     gallery = _Gallery(data, block_size or _block_size(int(data.is_gallery.sum()), depth))
     qlab = data.labels[qpos]
     lo = torch.searchsorted(gallery.labels, qlab, side="left")  # (Q,) class range in columns
@@ -532,9 +557,7 @@ def retrieval_metrics(
     q = qpos.numel()
     sums = torch.zeros(len(ks) + 3, dtype=torch.float64, device=dev)
     gp = gallery.num_blocks * gallery.block
-    chunk = int(chunk_size) if chunk_size else default_chunk_size(gp)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be a positive number of queries; got {chunk_size}.")
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(gp)
     buffer = torch.empty(min(chunk, max(q, 1)), gp, device=dev)  # (c, Gp) reused for every chunk
     with torch.no_grad(), _exact_fp32_matmul(dev):
         for a in range(0, q, chunk):

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=2 / 3)
     parser.add_argument("--mpn-layers", type=int, default=1, help="1 x 8 heads is the SOP recipe")
     parser.add_argument("--mpn-heads", type=int, default=8)
-    parser.add_argument("--reference-queries", type=int, default=16, help="queries run by the per-query reference")
+    parser.add_argument("--reference-queries", type=int, default=6, help="queries run by the per-query reference")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from benchmark.backbones import BackboneConfig
 from benchmark.evaluation import retrieval_metrics
 from datamodules.cub import CUB200
+from methods import context_refine
 from methods.baselines import MultiSimilarity
 from methods.context_refine import (
     ContextRefine,
@@ -127,7 +128,8 @@ def test_default_model_has_about_12m_parameters() -> None:
 
 
 # ---------------------------------------------------------------------------- set paths, order
-def test_set_paths_equal_the_batch_path() -> None:
+def test_set_paths_equal_the_batch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context_refine, "_CPU_CHUNK", 16)  # several chunks on the CPU path
     torch.manual_seed(2)
     refiner = ContextRefiner(dim=16, num_blocks=3, hidden_dim=24, output_dim=8).eval()
     bank, e0 = unit_rows(60, 16, 5), unit_rows(40, 16, 6)
@@ -421,3 +423,33 @@ def test_fit_reports_initial_refined_and_every_level(
     assert test["refiner_parameters"] > 0 and test["source"] == str(ckpt)
     val = json.loads((run / "metrics_val.json").read_text())
     assert val["evaluations"][0]["metrics"]["R@1"] == test["metrics"]["R@1"]  # e0 is frozen
+
+
+@pytest.mark.slow
+def test_embedded_default_two_stage_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A short ``ms`` training on the embedded synthetic default, then Context-Refine on it."""
+    from benchmark.cli import main
+
+    common = ["--logger", "none", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
+    # fmt: off
+    stage1 = [
+        "fit", "--method", "ms", "--backbone", "resnet_tiny_test", "--backbone.pretrained", "false",
+        "--model.embedding_dim", "64", "--model.lr", "1e-3", "--data.batches_per_epoch", "10",
+        "--trainer.max_epochs", "1", "--run_dir", str(tmp_path / "ms"), *common,
+    ]
+    stage2 = [
+        "fit", "--method", "context_refine", "--model.source", str(tmp_path / "ms" / "checkpoints" / "last.ckpt"),
+        "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "cr"), *common,
+    ]
+    # fmt: on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(stage1) == 0
+        assert main(stage2) == 0
+    test = json.loads((tmp_path / "cr" / "metrics_test.json").read_text())
+    initial, refined = test["metrics"]["R@1"], test["refined"]["refined"]["R@1"]
+    levels = [test["refined"][f"refined/level{t}"]["R@1"] for t in range(1, 9)]
+    assert 0.0 < initial < 1.0 and 0.0 < refined < 1.0 and len(levels) == 8
+    assert "context_refine test R@1 by level: e0" in capsys.readouterr().out
+    ms_test = json.loads((tmp_path / "ms" / "metrics_test.json").read_text())
+    assert ms_test["metrics"]["R@1"] == pytest.approx(initial)  # e0 is the source's embedding
