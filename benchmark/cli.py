@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmark import registry
 
-DEFAULT_METHOD = "ms"
+DEFAULT_METHOD = "dmcac"
 DEFAULT_DATA = "synthetic"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"

@@ -235,6 +235,11 @@ class DMCAC(RetrievalMethod):
         sampler: training batches of the query set: ``shuffle`` (plain random batches of
             ``classes_per_batch * samples_per_class``) or ``balanced`` (n classes x m images).
         classifier_bias: bias in the two linear classifiers (the equations write none).
+        logit_scale: multiplies both classifiers' logits. 1 is the paper's plain linear layer
+            on the L2-normalised embedding; its logits then start within about +-0.5, which
+            is enough when fine-tuning a pretrained encoder but leaves the cross-entropy near
+            log C for hundreds of steps from random weights. A larger value (16, as in
+            normalised-softmax classifiers) gives the encoder a useful signal from the start.
         attention_bias: bias in ``W_q, W_k, W_v``.
         **kwargs: everything :class:`RetrievalMethod` takes.
     """
@@ -260,6 +265,7 @@ class DMCAC(RetrievalMethod):
         search_backend: SearchBackend = "auto",
         sampler: Literal["shuffle", "balanced"] = "shuffle",
         classifier_bias: bool = True,
+        logit_scale: float = 1.0,
         attention_bias: bool = False,
         backbone: BackboneConfig | None = None,
         lr: float = 3e-5,
@@ -272,6 +278,8 @@ class DMCAC(RetrievalMethod):
                 f"Need num_views >= 1, k >= 1, temperature > 0 and refresh_every >= 0; got num_views={num_views}, "
                 f"k={k}, temperature={temperature}, refresh_every={refresh_every}."
             )
+        if logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0; got {logit_scale}.")
         if min(beta_frob, beta_ce, beta_cac) < 0 or max(beta_frob, beta_ce, beta_cac) == 0:
             raise ValueError("The loss weights beta_frob, beta_ce, beta_cac must be >= 0 and not all 0.")
         if not 0.0 < database_fraction < 1.0:
@@ -290,7 +298,7 @@ class DMCAC(RetrievalMethod):
         self.beta_frob, self.beta_ce, self.beta_cac = beta_frob, beta_ce, beta_cac
         self.view_reduction, self.database_mode = view_reduction, database
         self.database_fraction, self.split_seed, self.refresh_every = database_fraction, split_seed, refresh_every
-        self.search_backend, self.sampler = search_backend, sampler
+        self.search_backend, self.sampler, self.logit_scale = search_backend, sampler, logit_scale
         dim = self.embedding_dim
         # Heads exist only for terms that are used, so that every parameter gets a gradient (DDP).
         self.classifier = nn.Linear(dim, self.require_classes(), bias=classifier_bias) if beta_ce > 0 else None
@@ -493,11 +501,11 @@ class DMCAC(RetrievalMethod):
                 terms["frob"] = frobenius_lower(js_divergence_matrix(log_p)).mean()
                 total = total + self.beta_frob * terms["frob"]
         if self.classifier is not None:
-            terms["ce"] = self._reduce_views(self.classifier(views), labels)
+            terms["ce"] = self._reduce_views(self.classifier(views) * self.logit_scale, labels)
             total = total + self.beta_ce * terms["ce"]
         if self.cac is not None:
             logits, _ = self.cac(views, keys.to(views.dtype), mask)  # (B, A, C)
-            terms["cac"] = self._reduce_views(logits, labels)
+            terms["cac"] = self._reduce_views(logits * self.logit_scale, labels)
             total = total + self.beta_cac * terms["cac"]
         terms["union_size"] = union_size.detach()
         return {"loss": total, **terms}

@@ -267,6 +267,27 @@ def test_loss_weights_remove_terms_and_their_heads() -> None:
         tiny_model(beta_ce=0.0, beta_frob=0.0, beta_cac=0.0)
 
 
+def test_logit_scale_equals_scaling_both_classifiers() -> None:
+    """``logit_scale`` s gives the loss of the paper's model whose W_q, W_c (and biases) are s times larger."""
+    torch.manual_seed(0)
+    scaled = tiny_model(embedding_dim=8, search_backend="torch", logit_scale=4.0).double()
+    plain = tiny_model(embedding_dim=8, search_backend="torch").double()
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        for layer in (plain.classifier, plain.cac.classifier):
+            layer.weight.mul_(4.0)
+            layer.bias.mul_(4.0)
+    database = unit(10, 8)
+    views, labels, ids = unit(3, 2, 8, seed=1), torch.tensor([0, 1, 2]), torch.tensor([20, 21, 22])
+    for model in (scaled, plain):
+        model.set_database(database, np.arange(10))
+    a, b = scaled.loss_terms(views, labels, ids), plain.loss_terms(views, labels, ids)
+    for key in ("frob", "ce", "cac", "loss"):
+        assert a[key].item() == pytest.approx(b[key].item(), rel=1e-12), key
+    with pytest.raises(ValueError, match="logit_scale"):
+        tiny_model(logit_scale=0.0)
+
+
 def test_mixed_precision_keeps_the_js_term_in_float32() -> None:
     model = tiny_model(embedding_dim=8, search_backend="torch")
     model.set_database(unit(10, 8, dtype=torch.float32), np.arange(10))
@@ -357,7 +378,8 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
     run = tmp_path / "run"
     args = [
         "fit", "--method", "dmcac", "--backbone", "vit_tiny_test", "--backbone.pretrained", "false",
-        "--trainer.max_steps", "120", "--model.lr", "1e-3", "--logger", "csv", "--run_dir", str(run),
+        "--trainer.max_steps", "150", "--model.lr", "1e-3", "--data.image_size", "64", "--logger", "csv",
+        "--run_dir", str(run),
         "--trainer.enable_progress_bar", "false",
     ]
     assert main(args) == 0
