@@ -370,7 +370,6 @@ def test_training_uses_the_query_set_and_refreshes_the_database(cub_root: Path, 
 
 
 # ---------------------------------------------------------------------------- a real training signal
-@pytest.mark.slow
 def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None:
     """The CLI on the embedded default with a tiny ViT: R@1 after training > R@1 before."""
     from benchmark.cli import main

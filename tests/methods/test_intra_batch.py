@@ -339,7 +339,6 @@ def test_the_evaluator_reports_refined_metrics_next_to_the_plain_ones() -> None:
 
 
 # ---------------------------------------------------------------------------- a CPU fit
-@pytest.mark.slow
 def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path) -> None:
     """The embedded default through the CLI and its recipe (a tiny encoder, 100 steps)."""
     from benchmark.cli import main
