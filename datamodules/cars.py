@@ -24,13 +24,12 @@ from datamodules.base import RetrievalDataModule
 from datamodules.records import (
     DatasetError,
     DatasetRecords,
-    SplitRecords,
     absolute_paths,
     check_range,
     check_unique,
     require_dir,
     require_file,
-    require_nonempty,
+    split_by_class,
 )
 
 CARS_URL = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html"
@@ -108,12 +107,7 @@ def read_cars(root: Path) -> DatasetRecords:
     check_unique(np.array(rel_paths, dtype=str), index, where, "relative_im_path", unit="entry", **kw)
 
     paths = absolute_paths(root, rel_paths)
-    is_train = classes <= CARS_TRAIN_CLASSES
-    splits = {}
-    for split, mask in (("train", is_train), ("test", ~is_train)):
-        idx = np.flatnonzero(mask)
-        splits[split] = SplitRecords.from_original_ids([paths[i] for i in idx], classes[idx])
-        require_nonempty(splits[split], split, mat_path, **kw)
+    splits = split_by_class(paths, classes, CARS_TRAIN_CLASSES, mat_path, **kw)
     return DatasetRecords(
         name="cars",
         root=root,

@@ -22,14 +22,13 @@ from datamodules.base import RetrievalDataModule
 from datamodules.records import (
     DatasetError,
     DatasetRecords,
-    SplitRecords,
     absolute_paths,
     check_range,
     check_unique,
+    find_dataset_dir,
     parse_int_column,
     read_table,
-    require_dir,
-    require_nonempty,
+    split_by_class,
 )
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158"
@@ -50,16 +49,7 @@ CUB_EXPECTED_SIZES = {"train": 5864, "test": 5924}
 
 def find_cub_dir(root: Path) -> Path:
     """The ``CUB_200_2011`` directory: ``root`` itself or ``root/CUB_200_2011``."""
-    root = Path(root).expanduser()
-    require_dir(root, "CUB-200-2011", CUB_HINT)
-    if (root / "images.txt").is_file():
-        return root.resolve()
-    nested = root / "CUB_200_2011"
-    if nested.is_dir():
-        return nested.resolve()
-    raise DatasetError(
-        f"CUB-200-2011: neither {root / 'images.txt'} nor {nested / 'images.txt'} exists. {CUB_HINT}"
-    )
+    return find_dataset_dir(root, "images.txt", "CUB_200_2011", dataset="CUB-200-2011", hint=CUB_HINT)
 
 
 def read_cub(
@@ -110,12 +100,7 @@ def read_cub(
 
     is_cub = (num_classes, num_train_classes) == (CUB_NUM_CLASSES, CUB_TRAIN_CLASSES)
     paths = absolute_paths(base / "images", image_names.tolist())
-    is_train = image_class <= num_train_classes
-    splits = {}
-    for split, mask in (("train", is_train), ("test", ~is_train)):
-        idx = np.flatnonzero(mask)
-        splits[split] = SplitRecords.from_original_ids([paths[i] for i in idx], image_class[idx])
-        require_nonempty(splits[split], split, labels_txt, **kw)
+    splits = split_by_class(paths, image_class, num_train_classes, labels_txt, **kw)
     return DatasetRecords(
         name="cub",
         root=base,

@@ -114,6 +114,34 @@ def require_dir(path: Path, dataset: str, hint: str) -> Path:
     return path
 
 
+def find_dataset_dir(root: Path | str, marker: str, nested: str, *, dataset: str, hint: str) -> Path:
+    """The dataset directory: ``root`` if it holds the file ``marker``, else ``root/nested``.
+
+    Users pass either the extracted folder or its parent; both are accepted, and anything
+    else fails naming the two places that were looked at.
+    """
+    root = Path(root).expanduser()
+    require_dir(root, dataset, hint)
+    if (root / marker).is_file():
+        return root.resolve()
+    if (root / nested).is_dir():
+        return (root / nested).resolve()
+    raise DatasetError(f"{dataset}: neither {root / marker} nor {root / nested / marker} exists. {hint}")
+
+
+def split_by_class(
+    paths: list[str], classes: np.ndarray, num_train_classes: int, source: Path | str, *, dataset: str, hint: str
+) -> dict[str, SplitRecords]:
+    """The conventional class-disjoint split: original class ids 1..num_train_classes train, the rest test."""
+    is_train = classes <= num_train_classes  # (N,)
+    splits = {}
+    for split, mask in (("train", is_train), ("test", ~is_train)):
+        idx = np.flatnonzero(mask)
+        splits[split] = SplitRecords.from_original_ids([paths[i] for i in idx], classes[idx])
+        require_nonempty(splits[split], split, source, dataset=dataset, hint=hint)
+    return splits
+
+
 # --------------------------------------------------------------------------------------
 # List-file helpers shared by all readers: whitespace-separated tables, integer columns,
 # uniqueness and range checks, each failing with a DatasetError naming file and line.

@@ -25,9 +25,9 @@ from datamodules.records import (
     absolute_paths,
     check_range,
     check_unique,
+    find_dataset_dir,
     parse_int_column,
     read_table,
-    require_dir,
     require_nonempty,
 )
 
@@ -46,16 +46,7 @@ SOP_EXPECTED_SIZES = {"train": 59551, "test": 60502}
 
 def find_sop_dir(root: Path) -> Path:
     """The ``Stanford_Online_Products`` directory: ``root`` itself or ``root/Stanford_Online_Products``."""
-    root = Path(root).expanduser()
-    require_dir(root, "SOP", SOP_HINT)
-    if (root / "Ebay_train.txt").is_file():
-        return root.resolve()
-    nested = root / "Stanford_Online_Products"
-    if nested.is_dir():
-        return nested.resolve()
-    raise DatasetError(
-        f"SOP: neither {root / 'Ebay_train.txt'} nor {nested / 'Ebay_train.txt'} exists. {SOP_HINT}"
-    )
+    return find_dataset_dir(root, "Ebay_train.txt", "Stanford_Online_Products", dataset="SOP", hint=SOP_HINT)
 
 
 def _read_ebay_list(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:

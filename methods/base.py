@@ -22,6 +22,7 @@ from torch import nn
 
 from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
 from benchmark.distributed import gather_by_index
+from benchmark.evaluation.callback import evaluation_outputs
 from datamodules.base import DataRequest
 
 OptimizerName = Literal["adamw", "adam", "radam", "sgd"]
@@ -163,13 +164,7 @@ class RetrievalMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {
-            "embeddings": self.embed(batch["image"]),
-            "labels": batch["label"],
-            "indices": batch["index"],
-            "is_query": batch["is_query"],
-            "is_gallery": batch["is_gallery"],
-        }
+        return evaluation_outputs(self.embed(batch["image"]), batch)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step(batch)

@@ -39,6 +39,22 @@ from benchmark.evaluation.metrics import RankedLists, nmi, ranked_list_metrics, 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
 
 
+def evaluation_outputs(embeddings: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """What a ``validation_step`` / ``test_step`` returns for the evaluator.
+
+    ``embeddings`` (B, D) for the batch's samples; labels, dataset indices and query/gallery
+    flags are passed through from the datamodule's batch (keys ``label``, ``index``,
+    ``is_query``, ``is_gallery``).
+    """
+    return {
+        "embeddings": embeddings,
+        "labels": batch["label"],
+        "indices": batch["index"],
+        "is_query": batch["is_query"],
+        "is_gallery": batch["is_gallery"],
+    }
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a result depends on (``"n/a"`` when not installed)."""
 

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmark.evaluation import RankedLists
+from benchmark.evaluation import RankedLists, evaluation_outputs
 
 
 def toy_split(n: int = 23, dim: int = 6, num_classes: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -86,13 +86,7 @@ class ToyMethod(L.LightningModule):
         self.refine_calls: list[int] = []
 
     def _eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {
-            "embeddings": batch["x"] * self.scale,
-            "labels": batch["label"],
-            "indices": batch["index"],
-            "is_query": batch["is_query"],
-            "is_gallery": batch["is_gallery"],
-        }
+        return evaluation_outputs(batch["x"] * self.scale, batch)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step(batch)
