@@ -33,7 +33,7 @@ USAGE = """usage: python -m benchmark <command> [options]
 
 commands:
   fit          train a method (evaluates before and after), e.g.
-               python -m benchmark fit --method ms --backbone vit_small
+               python -m benchmark fit --method dmcac --backbone vit_small
   validate     evaluate a checkpoint on the validation split (--ckpt_path)
   test         evaluate a checkpoint on the test split (--ckpt_path)
   list         registered methods, backbones and datasets
