@@ -11,6 +11,7 @@ tests drive ``training_loss`` and ``embed`` without a Trainer.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
@@ -51,6 +52,10 @@ class RetrievalMethod(L.LightningModule):
             epochs) or ``cosine`` (per step over the whole run).
         lr_milestones: epochs at which ``multistep`` multiplies the lr by ``lr_gamma``.
         lr_gamma: ``multistep`` factor.
+        warmup_steps: linear warm-up of every group's lr from ~0 over this many optimizer
+            steps (0: none), with the ``none`` or ``cosine`` schedule. ViTs trained from
+            random weights need it: Adam's first, poorly estimated steps otherwise disturb
+            the attention layers.
     """
 
     method_name: ClassVar[str] = ""
@@ -69,8 +74,14 @@ class RetrievalMethod(L.LightningModule):
         scheduler: SchedulerName = "none",
         lr_milestones: list[int] | None = None,
         lr_gamma: float = 0.1,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
+        if warmup_steps < 0 or (warmup_steps and scheduler == "multistep"):
+            raise ValueError(
+                f"warmup_steps must be >= 0 and works with scheduler none or cosine; got warmup_steps={warmup_steps}, "
+                f"scheduler={scheduler!r}."
+            )
         self.save_hyperparameters()
         self.backbone_config = backbone or BackboneConfig()
         self.num_classes = num_classes
@@ -222,16 +233,32 @@ class RetrievalMethod(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.9)
         else:
             raise ValueError(f"Unknown optimizer {hp.optimizer!r}; choose adamw, adam, radam or sgd.")
-        if hp.scheduler == "none":
+        warmup = int(hp.get("warmup_steps", 0))
+        if hp.scheduler == "none" and not warmup:
             return opt
         if hp.scheduler == "multistep":
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.lr_milestones or []), gamma=hp.lr_gamma)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if hp.scheduler == "cosine":
-            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        raise ValueError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep or cosine.")
+        if hp.scheduler not in ("none", "cosine"):
+            raise ValueError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep or cosine.")
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=_LrFactor(warmup, total if hp.scheduler == "cosine" else 0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _LrFactor:
+    """lr multiplier at optimizer step t: linear warm-up to 1 over ``warmup`` steps, then
+    (if ``total`` > 0) a cosine decay to 0 at step ``total``. A class, not a closure, so the
+    scheduler's state pickles into checkpoints."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        factor = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.total:
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
+        return factor
 
 
 def load_method(checkpoint_path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> RetrievalMethod:

@@ -113,3 +113,36 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         RetrievalMethod(backbone=BackboneConfig("resnet50", weights=str(tmp_path / "absent.pth")))
+
+
+# ---------------------------------------------------------------------------- lr schedules
+def test_warmup_and_cosine_factors_follow_the_formula() -> None:
+    """Linear warm-up to 1 over W steps, times (1 + cos(pi t / T)) / 2, worked by hand for W = 2, T = 4."""
+    from methods.base import _LrFactor
+
+    warm_only = _LrFactor(warmup=4, total=0)
+    assert [warm_only(t) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    both = _LrFactor(warmup=2, total=4)
+    expected = [0.5 * 1.0, 1.0 * (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2, 0.0, 0.0]
+    assert [both(t) for t in range(6)] == pytest.approx(expected, abs=1e-12)
+    assert [_LrFactor(0, 0)(t) for t in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_warmup_scales_every_parameter_group_per_step() -> None:
+    model = registry.get_method("ms")(
+        backbone=BackboneConfig("resnet_tiny_test", pretrained=False), num_classes=4, image_size=32,
+        lr=1e-3, head_lr_mult=10.0, warmup_steps=3,
+    )  # fmt: skip
+    config = model.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]
+    assert sched["interval"] == "step"
+    seen = []
+    for _ in range(5):
+        seen.append([group["lr"] for group in opt.param_groups])
+        opt.step()
+        sched["scheduler"].step()
+    bases = [1e-3, 1e-2]
+    for t, lrs in enumerate(seen):
+        assert lrs == pytest.approx([b * min(1.0, (t + 1) / 3) for b in bases[: len(lrs)]], rel=1e-12)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        registry.get_method("ms")(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), scheduler="multistep", warmup_steps=5)
