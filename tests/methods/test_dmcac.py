@@ -377,7 +377,7 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
     run = tmp_path / "run"
     args = [
         "fit", "--method", "dmcac", "--backbone", "vit_tiny_test", "--backbone.pretrained", "false",
-        "--trainer.max_steps", "150", "--model.lr", "1e-3", "--data.image_size", "64", "--logger", "csv",
+        "--trainer.max_steps", "150", "--model.lr", "1e-3", "--model.warmup_steps", "0", "--data.image_size", "64", "--logger", "csv",
         "--run_dir", str(run),
         "--trainer.enable_progress_bar", "false",
     ]
