@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.records import DatasetError, DatasetRecords, SplitRecords
-from datamodules.samplers import ClassBalancedBatchSampler
+from datamodules.samplers import ClassBalancedBatchSampler, EpochBatchSampler, ShuffledBatchSampler
 from datamodules.transforms import AugmentConfig, Normalization, ViewRequest, eval_transform, train_transform
 
 Protocol = Literal["paper", "holdout"]
@@ -136,7 +136,10 @@ class RetrievalDataModule(L.LightningDataModule):
         val_fraction: share of training classes held out under ``holdout``.
         split_seed: seed of the holdout class choice (kept apart from the training seed so
             that every run of a sweep validates on the same classes).
-        seed: seed of the training batch sampler.
+        seed: seed of the training batches (which classes and images form each batch);
+            ``None`` (default) follows the run's seed (``--seed_everything``), so that a
+            seed sweep varies the batches as well as the initialisation. Set it to fix the
+            batch sequence across model seeds. The value used is recorded as ``data_seed``.
         augment: training augmentation strength.
         eval_crop_pct: evaluation resize = image_size / eval_crop_pct, then center crop.
         verify_images: ``header`` checks that every listed image exists, parses and is not
@@ -168,7 +171,7 @@ class RetrievalDataModule(L.LightningDataModule):
         protocol: Protocol = "paper",
         val_fraction: float = 0.2,
         split_seed: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         augment: AugmentConfig = AugmentConfig(),
         eval_crop_pct: float = 0.875,
         verify_images: Literal["header", "exists", "none"] = "header",
@@ -189,7 +192,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.augment, self.eval_crop_pct, self.verify_images = augment, eval_crop_pct, verify_images
         self.request = DataRequest()
         self._splits: dict[str, SplitRecords] | None = None
-        self._train_sampler: ClassBalancedBatchSampler | None = None
+        self._train_sampler: EpochBatchSampler | None = None
 
     # ------------------------------------------------------------------ reading
     def read_records(self, root: Path) -> DatasetRecords:
@@ -294,12 +297,24 @@ class RetrievalDataModule(L.LightningDataModule):
         """Classes the training loss sees (flows into the method's classifier heads)."""
         return self.train_records.num_classes
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the training batches: ``seed``, else the run's global seed (0 if none)."""
+        if self.seed is not None:
+            return int(self.seed)
+        global_seed = os.environ.get("PL_GLOBAL_SEED", "0")  # set by lightning's seed_everything
+        return int(global_seed) if global_seed.lstrip("-").isdigit() else 0
+
     def describe(self) -> dict[str, Any]:
         """Flat metadata recorded with every result."""
         return {
             "dataset": self.name,
             "protocol": self.protocol,
             "image_size": self.image_size,
+            "classes_per_batch": self.classes_per_batch,
+            "samples_per_class": self.samples_per_class,
+            "sampler": self.request.sampler,
+            "data_seed": self.data_seed,
             "num_train_classes": self.num_train_classes,
             "num_train_images": len(self.train_records),
             "num_test_images": len(self.test_records),
@@ -337,30 +352,27 @@ class RetrievalDataModule(L.LightningDataModule):
         return eval_transform(self.image_size, self.request.normalization, self.eval_crop_pct)
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches that change every epoch (see :mod:`datamodules.samplers`).
+
+        ``balanced``: n classes x m images per batch; ``shuffle``: plain random batches of
+        n * m images. Both honour ``batches_per_epoch`` and draw per-rank batches under DDP.
+        """
         records = self.train_records
         subset = self.request.train_indices
         dataset = ImageDataset(records, self.train_transform(), subset, load_images=self.request.load_images)
-        labels = records.labels[dataset.indices]  # (N_sub,) labels in dataset order
         world, rank = self._world()
+        batch_size = self.classes_per_batch * self.samples_per_class
         if self.request.sampler == "balanced":
+            labels = records.labels[dataset.indices]  # (N_sub,) labels in dataset order
             self._train_sampler = ClassBalancedBatchSampler(
-                labels,
-                self.classes_per_batch,
-                self.samples_per_class,
-                self.batches_per_epoch,
-                seed=self.seed,
-                num_replicas=world,
-                rank=rank,
+                labels, self.classes_per_batch, self.samples_per_class, self.batches_per_epoch,
+                seed=self.data_seed, num_replicas=world, rank=rank,
             )
-            return DataLoader(dataset, batch_sampler=self._train_sampler, **self._loader_kwargs())
-        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
-        return DataLoader(
-            dataset,
-            batch_size=self.classes_per_batch * self.samples_per_class,
-            sampler=sampler,
-            drop_last=True,
-            **self._loader_kwargs(),
-        )
+        else:
+            self._train_sampler = ShuffledBatchSampler(
+                len(dataset), batch_size, self.batches_per_epoch, seed=self.data_seed, num_replicas=world, rank=rank
+            )
+        return DataLoader(dataset, batch_sampler=self._train_sampler, **self._loader_kwargs())
 
     def eval_dataloader(self, records: SplitRecords) -> DataLoader:
         """Loader over every sample of ``records``; under DDP each rank gets a padded shard."""

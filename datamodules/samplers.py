@@ -1,4 +1,17 @@
-"""Class-balanced batch sampling (n classes x m samples per batch)."""
+"""Training batch samplers: class-balanced (n classes x m images) and plain shuffled batches.
+
+Both are *batch* samplers (``DataLoader(batch_sampler=...)``) that draw a new sequence of
+batches every epoch, deterministically from ``(seed, epoch, rank)``.
+
+How the epoch reaches them. Lightning calls ``set_epoch`` on ``loader.sampler`` and on
+``loader.batch_sampler.sampler`` before every epoch, never on the batch sampler itself, so a
+``set_epoch`` method on a batch sampler alone is never called and every epoch would replay
+the same batches. These samplers therefore expose their epoch state as ``.sampler`` (the
+attribute Lightning reaches, as on ``torch.utils.data.BatchSampler``). And so that a loop
+which never calls ``set_epoch`` (plain PyTorch, another framework) does not replay epoch 0
+forever either, a second pass over the sampler without an intervening ``set_epoch`` moves
+on to the next epoch by itself.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +32,59 @@ def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     return num_replicas, rank
 
 
-class ClassBalancedBatchSampler(Sampler[list[int]]):
+class EpochState:
+    """The epoch a batch sampler draws next; Lightning sets it via ``batch_sampler.sampler.set_epoch``."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.fresh = True  # set_epoch was called since the last pass began
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.fresh = int(epoch), True
+
+    def begin_pass(self) -> int:
+        """The epoch of the pass that starts now (advances by one if nobody set it)."""
+        if not self.fresh:
+            self.epoch += 1
+        self.fresh = False
+        return self.epoch
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shared machinery: seed, rank, epoch state and a fixed number of batches per epoch.
+
+    Subclasses implement :meth:`batches` for one epoch given its random generator.
+    """
+
+    def __init__(
+        self, batches_per_epoch: int, seed: int = 0, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        if batches_per_epoch < 1:
+            raise ValueError(f"batches_per_epoch must be >= 1; got {batches_per_epoch}.")
+        self.num_replicas, self.rank = _dist_info(num_replicas, rank)
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.seed = int(seed)
+        self.sampler = EpochState()
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.sampler.begin_pass()
+        yield from self.batches(epoch)
+
+    def batches(self, epoch: int) -> Iterator[list[int]]:
+        raise NotImplementedError
+
+
+class ClassBalancedBatchSampler(EpochBatchSampler):
     """Yields batches of ``classes_per_batch`` distinct classes x ``samples_per_class`` images.
 
     Epoch: every class is visited about ``len(labels) / (n * m)`` times per epoch, so that an
@@ -27,15 +92,16 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     overrides this). Within an epoch, classes are drawn without replacement from a shuffled
     pool that is refilled when exhausted, so all classes appear equally often.
 
-    Classes with fewer than ``samples_per_class`` images: their images are repeated
-    (sampling with replacement) to fill the slot, unless ``min_samples`` excludes them.
-    Classes with a single image then produce exact duplicates, which losses treat as
-    positives; set ``min_samples=2`` to drop them instead.
+    Images within a class: each class keeps its own shuffled queue of its images, carried
+    across the epoch's visits, so a class with more than m images shows all of them before
+    any repeats (over an epoch, every image of a visited class is drawn); a class with
+    fewer than ``samples_per_class`` images repeats some of them to fill its slot (sampling
+    with replacement), unless ``min_samples`` excludes it. Classes with a single image
+    then give exact duplicates, which losses treat as positives; ``min_samples=2`` drops them.
 
     Determinism: batches depend only on (seed, epoch, rank). Under DDP each rank draws its
     own batches from a rank-specific stream, so ranks see different classes in a step and
     the per-rank batch keeps its n x m composition (the global batch is world_size x n x m).
-    Call :meth:`set_epoch` each epoch (the datamodule does it).
     """
 
     def __init__(
@@ -51,8 +117,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         if classes_per_batch < 1 or samples_per_class < 1:
-            raise ValueError("classes_per_batch and samples_per_class must be >= 1")
-        self.num_replicas, self.rank = _dist_info(num_replicas, rank)
+            raise ValueError(
+                f"classes_per_batch and samples_per_class must be >= 1; got {classes_per_batch} and {samples_per_class}."
+            )
         order = np.argsort(labels, kind="stable")
         classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
         keep = counts >= min_samples
@@ -65,21 +132,15 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 f"fewer than classes_per_batch={classes_per_batch}. Lower classes_per_batch."
             )
         self.n, self.m = classes_per_batch, samples_per_class
-        self.seed, self.epoch = seed, 0
-        total = int(counts[keep].sum())
-        per_rank = total // (self.n * self.m * self.num_replicas)
-        self.batches_per_epoch = batches_per_epoch if batches_per_epoch is not None else max(1, per_rank)
+        world = _dist_info(num_replicas, rank)[0]
+        per_rank = int(counts[keep].sum()) // (self.n * self.m * world)
+        super().__init__(batches_per_epoch if batches_per_epoch is not None else max(1, per_rank), seed, num_replicas, rank)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+    def batches(self, epoch: int) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
         num_classes = len(self.classes)
         pool: list[int] = []
+        queues: dict[int, list[int]] = {}  # class -> its images not yet drawn this epoch
         for _ in range(self.batches_per_epoch):
             if len(pool) < self.n:
                 # Refill with a fresh permutation; avoid repeating a class inside one batch.
@@ -89,6 +150,55 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             batch: list[int] = []
             for c in chosen:
                 members = self._members[c]
-                replace = len(members) < self.m
-                batch.extend(rng.choice(members, size=self.m, replace=replace).tolist())
+                if len(members) < self.m:  # too few images: repeat some of them
+                    batch.extend(rng.choice(members, size=self.m, replace=True).tolist())
+                    continue
+                queue = queues.get(c, [])
+                if len(queue) < self.m:  # refill with a new permutation, no image twice in a slot
+                    fresh = [i for i in rng.permutation(members).tolist() if i not in queue]
+                    queue = queue + fresh
+                batch.extend(queue[: self.m])
+                queues[c] = queue[self.m :]
             yield batch
+
+
+class ShuffledBatchSampler(EpochBatchSampler):
+    """Plain random batches of ``batch_size`` images (no class structure).
+
+    Every epoch shuffles the whole split with a generator shared by all ranks; rank ``r``
+    takes every ``num_replicas``-th image of that order (as ``DistributedSampler`` does), so
+    the ranks' batches are disjoint. An epoch has ``batches_per_epoch`` batches (default:
+    one pass, ``len(indices) // (batch_size * num_replicas)``); a longer epoch continues
+    with the next shuffle, a shorter one stops early.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        world = _dist_info(num_replicas, rank)[0]
+        if num_samples < batch_size * world:
+            raise ValueError(
+                f"The training set has {num_samples} images, fewer than one batch of {batch_size} per process "
+                f"({world} process(es)). Lower the batch size (classes_per_batch * samples_per_class)."
+            )
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        per_rank = num_samples // (batch_size * world)
+        super().__init__(batches_per_epoch if batches_per_epoch is not None else per_rank, seed, num_replicas, rank)
+
+    def batches(self, epoch: int) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])  # the same order on every rank
+        per_pass = self.num_samples // (self.batch_size * self.num_replicas)
+        produced = 0
+        while produced < self.batches_per_epoch:
+            mine = rng.permutation(self.num_samples)[self.rank :: self.num_replicas]  # this rank's share
+            for b in range(min(per_pass, self.batches_per_epoch - produced)):
+                yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+                produced += 1

@@ -1,11 +1,24 @@
-"""Class-balanced batch sampler: composition, coverage, determinism, DDP partitioning."""
+"""Training batch samplers: composition, coverage, determinism, DDP partitioning, and that a
+real Lightning ``Trainer`` draws new batches every epoch (single process and DDP with gloo)."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import lightning as L
 import numpy as np
 import pytest
+import torch
+import torch.multiprocessing as mp
 
-from datamodules.samplers import ClassBalancedBatchSampler
+from datamodules.base import DataRequest
+from datamodules.cub import CUB200
+from datamodules.samplers import ClassBalancedBatchSampler, ShuffledBatchSampler
+from tests.datamodules.fixtures import make_cub
 
 
 def _labels(counts: list[int]) -> np.ndarray:
@@ -33,6 +46,15 @@ def test_epoch_visits_every_class_equally_often() -> None:
     assert len(classes) == 12 and (counts == 2).all()  # 6 batches x 4 classes = 2 full passes
 
 
+def test_one_epoch_draws_every_image_of_classes_larger_than_m() -> None:
+    """Each class's images are queued, so a class visited ceil(count / m) times shows all."""
+    labels = _labels([9, 7, 12, 5, 8, 6, 10, 4])  # every class has more than m = 2 images
+    sampler = ClassBalancedBatchSampler(labels, 4, 2, batches_per_epoch=14, seed=3)
+    drawn = np.concatenate([np.asarray(b) for b in sampler])
+    # 14 batches x 4 classes = 7 visits per class = 14 images >= 12, the largest class
+    assert set(drawn.tolist()) == set(range(len(labels)))
+
+
 def test_small_classes_are_repeated_or_dropped() -> None:
     labels = _labels([1, 2, 8, 8, 8])
     sampler = ClassBalancedBatchSampler(labels, 2, 4, batches_per_epoch=20, seed=0)
@@ -51,9 +73,22 @@ def test_deterministic_under_seed_and_epoch() -> None:
     b = ClassBalancedBatchSampler(labels, 2, 2, seed=3)
     assert list(a) == list(b)
     a.set_epoch(1)
+    b.sampler.set_epoch(1)  # the attribute Lightning reaches
+    assert list(a) == list(b)
+    a.set_epoch(0)
     assert list(a) != list(b)
     c = ClassBalancedBatchSampler(labels, 2, 2, seed=4)
-    assert list(c) != list(b)
+    assert list(c) != list(ClassBalancedBatchSampler(labels, 2, 2, seed=3))
+
+
+def test_a_second_pass_without_set_epoch_moves_on() -> None:
+    """A plain PyTorch loop never calls set_epoch: it must not replay epoch 0 forever."""
+    labels = _labels([4] * 8)
+    sampler = ClassBalancedBatchSampler(labels, 2, 2, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert first != second and sampler.epoch == 1
+    sampler.set_epoch(1)  # an explicit epoch wins and is replayed exactly
+    assert list(sampler) == second
 
 
 def test_ddp_ranks_draw_distinct_batches_with_equal_length() -> None:
@@ -64,3 +99,143 @@ def test_ddp_ranks_draw_distinct_batches_with_equal_length() -> None:
     assert all(x != y for x, y in zip(*batches))
     with pytest.raises(ValueError):
         ClassBalancedBatchSampler(labels, 2, 2, num_replicas=2, rank=2)
+
+
+def test_shuffled_batches_partition_the_set_per_epoch_and_honour_the_length() -> None:
+    sampler = ShuffledBatchSampler(20, 4, seed=0)
+    epoch0 = list(sampler)
+    assert len(epoch0) == len(sampler) == 5
+    assert sorted(i for b in epoch0 for i in b) == list(range(20))  # one pass, no repeats
+    assert list(sampler) != epoch0  # the next epoch reshuffles
+    short = ShuffledBatchSampler(20, 4, batches_per_epoch=3, seed=0)
+    assert len(list(short)) == 3
+    long = ShuffledBatchSampler(20, 4, batches_per_epoch=7, seed=0)
+    assert [len(b) for b in long] == [4] * 7
+    ranks = [list(ShuffledBatchSampler(20, 4, seed=0, num_replicas=2, rank=r)) for r in range(2)]
+    flat = [set(i for b in r for i in b) for r in ranks]
+    assert len(ranks[0]) == 2 and not flat[0] & flat[1]  # disjoint shares
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ShuffledBatchSampler(3, 4)
+
+
+# ---------------------------------------------------------------------------- through a real Trainer
+class IndexRecorder(L.LightningModule):
+    """Records the dataset indices of every training batch; needs no images."""
+
+    def __init__(self, sampler: str = "balanced") -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.sampler = sampler
+        self.seen: list[list[int]] = []
+        self.epochs: list[int] = []
+
+    def setup(self, stage: str) -> None:
+        self.trainer.datamodule.apply_request(DataRequest(load_images=False, sampler=self.sampler))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch["index"].tolist())
+        self.epochs.append(self.current_epoch)
+        return (self.weight - 1.0).pow(2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _datamodule(root: Path, **kwargs: Any) -> CUB200:
+    defaults = dict(root=str(root), image_size=16, classes_per_batch=4, samples_per_class=2, num_workers=0,
+                    verify_images="none")
+    return CUB200(**{**defaults, **kwargs})
+
+
+def _fit(root: Path, epochs: int, run_seed: int, sampler: str = "balanced", **dm: Any) -> IndexRecorder:
+    L.seed_everything(run_seed, verbose=False)
+    module = IndexRecorder(sampler)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
+    )
+    with pytest.warns(UserWarning, match="differs from the published"):
+        trainer.fit(module, datamodule=_datamodule(root, **dm))
+    return module
+
+
+def _by_epoch(module: IndexRecorder) -> list[list[list[int]]]:
+    epochs: dict[int, list[list[int]]] = {}
+    for epoch, batch in zip(module.epochs, module.seen):
+        epochs.setdefault(epoch, []).append(batch)
+    return [epochs[e] for e in sorted(epochs)]
+
+
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 100 training classes with 3..6 images: more than m = 2, so coverage is testable.
+    return make_cub(tmp_path_factory.mktemp("cub"), classes=200, per_class=[3, 4, 5, 6] * 50, images=False).parent
+
+
+@pytest.mark.parametrize("sampler", ["balanced", "shuffle"])
+def test_trainer_epochs_draw_different_batches_and_cover_the_split(cub_root: Path, sampler: str) -> None:
+    """Through Trainer.fit (Lightning decides when set_epoch happens): every epoch is new,
+    and over a few epochs every training image is drawn."""
+    module = _fit(cub_root, epochs=8, run_seed=0, sampler=sampler)
+    epochs = _by_epoch(module)
+    train_size = sum([3, 4, 5, 6] * 25)  # classes 1-100: 450 images
+    assert len(epochs) == 8 and all(len(e) == train_size // 8 for e in epochs)  # one pass of n * m = 8
+    for a in range(8):
+        for b in range(a):
+            assert epochs[a] != epochs[b], (a, b)
+    drawn = {i for e in epochs for batch in e for i in batch}
+    assert drawn == set(range(train_size))
+
+
+def test_trainer_honours_batches_per_epoch(cub_root: Path) -> None:
+    for sampler in ("balanced", "shuffle"):
+        module = _fit(cub_root, epochs=2, run_seed=0, sampler=sampler, batches_per_epoch=3)
+        assert [len(e) for e in _by_epoch(module)] == [3, 3], sampler
+
+
+def test_trainer_seed_sets_the_batches_and_data_seed_fixes_them(cub_root: Path) -> None:
+    a = _fit(cub_root, epochs=2, run_seed=1, batches_per_epoch=5)
+    b = _fit(cub_root, epochs=2, run_seed=1, batches_per_epoch=5)
+    c = _fit(cub_root, epochs=2, run_seed=2, batches_per_epoch=5)
+    assert a.seen == b.seen and a.seen != c.seen  # --seed_everything moves the batches
+    d = _fit(cub_root, epochs=2, run_seed=1, batches_per_epoch=5, seed=7)
+    e = _fit(cub_root, epochs=2, run_seed=2, batches_per_epoch=5, seed=7)
+    assert d.seen == e.seen != a.seen  # an explicit data seed fixes them across model seeds
+
+
+def _ddp_worker(rank: int, port: int, root: str, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    module = IndexRecorder()
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
+        default_root_dir=out_dir,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=_datamodule(Path(root), batches_per_epoch=4))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(_by_epoch(module)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_draw_different_batches_and_new_ones_each_epoch(cub_root: Path, tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(_free_port(), str(cub_root), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for epochs in ranks:
+        assert [len(e) for e in epochs] == [4, 4, 4]
+        assert epochs[0] != epochs[1] != epochs[2] != epochs[0]  # a rank's epochs differ
+    for e in range(3):
+        assert all(a != b for a, b in zip(ranks[0][e], ranks[1][e]))  # ranks differ in every step
