@@ -86,6 +86,35 @@ def _has_option(argv: list[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") or a.startswith(name + ".") for a in argv)
 
 
+def _option_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` / ``--name=VALUE`` in argv (the last one), without removing it."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` with ``<run>/config.yaml``)."""
+    if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
+        return None
+    path = Path(ckpt_path).expanduser()
+    run = path.parent.parent
+    return run if path.parent.name == "checkpoints" and (run / "config.yaml").is_file() else None
+
+
+def _config_class(config_path: Path, section: str) -> str | None:
+    import yaml
+
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    value = (config.get(section) or {}).get("class_path") if isinstance(config.get(section), dict) else None
+    return str(value) if value else None
+
+
 def resolve_recipe(method: str, data: str, recipe: str | None) -> Path | None:
     """The recipe for (method, data): explicit path, ``none``, or configs/<method>/<data>.yaml."""
     if recipe == "none":
@@ -99,20 +128,47 @@ def resolve_recipe(method: str, data: str, recipe: str | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def rewrite_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Turn the short flags into LightningCLI arguments; return (argv, run info)."""
+def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Turn the short flags into LightningCLI arguments; return (argv, run info).
+
+    ``test`` / ``validate`` with ``--ckpt_path`` of a run's checkpoint evaluate what was
+    trained: the run's own saved ``config.yaml`` (data, protocol, image size, evaluation
+    settings) replaces the recipe, and explicit options still override it.
+    """
     argv = list(argv)
     registry.discover(_pop_option(argv, "--plugin", repeat=True))
     methods = _pop_option(argv, "--method")
     datas = [a for a in _pop_option(argv, "--data")]
     recipe = (_pop_option(argv, "--recipe") or [None])[0]
-    logger = (_pop_option(argv, "--logger") or ["wandb"])[0]
+    loggers = _pop_option(argv, "--logger")
+    logger = (loggers or ["wandb"])[0]
     run_dir = (_pop_option(argv, "--run_dir") or [None])[0]
     if logger not in LOGGERS:
         raise CLIError(f"Unknown logger {logger!r}. Choose one of: {', '.join(LOGGERS)}.")
     backbone = _pop_option(argv, "--backbone")
     argv = [a.replace("--backbone.", "--model.backbone.", 1) if a.startswith("--backbone.") else a for a in argv]
     user_config = _has_option(argv, "--config")
+    ckpt_path = _option_value(argv, "--ckpt_path")
+    if ckpt_path not in (None, "best", "last", "hpc", "registry") and not Path(ckpt_path).expanduser().is_file():
+        raise CLIError(f"Checkpoint {ckpt_path} (--ckpt_path) does not exist.")
+    run_config = None
+    if subcommand in ("test", "validate") and not user_config:
+        source = run_dir_of_checkpoint(ckpt_path)
+        if source is not None:
+            run_config = source / "config.yaml"
+            for flag, given, section in (("--method", methods, "model"), ("--data", datas, "data")):
+                trained = _config_class(run_config, section)
+                wanted = registry.class_path(
+                    (registry.get_method if section == "model" else registry.get_dataset)(given[0])
+                ) if given and "." not in given[0] else (given[0] if given else None)
+                if wanted and trained and wanted != trained:
+                    raise CLIError(
+                        f"{flag} {given[0]} differs from the run that wrote {ckpt_path} ({trained}). "
+                        f"Leave {flag} out to evaluate the run as trained, or pass --config FILE to use other settings."
+                    )
+            methods, datas, user_config = [], [], True
+            if recipe not in (None, "auto", "none"):
+                raise CLIError("--recipe cannot be combined with a run's checkpoint: the run's own config.yaml is used.")
 
     prefix: list[str] = []
     method = methods[0] if methods else None
@@ -144,9 +200,14 @@ def rewrite_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
         recipe_path = resolve_recipe(method or "", data or "", recipe)
     if recipe_path is not None:
         prefix += ["--config", str(recipe_path)]
+    if run_config is not None:
+        prefix += ["--config", str(run_config)]
     if backbone:
         prefix += ["--model.backbone.name", backbone[0]]
-    info = {"method": method, "data": data, "recipe": recipe_path, "logger": logger, "run_dir": run_dir}
+    info = {
+        "method": method, "data": data, "recipe": recipe_path, "logger": logger, "run_dir": run_dir,
+        "run_config": run_config, "ckpt_path": ckpt_path, "command": subcommand, "logger_default": not loggers,
+    }
     return prefix + argv, info
 
 
@@ -156,45 +217,84 @@ def _make_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     from benchmark.evaluation import RetrievalEvaluator
+    from benchmark.training import AtomicCheckpointIO, RunStatus, resolve_precision
 
     class BenchmarkCLI(LightningCLI):
         run_info: dict[str, Any] = {}
+        status: RunStatus | None = None
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
         def _run_dir(self) -> Path:
+            """Where this run writes: --run_dir, the run a checkpoint belongs to, or a new folder.
+
+            A new folder is created exclusively (a suffix is added if the name is taken), so two
+            runs started in the same second never share one. ``fit --ckpt_path`` of a run's
+            checkpoint continues that run's folder; ``test``/``validate`` record into it.
+            """
             info = self.run_info
-            if info.get("run_dir"):
-                return Path(info["run_dir"])
             env = os.environ.get("DML_BENCHMARK_RUN_DIR")
-            if env:  # set by rank 0 so that DDP workers write into the same folder
+            if env and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP worker: rank 0 chose the folder
                 return Path(env)
-            model_name = getattr(self.model, "method_name", "") or type(self.model).__name__
-            data_name = getattr(self.datamodule, "name", "") or type(self.datamodule).__name__
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = Path("runs") / f"{model_name}-{data_name}-{self.model.backbone_config.name}-{stamp}"
+            if info.get("run_dir"):
+                path = Path(info["run_dir"]).expanduser()
+                if path.exists() and not path.is_dir():
+                    raise CLIError(f"--run_dir {path} is a file; name a folder (it is created if missing).")
+                resuming = run_dir_of_checkpoint(info.get("ckpt_path")) == path
+                if info.get("command") == "fit" and not resuming and (path / "config.yaml").exists():
+                    raise CLIError(
+                        f"--run_dir {path} already holds a run. Choose a new folder, or continue that run with "
+                        f"--ckpt_path {path / 'checkpoints' / 'last.ckpt'}."
+                    )
+            else:
+                path = run_dir_of_checkpoint(info.get("ckpt_path"))
+            if path is None:
+                model_name = getattr(self.model, "method_name", "") or type(self.model).__name__
+                data_name = getattr(self.datamodule, "name", "") or type(self.datamodule).__name__
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                base = Path("runs") / f"{model_name}-{data_name}-{self.model.backbone_config.name}-{stamp}"
+                path, n = base, 1
+                base.parent.mkdir(parents=True, exist_ok=True)
+                while True:
+                    try:
+                        path.mkdir()
+                        break
+                    except FileExistsError:
+                        n += 1
+                        path = base.with_name(f"{base.name}-{n}")
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                probe = path / f".write-test-{os.getpid()}"
+                probe.touch()
+                probe.unlink()
+            except OSError as err:
+                raise CLIError(f"Cannot write into the run directory {path}: {err}. Pass --run_dir to a writable folder.") from err
             os.environ["DML_BENCHMARK_RUN_DIR"] = str(path)
             return path
 
         def instantiate_trainer(self, **kwargs: Any):
             run_dir = self._run_dir()
-            run_dir.mkdir(parents=True, exist_ok=True)
+            command = self.run_info.get("command") or "fit"
             meta = {**self.datamodule.describe(), **self.model.describe()}
             seed = self._get(self.config, "seed_everything")
             meta["seed"] = seed
+            trainer_cfg = self._get(self.config_init, "trainer", default={})
             callbacks = [RetrievalEvaluator()]
-            # The best checkpoint by val/R@1 first (trainer.checkpoint_callback, ckpt_path="best"),
-            # then last.ckpt after every validation: Lightning's own save_last only rewrites it
-            # when a new best was saved, which would make resuming lose epochs.
+            # The best checkpoint by the metric the method is judged by (trainer.checkpoint_callback,
+            # ckpt_path="best"), after each validation; then last.ckpt at the end of every training
+            # epoch (after its validation, if any), so that a run validated every few epochs can
+            # still be resumed from its latest epoch.
+            selection = getattr(self.model, "selection_metric", "val/R@1")
             callbacks.append(
                 ModelCheckpoint(
                     dirpath=run_dir / "checkpoints",
                     filename="best-{epoch}-{step}",
-                    monitor="val/R@1",
-                    mode="max",
-                    save_on_train_epoch_end=False,  # after validation has computed val/R@1
+                    monitor=selection,
+                    mode=getattr(self.model, "selection_mode", "max"),
+                    auto_insert_metric_name=False,
+                    save_on_train_epoch_end=False,  # after validation has computed the metric
                 )
             )
             callbacks.append(
@@ -203,21 +303,43 @@ def _make_cli_class():
                     filename="last",
                     monitor=None,
                     save_top_k=1,
+                    every_n_epochs=1,
+                    save_on_train_epoch_end=True,
                     enable_version_counter=False,
                 )
             )
-            logger = build_logger(self.run_info.get("logger", "wandb"), run_dir, meta)
-            if logger is not None:
+            if self.status is not None:
+                self.status.command = command
+                callbacks.append(self.status)
+            precision, reason = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
+            meta["precision"] = str(precision)
+            logger_name = self.run_info.get("logger") or "wandb"
+            if command != "fit" and self.run_info.get("run_config") and self.run_info.get("logger_default", True):
+                logger_name = "none"  # evaluating a run's checkpoint: its results go into its folder
+            logger = build_logger(logger_name, run_dir, meta)
+            if logger is not None and command == "fit":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
             kwargs.setdefault("default_root_dir", str(run_dir))
             kwargs["logger"] = logger if logger is not None else False
-            trainer_cfg = self._get(self.config_init, "trainer", default={})
             existing = trainer_cfg.get("callbacks") or []
             kwargs["callbacks"] = list(existing) + callbacks
+            plugins = trainer_cfg.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(hasattr(p, "save_checkpoint") for p in plugins):
+                plugins.append(AtomicCheckpointIO())
+            kwargs["plugins"] = plugins
             self.run_dir = run_dir
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+            if trainer.is_global_zero:
+                print(f"[benchmark] precision: {trainer.precision} ({reason})", file=sys.stderr)
+                print(f"[benchmark] run directory: {run_dir}", file=sys.stderr)
+            if command == "fit" and self.status is not None:
+                self.status.start(run_dir)
+            return trainer
 
         def before_fit(self) -> None:
+            if self.run_info.get("ckpt_path"):
+                return  # resuming: the run's pre-training evaluation is already recorded
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
         def after_fit(self) -> None:
@@ -236,9 +358,7 @@ def build_logger(name: str, run_dir: Path, meta: dict[str, Any]):
     if name == "none":
         return None
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name="", version="")
+        return _csv_logger(run_dir)
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -258,6 +378,34 @@ def build_logger(name: str, run_dir: Path, meta: dict[str, Any]):
     )
 
 
+def _csv_logger(run_dir: Path):
+    """Lightning's CSVLogger writing ``<run_dir>/metrics.csv``, continuing an existing file.
+
+    Lightning deletes an existing metrics.csv when its writer is created, which would erase
+    the first part of a resumed run's log; the file is set aside while the logger is built
+    and its header given to the writer, which then appends (widening the header if needed).
+    """
+    import csv
+    import warnings
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    existing = run_dir / "metrics.csv"
+    kept = existing.with_name(f".metrics.csv.{os.getpid()}.resume") if existing.is_file() else None
+    if kept is not None:
+        os.replace(existing, kept)
+    logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        writer = logger.experiment
+    if kept is not None:
+        os.replace(kept, existing)
+        with open(existing, newline="") as f:
+            header = next(csv.reader(f), [])
+        writer.metrics_keys = sorted(header)
+    return logger
+
+
 def _wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -265,28 +413,39 @@ def _wandb_logged_in() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def build_cli(subcommand: str | None, argv: list[str], run: bool = True):
-    """Rewrite the short flags and run (or only instantiate, ``run=False``) the LightningCLI."""
-    info: dict[str, Any] = {}
+def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status: Any = None):
+    """Rewrite the short flags and run (or only instantiate, ``run=False``) the LightningCLI.
+
+    ``status`` (a :class:`benchmark.training.RunStatus`) records the run's state in its folder.
+    """
+    from benchmark.training import BenchmarkTrainer
+
+    info: dict[str, Any] = {"command": subcommand}
     if any(a in ("-h", "--help") for a in argv):
         registry.discover()
     else:
-        argv, info = rewrite_args(argv)
-        if info["recipe"] is not None and not any(a.startswith("--print_config") for a in argv):
+        argv, info = rewrite_args(argv, subcommand)
+        if info["run_config"] is not None:
+            print(f"[benchmark] config: {info['run_config']} (the run that wrote the checkpoint)", file=sys.stderr)
+        elif info["recipe"] is not None and not any(a.startswith("--print_config") for a in argv):
             print(f"[benchmark] recipe: {info['recipe']}", file=sys.stderr)
     cli_cls = _make_cli_class()
     cli_cls.run_info = info
+    cli_cls.status = status
     from datamodules.base import RetrievalDataModule
     from methods.base import RetrievalMethod
 
+    # fit saves the resolved config as config.yaml; test/validate of a run save theirs beside it.
+    config_name = "config.yaml" if subcommand in (None, "fit") else f"config_{subcommand}.yaml"
     return cli_cls(
         RetrievalMethod,
         RetrievalDataModule,
+        trainer_class=BenchmarkTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
         auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "config_filename": config_name},
         trainer_defaults={"use_distributed_sampler": False, "log_every_n_steps": 10},
         args=([subcommand] if subcommand else []) + argv,
         run=run,
@@ -358,6 +517,57 @@ def cmd_leaderboard(argv: list[str]) -> int:
     return leaderboard_main(argv)
 
 
+def _run_training_command(command: str, argv: list[str]) -> int:
+    """fit / validate / test with the run's status recorded and exit codes as documented.
+
+    0 completed, 2 user error, 1 failure, 130 interrupted by SIGINT, 143 by SIGTERM.
+    """
+    from benchmark.training import EXIT_INTERNAL, EXIT_USER, RunStatus
+    from methods.base import NonFiniteLossError
+
+    status = RunStatus(command)
+    status.install_signal_handlers()
+    try:
+        build_cli(command, argv, status=status)
+    except SystemExit as exit_:  # argparse errors (2), Lightning's exits after a signal
+        code = status.exit_code_for_signal()
+        if code is None:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USER)
+            if code == 0:
+                status.write("completed", 0)
+                return 0
+            status.write("failed", code, "exited during start-up" if code == EXIT_USER else f"exit {code}")
+            return code
+        reason = f"stopped by {'SIGINT' if code == 130 else 'SIGTERM'}"
+        if status.checkpoint is not None:
+            reason += f"; resume with --ckpt_path {status.checkpoint}"
+        status.write("interrupted", code, reason)
+        print(f"[benchmark] {reason}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        status.write("interrupted", 130, "stopped by SIGINT")
+        return 130
+    except NonFiniteLossError as err:
+        status.write("failed", EXIT_INTERNAL, str(err))
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except BaseException as err:
+        user_error = isinstance(err, CLIError) or _is_user_error(err)
+        status.write("failed", EXIT_USER if user_error else EXIT_INTERNAL, f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        status.restore_signal_handlers()
+    status.write("completed", 0)
+    return 0
+
+
+def _is_user_error(err: BaseException) -> bool:
+    from benchmark.backbones import WeightsUnavailableError
+    from datamodules.records import DatasetError
+
+    return isinstance(err, (WeightsUnavailableError, DatasetError, registry.UnknownNameError))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -367,8 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard}
     try:
         if command in ("fit", "validate", "test"):
-            build_cli(command, rest)
-            return 0
+            return _run_training_command(command, rest)
         if command in commands:
             return commands[command](rest)
         raise CLIError(
@@ -378,10 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # known user-facing errors: print the message, not a traceback
-        from benchmark.backbones import WeightsUnavailableError
-        from datamodules.records import DatasetError
-
-        if isinstance(err, (WeightsUnavailableError, DatasetError, registry.UnknownNameError)):
+        if _is_user_error(err):
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise

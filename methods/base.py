@@ -60,6 +60,11 @@ class RetrievalMethod(L.LightningModule):
 
     method_name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: The validation metric the method is judged by: it selects the "best" checkpoint and,
+    #: under the holdout protocol, the checkpoint that is tested. A method whose judged output
+    #: is refined (or otherwise derived) names that metric, e.g. ``val/refined/R@1``.
+    selection_metric: ClassVar[str] = "val/R@1"
+    selection_mode: ClassVar[Literal["max", "min"]] = "max"
 
     def __init__(
         self,
@@ -206,6 +211,7 @@ class RetrievalMethod(L.LightningModule):
             "backbone": self.backbone_config.name,
             "pretrained": bool(self.backbone_config.pretrained or self.backbone_config.weights),
             "embedding_dim": self.embedding_dim,
+            "selection_metric": self.selection_metric,
         }
 
     # ------------------------------------------------------------------ optimisation

@@ -602,6 +602,8 @@ class ContextRefine(RetrievalMethod):
     """
 
     description = "Context-Refine CA: cross-attention over k-NN context refines frozen embeddings"
+    # The frozen initial embeddings never change: the method is judged by its refined output.
+    selection_metric = "val/refined/R@1"
 
     def __init__(
         self,

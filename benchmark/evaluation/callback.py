@@ -342,6 +342,40 @@ class RetrievalEvaluator(Callback):
         parts = [str(meta[k]) for k in ("method", "backbone", "dataset", "protocol") if meta.get(k)]
         return "Test metrics" + (f": {' / '.join(parts)}" if parts else "")
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Remember what a restored checkpoint is (its epoch, step and how it was selected)."""
+        self._checkpoint_meta = {
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+            "best": [
+                {"monitor": state.get("monitor"), "path": state.get("best_model_path"), "score": state.get("best_model_score")}
+                for key, state in (checkpoint.get("callbacks") or {}).items()
+                if str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping) and state.get("monitor")
+            ],
+        }
+
+    def _evaluated_checkpoint(self, trainer: L.Trainer) -> dict[str, Any]:
+        """Which weights were evaluated: a checkpoint file (path, epoch, step, selection) or the
+        weights in memory at the current epoch and step."""
+        path = getattr(trainer, "ckpt_path", None)
+        if not path:
+            return {"path": None, "epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+                    "selected_by": "the weights in memory (end of training or the current step)"}
+        meta = getattr(self, "_checkpoint_meta", None) or {}
+        info: dict[str, Any] = {"path": str(path), "epoch": meta.get("epoch"), "global_step": meta.get("global_step")}
+        selected = "given checkpoint"
+        live = trainer.checkpoint_callback
+        for best in meta.get("best", []):
+            if best["path"] and Path(best["path"]).name == Path(path).name:
+                selected = f"best {best['monitor']} ({best['score']:.6g})" if best["score"] is not None else f"best {best['monitor']}"
+        if live is not None and getattr(live, "best_model_path", "") and Path(live.best_model_path) == Path(path):
+            score = live.best_model_score
+            selected = f"best {live.monitor}" + (f" ({float(score):.6g})" if score is not None else "")
+        elif Path(path).name == "last.ckpt" and selected == "given checkpoint":
+            selected = "last checkpoint"
+        info["selected_by"] = selected
+        return info
+
     @staticmethod
     def run_dir(trainer: L.Trainer) -> Path:
         """``trainer.log_dir`` (the logger's folder) or ``trainer.default_root_dir``.
@@ -369,6 +403,7 @@ class RetrievalEvaluator(Callback):
                 "epoch": int(trainer.current_epoch),
                 "global_step": int(trainer.global_step),
                 "seconds": round(seconds, 3),
+                **({"checkpoint": self._evaluated_checkpoint(trainer)} if stage == "test" else {}),
                 "metrics": results[""],
                 **({"refined": {k: v for k, v in results.items() if k}} if len(results) > 1 else {}),
             }
@@ -380,6 +415,8 @@ class RetrievalEvaluator(Callback):
             "split": meta.pop(f"{stage}_split", None) or meta.pop("split", None) or stage,
             **meta,
             "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed,
+            "precision": str(trainer.precision),
+            **({"checkpoint": self._evaluated_checkpoint(trainer)} if stage == "test" else {}),
             "recall_ks": list(self.resolved_recall_ks(trainer)),
             "map_at_k": self.map_at_k,
             "nmi": self.resolved_nmi(trainer),

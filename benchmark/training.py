@@ -1,0 +1,254 @@
+"""What every training run shares beyond Lightning's defaults.
+
+* :func:`resolve_precision`: ``precision="auto"`` picks bfloat16 mixed precision only where
+  the hardware runs it natively (CUDA devices with bf16; CPUs with AVX512-BF16 or AMX) and
+  float32 otherwise. On a CPU without native bfloat16 (AVX2 only: most laptops and many
+  cloud VMs) autocast emulates bfloat16 and a ViT step is about 8x slower than in float32.
+* :class:`BenchmarkTrainer`: a ``lightning.Trainer`` whose ``precision`` accepts ``"auto"``
+  (the default), so that recipes and ``--trainer.precision`` share one vocabulary.
+* :class:`AtomicCheckpointIO`: checkpoints are written to a temporary file beside the
+  target and renamed into place, so a run killed while saving never leaves a truncated
+  ``last.ckpt`` (Lightning's own writer stages the file in the system's temp folder and
+  *copies* it when that is another file system).
+* :class:`RunStatus`: ``<run_dir>/status.json`` says whether a run is running, completed,
+  interrupted or failed, with the exit code and the reason; SIGINT (Ctrl-C) and SIGTERM
+  stop training at the end of the current step, write ``last.ckpt`` and exit with 130 and
+  143 as shells report them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from datamodules.base import atomic_write_text
+
+PrecisionInput = _PRECISION_INPUT | Literal["auto"]
+
+EXIT_COMPLETED, EXIT_INTERNAL, EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+# ---------------------------------------------------------------------------- precision
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (Linux); empty elsewhere."""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text(errors="ignore")
+        match = re.search(r"^flags\s*:(.*)$", text, flags=re.MULTILINE)
+        if match:
+            return set(match.group(1).split())
+    return set()
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), and what it has.
+
+    torch's own probes are private (``torch.cpu._is_avx512_bf16_supported``), so they are
+    used when present and /proc/cpuinfo is read otherwise.
+    """
+    probes = {
+        "AMX": getattr(torch.cpu, "_is_amx_tile_supported", None),
+        "AVX512-BF16": getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+    }
+    for name, probe in probes.items():
+        with contextlib.suppress(Exception):
+            if probe is not None and probe():
+                return True, name
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return True, "AMX"
+    if "avx512_bf16" in flags:
+        return True, "AVX512-BF16"
+    with contextlib.suppress(Exception):
+        return False, str(torch.backends.cpu.get_cpu_capability())  # e.g. AVX2, AVX512
+    return False, "no bfloat16 instructions"
+
+
+def cuda_native_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[Any, str]:
+    """Lightning's precision for ``precision`` (``"auto"`` resolved) and the reason, in words.
+
+    ``auto``: ``bf16-mixed`` on a CUDA device with bfloat16 or a CPU with AVX512-BF16/AMX,
+    ``32-true`` otherwise; never fp16 (its overflow needs loss scaling that some losses
+    here do not tolerate). Any other value is returned unchanged.
+    """
+    if precision not in ("auto", None):
+        return precision, "set explicitly"
+    name = str(getattr(accelerator, "__class__", type(None)).__name__) if not isinstance(accelerator, str) else accelerator
+    name = name.lower()
+    on_cuda = ("cuda" in name or name in ("gpu", "auto")) and torch.cuda.is_available()
+    if on_cuda:
+        if cuda_native_bf16():
+            return "bf16-mixed", f"auto: {torch.cuda.get_device_name()} supports bfloat16"
+        return "32-true", f"auto: {torch.cuda.get_device_name()} has no bfloat16"
+    if "mps" in name:
+        return "32-true", "auto: float32 on Apple MPS"
+    native, what = cpu_native_bf16()
+    if native:
+        return "bf16-mixed", f"auto: the CPU computes bfloat16 natively ({what})"
+    return "32-true", f"auto: the CPU has no native bfloat16 ({what}; emulated bfloat16 is ~8x slower than float32)"
+
+
+class BenchmarkTrainer(L.Trainer):
+    """``lightning.Trainer`` with ``precision="auto"`` (the default): see :func:`resolve_precision`.
+
+    The requested and resolved precision and the reason are kept in
+    :attr:`precision_choice` and recorded in every results file.
+    """
+
+    def __init__(self, *args: Any, precision: PrecisionInput | None = "auto", **kwargs: Any) -> None:
+        resolved, reason = resolve_precision(precision, kwargs.get("accelerator", "auto"))
+        self.precision_choice = {"requested": str(precision), "precision": str(resolved), "reason": reason}
+        super().__init__(*args, precision=resolved, **kwargs)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written beside their target and renamed into place (atomic on POSIX)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = str(path)
+        if "://" in target and not target.startswith("file://"):  # remote storage: Lightning's writer
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target_path = Path(target.removeprefix("file://"))
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, target_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+# ---------------------------------------------------------------------------- run status
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+class RunStatus(Callback):
+    """The run's state in ``<run_dir>/status.json`` and graceful stops on SIGINT/SIGTERM.
+
+    States: ``running`` (written when the run starts), ``completed`` (exit 0),
+    ``interrupted`` (SIGINT: 130, SIGTERM: 143) and ``failed`` (an exception: exit 1, or 2
+    for a user error), each with the exit code and a one-line reason.
+
+    Signals: the first SIGINT (Ctrl-C) or SIGTERM asks Lightning to stop at the end of the
+    current training step (Lightning's own SIGTERM path, which also stops the other DDP
+    ranks); the callback then writes ``checkpoints/last.ckpt`` atomically, so that
+    ``fit --ckpt_path <run>/checkpoints/last.ckpt`` continues with the same global step
+    and optimizer state. A second Ctrl-C aborts at once without a checkpoint (the last good
+    ``last.ckpt`` stays). Outside a trainer call (start-up, data preparation) a signal ends
+    the run at once with the same status and exit code.
+    """
+
+    def __init__(self, command: str = "fit") -> None:
+        super().__init__()
+        self.command = command
+        self.run_dir: Path | None = None
+        self.signal: int | None = None
+        self.checkpoint: Path | None = None
+        self.started = _now()
+        self._previous: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ status file
+    @property
+    def path(self) -> Path | None:
+        return self.run_dir / "status.json" if self.run_dir is not None else None
+
+    def write(self, status: str, exit_code: int | None = None, reason: str = "") -> None:
+        """Write the status file (global rank 0 only; DDP workers leave it alone)."""
+        if self.path is None or int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0:
+            return
+        payload = {
+            "status": status,
+            "command": self.command,
+            "exit_code": exit_code,
+            "reason": reason,
+            "started": self.started,
+            "updated": _now(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "argv": sys.argv,
+        }
+        if self.checkpoint is not None:
+            payload["checkpoint"] = str(self.checkpoint)
+        atomic_write_text(self.path, json.dumps(payload, indent=2) + "\n")
+
+    def start(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.write("running")
+
+    # ------------------------------------------------------------------ signals
+    def install_signal_handlers(self) -> None:
+        """Route SIGINT and SIGTERM through :meth:`_on_signal` (main thread only)."""
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        with contextlib.suppress(ValueError):
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Record the first signal; stop gracefully inside a trainer call, at once outside it."""
+        first = self.signal is None
+        if first:
+            self.signal = signum
+        if signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is not self._on_signal:
+            return  # called by Lightning's SIGTERM handler, which stops after the current step
+        if signum == signal.SIGINT and first:
+            lightning_handler = signal.getsignal(signal.SIGTERM)
+            if callable(lightning_handler) and lightning_handler is not self._on_signal:
+                print(
+                    "\n[benchmark] Ctrl-C: stopping after the current step and saving last.ckpt "
+                    "(press Ctrl-C again to abort at once).",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                lightning_handler(signal.SIGTERM, frame)  # Lightning stops at its next safe point
+                return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SIGTERMException()
+
+    def exit_code_for_signal(self) -> int | None:
+        if self.signal == signal.SIGINT:
+            return EXIT_SIGINT
+        if self.signal == signal.SIGTERM:
+            return EXIT_SIGTERM
+        return None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """At a graceful stop during fit, write last.ckpt (the step is complete)."""
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return  # a failure or a hard abort: the last good last.ckpt stays as it is
+        if self.signal is None:
+            self.signal = signal.SIGTERM
+        checkpoints = [c for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        folder = Path(checkpoints[0].dirpath) if checkpoints else Path(trainer.default_root_dir) / "checkpoints"
+        path = folder / "last.ckpt"
+        trainer.save_checkpoint(path)  # a collective under DDP; AtomicCheckpointIO renames into place
+        self.checkpoint = path

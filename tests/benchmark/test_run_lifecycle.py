@@ -1,0 +1,235 @@
+"""A run's life through the real CLI: its folder, status, exit codes, checkpoints, resuming,
+and evaluating a checkpoint with the settings it was trained with.
+
+Signals are sent to a real ``python -m benchmark fit`` subprocess; everything else drives
+``main()`` in-process with a tiny ResNet on the official-layout CUB fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark import cli
+from benchmark.cli import main
+from benchmark.evaluation import retrieval_metrics
+from tests.benchmark.plugin_methods import peak_refinement
+from tests.datamodules import fixtures
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN = ["--plugin", "tests.benchmark.plugin_methods"]
+TINY = ["--backbone", "resnet_tiny_test", "--backbone.pretrained", "false", "--model.embedding_dim", "8"]
+
+
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_cub(tmp_path_factory.mktemp("cub"), classes=200, per_class=3).parent
+
+
+def _args(cub_root: Path, *extra: str, method: str = "ms") -> list[str]:
+    return [
+        "--method", method, "--data", "cub", "--data.root", str(cub_root), "--recipe", "none", *TINY,
+        "--data.image_size", "16", "--data.classes_per_batch", "4", "--data.samples_per_class", "2",
+        "--data.num_workers", "0", "--data.eval_batch_size", "128", "--data.verify_images", "none",
+        "--trainer.enable_progress_bar", "false", *extra,
+    ]
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------- checkpoint selection
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_holdout_tests_the_checkpoint_best_by_the_methods_selection_metric(cub_root: Path, tmp_path: Path) -> None:
+    """The plain val/R@1 never changes; the refined one peaks after epoch 2: that is tested."""
+    run = tmp_path / "run"
+    code = main(["fit", *PLUGIN, *_args(cub_root, method="refine_peak"), "--model.peak", "2",
+                 "--model.weight_decay", "0", "--data.protocol", "holdout", "--data.batches_per_epoch", "2",
+                 "--trainer.max_epochs", "4", "--logger", "none", "--run_dir", str(run)])
+    assert code == 0
+    val = _json(run / "metrics_val.json")["evaluations"]
+    plain = {e["metrics"]["R@1"] for e in val}
+    refined = [e["refined"]["refined"]["R@1"] for e in val[1:]]  # after epochs 0..3
+    assert len(plain) == 1  # constant: a selection by val/R@1 would keep epoch 0
+    assert refined.index(max(refined)) == 2 and refined[2] > refined[1] > refined[0] and refined[3] < refined[2]
+    test = _json(run / "metrics_test.json")
+    assert test["selection_metric"] == "val/refined/R@1"
+    assert test["checkpoint"]["epoch"] == 2 and "val/refined/R@1" in test["checkpoint"]["selected_by"]
+    assert Path(test["checkpoint"]["path"]).name.startswith("best-2-")
+    # The test split's refined metrics are those of the peak's refinement (weight 1), not epoch 0's (weight 0).
+    labels = torch.arange(101, 201).repeat_interleave(3)  # the fixture's test classes, 3 images each
+    flags = torch.ones(300, dtype=torch.bool)
+    peak = retrieval_metrics(peak_refinement(labels, 1.0), labels, flags, flags, recall_ks=(1, 2, 4, 8))
+    first = retrieval_metrics(peak_refinement(labels, 0.0), labels, flags, flags, recall_ks=(1, 2, 4, 8))
+    assert test["refined"]["refined"]["R@1"] == peak["R@1"] > first["R@1"]
+    assert test["refined"]["refined"]["MAP@R"] == peak["MAP@R"]
+
+
+# ---------------------------------------------------------------------------- folders, status, resume
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_runs_started_in_the_same_second_get_their_own_folders(
+    cub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20260101-000000")
+    monkeypatch.delenv("DML_BENCHMARK_RUN_DIR", raising=False)
+    for seed in ("1", "2"):
+        assert main(["fit", *_args(cub_root), "--data.batches_per_epoch", "1", "--trainer.max_epochs", "1",
+                     "--logger", "csv", "--seed_everything", seed]) == 0
+        monkeypatch.delenv("DML_BENCHMARK_RUN_DIR", raising=False)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == [
+        "ms-cub-resnet_tiny_test-20260101-000000", "ms-cub-resnet_tiny_test-20260101-000000-2"
+    ]
+    for run, seed in zip(runs, (1, 2)):
+        assert _json(run / "metrics_test.json")["seed"] == seed
+        assert _json(run / "status.json")["status"] == "completed"
+        assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_fit_refuses_a_run_directory_that_holds_another_run(cub_root: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    args = ["fit", *_args(cub_root), "--data.batches_per_epoch", "1", "--trainer.max_epochs", "1", "--logger", "none"]
+    assert main([*args, "--run_dir", str(run)]) == 0
+    before = (run / "metrics_test.json").read_text()
+    assert main([*args, "--run_dir", str(run), "--seed_everything", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--ckpt_path" in err and "Traceback" not in err
+    assert (run / "metrics_test.json").read_text() == before  # nothing written into it
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_resume_continues_the_run_folder_without_a_new_untrained_evaluation(cub_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    base = ["fit", *_args(cub_root), "--data.batches_per_epoch", "3", "--logger", "csv"]
+    assert main([*base, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "2",
+                 "--run_dir", str(run)]) == 0
+    first = _json(run / "metrics_val.json")["evaluations"]
+    assert [e["global_step"] for e in first] == [0, 6]
+    rows_before = (run / "metrics.csv").read_text().strip().splitlines()
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6
+
+    assert main([*base, "--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "2",
+                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    evaluations = _json(run / "metrics_val.json")["evaluations"]
+    assert [e["global_step"] for e in evaluations] == [0, 6, 12]  # no second step-0 entry
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 12 and state["epoch"] == 3
+    rows_after = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows_after) > len(rows_before)  # the first part of the log is kept
+    steps = [r.split(",") for r in rows_after[1:]]
+    assert any("5" in r for r in steps[: len(rows_before) - 1])
+    assert not list(tmp_path.glob("runs"))  # no second folder
+    assert _json(run / "status.json")["status"] == "completed"
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_last_checkpoint_is_written_every_epoch_even_without_validation(cub_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", *_args(cub_root), "--data.batches_per_epoch", "2", "--trainer.max_epochs", "3",
+                 "--trainer.check_val_every_n_epoch", "4", "--trainer.max_steps", "3", "--logger", "none",
+                 "--run_dir", str(run)]) == 0
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3  # written after epoch 1 though no validation ran since step 0
+
+
+# ---------------------------------------------------------------------------- test --ckpt_path
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_test_of_a_checkpoint_uses_the_runs_own_settings(cub_root: Path, tmp_path: Path, capsys) -> None:
+    """The run trained on 32 px under holdout; the recipe-free default would be 224 px, paper."""
+    run = tmp_path / "run"
+    assert main(["fit", *_args(cub_root), "--data.image_size", "32", "--data.protocol", "holdout",
+                 "--data.batches_per_epoch", "2", "--trainer.max_epochs", "1", "--logger", "none",
+                 "--run_dir", str(run)]) == 0
+    trained = _json(run / "metrics_test.json")
+    last = run / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main(["test", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false"]) == 0
+    assert f"config: {run / 'config.yaml'}" in capsys.readouterr().err
+    tested = _json(run / "metrics_test.json")
+    assert tested["image_size"] == 32 and tested["protocol"] == "holdout"
+    assert tested["metrics"] == trained["metrics"]  # the same model on the same data
+    assert tested["checkpoint"]["path"] == str(last) and tested["checkpoint"]["global_step"] == 2
+    assert tested["checkpoint"]["selected_by"] == "last checkpoint"
+    assert len(tested["evaluations"]) == 2  # recorded in the run, after the fit's own test
+    assert (run / "config_test.yaml").is_file() and "image_size: 32" in (run / "config.yaml").read_text()
+    # An explicit option still wins over the run's config.
+    assert main(["test", "--ckpt_path", str(last), "--data.eval_batch_size", "7",
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert "eval_batch_size: 7" in (run / "config_test.yaml").read_text()
+    assert main(["test", "--ckpt_path", str(last), "--method", "margin"]) == 2
+    assert "differs from the run" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_named_before_anything_else(capsys) -> None:
+    assert main(["test", "--method", "ms", "--ckpt_path", "nope.ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.ckpt" in err and "does not exist" in err
+
+
+# ---------------------------------------------------------------------------- signals
+def _start_fit(cub_root: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DML_BENCHMARK_DATA": str(tmp_path / "data"),
+           "PYTHONWARNINGS": "ignore"}
+    env.pop("DML_BENCHMARK_RUN_DIR", None)
+    cmd = [sys.executable, "-m", "benchmark", "fit", *PLUGIN, *_args(cub_root, method="step_marker"),
+           "--model.marker", str(marker), "--model.marker_step", "3", "--data.batches_per_epoch", "400",
+           "--trainer.max_epochs", "1", "--logger", "none", "--run_dir", str(run), *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, run, marker
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"fit ended before {path.name} appeared:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path.name} did not appear within {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("signum", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signalled_fit_stops_saves_last_ckpt_and_exits_non_zero(
+    cub_root: Path, tmp_path: Path, signum: int, code: int, name: str
+) -> None:
+    proc, run, marker = _start_fit(cub_root, tmp_path)
+    _wait_for(marker, proc)  # at least 3 optimizer steps taken, the epoch has 400
+    assert _json(run / "status.json")["status"] == "running"
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out
+    status = _json(run / "status.json")
+    assert status["status"] == "interrupted" and status["exit_code"] == code and name in status["reason"]
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    stopped_at = state["global_step"]
+    assert 3 <= stopped_at < 400 and state["optimizer_states"]
+    assert not (run / "metrics_test.json").exists()  # an interrupted fit is not tested
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+    if signum == signal.SIGTERM:  # resuming continues from the saved step
+        resumed = subprocess.run(
+            [sys.executable, "-m", "benchmark", "fit", *PLUGIN, *_args(cub_root, method="step_marker"),
+             "--data.batches_per_epoch", "400", "--trainer.max_epochs", "1", "--trainer.max_steps",
+             str(stopped_at + 2), "--logger", "none", "--ckpt_path", str(last)],
+            cwd=REPO, env={**os.environ, "DML_BENCHMARK_DATA": str(tmp_path / "data"), "PYTHONWARNINGS": "ignore"},
+            capture_output=True, text=True, timeout=300,
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        assert state["global_step"] == stopped_at + 2
+        assert _json(run / "status.json")["status"] == "completed"
