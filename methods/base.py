@@ -3,8 +3,8 @@
 A method subclasses :class:`RetrievalMethod`, registers itself by name, and implements
 :meth:`training_loss`. Everything a method does not override behaves the same for all:
 evaluation batches return L2-normalised embeddings for the one evaluation callback, the
-optimiser and schedule come from the constructor, and a non-finite loss stops training
-with a message instead of silently corrupting the weights. Methods are plain modules:
+optimiser and schedule come from the constructor, and a non-finite loss, gradient or
+weight norm stops training with a message before the weights change. Methods are plain modules:
 tests drive ``training_loss`` and ``embed`` without a Trainer.
 """
 
@@ -31,7 +31,7 @@ SchedulerName = Literal["none", "multistep", "cosine"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """Training diverged: the loss, the gradients or the weights became NaN or infinite."""
 
 
 class RetrievalMethod(L.LightningModule):
@@ -155,18 +155,46 @@ class RetrievalMethod(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.training_loss(batch)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise NonFiniteLossError(
-                f"{self.method_name or type(self).__name__}: non-finite loss at step {self.global_step} ({parts}). "
-                "Lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val), "
-                "or use fp32 instead of fp16 mixed precision."
-            )
+        self._step_terms = {k: v.detach() for k, v in terms.items()}  # checked before the optimizer step
         batch_size = len(batch["label"])
         for name, value in terms.items():
             key = "train/loss" if name == "loss" else f"train/{name}"
             self.log(key, value.detach(), prog_bar=name == "loss", batch_size=batch_size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop a diverging run before its weights change: the loss, the gradient norm and the
+        parameter norm of this step must be finite.
+
+        Checking the loss alone misses most divergences: the embeddings are L2-normalised, so
+        the loss stays finite while the weights grow without bound (Adam at lr 1e6 reached
+        weights of 7e25 with a finite loss); their norm overflows float32 long before the
+        weights become inf. One device sync per step for all three numbers. Under fp16 mixed
+        precision non-finite gradients are the loss scaler's business (it skips the step).
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        terms = getattr(self, "_step_terms", {})
+        loss = terms.get("loss", grads[0].new_zeros(()))
+        grad_norm = _total_norm(grads)
+        if str(getattr(self._trainer, "precision", "")).startswith("16"):
+            grad_norm = grad_norm.new_zeros(())
+        else:
+            self.log("train/grad_norm", grad_norm, batch_size=1)
+        health = torch.stack([loss.float().reshape(()), grad_norm, _total_norm(params)])  # (3,)
+        if bool(torch.isfinite(health).all()):
+            return
+        what = [name for name, ok in zip(("loss", "gradient norm", "parameter norm"), torch.isfinite(health).tolist()) if not ok]
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        raise NonFiniteLossError(
+            f"{self.method_name or type(self).__name__}: training diverged at step {self.global_step}: non-finite "
+            f"{' and '.join(what)} ({parts}; gradient norm {health[1].item():.4g}, parameter norm "
+            f"{health[2].item():.4g}). The weights were not updated with this step and checkpoints/last.ckpt "
+            "holds the last completed epoch. Lower the learning rate, enable gradient clipping "
+            "(--trainer.gradient_clip_val 1), or use fp32 instead of fp16 mixed precision."
+        )
 
     def data_request(self) -> DataRequest:
         """What this method needs from the training data (normalisation, views, ...)."""
@@ -250,6 +278,12 @@ class RetrievalMethod(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=_LrFactor(warmup, total if hp.scheduler == "cosine" else 0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together, in float32 (inf if it overflows)."""
+    norms = torch._foreach_norm([t.detach() for t in tensors])  # one kernel per dtype/device group
+    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
 
 
 class _LrFactor:

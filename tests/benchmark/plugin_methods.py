@@ -3,6 +3,7 @@
 * ``step_marker``: the Multi-Similarity baseline that touches a file once it has taken a
   given number of optimizer steps and then slows down, so that a test can signal a fit
   mid-epoch (after training has started, before the epoch ends).
+* ``nan_at_step``: the Multi-Similarity baseline whose loss becomes NaN from a given step on.
 * ``refine_peak``: a method judged by its refined output (``val/refined/R@1``), whose plain
   embeddings never change (lr 0) and whose refinement improves for ``peak`` epochs and then
   degrades, so the epoch that a correct checkpoint selection picks is known in advance.
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.registry import register_method
-from methods.baselines import MultiSimilarity
 from methods.base import RetrievalMethod
+from methods.baselines import MultiSimilarity
 
 
 @register_method("step_marker")
@@ -34,6 +35,21 @@ class StepMarker(MultiSimilarity):
         if self.marker and self.global_step >= self.marker_step:
             Path(self.marker).touch()
             time.sleep(self.sleep_s)
+
+
+@register_method("nan_at_step")
+class NanAtStep(MultiSimilarity):
+    """MS loss, multiplied by NaN from optimizer step ``nan_step`` on."""
+
+    def __init__(self, nan_step: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nan_step = nan_step
+
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        terms = super().training_loss(batch)
+        if self.global_step >= self.nan_step:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
 
 
 @register_method("refine_peak")

@@ -233,3 +233,39 @@ def test_a_signalled_fit_stops_saves_last_ckpt_and_exits_non_zero(
         state = torch.load(last, map_location="cpu", weights_only=False)
         assert state["global_step"] == stopped_at + 2
         assert _json(run / "status.json")["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------- divergence
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(
+    cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    code = main(["fit", *PLUGIN, *_args(cub_root, method="nan_at_step"), "--model.nan_step", "4",
+                 "--data.batches_per_epoch", "3", "--trainer.max_epochs", "3", "--logger", "none",
+                 "--run_dir", str(run)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "training diverged at step 4: non-finite loss" in err and "Traceback" not in err
+    status = _json(run / "status.json")
+    assert status["status"] == "failed" and status["exit_code"] == 1 and "diverged" in status["reason"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3  # epoch 0's checkpoint, written before the NaN, intact
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert not (run / "metrics_test.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_exploding_weights_with_a_finite_loss_are_caught(
+    cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """AdamW at lr 1e6: the weight decay multiplies the weights by -99 per step; the loss on
+    L2-normalised embeddings stays finite, the parameter norm overflows float32 first."""
+    run = tmp_path / "run"
+    code = main(["fit", *_args(cub_root), "--model.lr", "1e6", "--model.weight_decay", "1e-4",
+                 "--data.batches_per_epoch", "40", "--trainer.max_epochs", "1", "--logger", "none",
+                 "--run_dir", str(run)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "parameter norm" in err
+    assert _json(run / "status.json")["status"] == "failed"
