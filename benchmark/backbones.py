@@ -9,6 +9,8 @@ offline-weights policy (never fall back to random weights silently).
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -104,6 +106,93 @@ def _weights_message(preset: BackbonePreset, name: str, err: BaseException) -> s
     )
 
 
+def _describe_file(raw: Any) -> str:
+    """What a loaded weights file holds, in words, for error messages."""
+    if isinstance(raw, dict) and ("pytorch-lightning_version" in raw or "method_name" in raw):
+        method = raw.get("method_name")
+        return f"a Lightning checkpoint{f' of this benchmark (method {method!r})' if method else ''}"
+    if isinstance(raw, dict):
+        return f"a dict with {len(raw)} entries, e.g. {', '.join(map(str, list(raw)[:4]))}"
+    return f"a {type(raw).__name__}, not a state dict"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights_strict(model: nn.Module, path: Path, backbone: str) -> str:
+    """Load a local state dict into a timm ``model``; every key must match. Returns the file's SHA-256.
+
+    timm's pretrained loader drops the classifier and then loads *non-strictly*, so a file
+    for another architecture (or a Lightning checkpoint, whose keys carry a prefix) loads
+    nothing and leaves the random initialisation, with only a log line. Here only the
+    classifier head (absent from an encoder with ``num_classes=0``) may be missing from the
+    model; any other unmatched key is an error that says what the file contains. The
+    model family's own checkpoint filter (timm's ``checkpoint_filter_fn``, e.g. resampling
+    ViT position embeddings to another image size) is applied first, as timm does.
+    """
+    flag = "--backbone.weights"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # safetensors, pickle and zip errors alike: the file is unreadable
+        raise WeightsUnavailableError(
+            f"Cannot read the weights file {path} ({flag}): {type(err).__name__}: {err}. It must be a state dict "
+            "saved with torch.save or safetensors."
+        ) from err
+    what = _describe_file(raw)
+    if "Lightning checkpoint" in what:
+        raise WeightsUnavailableError(
+            f"{path} ({flag}) is {what}, not encoder weights. To evaluate or continue that run, pass it as "
+            "--ckpt_path. To start an encoder from it, save its encoder entries as a state dict first: "
+            "python -c \"import torch; c = torch.load('IN.ckpt', weights_only=False)['state_dict']; "
+            "torch.save({k[len('encoder.model.'):]: v for k, v in c.items() if k.startswith('encoder.model.')}, "
+            "'encoder.pth')\"."
+        )
+    if isinstance(raw, dict):
+        for key in ("state_dict", "model", "module"):  # common wrappers (timm, torchvision, DDP)
+            if key in raw and isinstance(raw[key], dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values()):
+                raw = raw[key]
+                break
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise WeightsUnavailableError(f"{path} ({flag}) is {what}; expected a state dict of tensors for '{backbone}'.")
+    state = {str(k).removeprefix("module."): v for k, v in raw.items()}
+    module = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    head = model.pretrained_cfg.get("classifier")
+    heads = (head,) if isinstance(head, str) else tuple(head or ())
+    state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise WeightsUnavailableError(
+            f"{path} ({flag}) does not fit backbone '{backbone}': {str(err).splitlines()[-1].strip()} "
+            "The file is for another architecture or size."
+        ) from err
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the model's {len(model.state_dict())} entries are missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} entries of the file are unknown to the model (e.g. {', '.join(unexpected[:3])})")
+        raise WeightsUnavailableError(
+            f"{path} ({flag}) does not fit backbone '{backbone}': {'; '.join(parts)}. The file holds {what}. "
+            "Pass weights saved from this architecture, or --backbone.pretrained false to train from random "
+            "initialisation on purpose."
+        )
+    return file_sha256(path)
+
+
 class Encoder(nn.Module):
     """A timm model wrapped to return pooled and spatial features."""
 
@@ -123,18 +212,23 @@ class Encoder(nn.Module):
             raise WeightsUnavailableError(
                 f"Backbone '{config.name}' has no pretrained weights; pass --backbone.pretrained false."
             )
+        self.weights_sha256: str | None = None
         if config.weights is not None:
             path = Path(config.weights).expanduser()
             if not path.is_file():
-                raise WeightsUnavailableError(f"Weights file {path} (--backbone.weights) does not exist.")
-            # timm's own loader filters the checkpoint (e.g. resamples ViT position embeddings).
-            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-        try:
-            self.model = timm.create_model(preset.timm_name, pretrained=pretrained, num_classes=0, **kwargs)
-        except (OSError, RuntimeError, ValueError, ConnectionError) as err:
-            if not pretrained:
-                raise
-            raise WeightsUnavailableError(_weights_message(preset, config.name, err)) from err
+                raise WeightsUnavailableError(
+                    f"Weights file {path} (--backbone.weights) does not exist. Pass the path of a state dict "
+                    f"(.safetensors, .pth, .bin) for {preset.timm_name}."
+                )
+            self.model = timm.create_model(preset.timm_name, pretrained=False, num_classes=0, **kwargs)
+            self.weights_sha256 = load_weights_strict(self.model, path, config.name)
+        else:
+            try:
+                self.model = timm.create_model(preset.timm_name, pretrained=pretrained, num_classes=0, **kwargs)
+            except (OSError, RuntimeError, ValueError, ConnectionError) as err:
+                if not pretrained:
+                    raise
+                raise WeightsUnavailableError(_weights_message(preset, config.name, err)) from err
         cfg = self.model.pretrained_cfg
         self.normalization = Normalization(
             tuple(cfg.get("mean", (0.485, 0.456, 0.406))),

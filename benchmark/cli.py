@@ -18,6 +18,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -418,8 +419,6 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
 
     ``status`` (a :class:`benchmark.training.RunStatus`) records the run's state in its folder.
     """
-    from benchmark.training import BenchmarkTrainer
-
     info: dict[str, Any] = {"command": subcommand}
     if any(a in ("-h", "--help") for a in argv):
         registry.discover()
@@ -432,11 +431,20 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
     cli_cls = _make_cli_class()
     cli_cls.run_info = info
     cli_cls.status = status
-    from datamodules.base import RetrievalDataModule
-    from methods.base import RetrievalMethod
 
     # fit saves the resolved config as config.yaml; test/validate of a run save theirs beside it.
     config_name = "config.yaml" if subcommand in (None, "fit") else f"config_{subcommand}.yaml"
+    with warnings.catch_warnings():
+        # argv is passed on purpose (short flags rewritten); Lightning warns whenever sys.argv is also set.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _instantiate_cli(cli_cls, subcommand, argv, run, config_name)
+
+
+def _instantiate_cli(cli_cls: Any, subcommand: str | None, argv: list[str], run: bool, config_name: str):
+    from benchmark.training import BenchmarkTrainer
+    from datamodules.base import RetrievalDataModule
+    from methods.base import RetrievalMethod
+
     return cli_cls(
         RetrievalMethod,
         RetrievalDataModule,
@@ -552,20 +560,40 @@ def _run_training_command(command: str, argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INTERNAL
     except BaseException as err:
-        user_error = isinstance(err, CLIError) or _is_user_error(err)
-        status.write("failed", EXIT_USER if user_error else EXIT_INTERNAL, f"{type(err).__name__}: {err}")
-        raise
+        cause = _user_error(err)
+        if cause is None:
+            status.write("failed", EXIT_INTERNAL, f"{type(err).__name__}: {err}")
+            raise
+        status.write("failed", EXIT_USER, str(cause))
+        print(f"error: {cause}", file=sys.stderr)
+        return EXIT_USER
     finally:
         status.restore_signal_handlers()
     status.write("completed", 0)
     return 0
 
 
-def _is_user_error(err: BaseException) -> bool:
+def _user_error(err: BaseException) -> BaseException | None:
+    """The user error behind ``err``, if any: itself or one of its causes.
+
+    jsonargparse wraps what a constructor raises (a weights file that does not fit, a
+    dataset that is not there) in its own ``ValueError``; the cause is what the user must read.
+    """
     from benchmark.backbones import WeightsUnavailableError
     from datamodules.records import DatasetError
 
-    return isinstance(err, (WeightsUnavailableError, DatasetError, registry.UnknownNameError))
+    kinds = (CLIError, WeightsUnavailableError, DatasetError, registry.UnknownNameError)
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _is_user_error(err: BaseException) -> bool:
+    return _user_error(err) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # known user-facing errors: print the message, not a traceback
-        if _is_user_error(err):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2

@@ -238,6 +238,8 @@ class RetrievalMethod(L.LightningModule):
             "method": self.method_name or type(self).__name__,
             "backbone": self.backbone_config.name,
             "pretrained": bool(self.backbone_config.pretrained or self.backbone_config.weights),
+            "weights": self.backbone_config.weights,
+            "weights_sha256": self.encoder.weights_sha256,
             "embedding_dim": self.embedding_dim,
             "selection_metric": self.selection_metric,
         }

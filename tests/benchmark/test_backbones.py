@@ -82,3 +82,74 @@ def test_vit_position_embeddings_follow_image_size() -> None:
     small = Encoder(BackboneConfig("vit_tiny_test", pretrained=False), 16)
     large = Encoder(BackboneConfig("vit_tiny_test", pretrained=False), 48)
     assert small.model.pos_embed.shape[1] == 1 + 4 and large.model.pos_embed.shape[1] == 1 + 36
+
+
+# ---------------------------------------------------------------------------- local weights files
+@pytest.fixture()
+def local_presets():
+    """Copies of the tiny presets that accept weights (the test presets have none published)."""
+    from benchmark import backbones
+
+    for name in ("resnet_tiny_test", "vit_tiny_test"):
+        p = BACKBONES[name]
+        backbones.register_backbone(f"{name}_local", backbones.BackbonePreset(
+            p.timm_name, p.pool, "test", p.kind, p.model_kwargs, pretrained_available=True))
+    yield
+    for name in ("resnet_tiny_test_local", "vit_tiny_test_local"):
+        del BACKBONES[name]
+
+
+def test_a_fitting_state_dict_loads_exactly_and_is_hashed(local_presets, tmp_path) -> None:
+    import hashlib
+
+    source = Encoder(BackboneConfig("vit_tiny_test", pretrained=False), image_size=32)
+    path = tmp_path / "vit.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.model.state_dict().items()}}, path)  # wrapped, DDP keys
+    same = Encoder(BackboneConfig("vit_tiny_test_local", weights=str(path)), image_size=32)
+    for (name, a), b in zip(source.model.state_dict().items(), same.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert same.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # At another image size timm's filter resamples the position embeddings (4x4 -> 6x6 patches).
+    larger = Encoder(BackboneConfig("vit_tiny_test_local", weights=str(path)), image_size=48)
+    assert larger.model.pos_embed.shape[1] == 1 + 36
+    torch.testing.assert_close(larger.model.blocks[0].attn.qkv.weight, source.model.blocks[0].attn.qkv.weight)
+
+
+def _bad_weights(tmp_path, kind: str):
+    path = tmp_path / f"{kind}.pth"
+    resnet = Encoder(BackboneConfig("resnet_tiny_test", pretrained=False), image_size=32).model.state_dict()
+    if kind == "other_keys":
+        torch.save({f"backbone.{k}": v for k, v in resnet.items()}, path)
+    elif kind == "lightning":
+        torch.save({"pytorch-lightning_version": "2.6", "method_name": "ms",
+                    "state_dict": {f"encoder.model.{k}": v for k, v in resnet.items()}}, path)
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "text":
+        path.write_text("these are not weights\n")
+    elif kind == "other_architecture":
+        vit = Encoder(BackboneConfig("vit_tiny_test", pretrained=False), image_size=32).model.state_dict()
+        torch.save(vit, path)
+    elif kind == "other_shapes":
+        torch.save({k: torch.zeros(*(2 * s for s in v.shape)) if v.ndim else v for k, v in resnet.items()}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("other_keys", r"entries are missing.*entries of the file are unknown.*backbone\.conv1"),
+        ("lightning", r"Lightning checkpoint of this benchmark \(method 'ms'\).*--ckpt_path.*encoder\.model\."),
+        ("list", r"is a list, not a state dict"),
+        ("text", r"Cannot read the weights file"),
+        ("other_architecture", r"does not fit backbone 'resnet_tiny_test_local'"),
+        ("other_shapes", r"does not fit backbone 'resnet_tiny_test_local'.*size"),
+    ],
+)
+def test_weights_that_do_not_fit_fail_instead_of_training_from_random(local_presets, tmp_path, kind, message) -> None:
+    from benchmark.backbones import WeightsUnavailableError
+
+    path = _bad_weights(tmp_path, kind)
+    with pytest.raises(WeightsUnavailableError, match=message) as info:
+        Encoder(BackboneConfig("resnet_tiny_test_local", weights=str(path)), image_size=32)
+    assert str(path) in str(info.value)
