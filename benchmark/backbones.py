@@ -19,12 +19,13 @@ import timm
 import torch
 from torch import nn
 
+from benchmark.errors import ConfigError, UserError
 from datamodules.transforms import Normalization
 
 Pool = Literal["token", "avg", "max", "avgmax"]
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights were requested but cannot be loaded."""
 
 
@@ -199,7 +200,10 @@ class Encoder(nn.Module):
     def __init__(self, config: BackboneConfig, image_size: int = 224) -> None:
         super().__init__()
         if config.name not in BACKBONES:
-            raise ValueError(f"Unknown backbone {config.name!r}. Choose one of: {', '.join(sorted(BACKBONES))}.")
+            raise ConfigError(
+                f"Unknown backbone {config.name!r}. Choose one of: {', '.join(sorted(BACKBONES))} "
+                "(python -m benchmark list describes them)."
+            )
         preset = BACKBONES[config.name]
         self.config, self.preset = config, preset
         kwargs = dict(preset.model_kwargs)

@@ -14,6 +14,7 @@ module adds what a benchmark needs on top:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark import registry
+from benchmark.errors import ConfigError, UserError
 
 DEFAULT_METHOD = "dmcac"
 DEFAULT_DATA = "synthetic"
@@ -55,7 +57,7 @@ fit/validate/test options (plus every LightningCLI option, see `fit --help`):
 """
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user error on the command line: printed without a traceback, exit code 2."""
 
 
@@ -107,6 +109,31 @@ def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
     return run if path.parent.name == "checkpoints" and (run / "config.yaml").is_file() else None
 
 
+def check_checkpoint_file(path: Path) -> None:
+    """Fail fast, naming the file, if a checkpoint is missing or truncated.
+
+    torch checkpoints are zip archives whose directory sits at the end of the file, so a
+    truncated copy is found by opening the archive, without reading (or unpickling) the weights.
+    """
+    import zipfile
+
+    if not path.is_file():
+        raise CLIError(f"Checkpoint {path} (--ckpt_path) does not exist. Pass a .ckpt from a run's checkpoints/ folder.")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        else:
+            with open(path, "rb") as f:
+                if f.read(1) != b"\x80":  # not a zip archive, not a legacy pickle either
+                    raise zipfile.BadZipFile("neither a zip archive nor a pickle")
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CLIError(
+            f"Checkpoint {path} (--ckpt_path) is damaged or truncated ({err}). Use another checkpoint of the run "
+            "(checkpoints/best-*.ckpt or last.ckpt) or copy it again."
+        ) from None
+
+
 def _config_class(config_path: Path, section: str) -> str | None:
     import yaml
 
@@ -150,8 +177,8 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     argv = [a.replace("--backbone.", "--model.backbone.", 1) if a.startswith("--backbone.") else a for a in argv]
     user_config = _has_option(argv, "--config")
     ckpt_path = _option_value(argv, "--ckpt_path")
-    if ckpt_path not in (None, "best", "last", "hpc", "registry") and not Path(ckpt_path).expanduser().is_file():
-        raise CLIError(f"Checkpoint {ckpt_path} (--ckpt_path) does not exist.")
+    if ckpt_path not in (None, "best", "last", "hpc", "registry"):
+        check_checkpoint_file(Path(ckpt_path).expanduser())
     run_config = None
     if subcommand in ("test", "validate") and not user_config:
         source = run_dir_of_checkpoint(ckpt_path)
@@ -173,7 +200,8 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
 
     prefix: list[str] = []
     method = methods[0] if methods else None
-    if method is None and not _has_option(argv, "--model") and not user_config:
+    model_given = any(a in ("--model", "--model.class_path") or a.startswith(("--model=", "--model.class_path=")) for a in argv)
+    if method is None and not model_given and not user_config:
         method = DEFAULT_METHOD
     if method is not None:
         try:
@@ -213,6 +241,53 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
 
 
 # ---------------------------------------------------------------------------- LightningCLI
+def _init_parameters(class_path: str) -> list[str]:
+    """Constructor parameter names of a class and its bases (what ``--model.X`` accepts)."""
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            for p in inspect.signature(init).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names:
+                    names.append(p.name)
+    return names
+
+
+def explain_parse_error(message: str, options: list[str]) -> str:
+    """A short message for an option the parser rejected, with the closest valid names.
+
+    ``options``: the option strings the parser knows; a rejected ``--model.X`` / ``--data.X``
+    is matched against the constructor parameters of the class named in ``message``.
+    """
+    import difflib
+    import re
+
+    unknown = re.search(r"unrecognized arguments: (\S+)", message)
+    nested = re.search(r'Parser key "(\w+)":.*?class_path \'([\w.]+)\':\s*Option \'(\w+)\' is not accepted', message, re.S)
+    if nested:
+        section, class_path, option = nested.groups()
+        valid = [f"--{section}.{n}" for n in _init_parameters(class_path)]
+        bad = f"--{section}.{option}"
+        where = f" for {class_path}"
+    elif unknown:
+        bad, valid, where = unknown.group(1), options, ""
+    else:
+        lines = [line for line in message.splitlines() if line.strip() and "NoneType" not in line and "Given value" not in line]
+        return "\n".join(lines)
+    close = difflib.get_close_matches(bad, valid, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown option {bad}{where}.{hint} `--help` lists the options, `--print_config` shows their values."
+
+
 def _make_cli_class():
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
@@ -223,6 +298,25 @@ def _make_cli_class():
     class BenchmarkCLI(LightningCLI):
         run_info: dict[str, Any] = {}
         status: RunStatus | None = None
+
+        def init_parser(self, **kwargs: Any):
+            # No prefix matching: --trainer.max_epoch must not silently mean --trainer.max_epochs.
+            kwargs.setdefault("allow_abbrev", False)
+            parser = super().init_parser(**kwargs)
+            parser.error_handler = _short_parse_error
+            return parser
+
+        def instantiate_classes(self) -> None:
+            """Build model, data and trainer; a constructor's ValueError about an option is the user's."""
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as err:
+                if _user_error(err) is not None:
+                    raise
+                cause = _constructor_error(err)
+                if cause is None:
+                    raise
+                raise ConfigError(str(cause)) from err
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -239,8 +333,11 @@ def _make_cli_class():
             env = os.environ.get("DML_BENCHMARK_RUN_DIR")
             if env and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP worker: rank 0 chose the folder
                 return Path(env)
-            if info.get("run_dir"):
-                path = Path(info["run_dir"]).expanduser()
+            path = Path(info["run_dir"]).expanduser() if info.get("run_dir") else run_dir_of_checkpoint(info.get("ckpt_path"))
+            if path is None:
+                path = self._new_run_dir()
+                created = True
+            else:
                 if path.exists() and not path.is_dir():
                     raise CLIError(f"--run_dir {path} is a file; name a folder (it is created if missing).")
                 resuming = run_dir_of_checkpoint(info.get("ckpt_path")) == path
@@ -249,22 +346,7 @@ def _make_cli_class():
                         f"--run_dir {path} already holds a run. Choose a new folder, or continue that run with "
                         f"--ckpt_path {path / 'checkpoints' / 'last.ckpt'}."
                     )
-            else:
-                path = run_dir_of_checkpoint(info.get("ckpt_path"))
-            if path is None:
-                model_name = getattr(self.model, "method_name", "") or type(self.model).__name__
-                data_name = getattr(self.datamodule, "name", "") or type(self.datamodule).__name__
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                base = Path("runs") / f"{model_name}-{data_name}-{self.model.backbone_config.name}-{stamp}"
-                path, n = base, 1
-                base.parent.mkdir(parents=True, exist_ok=True)
-                while True:
-                    try:
-                        path.mkdir()
-                        break
-                    except FileExistsError:
-                        n += 1
-                        path = base.with_name(f"{base.name}-{n}")
+                created = not path.exists()
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 probe = path / f".write-test-{os.getpid()}"
@@ -273,9 +355,33 @@ def _make_cli_class():
             except OSError as err:
                 raise CLIError(f"Cannot write into the run directory {path}: {err}. Pass --run_dir to a writable folder.") from err
             os.environ["DML_BENCHMARK_RUN_DIR"] = str(path)
+            if self.status is not None:
+                self.status.created_run_dir = created
             return path
 
+        def _new_run_dir(self) -> Path:
+            """runs/<method>-<data>-<backbone>-<time>[-n], created exclusively."""
+            model_name = getattr(self.model, "method_name", "") or type(self.model).__name__
+            data_name = getattr(self.datamodule, "name", "") or type(self.datamodule).__name__
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            base = Path("runs") / f"{model_name}-{data_name}-{self.model.backbone_config.name}-{stamp}"
+            try:
+                base.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CLIError(f"Cannot create {base.parent}: {err}. Pass --run_dir to a writable folder.") from err
+            for n in range(1, 10_000):
+                path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+                try:
+                    path.mkdir()
+                    return path
+                except FileExistsError:
+                    continue
+            raise CLIError(f"Too many runs named {base}*; pass --run_dir.")
+
         def instantiate_trainer(self, **kwargs: Any):
+            if (self.run_info.get("command") or "fit") == "fit" and hasattr(self.datamodule, "training_batches"):
+                # The batch settings against the data, before any folder or data pass.
+                self.datamodule.training_batches(self.model.data_request())
             run_dir = self._run_dir()
             command = self.run_info.get("command") or "fit"
             meta = {**self.datamodule.describe(), **self.model.describe()}
@@ -352,6 +458,13 @@ def _make_cli_class():
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
 
     return BenchmarkCLI
+
+
+def _short_parse_error(parser: Any, message: str) -> None:
+    """jsonargparse's error handler: the cause and the closest valid names, not 50 lines of usage."""
+    options = [o for action in parser._actions for o in action.option_strings]
+    print(f"error: {explain_parse_error(message, options)}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def build_logger(name: str, run_dir: Path, meta: dict[str, Any]):
@@ -565,6 +678,7 @@ def _run_training_command(command: str, argv: list[str]) -> int:
             status.write("failed", EXIT_INTERNAL, f"{type(err).__name__}: {err}")
             raise
         status.write("failed", EXIT_USER, str(cause))
+        status.discard_unused_run_dir()  # a start-up error leaves no folder behind
         print(f"error: {cause}", file=sys.stderr)
         return EXIT_USER
     finally:
@@ -573,23 +687,36 @@ def _run_training_command(command: str, argv: list[str]) -> int:
     return 0
 
 
-def _user_error(err: BaseException) -> BaseException | None:
+def _user_error(err: BaseException | None) -> BaseException | None:
     """The user error behind ``err``, if any: itself or one of its causes.
 
     jsonargparse wraps what a constructor raises (a weights file that does not fit, a
     dataset that is not there) in its own ``ValueError``; the cause is what the user must read.
     """
-    from benchmark.backbones import WeightsUnavailableError
-    from datamodules.records import DatasetError
-
-    kinds = (CLIError, WeightsUnavailableError, DatasetError, registry.UnknownNameError)
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, kinds):
+        if isinstance(err, UserError):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+_PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) for d in ("methods", "datamodules", "benchmark"))
+
+
+def _constructor_error(err: BaseException | None) -> BaseException | None:
+    """The innermost ValueError/TypeError in ``err``'s chain raised by this project's own code."""
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(err, (ValueError, TypeError)) and tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PROJECT_DIRS):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
 
 
 def _is_user_error(err: BaseException) -> bool:

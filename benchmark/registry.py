@@ -14,6 +14,8 @@ import pkgutil
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, TypeVar
 
+from benchmark.errors import UserError
+
 if TYPE_CHECKING:
     from datamodules.base import RetrievalDataModule
     from methods.base import RetrievalMethod
@@ -24,7 +26,7 @@ DATASETS: dict[str, type[RetrievalDataModule]] = {}
 M = TypeVar("M")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name that is not registered; the message lists the valid choices."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain.

@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -168,6 +169,7 @@ class RunStatus(Callback):
         self.signal: int | None = None
         self.checkpoint: Path | None = None
         self.started = _now()
+        self.created_run_dir = False
         self._previous: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ status file
@@ -193,6 +195,20 @@ class RunStatus(Callback):
         if self.checkpoint is not None:
             payload["checkpoint"] = str(self.checkpoint)
         atomic_write_text(self.path, json.dumps(payload, indent=2) + "\n")
+
+    def discard_unused_run_dir(self) -> None:
+        """Remove the run folder this process created if nothing of value was written to it.
+
+        Of value: checkpoints and metrics files. A run that failed at start-up on a user
+        error (an option, a file, the data) leaves no half-written folder behind.
+        """
+        run = self.run_dir
+        if run is None or not self.created_run_dir or not run.is_dir():
+            return
+        if any(run.glob("checkpoints/*.ckpt")) or any(run.glob("metrics_*.json")):
+            return
+        shutil.rmtree(run, ignore_errors=True)
+        self.run_dir = None
 
     def start(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from benchmark.errors import ConfigError
 from datamodules.records import DatasetError, DatasetRecords, SplitRecords
 from datamodules.samplers import ClassBalancedBatchSampler, EpochBatchSampler, ShuffledBatchSampler
 from datamodules.transforms import AugmentConfig, Normalization, ViewRequest, eval_transform, train_transform
@@ -178,9 +179,23 @@ class RetrievalDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if protocol not in ("paper", "holdout"):
-            raise ValueError(f"protocol must be 'paper' or 'holdout', got {protocol!r}")
+            raise ConfigError(f"protocol must be 'paper' or 'holdout', got {protocol!r}")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        bad = [
+            f"{name}={value} (must be {rule})"
+            for name, value, ok, rule in (
+                ("image_size", image_size, image_size >= 1, ">= 1"),
+                ("classes_per_batch", classes_per_batch, classes_per_batch >= 1, ">= 1"),
+                ("samples_per_class", samples_per_class, samples_per_class >= 1, ">= 1"),
+                ("batches_per_epoch", batches_per_epoch, batches_per_epoch is None or batches_per_epoch >= 1, ">= 1 or null"),
+                ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
+                ("num_workers", num_workers, num_workers is None or num_workers >= 0, ">= 0 or null"),
+            )
+            if not ok
+        ]
+        if bad:
+            raise ConfigError(f"{type(self).__name__}: {'; '.join(bad)}. Set --data.<name> to a valid value.")
         self.root = Path(root).expanduser() if root is not None else default_data_root() / self.name
         self.image_size = image_size
         self.classes_per_batch, self.samples_per_class = classes_per_batch, samples_per_class
@@ -351,27 +366,43 @@ class RetrievalDataModule(L.LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.image_size, self.request.normalization, self.eval_crop_pct)
 
+    def training_batches(self, request: DataRequest | None = None) -> EpochBatchSampler:
+        """The batch sampler of the training split under ``request`` (labels only, no images).
+
+        Building it checks the batch settings against the data (enough classes for
+        ``classes_per_batch``, enough images for one batch), so a command line can call it
+        before any data pass.
+        """
+        request = self.request if request is None else request
+        records = self.train_records
+        positions = np.arange(len(records)) if request.train_indices is None else np.asarray(request.train_indices)
+        world, rank = self._world()
+        try:
+            if request.sampler == "balanced":
+                return ClassBalancedBatchSampler(
+                    records.labels[positions], self.classes_per_batch, self.samples_per_class, self.batches_per_epoch,
+                    seed=self.data_seed, num_replicas=world, rank=rank,
+                )
+            return ShuffledBatchSampler(
+                len(positions), self.classes_per_batch * self.samples_per_class, self.batches_per_epoch,
+                seed=self.data_seed, num_replicas=world, rank=rank,
+            )
+        except ValueError as err:
+            raise ConfigError(
+                f"{self.name or type(self).__name__}: {err} (the training split has {records.num_classes} classes "
+                f"and {len(positions)} images; --data.classes_per_batch {self.classes_per_batch}, "
+                f"--data.samples_per_class {self.samples_per_class})."
+            ) from None
+
     def train_dataloader(self) -> DataLoader:
         """Training batches that change every epoch (see :mod:`datamodules.samplers`).
 
         ``balanced``: n classes x m images per batch; ``shuffle``: plain random batches of
         n * m images. Both honour ``batches_per_epoch`` and draw per-rank batches under DDP.
         """
-        records = self.train_records
         subset = self.request.train_indices
-        dataset = ImageDataset(records, self.train_transform(), subset, load_images=self.request.load_images)
-        world, rank = self._world()
-        batch_size = self.classes_per_batch * self.samples_per_class
-        if self.request.sampler == "balanced":
-            labels = records.labels[dataset.indices]  # (N_sub,) labels in dataset order
-            self._train_sampler = ClassBalancedBatchSampler(
-                labels, self.classes_per_batch, self.samples_per_class, self.batches_per_epoch,
-                seed=self.data_seed, num_replicas=world, rank=rank,
-            )
-        else:
-            self._train_sampler = ShuffledBatchSampler(
-                len(dataset), batch_size, self.batches_per_epoch, seed=self.data_seed, num_replicas=world, rank=rank
-            )
+        dataset = ImageDataset(self.train_records, self.train_transform(), subset, load_images=self.request.load_images)
+        self._train_sampler = self.training_batches()
         return DataLoader(dataset, batch_sampler=self._train_sampler, **self._loader_kwargs())
 
     def eval_dataloader(self, records: SplitRecords) -> DataLoader:

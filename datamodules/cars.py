@@ -87,7 +87,7 @@ def read_cars(root: Path) -> DatasetRecords:
     bad = [i for i, p in enumerate(rel_paths) if not p or p.startswith(("/", "\\"))]
     if bad:
         raise DatasetError(
-            f"{name}: {where}, entry {bad[0] + 1}: relative_im_path {rel_paths[bad[0]]!r} is not a "
+            f"{name}: {where}, entry {bad[0] + 1}: relative_im_path {str(rel_paths[bad[0]])!r} is not a "
             f"relative image path. {CARS_HINT}"
         )
     try:

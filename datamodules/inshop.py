@@ -60,6 +60,11 @@ def _image_base(root: Path) -> Path:
     """Directory the ``img/...`` names are relative to: ``root``, or ``root/Img`` if only it has ``img/``."""
     if not (root / "img").is_dir() and (root / "Img" / "img").is_dir():
         return root / "Img"
+    if not (root / "img").is_dir() and (root.parent / "img").is_dir() and (root / "list_eval_partition.txt").is_file():
+        raise DatasetError(
+            f"In-Shop: root {root} is one level too deep: the images (img/) are in {root.parent}. "
+            f"Pass --data.root '{root.parent}' (the folder that holds Eval/ and img/)."
+        )
     return root
 
 
@@ -95,7 +100,7 @@ def read_inshop(root: Path) -> DatasetRecords:
         i = int(bad[0])
         raise DatasetError(
             f"In-Shop: {list_path}, line {lines[i]}: item_id must look like 'id_00000002', "
-            f"found {items[i]!r}. {INSHOP_HINT}"
+            f"found {str(items[i])!r}. {INSHOP_HINT}"
         )
     item_ids = parse_int_column(np.char.replace(items, "id_", "", count=1), lines, list_path, "item_id", **kw)
     bad = np.flatnonzero(~np.isin(status, INSHOP_STATUSES))
@@ -103,7 +108,7 @@ def read_inshop(root: Path) -> DatasetRecords:
         i = int(bad[0])
         raise DatasetError(
             f"In-Shop: {list_path}, line {lines[i]}: evaluation_status must be one of "
-            f"{'/'.join(INSHOP_STATUSES)}, found {status[i]!r}. {INSHOP_HINT}"
+            f"{'/'.join(INSHOP_STATUSES)}, found {str(status[i])!r}. {INSHOP_HINT}"
         )
     check_unique(names, lines, list_path, "image_name", **kw)
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark.errors import UserError
 
-class DatasetError(RuntimeError):
+
+class DatasetError(UserError, RuntimeError):
     """A dataset cannot be used as found on disk. The message names the file and the fix."""
 
 
@@ -186,7 +188,7 @@ def read_table(
         i = int(bad[0])
         raise DatasetError(
             f"{dataset}: {path}, line {i + skip + 1}: expected {len(columns)} whitespace-separated "
-            f"fields ({' '.join(columns)}), found {counts[i]}: {lines[i]!r}. {hint}"
+            f"fields ({' '.join(columns)}), found {counts[i]}: {str(lines[i])!r}. {hint}"
         )
     if not nonblank.all():
         fields = [f for f, keep in zip(fields, nonblank) if keep]
@@ -208,7 +210,7 @@ def parse_int_column(
             np.int64(int(value))
         except (ValueError, OverflowError):
             raise DatasetError(
-                f"{dataset}: {path}, line {line}: {column} must be an integer, found {value!r}. {hint}"
+                f"{dataset}: {path}, line {line}: {column} must be an integer, found {str(value)!r}. {hint}"
             ) from None
     raise DatasetError(f"{dataset}: {path}: column {column} is not a valid integer column. {hint}")
 

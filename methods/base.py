@@ -23,6 +23,7 @@ from torch import nn
 
 from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
 from benchmark.distributed import gather_by_index
+from benchmark.errors import ConfigError
 from benchmark.evaluation.callback import evaluation_outputs
 from datamodules.base import DataRequest
 
@@ -82,8 +83,22 @@ class RetrievalMethod(L.LightningModule):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
+        bad = [
+            f"{name}={value} (must be {rule})"
+            for name, value, ok, rule in (
+                ("lr", lr, lr > 0, "> 0"),
+                ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+                ("head_lr_mult", head_lr_mult, head_lr_mult >= 0, ">= 0"),
+                ("lr_gamma", lr_gamma, lr_gamma > 0, "> 0"),
+                ("embedding_dim", embedding_dim, embedding_dim is None or embedding_dim >= 1, ">= 1 or null"),
+                ("image_size", image_size, image_size >= 1, ">= 1"),
+            )
+            if not ok
+        ]
+        if bad:
+            raise ConfigError(f"{type(self).__name__}: {'; '.join(bad)}. Set --model.<name> to a valid value.")
         if warmup_steps < 0 or (warmup_steps and scheduler == "multistep"):
-            raise ValueError(
+            raise ConfigError(
                 f"warmup_steps must be >= 0 and works with scheduler none or cosine; got warmup_steps={warmup_steps}, "
                 f"scheduler={scheduler!r}."
             )
