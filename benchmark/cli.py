@@ -481,7 +481,10 @@ def build_logger(name: str, run_dir: Path, meta: dict[str, Any]):
 
     mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
     group = f"{meta.get('dataset')}/{meta.get('method')}"
+    previous = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    resume = {"id": previous[-1].name.rsplit("-", 1)[1], "resume": "allow"} if previous else {}  # a resumed run
     return WandbLogger(
+        **resume,
         save_dir=str(run_dir),
         name=run_dir.name,
         project=os.environ.get("WANDB_PROJECT", "dml-benchmark"),

@@ -269,3 +269,16 @@ def test_exploding_weights_with_a_finite_loss_are_caught(
     err = capsys.readouterr().err
     assert "training diverged" in err and "parameter norm" in err
     assert _json(run / "status.json")["status"] == "failed"
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_a_resumed_fit_continues_its_wandb_run(cub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    base = ["fit", *_args(cub_root), "--data.batches_per_epoch", "1", "--logger", "wandb"]
+    assert main([*base, "--trainer.max_epochs", "1", "--run_dir", str(run)]) == 0
+    first = {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}
+    assert len(first) == 1
+    assert main([*base, "--trainer.max_epochs", "2", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
+    ids = {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}
+    assert ids == first  # the same W&B run id, not a second run
