@@ -62,10 +62,12 @@ import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -317,22 +319,45 @@ def _install(tmp: Path, target: Path, manifest: dict[str, Any], attempts: int = 
     raise OSError(f"could not install the synthetic dataset at {target}") from error
 
 
+GENERATION_WORKERS: int | None = None  # processes that render classes; None: min(8, CPU count)
+
+
+def _write_class(out: Path, class_id: int, per_class: int, size: int, seed: int, width: int) -> tuple[str, list[str]]:
+    """Render and write one class's images; return its folder name and relative image paths."""
+    name = class_factors(class_id, seed)["name"]
+    folder = f"{class_id:0{width}d}.{name}"
+    (out / "images" / folder).mkdir(parents=True)
+    relatives = []
+    for k, pixels in enumerate(render_class(class_id, per_class, size, seed)):
+        relative = f"{folder}/{name}_{k + 1:04d}.jpg"
+        _save_jpeg(pixels, out / "images" / relative)
+        relatives.append(relative)
+    return folder, relatives
+
+
 def _write_dataset(out: Path, manifest: dict[str, Any]) -> None:
-    """Render and write every class into ``out`` in the CUB-200-2011 layout; the manifest goes last."""
+    """Render and write every class into ``out`` in the CUB-200-2011 layout; the manifest goes last.
+
+    Classes are rendered in parallel processes (each class depends only on its id and the
+    seed, so the bytes are the same as a serial run); the lists are written in class order.
+    """
     num_classes, per_class = manifest["num_classes"], manifest["images_per_class"]
     size, seed = manifest["image_size"], manifest["seed"]
     width = max(3, len(str(num_classes)))
+    ids = range(1, num_classes + 1)
+    workers = GENERATION_WORKERS or min(8, os.cpu_count() or 1)
+    args = [(out, c, per_class, size, seed, width) for c in ids]
+    if workers > 1 and num_classes > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rendered = list(pool.map(_write_class, *zip(*args), chunksize=max(1, num_classes // (4 * workers))))
+    else:
+        rendered = [_write_class(*a) for a in args]
     classes, images, labels, split = [], [], [], []
     image_id = 0
-    for class_id in range(1, num_classes + 1):
-        name = class_factors(class_id, seed)["name"]
-        folder = f"{class_id:0{width}d}.{name}"
-        (out / "images" / folder).mkdir(parents=True)
+    for class_id, (folder, relatives) in zip(ids, rendered):
         classes.append(f"{class_id} {folder}")
-        for k, pixels in enumerate(render_class(class_id, per_class, size, seed)):
+        for k, relative in enumerate(relatives):
             image_id += 1
-            relative = f"{folder}/{name}_{k + 1:04d}.jpg"
-            _save_jpeg(pixels, out / "images" / relative)
             images.append(f"{image_id} {relative}")
             labels.append(f"{image_id} {class_id}")
             split.append(f"{image_id} {int(k % 2 == 0)}")  # official classification split: unused here

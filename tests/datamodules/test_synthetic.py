@@ -120,12 +120,23 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path: Path, monkeypatch: p
         save(pixels, path)
 
     monkeypatch.setattr(synthetic, "_save_jpeg", interrupted)
+    monkeypatch.setattr(synthetic, "GENERATION_WORKERS", 1)  # the patch reaches only this process
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic(tmp_path, **PARAMS)
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.setattr(synthetic, "_save_jpeg", save)
     assert (generate_synthetic(tmp_path, **PARAMS) / MANIFEST_NAME).is_file()
+
+
+def test_parallel_generation_writes_the_same_bytes_as_serial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synthetic, "GENERATION_WORKERS", 1)
+    serial = generate_synthetic(tmp_path / "serial", **PARAMS)
+    monkeypatch.setattr(synthetic, "GENERATION_WORKERS", 2)
+    parallel = generate_synthetic(tmp_path / "parallel", **PARAMS)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
+    assert all((serial / f).read_bytes() == (parallel / f).read_bytes() for f in files)
 
 
 def test_losing_a_concurrent_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
