@@ -1,9 +1,11 @@
 """Intra-Batch MPN: the MPN against Eq. 2-6, the reciprocal k-NN batches against Supp. C.3.
 
-References are written independently of the implementation: the MPN layer is checked against
-a float64 loop over nodes and heads, the neighbour graph against a full stable sort, and the
-reciprocal k-NN batches against :class:`ReferenceReciprocalBatches`, a literal per-query
-transcription (``benchmark/perf/reciprocal.py``).
+References are written independently of the implementation: the MPN layer and its attention
+weights are checked against float64 loops over nodes and heads, the neighbour graph against a
+full stable sort, and the reciprocal k-NN batches against :class:`ReferenceReciprocalBatches`,
+a literal per-query transcription (``tests/methods/reference_intra_batch.py``). The training
+loss is checked to couple the samples of a batch (a per-sample loss fails those tests), and
+the refined metrics of a fit against ``retrieval_metrics`` of the MPN applied by hand.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmark.backbones import BackboneConfig
-from benchmark.perf.reciprocal import ReferenceReciprocalBatches, synthetic_sop_embeddings
+from benchmark.evaluation import RetrievalEvaluator
+from benchmark.evaluation.metrics import nmi, retrieval_metrics
 from methods.intra_batch import (
     IntraBatchMPN,
     MessagePassingLayer,
@@ -26,6 +31,16 @@ from methods.intra_batch import (
     knn_graph,
     reciprocal_knn_batches,
 )
+from tests.methods.reference_intra_batch import ReferenceReciprocalBatches, synthetic_sop_embeddings
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- MPN layer
@@ -88,14 +103,35 @@ def test_mpn_layer_matches_the_equations(heads: int, null_logit: bool) -> None:
     torch.testing.assert_close(layer(hs, num_receivers=1), batched[:, :1], rtol=1e-12, atol=1e-12)
 
 
-def test_null_logit_attention_sums_to_less_than_one() -> None:
-    layer = _randomised(MessagePassingLayer(8, 2, 16, null_logit=True))
-    h = torch.randn(6, 8, dtype=torch.float64)
-    attn = layer.attention_weights(layer.q(h), layer.k(h))  # (M, B, B)
-    assert attn.shape == (2, 6, 6)
-    assert (attn.sum(-1) < 1).all() and (attn > 0).all()
-    plain = _randomised(MessagePassingLayer(8, 2, 16))
-    torch.testing.assert_close(plain.attention_weights(h, h).sum(-1), torch.ones(2, 6, dtype=torch.float64))
+@pytest.mark.parametrize("null_logit", [False, True])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_weights_match_a_float64_reference(heads: int, null_logit: bool) -> None:
+    """alpha^m_ij = exp(s^m_ij) / (sum_j exp(s^m_ij) [+ 1 with the null logit]), s = q^m_i.k^m_j / sqrt(d/M).
+
+    Written as a loop over batches, heads, receivers and senders in float64, on two batches
+    at once with 3 receivers of 6 nodes; the logits are of order 1 (the weights are far from
+    uniform), so a wrong scale, a softmax over the wrong axis, a missing or extra null logit
+    or mixed-up heads fail.
+    """
+    torch.manual_seed(heads)
+    layer = _randomised(MessagePassingLayer(8, heads, 16, null_logit=null_logit))
+    h = 2.0 * torch.randn(2, 6, 8, dtype=torch.float64)  # (G, B, d)
+    with torch.no_grad():
+        q, k = layer.q(h[:, :3]), layer.k(h)  # (G, R, d), (G, B, d)
+        attn = layer.attention_weights(q, k)  # (G, M, R, B)
+    assert attn.shape == (2, heads, 3, 6)
+    dh = 8 // heads
+    ref = torch.zeros(2, heads, 3, 6, dtype=torch.float64)
+    for g in range(2):
+        for m in range(heads):
+            sl = slice(m * dh, (m + 1) * dh)
+            for i in range(3):
+                scores = [float(q[g, i, sl] @ k[g, j, sl]) / math.sqrt(dh) for j in range(6)]
+                denom = sum(math.exp(x) for x in scores) + (1.0 if null_logit else 0.0)
+                for j in range(6):
+                    ref[g, m, i, j] = math.exp(scores[j]) / denom
+    assert float(ref.amax()) > 0.5  # far from uniform (1/6)
+    torch.testing.assert_close(attn, ref, rtol=1e-12, atol=1e-14)
 
 
 def test_bad_head_count_names_the_fix() -> None:
@@ -278,16 +314,67 @@ def test_gradients_reach_the_backbone_through_both_losses() -> None:
     assert all(p.grad is None for p in only_backbone.mpn.parameters())
 
 
-def test_the_mpn_sees_the_whole_batch_and_the_backbone_head_the_raw_embedding() -> None:
+def _smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-sample label-smoothed cross-entropy, written out: (N, C) logits -> (N,) float64."""
+    logp = logits.double().log_softmax(dim=1)  # (N, C)
+    nll = -logp[torch.arange(len(labels)), labels]  # (N,)
+    return (1 - eps) * nll - eps * logp.mean(dim=1)
+
+
+def _mpn_ce_and_features(model: IntraBatchMPN, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """The fit's ``mpn_ce`` and the (B, d) features its MPN classifier received."""
+    seen: list[torch.Tensor] = []
+    handle = model.mpn_classifier.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        ce = float(model.training_loss(batch)["mpn_ce"])
+    handle.remove()
+    return ce, seen[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mpn_loss_is_computed_on_the_whole_batch_graph() -> None:
+    """The MPN loss is not a per-sample loss: the batch is one graph, every node attends to all.
+
+    In eval mode (no dropout, BatchNorm on running statistics) a per-sample loss would make a
+    sample's MPN feature independent of the other samples and the batch loss the mean of the
+    losses of any partition. Here: (1) the classifier's input equals the MPN applied by hand
+    to the whole batch's normalised embeddings and ``mpn_ce`` the smoothed CE written out;
+    (2) changing one image changes the MPN feature of every other sample; (3) permuting the
+    batch permutes the features; (4) the loss of the batch is not the mean over its halves,
+    while the backbone loss (per sample) is.
+    """
+    torch.manual_seed(0)
     model = _model(mpn_dropout=0.0).eval()
-    batch = _batch()
-    base = model.training_loss(batch)
-    shuffled = torch.randperm(len(batch["label"]))
-    perm = model.training_loss({k: v[shuffled] for k, v in batch.items()})
-    torch.testing.assert_close(perm["mpn_ce"], base["mpn_ce"])  # a set function of the batch
-    emb = model.project(model.encode(batch["image"]).pooled)
-    expected = F.cross_entropy(model.backbone_classifier(emb) / model.temperature, batch["label"], label_smoothing=0.1)
-    torch.testing.assert_close(base["backbone_ce"], expected)
+    batch = _batch()  # 4 classes x 3 samples, (12, 3, 16, 16)
+    ce, features = _mpn_ce_and_features(model, batch)  # (12, 16)
+    with torch.no_grad():
+        emb = model.project(model.encode(batch["image"]).pooled)  # (12, 16) unnormalised
+        expected = model.mpn(F.normalize(emb, dim=-1))[-1]  # one graph of 12 nodes
+        logits = model.mpn_classifier(expected) / model.temperature  # (12, C)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    hand = _smoothed_cross_entropy(logits, batch["label"], 0.1)  # (12,)
+    assert abs(ce - float(hand.mean())) < 1e-5
+    # (2) one other sample changed -> every sample's feature changes.
+    changed = {**batch, "image": batch["image"].clone()}
+    changed["image"][0] = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    _, features_changed = _mpn_ce_and_features(model, changed)
+    moved = (features_changed[1:] - features[1:]).abs().amax(dim=1)  # (11,) samples 1.. were not touched
+    assert bool((moved > 1e-4).all()), moved
+    # (3) permutation equivariance.
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(2))
+    ce_perm, features_perm = _mpn_ce_and_features(model, {k: v[perm] for k, v in batch.items()})
+    torch.testing.assert_close(features_perm, features[perm], rtol=1e-5, atol=1e-6)
+    assert abs(ce_perm - ce) < 1e-5
+    # (4) not additive over a partition of the batch, unlike the per-sample backbone loss.
+    halves = [{k: v[idx] for k, v in batch.items()} for idx in (torch.arange(6), torch.arange(6, 12))]
+    ce_halves = [_mpn_ce_and_features(model, half)[0] for half in halves]
+    assert abs(ce - sum(ce_halves) / 2) > 1e-3
+    with torch.no_grad():
+        backbone = float(model.training_loss(batch)["backbone_ce"])
+        backbone_halves = [float(model.training_loss(half)["backbone_ce"]) for half in halves]
+        expected_backbone = _smoothed_cross_entropy(model.backbone_classifier(emb) / model.temperature, batch["label"], 0.1)
+    assert abs(backbone - sum(backbone_halves) / 2) < 1e-5
+    assert abs(backbone - float(expected_backbone.mean())) < 1e-5  # the head takes the raw embedding
 
 
 def test_defaults_follow_the_reference_recipe() -> None:
@@ -324,25 +411,70 @@ def test_refine_runs_the_mpn_on_reciprocal_batches(layers: int) -> None:
     assert _model(refine_stages="never").refine(emb, is_query, is_gallery) is None
 
 
-def test_the_evaluator_reports_refined_metrics_next_to_the_plain_ones() -> None:
-    from benchmark.evaluation import RetrievalEvaluator
+def _metrics_with_nmi(emb: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> dict[str, float]:
+    """What the evaluator should report for ``emb``: ``retrieval_metrics`` plus NMI (seed 0)."""
+    out = retrieval_metrics(emb, labels, device="cpu", **kwargs)
+    out["NMI"] = nmi(emb, labels, seed=0)
+    return out
 
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_evaluator_reports_the_metrics_of_the_mpn_refined_embeddings() -> None:
+    """``refined`` metrics = ``retrieval_metrics`` + NMI of the MPN applied by hand to the reference batches.
+
+    The plain metrics are those of the input embeddings; the refined ones those of
+    ``normalize(MPN(emb[batch])[node 0])`` over the per-query reference batches, and they
+    differ from the plain ones (the MPN moved the embeddings).
+    """
+    torch.manual_seed(0)
     model = _model(refine_k1=5, refine_batch_size=4).eval()
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(40) // 4
-    emb = F.normalize(torch.randn(10, 16, generator=gen)[labels] + 0.3 * torch.randn(40, 16, generator=gen), dim=1)
+    emb = F.normalize(torch.randn(10, 16, generator=gen)[labels] + 0.8 * torch.randn(40, 16, generator=gen), dim=1)
     flags = torch.ones(40, dtype=torch.bool)
     data = {"embeddings": emb, "labels": labels, "is_query": flags, "is_gallery": flags, "indices": torch.arange(40)}
-    results = RetrievalEvaluator().compute_metrics(data, model.refine(emb, flags, flags), (1, 2), True, torch.device("cpu"))
+    refined = model.refine(emb, flags, flags)
+    results = RetrievalEvaluator().compute_metrics(data, refined, (1, 2), True, torch.device("cpu"))
+    batches = ReferenceReciprocalBatches(emb, None, 5, 4).all_batches()  # (40, 4)
+    with torch.no_grad():
+        by_hand = F.normalize(model.mpn(emb[batches])[-1][:, 0], dim=1)  # (40, 16)
+    torch.testing.assert_close(refined[""], by_hand, rtol=1e-5, atol=1e-6)
     assert set(results) == {"", "refined"}
-    assert set(results["refined"]) == set(results[""]) and "NMI" in results["refined"]
+    assert results[""] == pytest.approx(_metrics_with_nmi(emb, labels, recall_ks=(1, 2)), abs=1e-6)
+    expected = _metrics_with_nmi(by_hand, labels, recall_ks=(1, 2))
+    assert results["refined"] == pytest.approx(expected, abs=1e-6)
+    assert results[""]["MAP@R"] < 0.9  # not a trivially separable set
+    assert results["refined"]["MAP@R"] != pytest.approx(results[""]["MAP@R"], abs=1e-4)
 
 
 # ---------------------------------------------------------------------------- a CPU fit
-def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path) -> None:
-    """The embedded default through the CLI and its recipe (a tiny encoder, 100 steps)."""
+def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded default through the CLI and its recipe (a tiny encoder, 100 steps).
+
+    Besides R@1 improving over the untrained encoder, the numbers the fit writes are checked:
+    the test refine call is recorded, and its refined embeddings must equal the trained MPN
+    applied by hand to the per-query reference batches of the test embeddings, and the plain
+    and refined metrics in ``metrics_test.json`` must equal ``retrieval_metrics`` + NMI of the
+    recorded embeddings.
+    """
     from benchmark.cli import main
 
+    refine_calls: list[tuple[IntraBatchMPN, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    evaluated: list[dict[str, torch.Tensor]] = []
+    real_refine, real_metrics = IntraBatchMPN.refine, RetrievalEvaluator.compute_metrics
+
+    def spy_refine(self: IntraBatchMPN, embeddings: torch.Tensor, is_query: torch.Tensor, is_gallery: torch.Tensor):
+        out = real_refine(self, embeddings, is_query, is_gallery)
+        if out is not None:
+            refine_calls.append((self, embeddings.clone(), is_gallery.clone(), out[""].clone()))
+        return out
+
+    def spy_metrics(self: RetrievalEvaluator, data: dict[str, torch.Tensor], *args: Any, **kwargs: Any):
+        evaluated.append({k: v.clone() for k, v in data.items()})
+        return real_metrics(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(IntraBatchMPN, "refine", spy_refine)
+    monkeypatch.setattr(RetrievalEvaluator, "compute_metrics", spy_metrics)
     run = tmp_path / "run"
     args = [
         "fit", "--method", "intra_batch", "--data", "synthetic", "--backbone", "resnet_tiny_test",
@@ -359,6 +491,19 @@ def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path) -> 
     assert val[0]["global_step"] == 0
     assert trained > 1.5 * untrained and trained > untrained + 0.02, (untrained, trained)
     assert "refined" not in val[0]  # refinement runs at test time by default
-    refined = test["refined"]["refined"]
-    assert set(refined) >= {"R@1", "MAP@R", "NMI"}
-    assert 0.0 < refined["R@1"] <= 1.0
+    assert len(refine_calls) == 1  # the test evaluation only
+
+    model, emb, is_gallery, refined = refine_calls[0]
+    data = evaluated[-1]  # the test evaluation: labels in the same (dataset-index) order
+    assert torch.equal(data["embeddings"], emb) and len(emb) == 800  # 100 test classes x 8 images
+    batches = ReferenceReciprocalBatches(emb, is_gallery, 10, 7).all_batches()  # (800, 7)
+    model.eval()
+    with torch.no_grad():
+        nodes = F.normalize(emb.float(), dim=1)
+        by_hand = F.normalize(model.mpn_features([o[:, 0] for o in model.mpn(nodes[batches])]), dim=1)
+    torch.testing.assert_close(refined, by_hand, rtol=1e-4, atol=1e-5)
+    labels, roles = data["labels"], {"is_query": data["is_query"], "is_gallery": data["is_gallery"]}
+    assert test["metrics"] == pytest.approx(_metrics_with_nmi(emb, labels, **roles), rel=1e-9, abs=1e-12)
+    reported = test["refined"]["refined"]
+    assert reported == pytest.approx(_metrics_with_nmi(refined, labels, **roles), rel=1e-9, abs=1e-12)
+    assert reported != pytest.approx(test["metrics"], abs=1e-6)  # the MPN changed the ranking
