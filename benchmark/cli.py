@@ -28,8 +28,15 @@ from benchmark.errors import ConfigError, UserError
 
 DEFAULT_METHOD = "dmcac"
 DEFAULT_DATA = "synthetic"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+
+def recipe_dir() -> Path:
+    """The installed recipes (``configs/`` of the repository, packaged as ``benchmark.recipes``)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("benchmark.recipes")))
+
+
+CONFIG_DIR = recipe_dir()
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 USAGE = """usage: python -m benchmark <command> [options]
@@ -143,6 +150,23 @@ def _config_class(config_path: Path, section: str) -> str | None:
     return str(value) if value else None
 
 
+def _check_against_run(run_config: Path, ckpt_path: str, methods: list[str], datas: list[str]) -> None:
+    """``--method`` / ``--data`` given with a run's checkpoint must name what the run trained."""
+    for flag, given, section, lookup in (
+        ("--method", methods, "model", registry.get_method),
+        ("--data", datas, "data", registry.get_dataset),
+    ):
+        if not given:
+            continue
+        wanted = given[0] if "." in given[0] else registry.class_path(lookup(given[0]))
+        trained = _config_class(run_config, section)
+        if trained and wanted != trained:
+            raise CLIError(
+                f"{flag} {given[0]} differs from the run that wrote {ckpt_path} ({trained}). "
+                f"Leave {flag} out to evaluate the run as trained, or pass --config FILE to use other settings."
+            )
+
+
 def resolve_recipe(method: str, data: str, recipe: str | None) -> Path | None:
     """The recipe for (method, data): explicit path, ``none``, or configs/<method>/<data>.yaml."""
     if recipe == "none":
@@ -152,8 +176,16 @@ def resolve_recipe(method: str, data: str, recipe: str | None) -> Path | None:
         if not path.is_file():
             raise CLIError(f"Recipe {recipe} does not exist.")
         return path
+    if not any(CONFIG_DIR.glob("*/*.yaml")):
+        raise CLIError(
+            f"No recipes are installed ({CONFIG_DIR} holds no <method>/<data>.yaml): the installation is "
+            "incomplete. Reinstall the package (pip install --force-reinstall dml-benchmark), or pass --recipe none."
+        )
     path = CONFIG_DIR / method / f"{data}.yaml"
-    return path if path.is_file() else None
+    if not path.is_file():
+        print(f"[benchmark] no recipe for {method} on {data}: the constructors' defaults apply", file=sys.stderr)
+        return None
+    return path
 
 
 def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[str], dict[str, Any]]:
@@ -184,16 +216,7 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
         source = run_dir_of_checkpoint(ckpt_path)
         if source is not None:
             run_config = source / "config.yaml"
-            for flag, given, section in (("--method", methods, "model"), ("--data", datas, "data")):
-                trained = _config_class(run_config, section)
-                wanted = registry.class_path(
-                    (registry.get_method if section == "model" else registry.get_dataset)(given[0])
-                ) if given and "." not in given[0] else (given[0] if given else None)
-                if wanted and trained and wanted != trained:
-                    raise CLIError(
-                        f"{flag} {given[0]} differs from the run that wrote {ckpt_path} ({trained}). "
-                        f"Leave {flag} out to evaluate the run as trained, or pass --config FILE to use other settings."
-                    )
+            _check_against_run(run_config, ckpt_path, methods, datas)
             methods, datas, user_config = [], [], True
             if recipe not in (None, "auto", "none"):
                 raise CLIError("--recipe cannot be combined with a run's checkpoint: the run's own config.yaml is used.")

@@ -140,7 +140,8 @@ class RetrievalMethod(L.LightningModule):
         start = time.perf_counter()
         trainer = self._trainer
         context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
-        show = trainer is None or trainer.is_global_zero
+        # A bar only where the run shows Lightning's own (rank 0, progress bar enabled).
+        show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
         embeddings, indices = [], []
         with context:
             for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
