@@ -32,11 +32,19 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from benchmark.distributed import all_gather_uneven, gather_by_index, is_distributed
 from benchmark.evaluation.metrics import RankedLists, nmi, ranked_list_metrics, retrieval_metrics
 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
+
+# The evaluator computes its metrics once on the full gathered set and broadcasts them, so the
+# values are identical on every rank; Lightning's advice to log them with sync_dist=True
+# (given at epoch end, under DDP) does not apply to them, nor to rank-zero timings.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('(val|test|time)/", category=PossibleUserWarning
+)
 
 
 def evaluation_outputs(embeddings: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -111,6 +119,10 @@ class RetrievalEvaluator(Callback):
         nmi_seed: seed of the k-means behind NMI (fixed, so NMI is reproducible).
     """
 
+    #: Warn (once per evaluator) when more than this fraction of the evaluated embeddings
+    #: repeat an earlier row: a collapsed model, not a few duplicate images.
+    collapse_fraction: float = 0.01
+
     def __init__(
         self,
         recall_ks: list[int] | None = None,
@@ -138,6 +150,7 @@ class RetrievalEvaluator(Callback):
         self._batches: list[dict[str, torch.Tensor]] = []
         self._history: dict[str, list[dict[str, Any]]] = {}
         self.last_metrics: dict[str, float] = {}
+        self._collapse_warned = False
 
     # ------------------------------------------------------------------ configuration
     def resolved_recall_ks(self, trainer: L.Trainer | None) -> tuple[int, ...]:
@@ -285,6 +298,7 @@ class RetrievalEvaluator(Callback):
         device: torch.device,
     ) -> dict[str, dict[str, float]]:
         """Metrics of the plain embeddings (key ``None``) and of each refined output."""
+        self._warn_if_collapsed(data["embeddings"])
         labels, isq, isg = data["labels"], data["is_query"], data["is_gallery"]
         common = {"recall_ks": recall_ks, "map_at_k": self.map_at_k}
 
@@ -302,6 +316,28 @@ class RetrievalEvaluator(Callback):
             else:
                 results[name] = of_embeddings(value.detach().float())
         return results
+
+    def _warn_if_collapsed(self, embeddings: torch.Tensor) -> None:
+        """Warn once per evaluator when many embeddings are identical (a collapsed model).
+
+        Identical embeddings tie on every score; the metrics stay exact (ties go to the lower
+        dataset index) but mean nothing, and the cause is almost always the training run.
+        """
+        from benchmark.evaluation.metrics import count_duplicate_rows
+
+        if self._collapse_warned:
+            return
+        total = int(embeddings.shape[0])
+        duplicates = count_duplicate_rows(embeddings)
+        if duplicates > self.collapse_fraction * total:
+            self._collapse_warned = True
+            warnings.warn(
+                f"RetrievalEvaluator: the embeddings have collapsed: {duplicates} of {total} rows are equal to an "
+                "earlier row; this is almost always a training failure (learning rate too high, diverged run, "
+                "dead head). The metrics rank tied scores by dataset index.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         start = time.perf_counter()

@@ -2,6 +2,8 @@
 
     python -m benchmark perf eval                      # 60,502 x 512, ~11,316 classes
     python -m benchmark perf eval --n 8000 --repeats 3 # smaller
+    python -m benchmark perf eval --ties               # tied scores: 10k and 60,502 rows
+    python -m benchmark perf eval --ties --sizes 2000  # the same, quickly
 
 Builds a synthetic SOP-sized evaluation set (classes of 2 to 12 images in 12 super-categories,
 clustered so that the metrics are neither 0 nor 1), then measures in the same run:
@@ -17,6 +19,13 @@ clustered so that the metrics are neither 0 nor 1), then measures in the same ru
 and prints times, ratios to the floor and peak extra memory (CPU: resident set size sampled
 every 5 ms; CUDA: device memory in use). Targets on 2 CPU cores: suite within 1.3x the floor,
 faster than both peers, at most 2 GiB of extra memory.
+
+``--ties`` instead times the suite on embeddings whose scores tie massively, the output of a
+collapsed or quantised model, each next to the SOP-like embeddings of the same size in the
+same run (interleaved, best of ``--repeats``): all rows equal; the second half of the rows a
+copy of the first; and quantised rows (the first 8 coordinates rounded to -1, 0 or 1, the
+rest 0: at most 3^8 distinct rows and a few hundred distinct scores). It prints the ratio
+tied / SOP-like; target: all-equal within 2x at 60,502 rows.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ from benchmark.evaluation.metrics import _block_size, default_chunk_size, nmi, r
 SOP_RECALL_KS = (1, 10, 100, 1000)
 TARGET_RATIO = 1.3
 TARGET_EXTRA_MIB = 2048
+TARGET_TIE_RATIO = 2.0  # all-equal embeddings against SOP-like ones of the same size
+TIE_SIZES = (10000, 60502)
+TIE_VARIANTS = ("all-equal", "half-duplicated", "quantised")
 
 
 # ---------------------------------------------------------------------------- synthetic data
@@ -76,6 +88,28 @@ def make_sop_like(
     centres = F.normalize(torch.randn(num_classes, dim, generator=g) + supers[super_of], dim=1)  # (C, dim)
     x = centres[labels] + noise / math.sqrt(dim) * torch.randn(n, dim, generator=g)
     return F.normalize(x, dim=1), labels
+
+
+def tied_variant(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """(n, dim) embeddings whose scores tie massively, built from the SOP-like ``x``.
+
+    ``all-equal``: every row is ``x[0]`` (a dead head). ``half-duplicated``: the second half
+    of the rows repeats the first (ties of two, mostly across classes). ``quantised``: the
+    first 8 coordinates rounded to -1, 0 or 1 at +-0.43 standard deviations, the rest 0
+    (at most 3^8 distinct rows, a few hundred distinct scores: large tie groups everywhere).
+    """
+    n, dim = x.shape
+    if kind == "all-equal":
+        return x[:1].expand(n, dim).clone()
+    if kind == "half-duplicated":
+        out = x.clone()
+        out[n // 2 :] = x[: n - n // 2]
+        return out
+    if kind == "quantised":
+        out = torch.zeros_like(x)
+        out[:, :8] = (x[:, :8] * math.sqrt(dim) / 0.86).round().clamp(-1, 1)  # x has std ~ 1 / sqrt(dim)
+        return out
+    raise ValueError(f"unknown tied variant {kind!r}; choose from {', '.join(TIE_VARIANTS)}.")
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -212,6 +246,54 @@ def print_report(rows: list[Measurement], floor: Measurement, header: list[str],
         console.print(line, highlight=False)
 
 
+def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.device) -> int:
+    """``--ties``: the suite on tied embeddings against SOP-like ones of the same size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.width = max(console.width, 100)  # the table's columns, untruncated
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    console.print(f"[bold]python -m benchmark perf eval[/bold] {' '.join(argv or [])}".rstrip(), highlight=False)
+    console.print(f"device: {where}; versions: torch {torch.__version__}", highlight=False)
+    table = Table(title=f"Metric suite on tied scores (best of {max(1, args.repeats)} runs; seconds, and ratio to "
+                        "SOP-like embeddings of the same size)")
+    for name, justify in [("rows", "right"), ("embeddings", "left"), ("seconds", "right"), ("SOP-like", "right"),
+                          ("ratio", "right"), ("extra MiB", "right"), ("R@1", "right"), ("MAP@R", "right")]:
+        table.add_column(name, justify=justify)
+    verdict = []
+    for n in args.sizes:
+        x, labels = make_sop_like(n, args.dim, None, args.seed, args.noise)
+        sets = {"SOP-like": x.to(device)} | {kind: tied_variant(x, kind).to(device) for kind in TIE_VARIANTS}
+        labels = labels.to(device)
+        best: dict[str, Measurement] = {}
+        for _ in range(max(1, args.repeats)):  # interleaved, so every set sees the same machine state
+            for kind, emb in sets.items():
+                m, metrics = timed(
+                    kind,
+                    lambda emb=emb, labels=labels: retrieval_metrics(
+                        emb, labels, recall_ks=SOP_RECALL_KS, map_at_k=args.map_at_k,
+                        chunk_size=args.chunk_size, device=device),
+                    device,
+                )
+                m.values = metrics
+                if kind not in best or m.seconds < best[kind].seconds:
+                    best[kind] = m
+        base = best["SOP-like"]
+        for kind, m in best.items():
+            mem = "n/a" if m.extra_mib is None else f"{m.extra_mib:,.0f}"
+            ratio = m.seconds / base.seconds
+            table.add_row(f"{n:,}", kind, f"{m.seconds:.2f}", f"{base.seconds:.2f}", f"{ratio:.2f}", mem,
+                          f"{m.values['R@1']:.4f}", f"{m.values['MAP@R']:.4f}")
+            if kind == "all-equal":
+                verdict.append(f"{n:,} rows: all-equal / SOP-like = {ratio:.2f} (target <= {TARGET_TIE_RATIO})")
+        del sets
+    console.print(table)
+    for line in verdict:
+        console.print(line, highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark perf eval", description=__doc__.split("\n\n")[0],
@@ -230,10 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-nmi", action="store_true", help="skip NMI (k-means with one cluster per class)")
     parser.add_argument("--nmi-iters", type=int, default=20, help="k-means iterations for NMI")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ties", action="store_true",
+                        help="time the suite on tied embeddings (all-equal, half-duplicated, quantised) instead")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(TIE_SIZES),
+                        help="with --ties: the numbers of rows to measure")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.ties:
+        return ties_main(args, argv, device)
     start = time.perf_counter()
     x, labels = make_sop_like(args.n, args.dim, args.classes, args.seed, args.noise)
     x, labels = x.to(device), labels.to(device)
