@@ -475,10 +475,31 @@ def _make_cli_class():
         def after_fit(self) -> None:
             if self.trainer.interrupted:
                 return
+            self._note_time_budget()
             ckpt = "best" if getattr(self.datamodule, "protocol", "paper") == "holdout" else None
             if ckpt == "best" and not self.trainer.checkpoint_callback.best_model_path:
                 ckpt = None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+
+        def _note_time_budget(self) -> None:
+            """Say so when ``trainer.max_time`` ended training before its epochs or steps."""
+            from lightning.pytorch.callbacks import Timer
+
+            trainer = self.trainer
+            timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+            if timer is None or timer.time_remaining("train") > 0:
+                return
+            planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.max_epochs * trainer.num_training_batches
+            if trainer.global_step >= planned:
+                return
+            note = (
+                f"training stopped by the time budget (trainer.max_time) after {trainer.global_step} of {planned} "
+                "steps: this machine is slower than the recipe assumes, and the results are those of the shorter run"
+            )
+            if trainer.is_global_zero:
+                print(f"[benchmark] {note}", file=sys.stderr)
+            if self.status is not None:
+                self.status.note = note
 
     return BenchmarkCLI
 
@@ -707,10 +728,13 @@ def _run_training_command(command: str, argv: list[str]) -> int:
         status.discard_unused_run_dir()  # a start-up error leaves no folder behind
         print(f"error: {cause}", file=sys.stderr)
         return EXIT_USER
+    else:
+        status.write("completed", 0)
+        return 0
     finally:
         status.restore_signal_handlers()
-    status.write("completed", 0)
-    return 0
+        if status.run_dir is not None and status.state not in ("", "running") and status.is_rank_zero:
+            print(f"[benchmark] run directory: {status.run_dir} ({status.state})", file=sys.stderr)
 
 
 def _user_error(err: BaseException | None) -> BaseException | None:

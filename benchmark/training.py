@@ -170,6 +170,8 @@ class RunStatus(Callback):
         self.checkpoint: Path | None = None
         self.started = _now()
         self.created_run_dir = False
+        self.state = ""  # the last status written
+        self.note = ""  # a remark for the final status (e.g. training cut short by max_time)
         self._previous: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ status file
@@ -177,15 +179,22 @@ class RunStatus(Callback):
     def path(self) -> Path | None:
         return self.run_dir / "status.json" if self.run_dir is not None else None
 
+    @property
+    def is_rank_zero(self) -> bool:
+        return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
     def write(self, status: str, exit_code: int | None = None, reason: str = "") -> None:
         """Write the status file (global rank 0 only; DDP workers leave it alone)."""
-        if self.path is None or int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0:
+        if self.path is None:
+            return
+        self.state = status
+        if not self.is_rank_zero:
             return
         payload = {
             "status": status,
             "command": self.command,
             "exit_code": exit_code,
-            "reason": reason,
+            "reason": reason or self.note,
             "started": self.started,
             "updated": _now(),
             "host": socket.gethostname(),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -16,3 +18,12 @@ def _isolated_data_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     """Datasets, verification stamps and caches go to a per-session temporary folder."""
     root = tmp_path_factory.getbasetemp() / "dml-data"
     monkeypatch.setenv("DML_BENCHMARK_DATA", str(root))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

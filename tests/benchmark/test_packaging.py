@@ -56,5 +56,5 @@ def test_the_wheel_carries_the_recipes_and_runs_outside_the_repository(installed
     assert all(str(installed_wheel) in p for p in where.stdout.split()), where.stdout  # not the source tree
     shown = _run_installed(installed_wheel, tmp_path, "-m", "benchmark", "fit", "--method", "dmcac", "--print_config")
     assert shown.returncode == 0, shown.stderr[-3000:]
-    assert "logit_scale: 16.0" in shown.stdout and "image_size: 32" in shown.stdout  # configs/dmcac/synthetic.yaml
+    assert "logit_scale: 16.0" in shown.stdout and "image_size: 16" in shown.stdout  # configs/dmcac/synthetic.yaml
     assert "precision: auto" in shown.stdout

@@ -282,3 +282,18 @@ def test_a_resumed_fit_continues_its_wandb_run(cub_root: Path, tmp_path: Path, m
     assert main([*base, "--trainer.max_epochs", "2", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]) == 0
     ids = {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}
     assert ids == first  # the same W&B run id, not a second run
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_a_run_cut_short_by_max_time_says_so(cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    code = main(["fit", *PLUGIN, *_args(cub_root, method="step_marker"), "--model.marker", str(tmp_path / "m"),
+                 "--model.marker_step", "0", "--model.sleep_s", "0.6", "--data.batches_per_epoch", "50",
+                 "--trainer.max_epochs", "1", "--trainer.max_time", "00:00:00:01", "--logger", "none",
+                 "--run_dir", str(run)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "training stopped by the time budget (trainer.max_time) after" in err and "of 50 steps" in err
+    status = _json(run / "status.json")
+    assert status["status"] == "completed" and "time budget" in status["reason"]
+    assert _json(run / "metrics_test.json")["checkpoint"]["global_step"] < 50

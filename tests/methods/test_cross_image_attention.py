@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,15 +31,6 @@ from methods.cross_image_attention import (
 
 TINY = dict(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=8, image_size=16)
 GRID_PX = 96  # resnet_tiny_test has output stride 32: 96 px -> a 3x3 token grid (16 or 32 px -> 1x1)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(**kwargs) -> CrossImageAttentionMethod:

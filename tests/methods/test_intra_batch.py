@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,6 @@ from methods.intra_batch import (
     reciprocal_knn_batches,
 )
 from tests.methods.reference_intra_batch import ReferenceReciprocalBatches, synthetic_sop_embeddings
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- MPN layer
