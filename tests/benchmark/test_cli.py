@@ -81,11 +81,14 @@ def test_fit_evaluates_before_and_after_and_resumes(cub_root: Path, tmp_path: Pa
 
 
 def _roots(tmp: Path) -> dict[str, Path]:
+    """Fixtures just large enough for every recipe's training batch: the CLI checks the
+    batch settings against the training split before it starts (the largest are 64 classes
+    per batch for Context-Refine, 256 shuffled images for DMCAC on CUB/Cars/In-Shop)."""
     return {
-        "cub": fixtures.make_cub(tmp / "cub", classes=200, per_class=2).parent,
-        "cars": fixtures.make_cars(tmp / "cars"),
-        "sop": fixtures.make_sop(tmp / "sop"),
-        "inshop": fixtures.make_inshop(tmp / "inshop"),
+        "cub": fixtures.make_cub(tmp / "cub", classes=200, per_class=3).parent,  # train: 100 classes, 300 images
+        "cars": fixtures.make_cars(tmp / "cars", per_class=3),  # train: 98 classes, 294 images
+        "sop": fixtures.make_sop(tmp / "sop", train_classes=64),  # train: 64 classes, 128 images
+        "inshop": fixtures.make_inshop(tmp / "inshop", train_items=64, train_per_item=4),  # 64 items, 256 images
     }
 
 

@@ -1,4 +1,5 @@
-"""Every user error, through the real command line (a subprocess per case, run in parallel).
+"""Every user error, through the command line: all cases through ``main`` in process, a few
+through a real ``python -m benchmark`` subprocess.
 
 Each case must exit with 2, print no traceback, name the cause and the fix, fail before any
 data pass, and leave no run directory behind. "Before any data pass" is checked by the
@@ -17,9 +18,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# Imported at collection, not inside a test's capfd: at import, Lightning binds a log handler
+# to the sys.stderr of that moment, and wandb wraps it (console capture); a capfd stream is
+# closed after its test.
+import lightning  # noqa: F401
 import pytest
 import torch
+import wandb  # noqa: F401
 
+from benchmark.cli import main
 from tests.datamodules import fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,28 +74,26 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
     ]
 
 
-def _run(case: tuple[str, list[str], list[str]], tmp: Path) -> tuple[str, int, str, float, list[str]]:
-    name, args, _ = case
-    cwd = tmp / "cwd" / name
-    cwd.mkdir(parents=True)
+def _env(tmp: Path) -> dict[str, str]:
     env = {**os.environ, "DML_BENCHMARK_DATA": str(tmp / "data"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("DML_BENCHMARK_RUN_DIR", None)
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "benchmark", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    elapsed = time.monotonic() - start
-    left = [str(p.relative_to(cwd)) for p in cwd.rglob("*")]
-    return name, proc.returncode, proc.stdout + proc.stderr, elapsed, left
+    return env
+
+
+def _check(case: str, code: int, out: str, left: list[str], fragments: list[str]) -> None:
+    assert code == 2, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
+    for fragment in fragments:
+        assert fragment in out, (fragment, out[-2000:])
+    assert "error:" in out and len(out.splitlines()) <= 12, out  # a paragraph, not pages of usage
+    assert "[benchmark] run directory" not in out, out[-2000:]  # failed before the trainer could pass over data
+    assert not [p for p in left if p.startswith("runs")], left  # no run directory behind
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, float, list[str], list[str]]]:
+def cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple[list[str], list[str]]]]:
     tmp = tmp_path_factory.mktemp("user-errors")
-    cases = _cases(tmp)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = list(pool.map(lambda c: _run(c, tmp), cases))
-    fragments = {name: frags for name, _, frags in cases}
-    return {name: (code, out, elapsed, left, fragments[name]) for name, code, out, elapsed, left in done}
+    return tmp, {name: (args, frags) for name, args, frags in _cases(tmp)}
 
 
 CASE_IDS = [
@@ -100,13 +105,51 @@ CASE_IDS = [
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
-def test_user_error_exits_2_quickly_with_the_cause_and_no_traceback(results, case: str) -> None:
-    code, out, elapsed, left, fragments = results[case]
-    assert code == 2, out[-2000:]
-    assert "Traceback" not in out, out[-3000:]
-    for fragment in fragments:
-        assert fragment in out, (fragment, out[-2000:])
-    assert "error:" in out and len(out.splitlines()) <= 12, out  # a paragraph, not pages of usage
-    assert "[benchmark] run directory" not in out, out[-2000:]  # failed before the trainer could pass over data
-    assert elapsed < BOUND_S, f"{case} took {elapsed:.1f} s"
-    assert not [p for p in left if p.startswith("runs")], left  # no run directory behind
+def test_user_error_exits_2_with_the_cause_and_no_traceback(
+    cases, case: str, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every case through the CLI's ``main`` in this process (what ``python -m benchmark`` runs).
+
+    In-process keeps the table cheap: a fresh interpreter costs ~10 s of imports per case on
+    a 2-core machine. An exception escaping ``main`` fails the test, as a traceback would.
+    """
+    tmp, table = cases
+    args, fragments = table[case]
+    cwd = tmp / "cwd-in-process" / case
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    for key, value in _env(tmp).items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DML_BENCHMARK_RUN_DIR", raising=False)
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # argparse-level errors exit from inside the parser
+        code = exit_.code
+    out, err = capfd.readouterr()
+    _check(case, code, out + err, [str(p.relative_to(cwd)) for p in cwd.rglob("*")], fragments)
+
+
+SUBPROCESS_CASES = ["option-typo", "inshop-too-deep"]
+
+
+def _run_subprocess(case: str, args: list[str], tmp: Path) -> tuple[int, str, float, list[str]]:
+    cwd = tmp / "cwd" / case
+    cwd.mkdir(parents=True)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "benchmark", *args], cwd=cwd, env=_env(tmp), capture_output=True,
+                          text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    left = [str(p.relative_to(cwd)) for p in cwd.rglob("*")]
+    return proc.returncode, proc.stdout + proc.stderr, elapsed, left
+
+
+def test_the_real_command_exits_2_with_the_message_alone(cases) -> None:
+    """A few cases (option parsing; dataset checks) through a real
+    ``python -m benchmark`` process, run in parallel: the exit status and the text users see."""
+    tmp, table = cases
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = dict(zip(SUBPROCESS_CASES, pool.map(lambda c: _run_subprocess(c, table[c][0], tmp), SUBPROCESS_CASES)))
+    for case, (code, out, elapsed, left) in done.items():
+        _check(case, code, out, left, table[case][1])
+        assert elapsed < BOUND_S, f"{case} took {elapsed:.1f} s"

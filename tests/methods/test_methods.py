@@ -16,6 +16,9 @@ from methods.base import RetrievalMethod
 from tests.datamodules.fixtures import make_cub
 
 registry.discover()
+# Built-in methods only: plugins that other test modules load (tests.benchmark.plugin_methods)
+# register into the same registry during collection and are not held to these contracts.
+BUILTIN_METHODS = sorted(name for name, cls in registry.METHODS.items() if cls.__module__.startswith("methods."))
 
 # Per-method settings that make a one-step run tiny; methods not listed use the defaults.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {}
@@ -61,7 +64,7 @@ def build(method_name: str, root: Path, backbone: str) -> tuple[RetrievalMethod,
 
 
 @pytest.mark.parametrize("backbone", ["resnet_tiny_test", "vit_tiny_test"])
-@pytest.mark.parametrize("method_name", sorted(registry.METHODS))
+@pytest.mark.parametrize("method_name", BUILTIN_METHODS)
 def test_every_parameter_gets_a_gradient(method_name: str, backbone: str, cub_fixture: Path, tmp_path: Path) -> None:
     model, dm = build(method_name, cub_fixture, backbone)
     probe = GradientProbe()
