@@ -52,27 +52,21 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from benchmark.backbones import BackboneConfig
+from benchmark.layers import Attention
+from benchmark.neighbours import exact_knn, faiss_available
 from benchmark.registry import register_method
+from benchmark.validation import check_choice
 from datamodules.base import DataRequest, default_data_root
-from methods.base import OptimizerName, RetrievalMethod, load_method
+from methods.base import OptimizerName, RetrievalMethod, evaluation_outputs, load_method
 
 KnnBackend = Literal["auto", "torch", "faiss"]
 Aggregation = Literal["attention", "mean"]
 InferenceDtype = Literal["float32", "bfloat16"]
 
-# (c, M) fp32 score blocks of the torch neighbour search stay within this many bytes.
-_KNN_MEMORY_BUDGET = 256 * 2**20
+_faiss_available = faiss_available  # the former name (benchmark perf refine imports it)
 
 
 # ---------------------------------------------------------------------------- neighbours
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def knn_search(
     queries: torch.Tensor,
     database: torch.Tensor,
@@ -83,81 +77,33 @@ def knn_search(
 ) -> torch.Tensor:
     """The ``k`` most similar database rows of every query (inner product), best first.
 
+    :func:`benchmark.neighbours.exact_knn` (exact; ties broken by the lower row).
+
     Args:
         queries: (Q, D) embeddings (L2-normalised: inner product = cosine similarity).
         database: (M, D) embeddings searched.
         k: neighbours per query.
         exclude: (Q,) int64 database row that query q must never get (its own entry, by
             index, not by assuming it comes first: duplicates and ties break that), or -1.
-        backend: ``torch`` (chunked matmul + top-k, exact, on the data's device), ``faiss``
+        backend: ``torch`` (chunked matmul, exact, on the data's device), ``faiss``
             (``IndexFlatIP``, on the GPU when faiss has GPU support and the data is on CUDA)
             or ``auto`` (= ``torch``: on this benchmark's 2-core CPU it was 3x faster than
             faiss for an SOP-sized set, and on GPU it needs no faiss-gpu build).
         chunk_size: queries per similarity block of the torch backend (default: the (c, M)
-            fp32 block stays within 256 MiB).
+            block stays within 256 MiB).
 
     Returns:
         (Q, k) int64 database rows on the queries' device.
     """
-    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
+    check_choice("knn_backend", backend, KnnBackend)
+    if exclude is not None and exclude.shape != (queries.shape[0],):
         raise ValueError(
-            f"knn_search needs (Q, D) queries and (M, D) database rows of the same D; got "
-            f"{tuple(queries.shape)} and {tuple(database.shape)}."
+            f"exclude must be (Q,) = ({queries.shape[0]},) database rows or -1; got shape {tuple(exclude.shape)}."
         )
-    num_q, num_db = queries.shape[0], database.shape[0]
-    available = num_db - (1 if exclude is not None else 0)
-    if k < 0 or k > available:
-        raise ValueError(
-            f"Cannot find {k} neighbours among {num_db} database rows"
-            f"{' (each query excluded from its own list)' if exclude is not None else ''}: "
-            "lower num_neighbours or evaluate on a larger gallery."
-        )
-    if exclude is not None and exclude.shape != (num_q,):
-        raise ValueError(
-            f"exclude must be (Q,) = ({num_q},) database rows or -1; got shape {tuple(exclude.shape)}."
-        )
-    if k == 0 or num_q == 0:
-        return torch.zeros(num_q, k, dtype=torch.long, device=queries.device)
-    if backend == "auto":
-        backend = "torch"
-    if backend == "faiss":
-        return _knn_faiss(queries, database, k, exclude)
-    if backend != "torch":
-        raise ValueError(f"Unknown neighbour search backend {backend!r}; choose auto, torch or faiss.")
-    database = database.to(device=queries.device, dtype=torch.float32)
-    exclude = exclude.to(queries.device) if exclude is not None else None
-    chunk = chunk_size or max(1, min(8192, _KNN_MEMORY_BUDGET // (4 * max(num_db, 1))))
-    out = torch.empty(num_q, k, dtype=torch.long, device=queries.device)
-    for a in range(0, num_q, chunk):
-        b = min(a + chunk, num_q)
-        scores = queries[a:b].float() @ database.T  # (c, D) @ (D, M) -> (c, M)
-        if exclude is not None:
-            rows = (exclude[a:b] >= 0).nonzero().flatten()
-            scores[rows, exclude[a:b][rows]] = float("-inf")
-        out[a:b] = scores.topk(k, dim=1, sorted=True).indices
-    return out
-
-
-def _knn_faiss(
-    queries: torch.Tensor, database: torch.Tensor, k: int, exclude: torch.Tensor | None
-) -> torch.Tensor:
-    import faiss
-
-    dim = database.shape[1]
-    index: Any = faiss.IndexFlatIP(dim)
-    if queries.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, queries.device.index or 0, index)
-    index.add(database.detach().float().cpu().contiguous().numpy())
-    extra = 1 if exclude is not None else 0
-    _, found = index.search(queries.detach().float().cpu().contiguous().numpy(), k + extra)
-    result = torch.from_numpy(found).long()  # (Q, k + extra)
-    if exclude is not None:
-        # Move the excluded row (if found) to the end by a stable sort, then drop the last column.
-        is_self = result == exclude.cpu()[:, None]  # (Q, k + 1)
-        order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)
-        result = result.gather(1, order)[:, :k]
-    return result.to(queries.device)
+    rows, _ = exact_knn(
+        queries, database, k, query_ids=exclude, backend="torch" if backend == "auto" else backend, chunk_size=chunk_size
+    )
+    return rows
 
 
 # ---------------------------------------------------------------------------- embedding cache
@@ -283,11 +229,12 @@ class ProjectionMLP(nn.Module):
         return x + y if self.skip else y
 
 
-class CrossAttentionBlock(nn.Module):
+class ContextAttentionBlock(nn.Module):
     """``CA(q, c, c) = softmax(Q(q) K(c)^T / sqrt(d_h)) V(c)`` for one query per context (Eq. 2).
 
     ``Q`` (with a skip connection, supplement A), ``K`` and ``V`` are :class:`ProjectionMLP`;
-    with several heads the projections are split into ``num_heads`` slices of ``d / h``.
+    with several heads the projections are split into ``num_heads`` slices of ``d / h``; the
+    attention itself is :class:`benchmark.layers.Attention`.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_heads: int = 1, query_skip: bool = True) -> None:
@@ -299,6 +246,7 @@ class CrossAttentionBlock(nn.Module):
         self.value = ProjectionMLP(dim, hidden_dim)
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
+        self.attention = Attention(num_heads, scale=self.scale)  # no parameters
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., D) context embeddings -> their keys and values, each (..., D)."""
@@ -306,16 +254,8 @@ class CrossAttentionBlock(nn.Module):
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(B, D) query embeddings, (B, k, D) projected keys and values -> (B, D) update."""
-        b, k, d = keys.shape
-        h = self.num_heads
-        q = self.query(query).view(b, h, d // h, 1)  # (B, h, d_h, 1)
-        kh = keys.view(b, k, h, d // h).transpose(1, 2)  # (B, h, k, d_h)
-        vh = values.view(b, k, h, d // h).transpose(1, 2)  # (B, h, k, d_h)
-        scores = (kh @ q).squeeze(-1) * self.scale  # (B, h, k, d_h) @ (B, h, d_h, 1) -> (B, h, k)
-        at_least_fp32 = torch.promote_types(scores.dtype, torch.float32)
-        weights = scores.softmax(dim=-1, dtype=at_least_fp32).to(vh.dtype)  # (B, h, k)
-        out = weights.unsqueeze(-2) @ vh  # (B, h, 1, k) @ (B, h, k, d_h) -> (B, h, 1, d_h)
-        return out.reshape(b, d)
+        out, _ = self.attention(self.query(query)[:, None], keys, values)  # (B, 1, D) over (B, k, D)
+        return out[:, 0]
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """(B, D) query, (B, k, D) context -> (B, D) residual update."""
@@ -348,7 +288,7 @@ class ContextRefiner(nn.Module):
             )
         self.dim = dim
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(dim, hidden_dim or dim, num_heads, query_skip) for _ in range(num_blocks)
+            ContextAttentionBlock(dim, hidden_dim or dim, num_heads, query_skip) for _ in range(num_blocks)
         )
         self.output = nn.Linear(dim, output_dim) if output_dim else None
 
@@ -640,8 +580,9 @@ class ContextRefine(RetrievalMethod):
                 "num_neighbours=0 without include_self leaves every context empty; set include_self=true "
                 "(the paper's 'CA without neighbours' ablation: the query attends to itself)."
             )
-        if aggregation not in ("attention", "mean"):
-            raise ValueError(f"Unknown aggregation {aggregation!r}; choose 'attention' or 'mean'.")
+        check_choice("aggregation", aggregation, Aggregation)
+        check_choice("knn_backend", knn_backend, KnnBackend)
+        check_choice("inference_dtype", inference_dtype, InferenceDtype)
         source_model = load_source(source) if source else None
         stage1_backbone = (
             replace(source_model.backbone_config, pretrained=False, weights=None)
@@ -808,13 +749,7 @@ class ContextRefine(RetrievalMethod):
         cached = self._eval_e0.get(split)
         if cached is None:
             return self._eval_step(batch)
-        return {
-            "embeddings": cached[batch["index"].to(cached.device)],  # (b, D) cached e0
-            "labels": batch["label"],
-            "indices": batch["index"],
-            "is_query": batch["is_query"],
-            "is_gallery": batch["is_gallery"],
-        }
+        return evaluation_outputs(cached[batch["index"].to(cached.device)], batch)  # (b, D) cached e0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._split_step(batch, "val")

@@ -25,7 +25,6 @@ docs/methods/cross_image_attention.md for every choice made here); they are conf
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -33,14 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from benchmark.layers import attend, merge_heads, split_heads
+from benchmark.neighbours import exact_knn
 from benchmark.registry import register_method
+from benchmark.validation import check_choice
 from methods.base import RetrievalMethod
 
 PairSimilarity = Literal["mutual", "anchor"]
 
 
 # ---------------------------------------------------------------------------- the blocks
-class CrossAttentionBlock(nn.Module):
+class ImageCrossAttentionBlock(nn.Module):
     """One conditioning step: queries (embeddings) attend over another image's spatial tokens.
 
     ``z <- z + Attn(LN(z), LN(tokens))`` then ``z <- z + MLP(LN(z))`` (pre-LN, as in ViTs,
@@ -86,11 +88,8 @@ class CrossAttentionBlock(nn.Module):
 
     def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, N, C) tokens of the conditioning images -> keys, values (A, H, N, D/H)."""
-        a, n, _ = tokens.shape
         t = self.token_norm(tokens)
-        k = self.k(t).view(a, n, self.num_heads, self.head_dim).transpose(1, 2)  # (A, H, N, dh)
-        v = self.v(t).view(a, n, self.num_heads, self.head_dim).transpose(1, 2)  # (A, H, N, dh)
-        return k, v
+        return split_heads(self.k(t), self.num_heads), split_heads(self.v(t), self.num_heads)  # (A, H, N, dh) each
 
     def forward(
         self, z: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False
@@ -101,32 +100,30 @@ class CrossAttentionBlock(nn.Module):
         are computed once per conditioning image, not once per pair. Returns the updated
         (A, Q, D) embeddings and, if asked, the (A, H, Q, N) attention weights.
         """
-        a, q_len, d = z.shape
-        k, v = self.keys_values(tokens)
-        q = self.q(self.query_norm(z)).view(a, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # (A, H, Q, dh)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (A, H, Q, dh) @ (A, H, dh, N) -> (A, H, Q, N)
-        attn = scores.softmax(dim=-1)  # over the N spatial locations of the conditioning image
-        out = self.attn_drop(attn) @ v  # (A, H, Q, N) @ (A, H, N, dh) -> (A, H, Q, dh)
-        out = out.transpose(1, 2).reshape(a, q_len, d)  # (A, Q, D)
-        z = z + self.drop(self.proj(out))
+        k, v = self.keys_values(tokens)  # (A, H, N, dh) each
+        q = split_heads(self.q(self.query_norm(z)), self.num_heads)  # (A, H, Q, dh)
+        # softmax over the N spatial locations of the conditioning image (SDPA unless the maps are asked for)
+        dropout = self.attn_drop.p if self.training else 0.0
+        out, attn = attend(q, k, v, dropout_p=dropout, return_weights=return_attention)  # (A, H, Q, dh)
+        z = z + self.drop(self.proj(merge_heads(out)))  # (A, Q, D)
         if self.mlp is not None:
             z = z + self.drop(self.mlp(self.mlp_norm(z)))
         return z, (attn if return_attention else None)
 
 
 class CrossImageAttention(nn.Module):
-    """A stack of :class:`CrossAttentionBlock`, each fed the conditioning image's tokens.
+    """A stack of :class:`ImageCrossAttentionBlock`, each fed the conditioning image's tokens.
 
     Args:
         num_blocks: blocks N in the stack.
         checkpoint_blocks: recompute each block in backward (trades compute for the
             O(B^2 D) activation memory of the all-pairs computation).
-        **block_kwargs: :class:`CrossAttentionBlock` arguments.
+        **block_kwargs: :class:`ImageCrossAttentionBlock` arguments.
     """
 
     def __init__(self, num_blocks: int, dim: int, token_dim: int, checkpoint_blocks: bool = False, **block_kwargs: Any):
         super().__init__()
-        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, token_dim, **block_kwargs) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(ImageCrossAttentionBlock(dim, token_dim, **block_kwargs) for _ in range(num_blocks))
         self.checkpoint_blocks = checkpoint_blocks
 
     def forward(
@@ -267,8 +264,7 @@ class CrossImageAttentionMethod(RetrievalMethod):
         super().__init__(**kwargs)
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0 (0 = the baseline without cross-attention), got {num_blocks}.")
-        if pair_similarity not in ("mutual", "anchor"):
-            raise ValueError(f"pair_similarity must be 'mutual' or 'anchor', got {pair_similarity!r}.")
+        check_choice("pair_similarity", pair_similarity, PairSimilarity)
         if rerank_k < 0 or rerank_batch_size < 1 or rerank_list_length < rerank_k:
             raise ValueError(
                 "Need rerank_k >= 0, rerank_list_length >= rerank_k and rerank_batch_size >= 1; got "
@@ -401,12 +397,11 @@ class CrossImageAttentionMethod(RetrievalMethod):
         if length < 1:
             raise ValueError("Re-ranking needs a gallery of at least two samples.")
         unit = F.normalize(embeddings.float(), dim=-1)
-        rows = []
-        for chunk in queries.split(max(1, 2**26 // max(1, len(gallery)))):
-            sim = unit[chunk] @ unit[gallery].T  # (q, D) @ (D, G) -> (q, G)
-            sim[chunk[:, None] == gallery[None, :]] = float("-inf")  # the query itself, by position
-            rows.append(gallery[sim.topk(length, dim=1).indices])  # (q, L)
-        return torch.cat(rows)
+        in_gallery = bool((is_query & is_gallery).any())
+        rows, _ = exact_knn(  # the query itself excluded by its position; ties by the lower position
+            unit[queries], unit[gallery], length, query_ids=queries if in_gallery else None, database_ids=gallery
+        )
+        return gallery[rows]  # (Q, L)
 
     @torch.no_grad()
     def rerank(

@@ -39,7 +39,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from benchmark.backbones import BackboneConfig
+from benchmark.layers import Attention
+from benchmark.neighbours import ExactIndex, exact_knn, faiss_available
 from benchmark.registry import register_method
+from benchmark.validation import check_choice
 from datamodules.base import DataRequest
 from datamodules.transforms import ViewRequest
 from methods.base import RetrievalMethod
@@ -79,24 +82,14 @@ def stratified_split(labels: np.ndarray, database_fraction: float = 0.2, seed: i
 
 
 # ---------------------------------------------------------------------------- retrieval
-def _drop_self(neighbours: torch.Tensor, database_ids: torch.Tensor, query_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the first ``k`` of (Q, k + 1) neighbours that are not the query itself."""
-    is_self = database_ids[neighbours] == query_ids[:, None]  # (Q, k + 1)
-    order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)  # non-self first, rank kept
-    return neighbours.gather(1, order[:, :k])  # (Q, k)
-
-
 def topk_search(queries: torch.Tensor, database: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> torch.Tensor:
     """Exact inner-product top-``k``: (Q, F) x (N, F) -> (Q, k) database positions, best first.
 
-    Chunked over queries so that at most ``chunk_elements`` scores exist at a time.
+    :func:`benchmark.neighbours.exact_knn` (ties by the lower position), chunked over queries
+    so that at most about ``chunk_elements`` scores exist at a time.
     """
-    rows = max(1, chunk_elements // max(1, database.shape[0]))
-    out = [
-        (q @ database.T).topk(k, dim=1).indices  # (q, F) @ (F, N) -> (q, N) -> (q, k)
-        for q in queries.split(rows)
-    ]
-    return torch.cat(out)
+    rows, _ = exact_knn(queries, database, k, chunk_size=max(1, chunk_elements // max(1, database.shape[0])))
+    return rows
 
 
 def union_of_neighbours(neighbours: torch.Tensor, num_database: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +173,8 @@ class CrossAttentionClassifier(nn.Module):
     """Eq. 16-18: one view embedding attends over database embeddings, then a linear classifier.
 
     ``z' = softmax((W_q z)(W_k Z_S)^T / sqrt(F)) W_v Z_S`` and ``logits = W_c z'``; single head,
-    ``W_q, W_k, W_v`` are F x F as in the paper (no bias unless ``attention_bias``).
+    ``W_q, W_k, W_v`` are F x F as in the paper (no bias unless ``attention_bias``); the
+    attention is :class:`benchmark.layers.Attention`.
     """
 
     def __init__(self, dim: int, num_classes: int, attention_bias: bool = False, classifier_bias: bool = True) -> None:
@@ -190,19 +184,23 @@ class CrossAttentionClassifier(nn.Module):
         self.v = nn.Linear(dim, dim, bias=attention_bias)
         self.classifier = nn.Linear(dim, num_classes, bias=classifier_bias)
         self.scale = dim**-0.5
+        self.attention = Attention(1, scale=self.scale)  # no parameters
 
     def forward(
-        self, views: torch.Tensor, database: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A, F) views over (B, T, F) or shared (T, F) entries -> (logits (B, A, C), attention (B, A, T))."""
-        q, k, v = self.q(views), self.k(database), self.v(database)
-        eq_scores, eq_out = ("baf,btf->bat", "bat,btf->baf") if database.ndim == 3 else ("baf,tf->bat", "bat,tf->baf")
-        scores = torch.einsum(eq_scores, q, k) * self.scale  # (B, A, F) x (B, T, F) -> (B, A, T)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, :], _masked_value(scores.dtype))
-        attention = scores.softmax(dim=-1)  # padded entries: exactly 0
-        attended = torch.einsum(eq_out, attention, v)  # (B, A, T) x (B, T, F) -> (B, A, F)
-        return self.classifier(attended), attention
+        self,
+        views: torch.Tensor,
+        database: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_attention: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, A, F) views over (B, T, F) or shared (T, F) entries -> (logits (B, A, C), attention (B, A, T)).
+
+        ``mask`` (B, T): ``True`` for real entries (padded ones get attention exactly 0). Without
+        ``return_attention`` the attention is computed by SDPA and ``None`` is returned for it.
+        """
+        q, k, v = self.q(views), self.k(database), self.v(database)  # (B, A, F), (B, T, F) or (T, F)
+        attended, weights = self.attention(q, k, v, key_mask=mask, return_weights=return_attention)  # (B, A, F)
+        return self.classifier(attended), (weights[..., 0, :, :] if weights is not None else None)  # (B, A, T)
 
 
 # ---------------------------------------------------------------------------- the method
@@ -284,15 +282,11 @@ class DMCAC(RetrievalMethod):
             raise ValueError("The loss weights beta_frob, beta_ce, beta_cac must be >= 0 and not all 0.")
         if not 0.0 < database_fraction < 1.0:
             raise ValueError(f"database_fraction must be in (0, 1), got {database_fraction}.")
-        for name, value, choices in (
-            ("retrieval", retrieval, ("approximate", "full")),
-            ("database", database, ("split", "all")),
-            ("search_backend", search_backend, ("auto", "faiss", "torch")),
-            ("sampler", sampler, ("shuffle", "balanced")),
-            ("view_reduction", view_reduction, ("sum", "mean")),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+        check_choice("retrieval", retrieval, Retrieval)
+        check_choice("database", database, DatabaseMode)
+        check_choice("search_backend", search_backend, SearchBackend)
+        check_choice("sampler", sampler, Literal["shuffle", "balanced"])
+        check_choice("view_reduction", view_reduction, Literal["sum", "mean"])
         self.num_views, self.randaugment_ops, self.randaugment_magnitude = num_views, randaugment_ops, randaugment_magnitude
         self.retrieval, self.k, self.temperature = retrieval, k, temperature
         self.beta_frob, self.beta_ce, self.beta_cac = beta_frob, beta_ce, beta_cac
@@ -311,7 +305,7 @@ class DMCAC(RetrievalMethod):
         self.database_embeddings: torch.Tensor | None = None  # (N, F) Z_D, no gradient
         self._database_ids: torch.Tensor | None = None  # (N,) training-split index of each row
         self._database_epoch = -1  # epoch at which the database was last embedded
-        self._faiss_index: Any = None
+        self._index: ExactIndex | None = None  # the search over Z_D (approximate retrieval)
         self._warned_small_database = False
         self.refresh_seconds_total = 0.0
         self.refresh_count = 0
@@ -371,28 +365,20 @@ class DMCAC(RetrievalMethod):
         self.database_embeddings = embeddings.detach().to(self.device, dtype).contiguous()
         self._database_ids = ids
         self._database_epoch = self.current_epoch
-        self._faiss_index = self._build_faiss_index(self.database_embeddings) if self._use_faiss() else None
+        self._index = (
+            ExactIndex(self.database_embeddings, ids, "faiss" if self._use_faiss() else "torch")
+            if self.retrieval == "approximate"
+            else None
+        )
 
     def _use_faiss(self) -> bool:
         if self.retrieval == "full" or self.search_backend == "torch":
             return False
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
+        if not faiss_available():
             if self.search_backend == "faiss":
-                raise ImportError("search_backend='faiss' needs faiss (pip install faiss-cpu); or use 'torch'.") from None
+                raise ImportError("search_backend='faiss' needs faiss (pip install faiss-cpu); or use 'torch'.")
             return False
         return True
-
-    def _build_faiss_index(self, embeddings: torch.Tensor) -> Any:
-        import faiss
-
-        index = faiss.IndexFlatIP(embeddings.shape[1])
-        if embeddings.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            self._faiss_resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._faiss_resources, embeddings.device.index or 0, index)
-        index.add(np.ascontiguousarray(embeddings.float().cpu().numpy()))
-        return index
 
     @torch.no_grad()
     def refresh_database(self) -> torch.Tensor:
@@ -451,16 +437,12 @@ class DMCAC(RetrievalMethod):
         b, a, f = views.shape
         exclude_self = self.database_mode == "all"
         k = self._effective_k(exclude_self)
-        search_k = min(k + int(exclude_self), self.database_embeddings.shape[0])
         flat = views.reshape(b * a, f).to(self.database_embeddings.dtype)  # (B * A, F)
-        if self._faiss_index is not None:
-            _, found = self._faiss_index.search(np.ascontiguousarray(flat.float().cpu().numpy()), search_k)
-            neighbours = torch.from_numpy(found).to(views.device)  # (B * A, search_k)
-        else:
-            neighbours = topk_search(flat, self.database_embeddings, search_k)
-        if exclude_self:
-            neighbours = _drop_self(neighbours, self._database_ids, query_ids.repeat_interleave(a), k)
-        return neighbours.reshape(b, a, k)
+        ids = query_ids.to(flat.device).repeat_interleave(a) if exclude_self else None  # (B * A,) by dataset index
+        if self._index is None:
+            self._index = ExactIndex(self.database_embeddings, self._database_ids, "faiss" if self._use_faiss() else "torch")
+        neighbours, _ = self._index.search(flat, k, ids)  # (B * A, k)
+        return neighbours.to(views.device).reshape(b, a, k)
 
     # ------------------------------------------------------------------ loss
     def _reduce_views(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -504,7 +486,7 @@ class DMCAC(RetrievalMethod):
             terms["ce"] = self._reduce_views(self.classifier(views) * self.logit_scale, labels)
             total = total + self.beta_ce * terms["ce"]
         if self.cac is not None:
-            logits, _ = self.cac(views, keys.to(views.dtype), mask)  # (B, A, C)
+            logits, _ = self.cac(views, keys.to(views.dtype), mask, return_attention=False)  # (B, A, C)
             terms["cac"] = self._reduce_views(logits * self.logit_scale, labels)
             total = total + self.beta_cac * terms["cac"]
         terms["union_size"] = union_size.detach()

@@ -24,7 +24,6 @@ equations, the recipes and the choices made where the paper is silent.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,14 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbones import BACKBONES, BackboneConfig, Pool
+from benchmark.layers import Attention
+from benchmark.neighbours import exact_knn
 from benchmark.registry import register_method
+from benchmark.validation import check_choice
 from methods.base import OptimizerName, RetrievalMethod, SchedulerName
 
 ClassifierInput = Literal["last", "concat"]
 RefineStages = Literal["test", "val_and_test", "never"]
 
-# Memory for one (chunk, M) block of squared distances in knn_graph, and for the gathered
-# batches of the refined forward pass.
+# Memory for the gathered batches of the refined forward pass.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 # A tolerance on the reciprocal-overlap test so that alpha = 2/3 behaves as the exact fraction.
 _OVERLAP_TOLERANCE = 1e-9
@@ -73,6 +74,7 @@ class MessagePassingLayer(nn.Module):
                 "choose a number of heads that divides embedding_dim."
             )
         self.dim, self.heads, self.head_dim, self.null_logit = dim, heads, dim // heads, null_logit
+        self.attention = Attention(heads, zero_logit=null_logit)  # no parameters: the state_dict is unchanged
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -103,20 +105,15 @@ class MessagePassingLayer(nn.Module):
         return self.norm2(x + self.dropout(self.ff(x)))  # Eq. 6
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """(..., R, d), (..., B, d) -> (..., M, R, B) attention weights alpha (Eq. 3 + softmax)."""
-        qh = q.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)  # (..., M, R, d/M)
-        kh = k.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)  # (..., M, B, d/M)
-        scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.head_dim)  # (..., M, R, d/M) @ (..., M, d/M, B)
-        if not self.null_logit:
-            return scores.softmax(dim=-1)
-        zero = scores.new_zeros(scores.shape[:-1] + (1,))
-        return torch.cat([scores, zero], dim=-1).softmax(dim=-1)[..., :-1]  # drop the null column
+        """(..., R, d), (..., B, d) -> (..., M, R, B) attention weights alpha (Eq. 3 + softmax).
+
+        With ``null_logit`` the softmax has one more logit fixed at 0 (its weight is dropped).
+        """
+        return self.attention.weights(q, k)  # explicit path
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Multi-head messages (Eq. 4): cat over heads of sum_j alpha_ij W_v h_j -> (..., R, d)."""
-        attn = self.attention_weights(q, k)  # (..., M, R, B)
-        vh = v.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)  # (..., M, B, d/M)
-        return (attn @ vh).transpose(-3, -2).flatten(-2)  # (..., M, R, d/M) -> (..., R, d)
+        return self.attention(q, k, v)[0]  # SDPA: (..., R, d) queries over (..., B, d) keys and values
 
 
 class MessagePassingNetwork(nn.Module):
@@ -213,11 +210,8 @@ def knn_graph(
     Row i is ``[i, n_1, ..., n_k]``: the sample itself, then its k nearest *other* database
     samples ordered by (distance, index); a sample outside the database still comes first in
     its own list. Exact (ties broken by the lower index) without an N x N matrix and without
-    sorting rows: one matrix product per chunk of rows gives ``||b||^2 - 2 a.b`` (the
-    distance up to the row's constant ``||a||^2``); the columns are grouped into strided
-    blocks and super-blocks, and the k-th smallest super-block minimum is a threshold that at
-    least k columns reach: the k nearest are at or below it. Only the blocks whose minimum
-    reaches it are read again, and their columns are ranked by (distance, index).
+    sorting rows: the shared exact search (:func:`benchmark.neighbours.exact_knn`, torch
+    backend) on ``[a, 1] . [2 b, -||b||^2] = ||a||^2 - ||a - b||^2``.
 
     Args:
         embeddings: (N, D) features (any norm).
@@ -235,68 +229,26 @@ def knn_graph(
 def _knn_graph(
     emb: torch.Tensor, database: torch.Tensor, k: int, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`knn_graph` on checked float32 embeddings and a bool database mask."""
-    (n, dim), device = emb.shape, emb.device
+    """:func:`knn_graph` on checked float32 embeddings and a bool database mask.
+
+    ``||a - b||^2 = ||a||^2 - [a, 1] . [2 b, -||b||^2]``: the largest inner products of the
+    exact search (:func:`benchmark.neighbours.exact_knn`, ties by the lower database row, i.e.
+    the lower sample index) are the smallest distances, and a sample is excluded from its own
+    list by its index.
+    """
+    n, device = emb.shape[0], emb.device
     db = database.nonzero().flatten()  # (M,) ascending sample index
     m = db.numel()
     if k < 1 or k > m - 1:
         raise ValueError(f"k={k} neighbours need 1 <= k <= (database size - 1) = {m - 1}.")
-    column = torch.full((n,), -1, dtype=torch.long, device=device)
-    column[db] = torch.arange(m, device=device)  # database column of each sample, -1 outside
     sq = emb.pow(2).sum(1)  # (N,)
-    # Columns per super-block: a power of two <= 256 that leaves >= 4 k super-blocks.
-    group = 1
-    while group < 256 and m // (2 * group) >= 4 * k:
-        group *= 2
-    bs = min(16, group)  # columns per block
-    nsuper = -(-m // group)
-    mp, nb = nsuper * group, nsuper * group // bs
-    kp = min(k, nsuper)  # nsuper >= k: a single-column group has m - 1 >= k finite columns
-    db_aug = emb.new_zeros(mp, dim + 1)  # [-2 b, ||b||^2] so that [a, 1] . it = ||b||^2 - 2 a.b
-    db_aug[:m, :dim] = emb[db] * -2
-    db_aug[:m, dim] = sq[db]
-    emb_aug = torch.cat([emb, emb.new_ones(n, 1)], 1)  # (N, D+1)
-    chunk = int(chunk_size) if chunk_size else max(1, min(8192, DEFAULT_MEMORY_BUDGET // (4 * mp)))
-    buffer = torch.empty(min(chunk, n), mp, device=device)  # (c, Mp) reused for every chunk
-    strides = torch.arange(bs, device=device) * nb  # column t * nb + j belongs to block j
-    indices = torch.empty(n, k + 1, dtype=torch.long, device=device)
-    distances = torch.empty(n, k + 1, device=device)
-    for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n), device=device)
-        c = rows.numel()
-        d = buffer[:c]
-        torch.mm(emb_aug[rows], db_aug.T, out=d)  # (c, D+1) @ (D+1, Mp)
-        d[:, m:] = float("inf")  # padding
-        own = column[rows]
-        inside = (own >= 0).nonzero().flatten()
-        d[inside, own[inside]] = float("inf")  # a sample is not its own neighbour
-        block_min = d.view(c, bs, nb).amin(1)  # (c, nb): block j = columns j, j + nb, ...
-        super_min = block_min.view(c, group // bs, nsuper).amin(1)  # (c, nsuper): blocks j, j + nsuper, ...
-        threshold = super_min.topk(kp, dim=1, largest=False).values[:, -1:]  # (c, 1): >= kp columns reach it
-        # Blocks holding a column <= threshold (every such column is in one), padded per row.
-        r, blk = (block_min <= threshold).nonzero(as_tuple=True)  # row-major
-        counts = torch.bincount(r, minlength=c)
-        slot = torch.arange(r.numel(), device=device) - (counts.cumsum(0) - counts)[r]
-        blocks = torch.full((c, int(counts.max())), nb, dtype=torch.long, device=device)  # nb = padding
-        blocks[r, slot] = blk
-        pad = (blocks == nb)[:, :, None].expand(-1, -1, bs).flatten(1)  # (c, W * bs)
-        cols = (blocks[:, :, None] + strides).flatten(1).masked_fill_(pad, 0)  # (c, W * bs)
-        # Exact (value, column) order: order-preserving int32 of the float, then the column.
-        key = (_ordered_bits(d.gather(1, cols)) << 32) | cols
-        key.masked_fill_(pad, torch.iinfo(torch.int64).max)  # there are >= k real candidates
-        key = key.topk(k, dim=1, largest=False).values  # (c, k) ascending
-        cols = key & 0xFFFFFFFF
-        indices[rows, 1:] = db[cols]
-        distances[rows, 1:] = d.gather(1, cols) + sq[rows, None]
-    indices[:, 0] = torch.arange(n, device=device)
-    distances[:, 0] = 0.0
+    queries = torch.cat([emb, emb.new_ones(n, 1)], 1)  # (N, D+1) [a, 1]
+    rows = torch.cat([emb[db] * 2, -sq[db, None]], 1)  # (M, D+1) [2 b, -||b||^2]
+    samples = torch.arange(n, device=device)
+    found, scores = exact_knn(queries, rows, k, query_ids=samples, database_ids=db, chunk_size=chunk_size)
+    indices = torch.cat([samples[:, None], db[found]], 1)  # (N, k+1): the sample itself first
+    distances = torch.cat([emb.new_zeros(n, 1), sq[:, None] - scores], 1)  # ||a||^2 - score
     return indices, distances
-
-
-def _ordered_bits(values: torch.Tensor) -> torch.Tensor:
-    """int64 in [-2^31, 2^31) with the order of the float32 ``values`` (-0.0 folded onto +0.0)."""
-    bits = (values.float() + 0.0).view(torch.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
 
 
 def _edge_keys(nbr: torch.Tensor, k: int) -> torch.Tensor:
@@ -575,10 +527,8 @@ class IntraBatchMPN(RetrievalMethod):
                 "backbone_loss_weight and mpn_loss_weight must be >= 0 and not both 0; "
                 f"got {backbone_loss_weight} and {mpn_loss_weight}."
             )
-        if mpn_classifier_input not in ("last", "concat"):
-            raise ValueError(f"mpn_classifier_input must be 'last' or 'concat'; got {mpn_classifier_input!r}.")
-        if refine_stages not in ("test", "val_and_test", "never"):
-            raise ValueError(f"refine_stages must be 'test', 'val_and_test' or 'never'; got {refine_stages!r}.")
+        check_choice("mpn_classifier_input", mpn_classifier_input, ClassifierInput)
+        check_choice("refine_stages", refine_stages, RefineStages)
         backbone = backbone or BackboneConfig()
         preset = BACKBONES.get(backbone.name)
         if backbone.pool is None and cnn_pool is not None and preset is not None and preset.kind == "cnn":

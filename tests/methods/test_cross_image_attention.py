@@ -22,11 +22,13 @@ import torch.nn.functional as F
 
 from benchmark.backbones import BackboneConfig
 from methods.cross_image_attention import (
-    CrossAttentionBlock,
     CrossImageAttention,
     CrossImageAttentionMethod,
     label_masks,
     multi_similarity_loss,
+)
+from methods.cross_image_attention import (
+    ImageCrossAttentionBlock as CrossAttentionBlock,
 )
 
 TINY = dict(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=8, image_size=16)
