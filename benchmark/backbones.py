@@ -19,10 +19,12 @@ import timm
 import torch
 from torch import nn
 
+from benchmark.core import Normalization
 from benchmark.errors import ConfigError, UserError
-from datamodules.transforms import Normalization
 
-Pool = Literal["token", "avg", "max", "avgmax"]
+# timm's pooling vocabulary (timm.layers.SelectAdaptivePool2d): avgmax averages the two,
+# catavgmax concatenates them (2C features); token is the ViT's CLS token.
+Pool = Literal["token", "avg", "max", "avgmax", "catavgmax"]
 
 
 class WeightsUnavailableError(UserError, RuntimeError):
@@ -75,7 +77,8 @@ class BackboneConfig:
             or ``weights``); ``False`` trains from random initialisation.
         weights: a local weights file (.safetensors, .pth, .bin) for the preset's
             architecture; implies ``pretrained``.
-        pool: override the preset's global pooling (``token``, ``avg``, ``max``, ``avgmax``).
+        pool: override the preset's global pooling (``token``, ``avg``, ``max``, ``avgmax`` = (avg + max) / 2,
+            ``catavgmax`` = [avg, max], as timm names them).
         grad_checkpointing: recompute activations in backward to save memory.
         channels_last: NHWC memory format for CNNs (faster convolutions on GPU).
         drop_path_rate: stochastic depth rate (ViTs).
@@ -241,9 +244,9 @@ class Encoder(nn.Module):
         )
         self.pool: Pool = config.pool or preset.pool
         if preset.kind == "cnn" and self.pool == "token":
-            raise ValueError(f"Backbone '{config.name}' is a CNN; pool must be avg, max or avgmax.")
+            raise ValueError(f"Backbone '{config.name}' is a CNN; pool must be avg, max, avgmax or catavgmax.")
         self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
-        self.feature_dim: int = self.model.num_features * (2 if self.pool == "avgmax" else 1)
+        self.feature_dim: int = self.model.num_features * (2 if self.pool == "catavgmax" else 1)
         self.token_dim: int = self.model.num_features
         if config.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -267,7 +270,9 @@ class Encoder(nn.Module):
             pooled = tokens.mean(1)
         elif self.pool == "max":
             pooled = tokens.amax(1)
-        else:
+        elif self.pool == "avgmax":
+            pooled = 0.5 * (tokens.mean(1) + tokens.amax(1))  # (B, C)
+        else:  # catavgmax
             pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)  # (B, 2C)
         return EncoderOutput(pooled, tokens, (int(h), int(w)))
 

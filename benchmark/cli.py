@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.resources
 import os
 import sys
 import time
@@ -23,27 +24,42 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmark import registry
-from benchmark.errors import ConfigError, UserError
+import yaml
 
-DEFAULT_METHOD = "dmcac"
-DEFAULT_DATA = "synthetic"
+from benchmark import registry
+from benchmark.backbones import BACKBONES
+from benchmark.errors import ConfigError, UserError
+from benchmark.evaluation import RetrievalEvaluator
+from benchmark.leaderboard import main as leaderboard_main
+from benchmark.training import (
+    EXIT_INTERNAL,
+    EXIT_USER,
+    AtomicCheckpointIO,
+    BenchmarkTrainer,
+    RunStatus,
+    resolve_precision,
+)
+from datamodules.base import RetrievalDataModule
+from methods.base import NonFiniteLossError, RetrievalMethod
+
 
 def recipe_dir() -> Path:
     """The installed recipes (``configs/`` of the repository, packaged as ``benchmark.recipes``)."""
-    import importlib.resources
-
     return Path(str(importlib.resources.files("benchmark.recipes")))
 
 
 CONFIG_DIR = recipe_dir()
+# --method / --data when not given (the README's main job), from the recipes, not the code.
+_DEFAULTS = yaml.safe_load((CONFIG_DIR / "defaults.yaml").read_text())
+DEFAULT_METHOD: str = _DEFAULTS["method"]
+DEFAULT_DATA: str = _DEFAULTS["data"]
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 USAGE = """usage: python -m benchmark <command> [options]
 
 commands:
   fit          train a method (evaluates before and after), e.g.
-               python -m benchmark fit --method dmcac --backbone vit_small
+               python -m benchmark fit --method {method} --backbone vit_small
   validate     evaluate a checkpoint on the validation split (--ckpt_path)
   test         evaluate a checkpoint on the test split (--ckpt_path)
   list         registered methods, backbones and datasets
@@ -61,6 +77,8 @@ fit/validate/test options (plus every LightningCLI option, see `fit --help`):
   --logger NAME        wandb (default; offline unless logged in), csv, tensorboard, none
   --run_dir PATH       where this run writes (default: runs/<method>-<data>-<time>)
   --plugin MODULE      import a module that registers more methods/datasets (repeatable)
+  --evaluation.*       evaluation settings (recall_ks, nmi, map_at_k, backend ...)
+A method's own options: python -m benchmark fit --method NAME --print_config (or --help).
 """
 
 
@@ -142,8 +160,6 @@ def check_checkpoint_file(path: Path) -> None:
 
 
 def _config_class(config_path: Path, section: str) -> str | None:
-    import yaml
-
     with open(config_path) as f:
         config = yaml.safe_load(f) or {}
     value = (config.get(section) or {}).get("class_path") if isinstance(config.get(section), dict) else None
@@ -315,8 +331,6 @@ def _make_cli_class():
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from benchmark.evaluation import RetrievalEvaluator
-    from benchmark.training import AtomicCheckpointIO, RunStatus, resolve_precision
 
     class BenchmarkCLI(LightningCLI):
         run_info: dict[str, Any] = {}
@@ -342,6 +356,9 @@ def _make_cli_class():
                 raise ConfigError(str(cause)) from err
 
         def add_arguments_to_parser(self, parser) -> None:
+            # The evaluator's options, from a recipe's `evaluation:` section or --evaluation.*
+            # (e.g. --evaluation.recall_ks [1,2,4,8] --evaluation.backend cpu).
+            parser.add_class_arguments(RetrievalEvaluator, "evaluation", instantiate=True)
             parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
@@ -356,7 +373,8 @@ def _make_cli_class():
             env = os.environ.get("DML_BENCHMARK_RUN_DIR")
             if env and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP worker: rank 0 chose the folder
                 return Path(env)
-            path = Path(info["run_dir"]).expanduser() if info.get("run_dir") else run_dir_of_checkpoint(info.get("ckpt_path"))
+            root = info.get("run_dir") or self._get(self.config, "trainer", default={}).get("default_root_dir")
+            path = Path(root).expanduser() if root else run_dir_of_checkpoint(info.get("ckpt_path"))
             if path is None:
                 path = self._new_run_dir()
                 created = True
@@ -411,7 +429,8 @@ def _make_cli_class():
             seed = self._get(self.config, "seed_everything")
             meta["seed"] = seed
             trainer_cfg = self._get(self.config_init, "trainer", default={})
-            callbacks = [RetrievalEvaluator()]
+            evaluator = self._get(self.config_init, "evaluation", default=None)
+            callbacks = [evaluator if isinstance(evaluator, RetrievalEvaluator) else RetrievalEvaluator()]
             # The best checkpoint by the metric the method is judged by (trainer.checkpoint_callback,
             # ckpt_path="best"), after each validation; then last.ckpt at the end of every training
             # epoch (after its validation, if any), so that a run validated every few epochs can
@@ -446,11 +465,15 @@ def _make_cli_class():
             logger_name = self.run_info.get("logger") or "wandb"
             if command != "fit" and self.run_info.get("run_config") and self.run_info.get("logger_default", True):
                 logger_name = "none"  # evaluating a run's checkpoint: its results go into its folder
-            logger = build_logger(logger_name, run_dir, meta)
-            if logger is not None and command == "fit":
+            # --trainer.logger, when given, wins (LightningCLI's convention) and --logger's is not made.
+            user_logger = trainer_cfg.get("logger")
+            user_set = user_logger is not None and user_logger is not True
+            logger = None if user_set else build_logger(logger_name, run_dir, meta)
+            if command == "fit" and (logger is not None or (user_set and user_logger is not False)):
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
-            kwargs.setdefault("default_root_dir", str(run_dir))
-            kwargs["logger"] = logger if logger is not None else False
+            kwargs["default_root_dir"] = str(run_dir)  # --trainer.default_root_dir, if given, chose run_dir
+            if not user_set:
+                kwargs["logger"] = logger if logger is not None else False
             existing = trainer_cfg.get("callbacks") or []
             kwargs["callbacks"] = list(existing) + callbacks
             plugins = trainer_cfg.get("plugins") or []
@@ -601,9 +624,6 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
 
 
 def _instantiate_cli(cli_cls: Any, subcommand: str | None, argv: list[str], run: bool, config_name: str):
-    from benchmark.training import BenchmarkTrainer
-    from datamodules.base import RetrievalDataModule
-    from methods.base import RetrievalMethod
 
     return cli_cls(
         RetrievalMethod,
@@ -625,7 +645,6 @@ def cmd_list(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmark.backbones import BACKBONES
 
     registry.discover(_pop_option(argv, "--plugin", repeat=True))
     console = Console()
@@ -653,34 +672,34 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
-def _dispatch(package: str, command: str, argv: list[str]) -> int:
-    """Run ``<package>.<argv[0]>.main(argv[1:])``: perf benchmarks and analyses are plain modules."""
-    pkg = importlib.import_module(package)
-    if not argv or argv[0] in ("-h", "--help"):
-        import pkgutil
+def _dispatch(kind: str, argv: list[str]) -> int:
+    """Run the ``perf`` / ``analyze`` command that a module registered (``benchmark.core``).
 
-        names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
-        print(f"usage: python -m benchmark {command} NAME [options]\n\navailable: " + ", ".join(sorted(names)))
+    ``--plugin MODULE`` before the name imports a module that registers more commands.
+    """
+    plugins: list[str] = []
+    while len(argv) >= 2 and argv[0] == "--plugin":
+        plugins.append(argv[1])
+        argv = argv[2:]
+    registry.discover_tools(plugins)
+    table = registry.PERF_COMMANDS if kind == "perf" else registry.ANALYSES
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max((len(name) for name in table), default=0)
+        lines = [f"  {name:<{width}}  {cmd.summary}  [{cmd.owner}]" for name, cmd in sorted(table.items())]
+        print(f"usage: python -m benchmark {kind} [--plugin MODULE] NAME [options]\n\n" + "\n".join(lines))
         return 0
-    try:
-        module = importlib.import_module(f"{package}.{argv[0]}")
-    except ModuleNotFoundError as err:
-        if err.name != f"{package}.{argv[0]}":
-            raise
-        raise CLIError(f"Unknown {command} {argv[0]!r}; see `python -m benchmark {command} --help`.") from err
-    return int(module.main(argv[1:]) or 0)
+    return int(registry.get_command(kind, argv[0]).run(argv[1:]) or 0)
 
 
 def cmd_perf(argv: list[str]) -> int:
-    return _dispatch("benchmark.perf", "perf", argv)
+    return _dispatch("perf", argv)
 
 
 def cmd_analyze(argv: list[str]) -> int:
-    return _dispatch("benchmark.analysis", "analyze", argv)
+    return _dispatch("analyze", argv)
 
 
 def cmd_leaderboard(argv: list[str]) -> int:
-    from benchmark.leaderboard import main as leaderboard_main
 
     return leaderboard_main(argv)
 
@@ -690,8 +709,6 @@ def _run_training_command(command: str, argv: list[str]) -> int:
 
     0 completed, 2 user error, 1 failure, 130 interrupted by SIGINT, 143 by SIGTERM.
     """
-    from benchmark.training import EXIT_INTERNAL, EXIT_USER, RunStatus
-    from methods.base import NonFiniteLossError
 
     status = RunStatus(command)
     status.install_signal_handlers()
@@ -782,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard}
     try:
         if command in ("fit", "validate", "test"):
+            if "-h" in rest or "--help" in rest:  # the short flags first, then LightningCLI's options
+                short = USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA).split("fit/validate/test options", 1)[1]
+                print("short flags (with LightningCLI's options below):\n" + short.split("\n", 1)[1])
             return _run_training_command(command, rest)
         if command in commands:
             return commands[command](rest)

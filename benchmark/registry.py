@@ -12,50 +12,31 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, TypeVar
 
-from benchmark.errors import UserError
+from benchmark.core import (
+    ANALYSES,
+    DATASETS,
+    METHODS,
+    PERF_COMMANDS,
+    Command,
+    UnknownNameError,
+    register_dataset,
+    register_method,
+)
 
-if TYPE_CHECKING:
-    from datamodules.base import RetrievalDataModule
-    from methods.base import RetrievalMethod
+__all__ = [
+    "METHODS", "DATASETS", "PERF_COMMANDS", "ANALYSES", "UnknownNameError", "register_method", "register_dataset",
+    "discover", "discover_tools", "get_method", "get_dataset", "get_command", "class_path",
+]
 
-METHODS: dict[str, type[RetrievalMethod]] = {}
-DATASETS: dict[str, type[RetrievalDataModule]] = {}
-
-M = TypeVar("M")
-
-
-class UnknownNameError(UserError, KeyError):
-    """A name that is not registered; the message lists the valid choices."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
-        return str(self.args[0])
-
-
-def register_method(name: str):
-    """Class decorator: make a :class:`RetrievalMethod` subclass available as ``--method name``."""
-
-    def wrap(cls: M) -> M:
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"Method name {name!r} is already registered by {METHODS[name].__module__}.")
-        cls.method_name = name  # type: ignore[attr-defined]
-        METHODS[name] = cls  # type: ignore[assignment]
-        return cls
-
-    return wrap
-
-
-def register_dataset(cls: M) -> M:
-    """Class decorator: make a datamodule available as ``--data <cls.name>``."""
-    name = cls.name  # type: ignore[attr-defined]
-    if not name:
-        raise ValueError(f"{cls} must set a class attribute `name` to be registered.")
-    DATASETS[name] = cls  # type: ignore[assignment]
-    return cls
-
+# Companion modules that hold a method's or dataset's perf benchmarks and analyses
+# (``methods/intra_batch_perf.py``...): imported by :func:`discover_tools` only, so that a
+# fit never imports its tools (they sit in the top layer: they may build a whole CLI run).
+TOOL_SUFFIXES = ("_perf", "_analysis")
+TOOL_PACKAGES = ("benchmark.perf",)
 
 _builtins_loaded = False
+_tools_loaded = False
 _loaded_entry_points: set[str] = set()
 
 
@@ -70,7 +51,7 @@ def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
         for package in ("datamodules", "methods"):
             pkg = importlib.import_module(package)
             for info in pkgutil.iter_modules(pkg.__path__):
-                if not info.name.startswith("_"):
+                if not info.name.startswith("_") and not info.name.endswith(TOOL_SUFFIXES):
                     importlib.import_module(f"{package}.{info.name}")
         _builtins_loaded = True
     for group in ("benchmark.methods", "benchmark.datasets", "benchmark.backbones"):
@@ -89,14 +70,58 @@ def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
             raise ImportError(f"Cannot import plugin module {module!r} (--plugin): {err}") from err
 
 
-def get_method(name: str) -> type[RetrievalMethod]:
+def discover_tools(plugins: list[str] | tuple[str, ...] = ()) -> None:
+    """:func:`discover`, then the modules that register perf commands and analyses.
+
+    Built-in tools live in ``benchmark/perf`` (framework-wide ones)
+    and in companion modules beside the method or dataset they serve (names ending in
+    ``_perf`` / ``_analysis`` under ``methods/`` and ``datamodules/``); installed plugins add
+    theirs through the entry-point groups ``benchmark.perf`` / ``benchmark.analysis``.
+    """
+    global _tools_loaded
+    discover(plugins)
+    if not _tools_loaded:
+        for package in TOOL_PACKAGES:
+            pkg = importlib.import_module(package)
+            for info in pkgutil.iter_modules(pkg.__path__):
+                if not info.name.startswith("_"):
+                    importlib.import_module(f"{package}.{info.name}")
+        for package in ("datamodules", "methods"):
+            pkg = importlib.import_module(package)
+            for info in pkgutil.iter_modules(pkg.__path__):
+                if info.name.endswith(TOOL_SUFFIXES) and not info.name.startswith("_"):
+                    importlib.import_module(f"{package}.{info.name}")
+        _tools_loaded = True
+    for group in ("benchmark.perf", "benchmark.analysis"):
+        for ep in entry_points(group=group):
+            key = f"{group}:{ep.name}={ep.value}"
+            if key not in _loaded_entry_points:
+                try:
+                    ep.load()
+                except Exception as err:
+                    raise ImportError(f"Plugin entry point {ep.name!r} ({ep.value}) in group {group} failed to load: {err}") from err
+                _loaded_entry_points.add(key)
+
+
+def get_command(kind: str, name: str) -> Command:
+    """The registered ``perf`` or ``analyze`` command ``name`` (after :func:`discover_tools`)."""
+    table = PERF_COMMANDS if kind == "perf" else ANALYSES
+    if name not in table:
+        raise UnknownNameError(
+            f"Unknown {kind} command {name!r}. Registered: {', '.join(sorted(table)) or 'none'} "
+            f"(python -m benchmark {kind} --help describes them)."
+        )
+    return table[name]
+
+
+def get_method(name: str) -> type:
     discover()
     if name not in METHODS:
         raise UnknownNameError(f"Unknown method {name!r}. Registered methods: {', '.join(sorted(METHODS))}.")
     return METHODS[name]
 
 
-def get_dataset(name: str) -> type[RetrievalDataModule]:
+def get_dataset(name: str) -> type:
     discover()
     if name not in DATASETS:
         raise UnknownNameError(f"Unknown dataset {name!r}. Registered datasets: {', '.join(sorted(DATASETS))}.")

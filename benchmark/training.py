@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +39,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from datamodules.base import atomic_write_text
+from benchmark.io import atomic_path, atomic_write_text
 
 PrecisionInput = _PRECISION_INPUT | Literal["auto"]
+
+# Lightning 2.6 calls a torch pytree API that torch deprecated (lightning/pytorch/utilities/
+# _pytree.py); the warning is about the library stack, not about the user's run.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 EXIT_COMPLETED, EXIT_INTERNAL, EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
@@ -130,15 +135,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in target and not target.startswith("file://"):  # remote storage: Lightning's writer
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target_path = Path(target.removeprefix("file://"))
-        target_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(target.removeprefix("file://")) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, target_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
 
 
 # ---------------------------------------------------------------------------- run status

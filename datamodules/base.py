@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -22,43 +22,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from benchmark.core import DataRequest
 from benchmark.errors import ConfigError
+from benchmark.io import atomic_write_text, default_data_root
 from datamodules.records import DatasetError, DatasetRecords, SplitRecords
 from datamodules.samplers import ClassBalancedBatchSampler, EpochBatchSampler, ShuffledBatchSampler
-from datamodules.transforms import AugmentConfig, Normalization, ViewRequest, eval_transform, train_transform
+from datamodules.transforms import AugmentConfig, eval_transform, train_transform
 
 Protocol = Literal["paper", "holdout"]
-
-
-def default_data_root() -> Path:
-    """Where datasets and caches live unless ``root`` is given: ``$DML_BENCHMARK_DATA``."""
-    return Path(os.environ.get("DML_BENCHMARK_DATA", Path.home() / ".cache" / "dml-benchmark"))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@dataclass
-class DataRequest:
-    """What a method needs from the training data, applied before loaders are built.
-
-    ``normalization`` comes from the encoder; ``views`` from methods that train on several
-    augmented views (DMCAC); ``train_indices`` restricts training batches to a subset of the
-    training split (DMCAC's query set); ``sampler`` picks class-balanced or shuffled batches;
-    ``load_images=False`` gives training batches without images (label and index only) for
-    methods that train on cached embeddings (Context-Refine).
-    """
-
-    normalization: Normalization = field(default_factory=Normalization)
-    views: ViewRequest = field(default_factory=ViewRequest)
-    train_indices: np.ndarray | None = None
-    sampler: Literal["balanced", "shuffle"] = "balanced"
-    load_images: bool = True
 
 
 class ImageDataset(Dataset):
@@ -151,14 +122,6 @@ class RetrievalDataModule(L.LightningDataModule):
     name: ClassVar[str] = ""
     recall_ks: ClassVar[tuple[int, ...]] = (1, 2, 4, 8)
     compute_nmi: ClassVar[bool] = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass with a ``name`` becomes available as ``--data <name>``."""
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):
-            from benchmark.registry import register_dataset
-
-            register_dataset(cls)
 
     def __init__(
         self,

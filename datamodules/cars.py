@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from benchmark.core import register_dataset
 from datamodules.base import RetrievalDataModule
 from datamodules.records import (
     DatasetError,
@@ -117,10 +118,10 @@ def read_cars(root: Path) -> DatasetRecords:
     )
 
 
+@register_dataset("cars")
 class Cars196(RetrievalDataModule):
     """Cars196 / Stanford Cars, 196 car models (Krause et al., 2013), class-disjoint 98/98 DML split."""
 
-    name = "cars"
     recall_ks = (1, 2, 4, 8)
     compute_nmi = True
 

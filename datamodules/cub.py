@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark.core import register_dataset
 from datamodules.base import RetrievalDataModule
 from datamodules.records import (
     DatasetError,
@@ -110,10 +111,10 @@ def read_cub(
     )
 
 
+@register_dataset("cub")
 class CUB200(RetrievalDataModule):
     """CUB-200-2011 birds, 200 species (Wah et al., 2011), class-disjoint 100/100 DML split."""
 
-    name = "cub"
     recall_ks = (1, 2, 4, 8)
     compute_nmi = True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmark.core import register_dataset
 from datamodules.base import RetrievalDataModule
 from datamodules.cub import read_cub
 from datamodules.records import DatasetRecords
@@ -19,6 +20,7 @@ from datamodules.synthetic import default_synthetic_root, generate_synthetic, sy
 NUM_CLASSES = 200  # the CUB split (classes 1-100 train, 101-200 test) needs all 200
 
 
+@register_dataset("synthetic")
 class SyntheticBirds(RetrievalDataModule):
     """Embedded default: procedurally generated 'birds', 200 classes, CUB layout, runs anywhere.
 
@@ -30,7 +32,6 @@ class SyntheticBirds(RetrievalDataModule):
         **kwargs: everything :class:`RetrievalDataModule` takes; ``image_size`` defaults to 64.
     """
 
-    name = "synthetic"
     recall_ks = (1, 2, 4, 8)
     compute_nmi = True
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark.core import register_dataset
 from datamodules.base import RetrievalDataModule
 from datamodules.records import (
     DatasetError,
@@ -140,10 +141,10 @@ def read_inshop(root: Path) -> DatasetRecords:
     )
 
 
+@register_dataset("inshop")
 class InShop(RetrievalDataModule):
     """DeepFashion In-Shop Clothes Retrieval (Liu et al., CVPR 2016): queries search a separate gallery."""
 
-    name = "inshop"
     recall_ks = (1, 10, 20, 30, 40)
     compute_nmi = False
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark.core import register_dataset
 from datamodules.base import RetrievalDataModule
 from datamodules.records import (
     DatasetError,
@@ -96,13 +97,13 @@ def read_sop(root: Path) -> DatasetRecords:
     )
 
 
+@register_dataset("sop")
 class StanfordOnlineProducts(RetrievalDataModule):
     """Stanford Online Products, 22,634 eBay products (Oh Song et al., CVPR 2016), official split.
 
     NMI is off by default: clustering 60k test embeddings into 11k clusters is costly.
     """
 
-    name = "sop"
     recall_ks = (1, 10, 100, 1000)
     compute_nmi = False
 

@@ -74,9 +74,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmark.io import default_data_root
+
 __all__ = [
     "DATASET_DIRNAME",
-    "ENV_DATA_ROOT",
     "FORMAT_VERSION",
     "HEAD_COLORS",
     "LAYOUTS",
@@ -96,7 +97,6 @@ __all__ = [
 FORMAT_VERSION = 2  # bump whenever the rendered pixels or the layout change (stale caches regenerate)
 DATASET_DIRNAME = "CUB_200_2011"
 MANIFEST_NAME = "synthetic.json"
-ENV_DATA_ROOT = "DML_BENCHMARK_DATA"
 JPEG_QUALITY = 95
 
 # --- factor vocabulary ---------------------------------------------------------------------------
@@ -161,8 +161,7 @@ _BG_SATURATION = (0.0, 0.7)
 
 def default_synthetic_root() -> Path:
     """``$DML_BENCHMARK_DATA/synthetic`` (default ``~/.cache/dml-benchmark/synthetic``)."""
-    base = os.environ.get(ENV_DATA_ROOT) or Path.home() / ".cache" / "dml-benchmark"
-    return Path(base).expanduser() / "synthetic"
+    return default_data_root() / "synthetic"
 
 
 def synthetic_dirname(

@@ -12,36 +12,13 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2 as T
 
+from benchmark.core import Normalization, ViewRequest
+
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "bicubic": T.InterpolationMode.BICUBIC,
     "nearest": T.InterpolationMode.NEAREST,
 }
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Input statistics of an encoder (from its timm ``pretrained_cfg``)."""
-
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bicubic"
-
-
-@dataclass(frozen=True)
-class ViewRequest:
-    """How many views of each training image a method needs, and how they are made.
-
-    ``num_views == 1`` gives a (C, H, W) image per sample, more gives (V, C, H, W). With
-    ``augment == "randaugment"`` every view is RandAugment applied to one shared training
-    crop, except view 0 when ``keep_original`` is set: it is the crop itself.
-    """
-
-    num_views: int = 1
-    augment: str | None = None
-    randaugment_ops: int = 2
-    randaugment_magnitude: int = 9
-    keep_original: bool = True
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -21,13 +22,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark import registry
 from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
+from benchmark.core import DataRequest, evaluation_outputs
 from benchmark.distributed import gather_by_index
 from benchmark.errors import ConfigError
-from benchmark.evaluation.callback import evaluation_outputs
-from datamodules.base import DataRequest
 
-OptimizerName = Literal["adamw", "adam", "radam", "sgd"]
+# The recipes' short optimizer names -> torch.optim class and the defaults the papers' code
+# uses with it; any other torch.optim class is accepted by its class name ("NAdam", "Adagrad"),
+# and --model.optimizer_args passes further arguments (betas, eps, nesterov ...).
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "adamw": (torch.optim.AdamW, {}),
+    "adam": (torch.optim.Adam, {}),
+    "radam": (torch.optim.RAdam, {}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+}
+OptimizerName = str  # a key of OPTIMIZERS or a torch.optim class name
+
+
+def resolve_optimizer(name: str) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The optimizer class and its default arguments for ``name`` (see :data:`OPTIMIZERS`)."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    cls = getattr(torch.optim, name, None)
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+        return cls, {}
+    raise ConfigError(
+        f"Unknown optimizer {name!r} (--model.optimizer). Choose one of {', '.join(OPTIMIZERS)} or a torch.optim "
+        "class name such as NAdam or Adagrad."
+    )
 SchedulerName = Literal["none", "multistep", "cosine"]
 
 
@@ -45,7 +68,9 @@ class RetrievalMethod(L.LightningModule):
         num_classes: training classes; filled in from the datamodule by the CLI.
         image_size: input resolution; filled in from the datamodule by the CLI (ViT
             position embeddings are resampled to it).
-        optimizer: ``adamw``, ``adam``, ``radam`` or ``sgd`` (momentum 0.9).
+        optimizer: ``adamw``, ``adam``, ``radam``, ``sgd`` (momentum 0.9) or the class name of
+            any ``torch.optim`` optimizer.
+        optimizer_args: further keyword arguments of the optimizer (``{"betas": [0.9, 0.99]}``).
         lr: learning rate of the backbone.
         weight_decay: weight decay of every parameter group.
         head_lr_mult: learning-rate multiplier of the parameters outside the backbone.
@@ -74,6 +99,7 @@ class RetrievalMethod(L.LightningModule):
         num_classes: int | None = None,
         image_size: int = 224,
         optimizer: OptimizerName = "adamw",
+        optimizer_args: dict[str, Any] | None = None,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         head_lr_mult: float = 1.0,
@@ -97,6 +123,7 @@ class RetrievalMethod(L.LightningModule):
         ]
         if bad:
             raise ConfigError(f"{type(self).__name__}: {'; '.join(bad)}. Set --model.<name> to a valid value.")
+        resolve_optimizer(optimizer)  # an unknown name fails before any data pass
         if warmup_steps < 0 or (warmup_steps and scheduler == "multistep"):
             raise ConfigError(
                 f"warmup_steps must be >= 0 and works with scheduler none or cosine; got warmup_steps={warmup_steps}, "
@@ -275,16 +302,12 @@ class RetrievalMethod(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.parameter_groups()
-        if hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "radam":
-            opt = torch.optim.RAdam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.9)
-        else:
-            raise ValueError(f"Unknown optimizer {hp.optimizer!r}; choose adamw, adam, radam or sgd.")
+        cls, defaults = resolve_optimizer(hp.optimizer)
+        extra = {**defaults, **(hp.get("optimizer_args") or {})}
+        try:
+            opt = cls(groups, lr=hp.lr, weight_decay=hp.weight_decay, **extra)
+        except TypeError as err:
+            raise ConfigError(f"--model.optimizer_args {extra} do not fit {cls.__name__}: {err}") from None
         warmup = int(hp.get("warmup_steps", 0))
         if hp.scheduler == "none" and not warmup:
             return opt
@@ -321,10 +344,6 @@ class _LrFactor:
 
 def load_method(checkpoint_path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> RetrievalMethod:
     """Rebuild whichever registered method wrote ``checkpoint_path`` (its class and weights)."""
-    from pathlib import Path
-
-    from benchmark import registry
-
     path = Path(checkpoint_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")

@@ -52,18 +52,17 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from benchmark.backbones import BackboneConfig
+from benchmark.core import DataRequest, register_method
+from benchmark.io import default_data_root
 from benchmark.layers import Attention
-from benchmark.neighbours import exact_knn, faiss_available
-from benchmark.registry import register_method
+from benchmark.neighbours import exact_knn
 from benchmark.validation import check_choice
-from datamodules.base import DataRequest, default_data_root
 from methods.base import OptimizerName, RetrievalMethod, evaluation_outputs, load_method
 
 KnnBackend = Literal["auto", "torch", "faiss"]
 Aggregation = Literal["attention", "mean"]
 InferenceDtype = Literal["float32", "bfloat16"]
 
-_faiss_available = faiss_available  # the former name (benchmark perf refine imports it)
 
 
 # ---------------------------------------------------------------------------- neighbours

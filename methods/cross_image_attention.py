@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from benchmark.core import RankedLists, register_method
 from benchmark.layers import attend, merge_heads, split_heads
 from benchmark.neighbours import exact_knn
-from benchmark.registry import register_method
 from benchmark.validation import check_choice
+from datamodules.base import ImageDataset
 from methods.base import RetrievalMethod
 
 PairSimilarity = Literal["mutual", "anchor"]
@@ -377,7 +378,6 @@ class CrossImageAttentionMethod(RetrievalMethod):
         """
         if not self.rerank_k:
             return None
-        from benchmark.evaluation import RankedLists
 
         lists = self.neighbour_lists(embeddings, is_query, is_gallery)  # (Q, L) positions
         emb, tokens = self._encode_evaluated_split(len(embeddings))
@@ -440,7 +440,6 @@ class CrossImageAttentionMethod(RetrievalMethod):
         """Unnormalised embeddings (N, D) and float16 CPU tokens (N, T, C) of the split being evaluated."""
         from torch.utils.data import DataLoader
 
-        from datamodules.base import ImageDataset
 
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None

@@ -39,12 +39,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from benchmark.backbones import BackboneConfig
+from benchmark.core import DataRequest, ViewRequest, register_method
 from benchmark.layers import Attention
 from benchmark.neighbours import ExactIndex, exact_knn, faiss_available
-from benchmark.registry import register_method
 from benchmark.validation import check_choice
-from datamodules.base import DataRequest
-from datamodules.transforms import ViewRequest
 from methods.base import RetrievalMethod
 
 Retrieval = Literal["approximate", "full"]

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbones import BACKBONES, BackboneConfig, Pool
+from benchmark.core import register_method
 from benchmark.layers import Attention
 from benchmark.neighbours import exact_knn
-from benchmark.registry import register_method
 from benchmark.validation import check_choice
 from methods.base import OptimizerName, RetrievalMethod, SchedulerName
 

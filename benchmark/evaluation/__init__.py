@@ -7,7 +7,7 @@ See docs/evaluation.md for the conventions (cosine similarity, self-exclusion by
 index, tie policy, queries without positives).
 """
 
-from benchmark.evaluation.callback import RetrievalEvaluator, evaluation_outputs
-from benchmark.evaluation.metrics import RankedLists, nmi, ranked_list_metrics, retrieval_metrics
+from benchmark.evaluation.callback import RetrievalEvaluator
+from benchmark.evaluation.metrics import nmi, ranked_list_metrics, retrieval_metrics
 
-__all__ = ["RetrievalEvaluator", "evaluation_outputs", "RankedLists", "retrieval_metrics", "ranked_list_metrics", "nmi"]
+__all__ = ["RetrievalEvaluator", "retrieval_metrics", "ranked_list_metrics", "nmi"]

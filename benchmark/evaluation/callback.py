@@ -34,8 +34,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from benchmark.core import RankedLists
 from benchmark.distributed import all_gather_uneven, gather_by_index, is_distributed
-from benchmark.evaluation.metrics import RankedLists, nmi, ranked_list_metrics, retrieval_metrics
+from benchmark.evaluation.metrics import count_duplicate_rows, nmi, ranked_list_metrics, retrieval_metrics
+from benchmark.io import atomic_write_text
 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
 
@@ -45,22 +47,6 @@ OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
 warnings.filterwarnings(
     "ignore", message=r"It is recommended to use `self\.log\('(val|test|time)/", category=PossibleUserWarning
 )
-
-
-def evaluation_outputs(embeddings: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """What a ``validation_step`` / ``test_step`` returns for the evaluator.
-
-    ``embeddings`` (B, D) for the batch's samples; labels, dataset indices and query/gallery
-    flags are passed through from the datamodule's batch (keys ``label``, ``index``,
-    ``is_query``, ``is_gallery``).
-    """
-    return {
-        "embeddings": embeddings,
-        "labels": batch["label"],
-        "indices": batch["index"],
-        "is_query": batch["is_query"],
-        "is_gallery": batch["is_gallery"],
-    }
 
 
 def library_versions() -> dict[str, str]:
@@ -84,10 +70,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 @contextlib.contextmanager
@@ -285,7 +268,7 @@ class RetrievalEvaluator(Callback):
             else:
                 raise TypeError(
                     f"{type(pl_module).__name__}.refine()[{key!r}] is a {type(value).__name__}; return a Tensor "
-                    "of refined embeddings or a benchmark.evaluation.RankedLists."
+                    "of refined embeddings or a benchmark.core.RankedLists."
                 )
         return dict(out)
 
@@ -323,7 +306,6 @@ class RetrievalEvaluator(Callback):
         Identical embeddings tie on every score; the metrics stay exact (ties go to the lower
         dataset index) but mean nothing, and the cause is almost always the training run.
         """
-        from benchmark.evaluation.metrics import count_duplicate_rows
 
         if self._collapse_warned:
             return

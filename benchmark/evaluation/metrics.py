@@ -51,40 +51,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmark.core import RankedLists
+
 __all__ = [
-    "RankedLists", "retrieval_metrics", "ranked_list_metrics", "nmi", "default_chunk_size", "count_duplicate_rows",
+    "retrieval_metrics", "ranked_list_metrics", "nmi", "default_chunk_size", "count_duplicate_rows",
 ]
 
 # Scores of the (c, G) block of one query chunk stay within this many bytes by default.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 _NO_RANK = 2**62  # rank of a positive that is not (or need not be) located
-
-
-@dataclass(frozen=True)
-class RankedLists:
-    """Re-ranked neighbour lists returned by a method's transductive ``refine`` step.
-
-    Attributes:
-        indices: (Q, k) int64 positions into the N evaluated samples (ascending dataset
-            index). Row q belongs to the q-th query in ascending dataset-index order; entries
-            are gallery samples, best first, the query itself excluded. ``-1`` pads a row
-            with fewer than k entries. Positives beyond the list count as misses.
-    """
-
-    indices: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.indices, torch.Tensor) or self.indices.ndim != 2:
-            raise TypeError(
-                "RankedLists.indices must be a 2-D LongTensor (num_queries, k); "
-                f"got {type(self.indices).__name__} with shape {getattr(self.indices, 'shape', None)}."
-            )
-        if self.indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"RankedLists.indices must hold integer positions; got dtype {self.indices.dtype}.")
-
-    @property
-    def k(self) -> int:
-        return int(self.indices.shape[1])
 
 
 # ---------------------------------------------------------------------------- input checks

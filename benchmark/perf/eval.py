@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmark.core import register_perf
 from benchmark.evaluation.metrics import _block_size, default_chunk_size, nmi, retrieval_metrics
 
 SOP_RECALL_KS = (1, 10, 100, 1000)
@@ -294,6 +295,7 @@ def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.de
     return 0
 
 
+@register_perf("eval", "evaluation at SOP scale: the metric suite vs its floor, faiss and PML; --ties")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark perf eval", description=__doc__.split("\n\n")[0],

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmark.registry import register_method
+from benchmark.core import register_method, register_perf
 from methods.base import RetrievalMethod
 from methods.baselines import MultiSimilarity
 
@@ -89,3 +89,9 @@ def peak_refinement(labels: torch.Tensor, weight: float) -> torch.Tensor:
     oracle = F.one_hot(labels - labels.min()).float()  # (N, C)
     noise = torch.randn(labels.shape[0], oracle.shape[1], generator=torch.Generator().manual_seed(0))
     return F.normalize(noise + 4.0 * weight * oracle, dim=-1)
+
+
+@register_perf("plugin_echo", "test-only: prints its arguments")
+def echo(argv: list[str]) -> int:
+    print("echo", *argv)
+    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from benchmark.backbones import BACKBONES, BackboneConfig, Encoder
@@ -31,12 +32,16 @@ def test_pooling_options_match_their_definition() -> None:
     for pool, reference in (
         ("avg", lambda t: t.mean(1)),
         ("max", lambda t: t.amax(1)),
-        ("avgmax", lambda t: torch.cat([t.mean(1), t.amax(1)], -1)),
+        ("avgmax", lambda t: 0.5 * (t.mean(1) + t.amax(1))),
+        ("catavgmax", lambda t: torch.cat([t.mean(1), t.amax(1)], -1)),
     ):
         enc = Encoder(BackboneConfig("resnet_tiny_test", pretrained=False, pool=pool), 64).eval()
         enc.load_state_dict(avg.state_dict())
         out = enc(x)
         torch.testing.assert_close(out.pooled, reference(out.tokens))
+        # the same names mean the same pooling as timm's (a peer, on the CNN's feature map)
+        timm_pool = timm.layers.SelectAdaptivePool2d(pool_type=pool, flatten=True)
+        torch.testing.assert_close(out.pooled, timm_pool(enc.model.forward_features(x)))
     vit = Encoder(BackboneConfig("vit_tiny_test", pretrained=False), 32).eval()
     feats = vit.model.forward_features(torch.randn(1, 3, 32, 32))
     assert vit.num_prefix_tokens == 1 and feats.shape[1] == 17

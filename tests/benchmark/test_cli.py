@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from benchmark.cli import CONFIG_DIR, build_cli, main
 from tests.datamodules import fixtures
@@ -41,7 +43,8 @@ def test_list_shows_methods_backbones_and_datasets(capsys: pytest.CaptureFixture
         (["fit", "--data", "imagenet"], "Unknown dataset 'imagenet'. Registered datasets: "),
         (["fit", "--logger", "mlflow"], "Unknown logger 'mlflow'. Choose one of: wandb"),
         (["frobnicate"], "Unknown command 'frobnicate'"),
-        (["perf", "nothing"], "Unknown perf 'nothing'"),
+        (["perf", "nothing"], "Unknown perf command 'nothing'. Registered: "),
+        (["analyze", "nothing"], "Unknown analyze command 'nothing'. Registered: "),
     ],
 )
 def test_unknown_names_fail_with_choices(args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,6 +57,21 @@ def test_unknown_option_fails_without_traceback(cub_root: Path, capsys: pytest.C
     assert main(["fit", "--method", "ms", "--data", "cub", "--data.root", str(cub_root), "--model.no_such_option", "1"]) == 2
     err = capsys.readouterr().err
     assert "no_such_option" in err and "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_evaluator_options_come_from_the_recipe_and_the_command_line(cub_root: Path, tmp_path: Path) -> None:
+    """An `evaluation:` section of a recipe (here a --config file) and --evaluation.* both reach the callback."""
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("evaluation:\n  recall_ks: [1, 3]\n  map_at_k: 5\n")
+    run = tmp_path / "run"
+    args = _fit_args(cub_root, run, "--trainer.max_steps", "1", "--config", str(recipe), "--evaluation.nmi", "false")
+    assert main(args) == 0
+    metrics = json.loads((run / "metrics_test.json").read_text())["evaluations"][-1]["metrics"]
+    assert {"R@1", "R@3", "mAP@5"} <= set(metrics) and "R@2" not in metrics and "R@4" not in metrics
+    assert "NMI" not in metrics and "mAP@1000" not in metrics
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["evaluation"]["recall_ks"] == [1, 3] and saved["evaluation"]["nmi"] is False
 
 
 def test_fit_evaluates_before_and_after_and_resumes(cub_root: Path, tmp_path: Path) -> None:
@@ -122,3 +140,40 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_trainer_logger_and_default_root_dir_given_by_the_user_are_honoured(cub_root: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    root = tmp_path / "mine"
+    args = _fit_args(cub_root, tmp_path / "unused", "--trainer.max_steps", "1")
+    args = args[: args.index("--run_dir")] + args[args.index("--run_dir") + 2 :]  # no --run_dir
+    args = [a for a in args if a not in ("--logger", "csv")]
+    cli = build_cli(None, [*args[1:], "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                           "--trainer.logger.save_dir", str(tmp_path / "csv"), "--trainer.default_root_dir", str(root)],
+                    run=False)
+    assert type(cli.trainer.logger) is CSVLogger and cli.trainer.logger.save_dir == str(tmp_path / "csv")
+    assert Path(cli.trainer.default_root_dir) == root and cli.run_dir == root
+
+
+def test_perf_commands_are_registered_by_their_owners_and_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["perf", "--help"]) == 0
+    listing = capsys.readouterr().out
+    for name, owner in (("eval", "benchmark.perf.eval"), ("reciprocal", "methods.intra_batch_perf"),
+                        ("synthetic_baseline", "datamodules.synthetic_perf")):
+        assert name in listing and f"[{owner}]" in listing
+    assert main(["perf", "--plugin", "tests.benchmark.plugin_methods", "plugin_echo", "a", "b"]) == 0
+    assert "echo a b" in capsys.readouterr().out
+    assert main(["perf", "--help"]) == 0
+    assert "[tests.benchmark.plugin_methods]" in capsys.readouterr().out
+    assert main(["analyze", "--help"]) == 0
+    assert "cross_image_attention" in capsys.readouterr().out
+
+
+def test_fit_help_lists_the_short_flags_and_the_lightning_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--method NAME", "--data NAME", "--backbone NAME", "--recipe", "--run_dir", "--plugin", "--logger",
+                 "--evaluation.*", "--print_config", "--trainer.max_epochs", "--evaluation.recall_ks"):
+        assert flag in out, flag

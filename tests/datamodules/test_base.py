@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.base import DataRequest
+from benchmark.core import DataRequest, ViewRequest
 from datamodules.cub import CUB200
 from datamodules.records import DatasetError
-from datamodules.transforms import ViewRequest
 from tests.datamodules.fixtures import make_cub
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from datamodules.base import DataRequest
+from benchmark.core import DataRequest
 from datamodules.cub import CUB200
 from datamodules.samplers import ClassBalancedBatchSampler, ShuffledBatchSampler
 from tests.datamodules.fixtures import make_cub

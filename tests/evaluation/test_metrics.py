@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import benchmark.evaluation.metrics as metrics_module
-from benchmark.evaluation import RankedLists, nmi, ranked_list_metrics, retrieval_metrics
+from benchmark.core import RankedLists
+from benchmark.evaluation import nmi, ranked_list_metrics, retrieval_metrics
 from benchmark.evaluation.metrics import nmi_from_assignments
 
 

@@ -2,7 +2,7 @@
 
 A literal, slow transcription used by ``tests/methods/test_intra_batch.py`` to check the
 vectorised :func:`methods.intra_batch.reciprocal_knn_batches`. It lives with the tests (a
-copy of the reference that ``benchmark/perf/reciprocal.py`` times against), so that the tests
+copy of the reference that ``methods/intra_batch_perf.py`` times against), so that the tests
 do not depend on a performance-measurement module.
 """
 

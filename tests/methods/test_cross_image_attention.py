@@ -570,7 +570,7 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
 def test_gradient_recorder_logs_the_encoder_output_gradient(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from benchmark.analysis.cross_image_attention import FeatureGradientRecorder, plot_gradient_histograms
+    from methods.cross_image_attention_analysis import FeatureGradientRecorder, plot_gradient_histograms
 
     model = make(num_blocks=2)
     captured: list[torch.Tensor] = []
@@ -608,7 +608,7 @@ def test_attention_maps_and_triple_figure(tmp_path: Path) -> None:
     """
     import numpy as np
 
-    from benchmark.analysis.cross_image_attention import attention_maps, choose_triples, plot_triple
+    from methods.cross_image_attention_analysis import attention_maps, choose_triples, plot_triple
 
     model = make(num_blocks=4).double()
     randomise_blocks(model.cross_attention)
@@ -650,7 +650,7 @@ def _analysis_fit_args(cub_root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_gradients_command_writes_its_figure(cub_root: Path, tmp_path: Path) -> None:
-    from benchmark.analysis.cross_image_attention import main
+    from methods.cross_image_attention_analysis import main
 
     assert main(["gradients", "--epochs", "0,1", "--out", str(tmp_path), *_analysis_fit_args(cub_root)]) == 0
     assert (tmp_path / "cia_gradients.png").stat().st_size > 0
@@ -660,7 +660,7 @@ def test_gradients_command_writes_its_figure(cub_root: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_attention_command_writes_its_figures(cub_root: Path, tmp_path: Path) -> None:
-    from benchmark.analysis.cross_image_attention import main
+    from methods.cross_image_attention_analysis import main
 
     fit_args = [*_analysis_fit_args(cub_root), "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"]
     with pytest.raises(SystemExit, match="outside 1..6"):  # checked before any training

@@ -142,3 +142,22 @@ def test_warmup_scales_every_parameter_group_per_step() -> None:
         assert lrs == pytest.approx([b * min(1.0, (t + 1) / 3) for b in bases[: len(lrs)]], rel=1e-12)
     with pytest.raises(ValueError, match="warmup_steps"):
         registry.get_method("ms")(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), scheduler="multistep", warmup_steps=5)
+
+
+def test_optimizers_come_from_a_table_or_any_torch_optim_class() -> None:
+    from benchmark.errors import ConfigError
+
+    def build(**kw: Any):
+        model = registry.get_method("ms")(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), **kw)
+        opt = model.configure_optimizers()
+        return opt["optimizer"] if isinstance(opt, dict) else opt
+
+    sgd = build(optimizer="sgd", lr=0.1)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9  # the table's default
+    nadam = build(optimizer="NAdam", optimizer_args={"betas": [0.8, 0.9]}, weight_decay=0.0)
+    assert type(nadam) is torch.optim.NAdam and tuple(nadam.defaults["betas"]) == (0.8, 0.9)
+    assert build(optimizer="sgd", optimizer_args={"momentum": 0.5, "nesterov": True}).defaults["momentum"] == 0.5
+    with pytest.raises(ConfigError, match="Unknown optimizer 'adamx'.*NAdam"):
+        build(optimizer="adamx")
+    with pytest.raises(ConfigError, match="do not fit AdamW"):
+        build(optimizer_args={"momentum": 0.9})

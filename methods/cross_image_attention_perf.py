@@ -27,9 +27,16 @@ import time
 
 import torch
 
+from benchmark.core import register_perf
+from methods.cross_image_attention import (
+    CrossImageAttention,
+    label_masks,
+    multi_similarity_loss,
+    pair_similarity_matrix,
+)
+
 
 def _build(args: argparse.Namespace, batch: int, device: torch.device, dtype: torch.dtype):
-    from methods.cross_image_attention import CrossImageAttention
 
     torch.manual_seed(0)
     stack = CrossImageAttention(
@@ -43,7 +50,6 @@ def _build(args: argparse.Namespace, batch: int, device: torch.device, dtype: to
 
 
 def _step(stack, emb: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
-    from methods.cross_image_attention import label_masks, multi_similarity_loss, pair_similarity_matrix
 
     z, _ = stack(emb.unsqueeze(0).expand(len(tokens), -1, -1), tokens)  # (B_a, B_1, D)
     sim = pair_similarity_matrix(z, emb, mode)  # (B, B)
@@ -101,6 +107,7 @@ def measure(args: argparse.Namespace, batch: int) -> dict[str, float]:
             "time_s": statistics.median(times)}
 
 
+@register_perf("cia_memory", "Cross-Image-Attention: memory and time of the all-pairs blocks + loss per batch size")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", default="64,80,100", help="comma-separated B (recipes: 80 CUB/Cars, 100 SOP/In-Shop)")
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--batch-sizes" in raw:  # drop the value of a separate "--batch-sizes VALUE"
             i = raw.index("--batch-sizes")
             rest = raw[:i] + raw[i + 2 :]
-        cmd = [sys.executable, "-m", "benchmark.perf.cia_memory", *rest, "--batch-sizes", str(batch), "--single"]
+        cmd = [sys.executable, "-m", "methods.cross_image_attention_perf", *rest, "--batch-sizes", str(batch), "--single"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         row = json.loads(out)
         if args.json:

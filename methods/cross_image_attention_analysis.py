@@ -16,9 +16,9 @@ Both take the options of ``fit`` after their own (recipe, ``--data``, ``--backbo
 ``--model.*``, ``--trainer.*``, ``--logger``); they write PNGs (and a JSON summary) to
 ``--out`` and log the figures to W&B when it is the logger::
 
-    python -m benchmark.analysis.cross_image_attention gradients --epochs 0,4,9 --out figs \\
+    python -m benchmark analyze cross_image_attention gradients --epochs 0,4,9 --out figs \\
         --data cub --data.root /data/cub --backbone resnet50 --trainer.max_epochs 10
-    python -m benchmark.analysis.cross_image_attention attention --ckpt runs/<run>/checkpoints/last.ckpt \\
+    python -m benchmark analyze cross_image_attention attention --ckpt runs/<run>/checkpoints/last.ckpt \\
         --blocks 2,4,6 --num-triples 4 --out figs --data cub --data.root /data/cub
 """
 
@@ -33,6 +33,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+from benchmark.cli import build_cli
+from benchmark.core import register_analysis
+from datamodules.base import ImageDataset
+from methods.base import load_method
 
 METHOD = "cross_image_attention"
 
@@ -51,7 +56,6 @@ def _split_argv(argv: list[str] | None, parser: argparse.ArgumentParser) -> tupl
 
 def build(fit_args: list[str], run_dir: Path, defaults: list[str] = ()) -> Any:
     """Model, datamodule and trainer exactly as ``fit`` would build them (recipe included)."""
-    from benchmark.cli import build_cli
 
     args = [*defaults, *fit_args]
     if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in args):
@@ -315,7 +319,6 @@ def attention_main(argv: list[str] | None = None) -> int:
     cli = build(fit_args, args.out / "run_attention", defaults)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     if args.ckpt is not None:
-        from methods.base import load_method
 
         model = load_method(str(args.ckpt))
     if not getattr(model, "num_blocks", 0):
@@ -327,7 +330,6 @@ def attention_main(argv: list[str] | None = None) -> int:
     if args.ckpt is None:
         print("[cia-attention] no --ckpt: training the model first with the given fit options")
         trainer.fit(model, datamodule=dm)
-    from datamodules.base import ImageDataset
 
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     dm.apply_request(model.data_request())
@@ -356,6 +358,7 @@ def attention_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@register_analysis("cross_image_attention", "Cross-Image-Attention supplement figures: 'gradients' (Fig. S1), 'attention' maps")
 def main(argv: list[str] | None = None) -> int:
     """``gradients`` or ``attention``; the rest of the arguments as for that command."""
     import sys
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"gradients": gradients_main, "attention": attention_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m benchmark.analysis.cross_image_attention {gradients,attention} [options] [fit options]\n"
+        print("usage: python -m benchmark analyze cross_image_attention {gradients,attention} [options] [fit options]\n"
               "       (add --help after the command for its options)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

@@ -27,6 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from benchmark.core import register_perf
+from methods.intra_batch import MessagePassingNetwork, reciprocal_knn_batches
+
 _OVERLAP_TOLERANCE = 1e-9  # the same tolerance as the vectorised implementation
 
 
@@ -152,6 +155,7 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
+@register_perf("reciprocal", "Intra-Batch: reciprocal k-NN test batches + refined MPN at SOP scale vs a per-query reference")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark perf reciprocal", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-samples", type=int, default=60502, help="evaluated samples (SOP test: 60,502)")
@@ -167,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from methods.intra_batch import MessagePassingNetwork, reciprocal_knn_batches
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -6,7 +6,7 @@ CNNs and a small CNN trained briefly on the training classes. A good calibration
 Recall@1 without learning and a clear rise after a short training, i.e. the metric transfers
 to unseen classes. Writes a contact sheet of a few classes for visual inspection.
 
-    python -m benchmark.perf.synthetic_baseline --train-seconds 120
+    python -m benchmark perf synthetic_baseline --train-seconds 120
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmark.core import register_perf
 from datamodules.synthetic import DATASET_DIRNAME, generate_synthetic
 
 
@@ -56,6 +57,7 @@ def save_contact_sheet(
     sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(path)
 
 
+@register_perf("synthetic_baseline", "embedded synthetic dataset: generation time and Recall@1 without / with learning")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, help="dataset parent directory (default: a fresh temporary one)")

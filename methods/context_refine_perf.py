@@ -31,7 +31,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from methods.context_refine import ContextRefiner, _faiss_available, knn_search
+from benchmark.core import register_perf
+from benchmark.neighbours import faiss_available
+from methods.context_refine import ContextRefiner, knn_search
 
 PAPER_RATE = 13_000  # refined embeddings per second, TitanXP (paper, section 4.7)
 PAPER_KNN_S = 3.5  # seconds for an SOP split's similarities, TitanXP
@@ -115,6 +117,7 @@ def measure_knn(size: int, dim: int, k: int, device: torch.device, backend: str)
     return _time(lambda: knn_search(x, x, k, exclude=rows, backend=backend), device, repeats=1, warmup=0)
 
 
+@register_perf("refine", "Context-Refine: refined embeddings per second and the kNN search of an SOP-sized set")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark perf refine", description=__doc__.split("\n\n")[0]
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         for device in devices:
             for backend in backends:
                 where = f"cpu ({args.threads} threads)" if device.type == "cpu" else device.type
-                if backend == "faiss" and not _faiss_available():
+                if backend == "faiss" and not faiss_available():
                     print(f"{where:<26} faiss: not installed, skipped")
                     continue
                 seconds = measure_knn(args.knn_size, args.dim, args.neighbours, device, backend)

@@ -1,1 +1,0 @@
-"""Figure commands that reproduce analyses of the papers (one module per method)."""

@@ -1,0 +1,221 @@
+"""The shared contracts of the project: the bottom layer, which every other module may import.
+
+It imports nothing from the project except :mod:`benchmark.errors` (itself a leaf), so that
+data, backbones, methods, evaluation and the command line can all agree on these names
+without importing each other:
+
+* the registries (methods, datasets, perf commands, analyses) and the decorators that fill
+  them: a method, dataset or tool registers itself where it is defined, and the framework
+  looks it up by name (:mod:`benchmark.registry` imports the modules that define them);
+* :class:`DataRequest` (and the view / normalisation requests it carries): what a method asks
+  of the training data;
+* the evaluation batch: the keys a ``validation_step`` / ``test_step`` returns
+  (:func:`evaluation_outputs`);
+* :class:`RankedLists` and :class:`Refiner`: the transductive refinement protocol between a
+  method and the evaluator.
+
+``tests/test_architecture.py`` parses every module's imports and fails on a cycle or on an
+import that goes up the layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import torch
+
+from benchmark.errors import UserError
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- registries
+class UnknownNameError(UserError, KeyError):
+    """A name that is not registered; the message lists the valid choices."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0])
+
+
+METHODS: dict[str, type] = {}  # --method NAME -> RetrievalMethod subclass
+DATASETS: dict[str, type] = {}  # --data NAME -> RetrievalDataModule subclass
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``python -m benchmark perf|analyze NAME`` command registered by the module that owns it.
+
+    ``run(argv) -> exit code``; ``summary`` is the one line ``--help`` lists; ``owner`` the
+    module that registered it.
+    """
+
+    name: str
+    run: Callable[[list[str]], int]
+    summary: str
+    owner: str
+
+
+PERF_COMMANDS: dict[str, Command] = {}
+ANALYSES: dict[str, Command] = {}
+
+
+def _add(table: dict[str, Any], kind: str, name: str, obj: Any, owner: str) -> None:
+    if not name:
+        raise ValueError(f"A {kind} needs a non-empty name to be registered ({owner}).")
+    previous = table.get(name)
+    same = previous is obj or (
+        isinstance(previous, Command) and isinstance(obj, Command) and previous.owner == obj.owner
+    )
+    if previous is not None and not same:
+        where = previous.owner if isinstance(previous, Command) else previous.__module__
+        raise ValueError(f"{kind.capitalize()} name {name!r} is already registered by {where}.")
+    table[name] = obj
+
+
+def register_method(name: str) -> Callable[[T], T]:
+    """Class decorator: make a ``RetrievalMethod`` subclass available as ``--method name``."""
+
+    def wrap(cls: T) -> T:
+        _add(METHODS, "method", name, cls, cls.__module__)  # type: ignore[attr-defined]
+        cls.method_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return wrap
+
+
+def register_dataset(name: str) -> Callable[[T], T]:
+    """Class decorator: make a ``RetrievalDataModule`` subclass available as ``--data name``."""
+
+    def wrap(cls: T) -> T:
+        _add(DATASETS, "dataset", name, cls, cls.__module__)  # type: ignore[attr-defined]
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return wrap
+
+
+def _register_command(table: dict[str, Command], kind: str, name: str, summary: str):
+    def wrap(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+        _add(table, kind, name, Command(name, fn, summary, fn.__module__), fn.__module__)
+        return fn
+
+    return wrap
+
+
+def register_perf(name: str, summary: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
+    """Function decorator: ``main(argv) -> int`` becomes ``python -m benchmark perf name``."""
+    return _register_command(PERF_COMMANDS, "perf command", name, summary)
+
+
+def register_analysis(name: str, summary: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
+    """Function decorator: ``main(argv) -> int`` becomes ``python -m benchmark analyze name``."""
+    return _register_command(ANALYSES, "analysis", name, summary)
+
+
+# ---------------------------------------------------------------------------- data requests
+@dataclass(frozen=True)
+class Normalization:
+    """Input statistics of an encoder (from its timm ``pretrained_cfg``)."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class ViewRequest:
+    """How many views of each training image a method needs, and how they are made.
+
+    ``num_views == 1`` gives a (C, H, W) image per sample, more gives (V, C, H, W). With
+    ``augment == "randaugment"`` every view is RandAugment applied to one shared training
+    crop, except view 0 when ``keep_original`` is set: it is the crop itself.
+    """
+
+    num_views: int = 1
+    augment: str | None = None
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    keep_original: bool = True
+
+
+@dataclass
+class DataRequest:
+    """What a method needs from the training data, applied before loaders are built.
+
+    ``normalization`` comes from the encoder; ``views`` from methods that train on several
+    augmented views (DMCAC); ``train_indices`` restricts training batches to a subset of the
+    training split (DMCAC's query set); ``sampler`` picks class-balanced or shuffled batches;
+    ``load_images=False`` gives training batches without images (label and index only) for
+    methods that train on cached embeddings (Context-Refine).
+    """
+
+    normalization: Normalization = field(default_factory=Normalization)
+    views: ViewRequest = field(default_factory=ViewRequest)
+    train_indices: np.ndarray | None = None
+    sampler: Literal["balanced", "shuffle"] = "balanced"
+    load_images: bool = True
+
+
+# ---------------------------------------------------------------------------- evaluation batch
+EVALUATION_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
+
+
+def evaluation_outputs(embeddings: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """What a ``validation_step`` / ``test_step`` returns for the evaluator (:data:`EVALUATION_KEYS`).
+
+    ``embeddings`` (B, D) for the batch's samples; labels, dataset indices and query/gallery
+    flags are passed through from the datamodule's batch (keys ``label``, ``index``,
+    ``is_query``, ``is_gallery``).
+    """
+    return {
+        "embeddings": embeddings,
+        "labels": batch["label"],
+        "indices": batch["index"],
+        "is_query": batch["is_query"],
+        "is_gallery": batch["is_gallery"],
+    }
+
+
+# ---------------------------------------------------------------------------- refinement protocol
+@dataclass(frozen=True)
+class RankedLists:
+    """Re-ranked neighbour lists returned by a method's transductive ``refine`` step.
+
+    Attributes:
+        indices: (Q, k) int64 positions into the N evaluated samples (ascending dataset
+            index). Row q belongs to the q-th query in ascending dataset-index order; entries
+            are gallery samples, best first, the query itself excluded. ``-1`` pads a row
+            with fewer than k entries. Positives beyond the list count as misses.
+    """
+
+    indices: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.indices, torch.Tensor) or self.indices.ndim != 2:
+            raise TypeError(
+                "RankedLists.indices must be a 2-D LongTensor (num_queries, k); "
+                f"got {type(self.indices).__name__} with shape {getattr(self.indices, 'shape', None)}."
+            )
+        if self.indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"RankedLists.indices must hold integer positions; got dtype {self.indices.dtype}.")
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+@runtime_checkable
+class Refiner(Protocol):
+    """A method with a transductive test-time step, called by the evaluator after embedding.
+
+    ``refine(embeddings (N, D), is_query (N,), is_gallery (N,))``, rows in ascending dataset
+    index, returns ``None`` or a dict whose values are (N, D') refined embeddings or
+    :class:`RankedLists`; each is reported as ``<stage>/refined[/<key>]/<metric>``.
+    """
+
+    def refine(
+        self, embeddings: torch.Tensor, is_query: torch.Tensor, is_gallery: torch.Tensor
+    ) -> dict[str, torch.Tensor | RankedLists] | None: ...

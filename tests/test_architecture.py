@@ -1,0 +1,181 @@
+"""Imports flow one way: parsed from the source (ast), not from what happens to be imported.
+
+The layers, bottom to top (docs/architecture.md); a module may import its own layer and the
+layers below it, never above, and project modules form no cycle:
+
+0. contracts: ``benchmark.errors``, ``benchmark.io``, ``benchmark.validation``, ``benchmark.core``
+1. registry lookup, data, backbones, shared blocks: ``benchmark.registry`` (it imports the
+   packages above it by name, at run time), ``datamodules.*``, ``benchmark.backbones``,
+   ``benchmark.distributed``, ``benchmark.layers.*``, ``benchmark.neighbours``
+2. methods: ``methods.*``
+3. evaluation and training: ``benchmark.evaluation.*``, ``benchmark.training``
+4. command line and tools: ``benchmark.cli``, ``benchmark.leaderboard``, ``benchmark.perf.*``,
+   and the companion modules ``*_perf`` / ``*_analysis`` beside a method or dataset.
+
+Project imports sit at the top of a module: an import inside a function body hides an edge
+from readers (and from this test), so only third-party modules may be imported lazily.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("benchmark", "methods", "datamodules")
+TOOL_SUFFIXES = ("_perf", "_analysis")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def layer(module: str) -> int:
+    if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core"):
+        return 0
+    if module.endswith(TOOL_SUFFIXES) or module.startswith("benchmark.perf") or module in (
+        "benchmark.cli", "benchmark.leaderboard", "benchmark.__main__", "benchmark",
+    ):
+        return 4
+    if module.startswith(("benchmark.evaluation", "benchmark.training")):
+        return 3
+    if module.startswith("methods"):
+        return 2
+    if module.startswith(("datamodules", "benchmark.registry", "benchmark.backbones", "benchmark.distributed",
+                          "benchmark.layers", "benchmark.neighbours", "benchmark.recipes")):
+        return 1
+    raise AssertionError(f"{module} has no layer: add it to tests/test_architecture.py and docs/architecture.md")
+
+
+def _resolve(name: str) -> str | None:
+    """The project module an imported name lives in (``benchmark.core.METHODS`` -> ``benchmark.core``)."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _imported(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:
+            package = module.split(".") if MODULES[module].name == "__init__.py" else module.split(".")[:-1]
+            package = package[: len(package) - node.level + 1]
+            base = ".".join(package + ([base] if base else []))
+        names = [f"{base}.{alias.name}" for alias in node.names]  # resolves to base when not a submodule
+    return {r for r in map(_resolve, names) if r and r != module}
+
+
+def _parse(module: str) -> ast.Module:
+    return ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module in MODULES:
+        graph[module] = set()
+        for node in ast.walk(_parse(module)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                graph[module] |= _imported(module, node)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_project_modules() -> None:
+    assert find_cycles(import_graph()) == []
+
+
+def test_imports_never_go_up_a_layer() -> None:
+    upward = [
+        f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
+        for m, deps in sorted(import_graph().items())
+        for d in sorted(deps)
+        if layer(d) > layer(m)
+    ]
+    assert upward == []
+
+
+def test_the_core_imports_only_leaf_modules() -> None:
+    for leaf in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core"):
+        if leaf in MODULES:
+            deps = import_graph()[leaf]
+            assert deps <= {"benchmark.errors"}, (leaf, deps)
+
+
+def test_project_imports_sit_at_the_top_of_modules() -> None:
+    nested = []
+    for module in MODULES:
+        for fn in ast.walk(_parse(module)):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and _imported(module, node):
+                        nested.append(f"{module}.{fn.name}: {ast.unparse(node)}")
+    assert nested == []
+
+
+@pytest.mark.parametrize("package", ["benchmark"])
+def test_the_framework_names_no_method(package: str) -> None:
+    """No file under benchmark/ imports a method module or names a registered method."""
+    from benchmark import registry
+
+    registry.discover()
+    builtin = {name for name, cls in registry.METHODS.items() if cls.__module__.startswith("methods.")}
+    offenders = []
+    for module, path in MODULES.items():
+        if not module.startswith(package):
+            continue
+        if any(d.startswith("methods") for d in import_graph()[module]) and layer(module) < 4:
+            offenders.append(f"{module} imports a method module")
+        text = path.read_text()
+        for name in builtin:
+            if f'"{name}"' in text or f"'{name}'" in text:
+                offenders.append(f"{module} names the method {name!r}")
+    assert offenders == []
