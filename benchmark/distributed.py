@@ -2,14 +2,16 @@
 
 ``torch.distributed.all_gather`` needs equal shapes on every rank, and Lightning's
 ``all_gather`` does too; evaluation shards differ by one sample when the set does not divide
-evenly, and the sampler pads with duplicates. These helpers pad, gather, trim and then keep
-one row per dataset index, so a DDP result equals a single-process one exactly.
+evenly, and the sampler pads with duplicates. torchmetrics gathers uneven shapes; these
+helpers then keep one row per dataset index, so a DDP result equals a single-process one
+exactly.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 def is_distributed() -> bool:
@@ -17,20 +19,14 @@ def is_distributed() -> bool:
 
 
 def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` (n_r, ...) from every rank along dim 0, in rank order."""
+    """Concatenate ``tensor`` (n_r, ...) from every rank along dim 0, in rank order.
+
+    torchmetrics' ``gather_all_tensors`` pads to the largest shape, gathers and trims; what
+    it lacks, and this module adds, is the dataset-index de-duplication below.
+    """
     if not is_distributed():
         return tensor
-    world = dist.get_world_size()
-    n = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes_list = [int(s.item()) for s in sizes]
-    max_n = max(sizes_list)
-    padded = tensor.new_zeros((max_n, *tensor.shape[1:]))  # (max_n, ...)
-    padded[: tensor.shape[0]] = tensor
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:s] for o, s in zip(out, sizes_list)])
+    return torch.cat(gather_all_tensors(tensor.contiguous()))
 
 
 def dedup_by_index(indices: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

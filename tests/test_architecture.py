@@ -19,6 +19,7 @@ from readers (and from this test), so only third-party modules may be imported l
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,7 @@ def _parse(module: str) -> ast.Module:
     return ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module in MODULES:
