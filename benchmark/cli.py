@@ -30,6 +30,7 @@ from benchmark import registry
 from benchmark.backbones import BACKBONES
 from benchmark.errors import ConfigError, UserError
 from benchmark.evaluation import RetrievalEvaluator
+from benchmark.io import console as make_console
 from benchmark.leaderboard import main as leaderboard_main
 from benchmark.training import (
     EXIT_INTERNAL,
@@ -607,6 +608,10 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
         registry.discover()
     else:
         argv, info = rewrite_args(argv, subcommand)
+        if subcommand in ("test", "validate") and not any(a.split("=", 1)[0] == "--verbose" for a in argv):
+            # The evaluator prints the one table (percent, counts as integers); Lightning's would
+            # repeat it as fractions. --verbose true brings it back.
+            argv = [*argv, "--verbose", "false"]
         if info["run_config"] is not None:
             print(f"[benchmark] config: {info['run_config']} (the run that wrote the checkpoint)", file=sys.stderr)
         elif info["recipe"] is not None and not any(a.startswith("--print_config") for a in argv):
@@ -642,12 +647,11 @@ def _instantiate_cli(cli_cls: Any, subcommand: str | None, argv: list[str], run:
 
 # ---------------------------------------------------------------------------- other commands
 def cmd_list(argv: list[str]) -> int:
-    from rich.console import Console
     from rich.table import Table
 
 
     registry.discover(_pop_option(argv, "--plugin", repeat=True))
-    console = Console()
+    console = make_console()
     table = Table(title="methods (--method)")
     table.add_column("name")
     table.add_column("description")

@@ -1,6 +1,6 @@
-"""File-system conventions shared by every layer: where data lives, and atomic writes.
+"""Conventions shared by every layer: where data lives, atomic writes, and the console.
 
-A leaf module (standard library only). Everything the project writes that another process
+A leaf module (standard library and rich). Everything the project writes that another process
 or a later run reads (results JSON, status files, checkpoints, embedding caches) goes
 through :func:`atomic_path`, so that a reader never sees a half-written file, even when a
 run is killed mid-write.
@@ -9,10 +9,13 @@ run is killed mid-write.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from rich.console import Console
 
 ENV_DATA_ROOT = "DML_BENCHMARK_DATA"
 
@@ -48,3 +51,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` so that readers never see a partial file."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def console() -> Console:
+    """The console tables are printed on. Outside a terminal (a log file, a pipe, CI) rich would
+    assume 80 columns and cut names short; tables there get room for their widest cell."""
+    return Console() if sys.stdout.isatty() else Console(width=max(200, int(os.environ.get("COLUMNS", 0) or 0)))

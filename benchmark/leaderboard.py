@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmark.io import console as make_console
+
 REFERENCE = Path(__file__).with_name("reference") / "paper_results.csv"
 META_KEYS = ("method", "backbone", "embedding_dim", "dataset", "protocol", "seed")
 
@@ -69,13 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", help="only this dataset")
     args = parser.parse_args(argv)
 
-    from rich.console import Console
     from rich.table import Table
 
     rows = wandb_runs(args.wandb) if args.wandb else local_runs(args.runs)
     if args.dataset:
         rows = [r for r in rows if r.get("dataset") == args.dataset]
-    console = Console()
+    console = make_console()
     if not rows:
         console.print(f"No results found in {args.wandb or args.runs} (runs write metrics_test.json at the end of fit/test).")
         return 0

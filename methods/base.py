@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from benchmark import registry
 from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
@@ -160,15 +162,17 @@ class RetrievalMethod(L.LightningModule):
         gathered and de-duplicated, so the work is done once across ranks. Shows a progress
         bar on rank 0 and logs the time taken as ``time/<desc>_s``.
         """
-        from tqdm.auto import tqdm
-
         was_training = self.training
         self.eval()
         start = time.perf_counter()
         trainer = self._trainer
         context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
         # A bar only where the run shows Lightning's own (rank 0, progress bar enabled).
-        show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
+        # A bar only where someone watches: rank 0, a progress bar enabled, and a terminal (a bar's
+        # carriage-return updates would fill a log file line by line).
+        show = (trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)) and (
+            sys.stderr.isatty()
+        )
         embeddings, indices = [], []
         with context:
             for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from benchmark.core import RankedLists
 from benchmark.distributed import all_gather_uneven, gather_by_index, is_distributed
 from benchmark.evaluation.metrics import count_duplicate_rows, nmi, ranked_list_metrics, retrieval_metrics
-from benchmark.io import atomic_write_text
+from benchmark.io import atomic_write_text, console
 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
 
@@ -448,7 +448,6 @@ class RetrievalEvaluator(Callback):
 
 def print_metrics_table(results: Mapping[str, Mapping[str, float]], title: str = "Test metrics") -> None:
     """A rich table: one row per metric, one column for the plain and each refined result."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -469,4 +468,4 @@ def print_metrics_table(results: Mapping[str, Mapping[str, float]], title: str =
                 cells.append(f"{100.0 * value:.2f}")
         table.add_row(name, *cells)
     table.caption = "percent; counts as integers"
-    Console().print(table)
+    console().print(table)

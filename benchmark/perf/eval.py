@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from benchmark.core import register_perf
 from benchmark.evaluation.metrics import _block_size, default_chunk_size, nmi, retrieval_metrics
+from benchmark.io import console as make_console
 
 SOP_RECALL_KS = (1, 10, 100, 1000)
 TARGET_RATIO = 1.3
@@ -225,10 +226,9 @@ def _library_versions() -> str:
 
 
 def print_report(rows: list[Measurement], floor: Measurement, header: list[str], footer: list[str]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     for line in header:
         console.print(line, highlight=False)
     table = Table(title="Evaluation performance (one run; ratios to this run's floor)")
@@ -249,10 +249,9 @@ def print_report(rows: list[Measurement], floor: Measurement, header: list[str],
 
 def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.device) -> int:
     """``--ties``: the suite on tied embeddings against SOP-like ones of the same size."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     console.width = max(console.width, 100)  # the table's columns, untruncated
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     console.print(f"[bold]python -m benchmark perf eval[/bold] {' '.join(argv or [])}".rstrip(), highlight=False)

@@ -156,7 +156,9 @@ def test_test_of_a_checkpoint_uses_the_runs_own_settings(cub_root: Path, tmp_pat
     last = run / "checkpoints" / "last.ckpt"
     capsys.readouterr()
     assert main(["test", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false"]) == 0
-    assert f"config: {run / 'config.yaml'}" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert f"config: {run / 'config.yaml'}" in out.err
+    assert "R@1" in out.out and "DataLoader 0" not in out.out + out.err  # one table: the evaluator's
     tested = _json(run / "metrics_test.json")
     assert tested["image_size"] == 32 and tested["protocol"] == "holdout"
     assert tested["metrics"] == trained["metrics"]  # the same model on the same data

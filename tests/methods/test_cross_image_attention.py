@@ -545,6 +545,7 @@ def test_refined_metrics_appear_only_with_reranking(rerank_k: int, cub_root: Pat
         assert refined == []
 
 
+@pytest.mark.slow  # 42 s on 2 cores; the float64 references above check the numbers, this the learning
 def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None:
     """`fit` through the CLI on the synthetic default (its recipe, 64 px): R@1 after training > before.
 
