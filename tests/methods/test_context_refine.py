@@ -188,8 +188,11 @@ def test_default_model_has_about_12m_parameters() -> None:
 
 
 # ---------------------------------------------------------------------------- set paths, order
-def test_set_paths_equal_the_batch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fused_cpu_linear", [True, False], ids=["onednn-fused", "plain-ops"])
+def test_set_paths_equal_the_batch_path(monkeypatch: pytest.MonkeyPatch, fused_cpu_linear: bool) -> None:
+    """Also on a CPU without oneDNN's fused linear (``plain-ops``): the fallback gives the same numbers."""
     monkeypatch.setattr(context_refine, "_CPU_CHUNK", 16)  # several chunks on the CPU path
+    monkeypatch.setattr(context_refine, "_MKLDNN_LINEAR", fused_cpu_linear and context_refine._MKLDNN_LINEAR)
     torch.manual_seed(2)
     refiner = ContextRefiner(dim=16, num_blocks=3, hidden_dim=24, output_dim=8).eval()
     bank, e0 = unit_rows(60, 16, 5), unit_rows(40, 16, 6)
