@@ -1,10 +1,12 @@
-"""Methods, datasets and backbones by name, and plugin discovery.
+"""Lookup by name and plugin discovery, over the registries of :mod:`benchmark.core`.
 
-Built-in methods and datasets register themselves when their module is imported; the
-registry imports every module of the ``methods`` and ``datamodules`` packages, then the
-entry points of the groups ``benchmark.methods`` / ``benchmark.datasets`` (installed
-plugins), then any module named with ``--plugin``. A new method therefore never edits the
-framework: it decorates its class with :func:`register_method`.
+Built-in methods and datasets register themselves (``@register_method`` /
+``@register_dataset`` of ``benchmark.core``) when their module is imported; :func:`discover`
+imports every module of the ``methods`` and ``datamodules`` packages (by name, at run time:
+this module has no static import of them, so it sits below the methods), then the entry
+points of the groups ``benchmark.methods`` / ``benchmark.datasets`` / ``benchmark.backbones``
+(installed plugins), then any module named with ``--plugin``. :func:`discover_tools` adds
+the perf commands and analyses. A new method therefore never edits the framework.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ _tools_loaded = False
 _loaded_entry_points: set[str] = set()
 
 
+def _load_entry_points(groups: tuple[str, ...]) -> None:
+    """Import the installed plugins of ``groups`` not imported yet (re-scanned on every call)."""
+    for group in groups:
+        for ep in entry_points(group=group):
+            key = f"{group}:{ep.name}={ep.value}"
+            if key not in _loaded_entry_points:
+                try:
+                    ep.load()
+                except Exception as err:
+                    raise ImportError(f"Plugin entry point {ep.name!r} ({ep.value}) in group {group} failed to load: {err}") from err
+                _loaded_entry_points.add(key)
+
+
 def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
     """Import built-ins (once), installed entry-point plugins and the named plugin modules.
 
@@ -54,15 +69,7 @@ def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
                 if not info.name.startswith("_") and not info.name.endswith(TOOL_SUFFIXES):
                     importlib.import_module(f"{package}.{info.name}")
         _builtins_loaded = True
-    for group in ("benchmark.methods", "benchmark.datasets", "benchmark.backbones"):
-        for ep in entry_points(group=group):
-            key = f"{group}:{ep.name}={ep.value}"
-            if key not in _loaded_entry_points:
-                try:
-                    ep.load()
-                except Exception as err:
-                    raise ImportError(f"Plugin entry point {ep.name!r} ({ep.value}) in group {group} failed to load: {err}") from err
-                _loaded_entry_points.add(key)
+    _load_entry_points(("benchmark.methods", "benchmark.datasets", "benchmark.backbones"))
     for module in plugins:
         try:
             importlib.import_module(module)
@@ -92,15 +99,7 @@ def discover_tools(plugins: list[str] | tuple[str, ...] = ()) -> None:
                 if info.name.endswith(TOOL_SUFFIXES) and not info.name.startswith("_"):
                     importlib.import_module(f"{package}.{info.name}")
         _tools_loaded = True
-    for group in ("benchmark.perf", "benchmark.analysis"):
-        for ep in entry_points(group=group):
-            key = f"{group}:{ep.name}={ep.value}"
-            if key not in _loaded_entry_points:
-                try:
-                    ep.load()
-                except Exception as err:
-                    raise ImportError(f"Plugin entry point {ep.name!r} ({ep.value}) in group {group} failed to load: {err}") from err
-                _loaded_entry_points.add(key)
+    _load_entry_points(("benchmark.perf", "benchmark.analysis"))
 
 
 def get_command(kind: str, name: str) -> Command:
