@@ -37,6 +37,7 @@ from benchmark.training import (
     EXIT_USER,
     AtomicCheckpointIO,
     BenchmarkTrainer,
+    CheckpointSettings,
     RunStatus,
     resolve_precision,
 )
@@ -360,6 +361,7 @@ def _make_cli_class():
             # The evaluator's options, from a recipe's `evaluation:` section or --evaluation.*
             # (e.g. --evaluation.recall_ks [1,2,4,8] --evaluation.backend cpu).
             parser.add_class_arguments(RetrievalEvaluator, "evaluation", instantiate=True)
+            parser.add_class_arguments(CheckpointSettings, "checkpoint", instantiate=True)
             parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
@@ -436,28 +438,34 @@ def _make_cli_class():
             # ckpt_path="best"), after each validation; then last.ckpt at the end of every training
             # epoch (after its validation, if any), so that a run validated every few epochs can
             # still be resumed from its latest epoch.
-            selection = getattr(self.model, "selection_metric", "val/R@1")
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=run_dir / "checkpoints",
-                    filename="best-{epoch}-{step}",
-                    monitor=selection,
-                    mode=getattr(self.model, "selection_mode", "max"),
-                    auto_insert_metric_name=False,
-                    save_on_train_epoch_end=False,  # after validation has computed the metric
+            settings = self._get(self.config_init, "checkpoint", default=None)
+            settings = settings if isinstance(settings, CheckpointSettings) else CheckpointSettings()
+            selection = settings.monitor or getattr(self.model, "selection_metric", "val/R@1")
+            meta["selection_metric"] = selection
+            if settings.save_top_k != 0:
+                callbacks.append(
+                    ModelCheckpoint(
+                        dirpath=run_dir / "checkpoints",
+                        filename="best-{epoch}-{step}",
+                        monitor=selection,
+                        mode=settings.mode or getattr(self.model, "selection_mode", "max"),
+                        save_top_k=settings.save_top_k,
+                        auto_insert_metric_name=False,
+                        save_on_train_epoch_end=False,  # after validation has computed the metric
+                    )
                 )
-            )
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=run_dir / "checkpoints",
-                    filename="last",
-                    monitor=None,
-                    save_top_k=1,
-                    every_n_epochs=1,
-                    save_on_train_epoch_end=True,
-                    enable_version_counter=False,
+            if settings.last_every_n_epochs:
+                callbacks.append(
+                    ModelCheckpoint(
+                        dirpath=run_dir / "checkpoints",
+                        filename="last",
+                        monitor=None,
+                        save_top_k=1,
+                        every_n_epochs=settings.last_every_n_epochs,
+                        save_on_train_epoch_end=True,
+                        enable_version_counter=False,
+                    )
                 )
-            )
             if self.status is not None:
                 self.status.command = command
                 callbacks.append(self.status)

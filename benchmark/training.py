@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,6 +128,31 @@ class BenchmarkTrainer(L.Trainer):
 
 
 # ---------------------------------------------------------------------------- checkpoints
+@dataclass
+class CheckpointSettings:
+    """The run's checkpoints (``checkpoint:`` in a recipe, ``--checkpoint.*`` on the command line).
+
+    Args:
+        save_top_k: best checkpoints kept by the selection metric (0: none, -1: every one).
+        monitor: the metric that selects them; default the method's ``selection_metric``
+            (``val/R@1``; Context-Refine ``val/refined/R@1``), which the holdout test also uses.
+        mode: ``max`` or ``min`` for ``monitor``; default the method's.
+        last_every_n_epochs: write ``last.ckpt`` every n training epochs (0: only on interruption).
+    """
+
+    save_top_k: int = 1
+    monitor: str | None = None
+    mode: Literal["max", "min"] | None = None
+    last_every_n_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.save_top_k < -1 or self.last_every_n_epochs < 0:
+            raise ValueError(
+                f"--checkpoint.save_top_k must be >= -1 and --checkpoint.last_every_n_epochs >= 0; got "
+                f"{self.save_top_k} and {self.last_every_n_epochs}."
+            )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written beside their target and renamed into place (atomic on POSIX)."""
 

@@ -177,3 +177,18 @@ def test_fit_help_lists_the_short_flags_and_the_lightning_options(capsys: pytest
     for flag in ("--method NAME", "--data NAME", "--backbone NAME", "--recipe", "--run_dir", "--plugin", "--logger",
                  "--evaluation.*", "--print_config", "--trainer.max_epochs", "--evaluation.recall_ks"):
         assert flag in out, flag
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_checkpoint_options_come_from_the_command_line(cub_root: Path, tmp_path: Path) -> None:
+    none_kept = tmp_path / "none"
+    assert main(_fit_args(cub_root, none_kept, "--trainer.max_epochs", "2", "--checkpoint.save_top_k", "0",
+                          "--checkpoint.last_every_n_epochs", "2")) == 0
+    assert sorted(p.name for p in (none_kept / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(none_kept / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 1
+    two_best = tmp_path / "two"
+    assert main(_fit_args(cub_root, two_best, "--trainer.max_epochs", "3", "--checkpoint.save_top_k", "2",
+                          "--checkpoint.monitor", "val/R@2")) == 0
+    assert len(list((two_best / "checkpoints").glob("best-*.ckpt"))) == 2
+    assert yaml.safe_load((two_best / "config.yaml").read_text())["checkpoint"]["monitor"] == "val/R@2"
+    assert main(_fit_args(cub_root, tmp_path / "bad", "--checkpoint.save_top_k", "-3")) == 2
