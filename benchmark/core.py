@@ -75,26 +75,23 @@ def _add(table: dict[str, Any], kind: str, name: str, obj: Any, owner: str) -> N
     table[name] = obj
 
 
-def register_method(name: str) -> Callable[[T], T]:
-    """Class decorator: make a ``RetrievalMethod`` subclass available as ``--method name``."""
-
+def _register_class(table: dict[str, type], kind: str, attribute: str, name: str) -> Callable[[T], T]:
     def wrap(cls: T) -> T:
-        _add(METHODS, "method", name, cls, cls.__module__)  # type: ignore[attr-defined]
-        cls.method_name = name  # type: ignore[attr-defined]
+        _add(table, kind, name, cls, cls.__module__)  # type: ignore[attr-defined]
+        setattr(cls, attribute, name)
         return cls
 
     return wrap
+
+
+def register_method(name: str) -> Callable[[T], T]:
+    """Class decorator: make a ``RetrievalMethod`` subclass available as ``--method name``."""
+    return _register_class(METHODS, "method", "method_name", name)
 
 
 def register_dataset(name: str) -> Callable[[T], T]:
     """Class decorator: make a ``RetrievalDataModule`` subclass available as ``--data name``."""
-
-    def wrap(cls: T) -> T:
-        _add(DATASETS, "dataset", name, cls, cls.__module__)  # type: ignore[attr-defined]
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-
-    return wrap
+    return _register_class(DATASETS, "dataset", "name", name)
 
 
 def _register_command(table: dict[str, Command], kind: str, name: str, summary: str):

@@ -56,4 +56,5 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def console() -> Console:
     """The console tables are printed on. Outside a terminal (a log file, a pipe, CI) rich would
     assume 80 columns and cut names short; tables there get room for their widest cell."""
-    return Console() if sys.stdout.isatty() else Console(width=max(200, int(os.environ.get("COLUMNS", 0) or 0)))
+    columns = os.environ.get("COLUMNS", "")
+    return Console() if sys.stdout.isatty() else Console(width=max(200, int(columns) if columns.isdigit() else 0))

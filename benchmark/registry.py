@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from benchmark.core import (
@@ -42,6 +43,13 @@ _tools_loaded = False
 _loaded_entry_points: set[str] = set()
 
 
+def _import_modules(package: str, wanted: Callable[[str], bool]) -> None:
+    """Import the public modules of ``package`` whose name ``wanted`` accepts."""
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if not info.name.startswith("_") and wanted(info.name):
+            importlib.import_module(f"{package}.{info.name}")
+
+
 def _load_entry_points(groups: tuple[str, ...]) -> None:
     """Import the installed plugins of ``groups`` not imported yet (re-scanned on every call)."""
     for group in groups:
@@ -64,10 +72,7 @@ def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         for package in ("datamodules", "methods"):
-            pkg = importlib.import_module(package)
-            for info in pkgutil.iter_modules(pkg.__path__):
-                if not info.name.startswith("_") and not info.name.endswith(TOOL_SUFFIXES):
-                    importlib.import_module(f"{package}.{info.name}")
+            _import_modules(package, lambda name: not name.endswith(TOOL_SUFFIXES))
         _builtins_loaded = True
     _load_entry_points(("benchmark.methods", "benchmark.datasets", "benchmark.backbones"))
     for module in plugins:
@@ -89,15 +94,9 @@ def discover_tools(plugins: list[str] | tuple[str, ...] = ()) -> None:
     discover(plugins)
     if not _tools_loaded:
         for package in TOOL_PACKAGES:
-            pkg = importlib.import_module(package)
-            for info in pkgutil.iter_modules(pkg.__path__):
-                if not info.name.startswith("_"):
-                    importlib.import_module(f"{package}.{info.name}")
+            _import_modules(package, lambda name: True)
         for package in ("datamodules", "methods"):
-            pkg = importlib.import_module(package)
-            for info in pkgutil.iter_modules(pkg.__path__):
-                if info.name.endswith(TOOL_SUFFIXES) and not info.name.startswith("_"):
-                    importlib.import_module(f"{package}.{info.name}")
+            _import_modules(package, lambda name: name.endswith(TOOL_SUFFIXES))
         _tools_loaded = True
     _load_entry_points(("benchmark.perf", "benchmark.analysis"))
 
