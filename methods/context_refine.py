@@ -37,12 +37,7 @@ default model has 8 x 6 x (512 x 512 + 512) = 12.6 M parameters at d = 512 (pape
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import uuid
-import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,8 +48,13 @@ from torch import nn
 
 from benchmark.backbones import BackboneConfig
 from benchmark.core import DataRequest, register_method
-from benchmark.io import default_data_root
-from benchmark.layers import Attention
+from benchmark.embedding_cache import (
+    EmbeddingCache,
+    embedding_cache_key,
+    file_fingerprint,
+    module_fingerprint,
+)
+from benchmark.layers import Attention, fused
 from benchmark.neighbours import exact_knn
 from benchmark.validation import check_choice
 from methods.base import OptimizerName, RetrievalMethod, evaluation_outputs, load_method
@@ -62,155 +62,6 @@ from methods.base import OptimizerName, RetrievalMethod, evaluation_outputs, loa
 KnnBackend = Literal["auto", "torch", "faiss"]
 Aggregation = Literal["attention", "mean"]
 InferenceDtype = Literal["float32", "bfloat16"]
-
-
-
-# ---------------------------------------------------------------------------- neighbours
-def knn_search(
-    queries: torch.Tensor,
-    database: torch.Tensor,
-    k: int,
-    exclude: torch.Tensor | None = None,
-    backend: KnnBackend = "auto",
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """The ``k`` most similar database rows of every query (inner product), best first.
-
-    :func:`benchmark.neighbours.exact_knn` (exact; ties broken by the lower row).
-
-    Args:
-        queries: (Q, D) embeddings (L2-normalised: inner product = cosine similarity).
-        database: (M, D) embeddings searched.
-        k: neighbours per query.
-        exclude: (Q,) int64 database row that query q must never get (its own entry, by
-            index, not by assuming it comes first: duplicates and ties break that), or -1.
-        backend: ``torch`` (chunked matmul, exact, on the data's device), ``faiss``
-            (``IndexFlatIP``, on the GPU when faiss has GPU support and the data is on CUDA)
-            or ``auto`` (= ``torch``: on this benchmark's 2-core CPU it was 3x faster than
-            faiss for an SOP-sized set, and on GPU it needs no faiss-gpu build).
-        chunk_size: queries per similarity block of the torch backend (default: the (c, M)
-            block stays within 256 MiB).
-
-    Returns:
-        (Q, k) int64 database rows on the queries' device.
-    """
-    check_choice("knn_backend", backend, KnnBackend)
-    if exclude is not None and exclude.shape != (queries.shape[0],):
-        raise ValueError(
-            f"exclude must be (Q,) = ({queries.shape[0]},) database rows or -1; got shape {tuple(exclude.shape)}."
-        )
-    rows, _ = exact_knn(
-        queries, database, k, query_ids=exclude, backend="torch" if backend == "auto" else backend, chunk_size=chunk_size
-    )
-    return rows
-
-
-# ---------------------------------------------------------------------------- embedding cache
-def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Identity of a checkpoint file without reading it: resolved path, size, mtime (ns)."""
-    p = Path(path).expanduser().resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """Content hash of a module's state (names, dtypes, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BatchNorm counters) too
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def embedding_cache_key(
-    source: dict[str, Any] | str,
-    dataset: str,
-    root: str,
-    paths: Sequence[str],
-    transform: str,
-    precision: str = "32",
-) -> str:
-    """Hex key of one (model, dataset split, evaluation transform, precision) embedding set.
-
-    The split is identified by its files (``paths`` in dataset-index order), not its name: a
-    changed split (another holdout seed) gets another key, and the paper protocol's validation
-    and test splits, the same files, share one entry. ``transform`` is the evaluation
-    transform's ``repr``; ``precision`` the trainer's (bf16 autocast changes the embeddings).
-    """
-    paths_digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
-    payload = {
-        "version": 1,
-        "source": source,
-        "dataset": dataset,
-        "root": root,
-        "num_samples": len(paths),
-        "paths": paths_digest,
-        "transform": transform,
-        "precision": precision,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-class EmbeddingCache:
-    """Precomputed embeddings on disk: one ``<key>.pt`` per (model, split, transform).
-
-    Files are written atomically (a temporary file in the same folder, then ``os.replace``),
-    so a reader sees either nothing or a complete file; an interrupted write leaves at most a
-    hidden ``.tmp`` file that is never read. :meth:`load` validates what it reads (the key
-    stored inside, the shape, finiteness) and treats anything else as absent, with a warning.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
-        self.directory = (
-            Path(directory).expanduser() if directory else default_data_root() / "embedding_cache"
-        )
-
-    def path(self, key: str) -> Path:
-        return self.directory / f"{key}.pt"
-
-    def load(self, key: str, rows: int, dim: int | None = None) -> torch.Tensor | None:
-        """The cached (rows, dim) float32 embeddings of ``key``, or ``None`` (absent or invalid)."""
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated or foreign file: recompute, do not trust it
-            warnings.warn(f"Embedding cache {path} is unreadable ({err}); recomputing it.", stacklevel=2)
-            return None
-        emb = entry.get("embeddings") if isinstance(entry, dict) else None
-        problem = None
-        if not isinstance(entry, dict) or entry.get("key") != key:
-            problem = "it was written for another key"
-        elif not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != rows:
-            problem = f"it holds shape {tuple(getattr(emb, 'shape', ()))}, expected ({rows}, D)"
-        elif dim is not None and emb.shape[1] != dim:
-            problem = f"it holds {emb.shape[1]}-d embeddings, expected {dim}-d"
-        elif not bool(torch.isfinite(emb).all()):
-            problem = "it contains NaN or inf"
-        if problem:
-            warnings.warn(
-                f"Embedding cache {path} is stale or mismatched ({problem}); recomputing it.", stacklevel=2
-            )
-            return None
-        return emb.float()
-
-    def save(self, key: str, embeddings: torch.Tensor, meta: dict[str, Any] | None = None) -> Path:
-        """Write ``embeddings`` (N, D) under ``key`` atomically; returns the file's path."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        entry = {"key": key, "embeddings": embeddings.detach().float().cpu().contiguous(), "meta": meta or {}}
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(entry, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
 
 
 # ---------------------------------------------------------------------------- the refiner
@@ -370,7 +221,7 @@ class ContextRefiner(nn.Module):
         * bias, SiLU and residual additions are fused into the matrix products (oneDNN
           post-ops) when PyTorch has them; ``dtype=torch.bfloat16`` runs the products in
           bfloat16 (AMX / AVX512-BF16 CPUs), the scores and the normalisation in float32;
-        * rows go through each block in chunks of ``_CPU_CHUNK``, so that a chunk's
+        * rows go through each block in chunks of ``CPU_CHUNK``, so that a chunk's
           intermediates stay in the CPU cache between one operation and the next.
         """
         num_q, k = neighbours.shape
@@ -380,7 +231,7 @@ class ContextRefiner(nn.Module):
         cols = neighbours.sort(dim=1).values  # (Q, k): attention is order-invariant; CSR wants sorted
         if k > 1 and bool((cols[:, 1:] == cols[:, :-1]).any()):
             raise ValueError("refine_set: a neighbour list contains the same bank row twice.")
-        step = _CPU_CHUNK
+        step = CPU_CHUNK
         crow = torch.arange(0, step * k + 1, k, device=e0.device)  # (c + 1,) rows of a chunk's pattern
         bank_c = bank.to(dtype)
         e = e0.float()
@@ -395,130 +246,38 @@ class ContextRefiner(nn.Module):
             h_v = torch.empty(num_m, hidden, device=e0.device, dtype=dtype)  # (M, H) V's hidden layer
             for a in range(0, num_m, step):
                 rows = bank_c[a : a + step]
-                keys[a : a + step] = _linear(_linear(rows, *key[:2], silu=True), *key[2:])
-                h_v[a : a + step] = _linear(rows, *value[:2], silu=True)
+                keys[a : a + step] = fused.linear(fused.linear(rows, *key[:2], silu=True), *key[2:])
+                h_v[a : a + step] = fused.linear(rows, *value[:2], silu=True)
             new = torch.empty_like(e)
             for a in range(0, num_q, step):
                 c = min(step, num_q - a)
                 e_c = e[a : a + c].to(dtype)  # (c, D)
-                h_q = _linear(e_c, *q[:2], silu=True)  # (c, H)
-                query = _linear(h_q, *q[2:], add=e_c if block.query.skip else None).float()  # (c, D)
-                pattern = _csr(crow[: c + 1], cols[a : a + c].reshape(-1), query.new_zeros(c * k), (c, num_m))
+                h_q = fused.linear(e_c, *q[:2], silu=True)  # (c, H)
+                query = fused.linear(h_q, *q[2:], add=e_c if block.query.skip else None).float()  # (c, D)
+                pattern = fused.csr_pattern(
+                    crow[: c + 1], cols[a : a + c].reshape(-1), query.new_zeros(c * k), (c, num_m)
+                )
                 # (c, D) @ (D, M), computed at the k neighbour entries of each row only:
                 scores = torch.sparse.sampled_addmm(pattern, query, keys.T, beta=0.0, alpha=block.scale)
                 weights = scores.values().view(c, k).softmax(dim=-1)  # (c, k)
-                mixed = F.embedding_bag(cols[a : a + c], h_v, per_sample_weights=weights.to(dtype), mode="sum")
-                updated = _linear(mixed, *value[2:], add=e_c).float()  # (c, H) -> (c, D): e + CA(e, C, C)
+                mixed = F.embedding_bag(
+                    cols[a : a + c], h_v, per_sample_weights=weights.to(dtype), mode="sum"
+                )
+                updated = fused.linear(
+                    mixed, *value[2:], add=e_c
+                ).float()  # (c, H) -> (c, D): e + CA(e, C, C)
                 new[a : a + c] = F.normalize(updated, dim=-1)  # Eq. 3
             e = new
             levels.append(e)
         return levels, self.finish(e).float()
 
 
-_CPU_CHUNK = 4096  # rows per step of the CPU path (measured best of 1k-16k on 1 and 2 threads)
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
-
-
-# Why a private op: oneDNN's fused linear (+ SiLU / + residual) is what torch's own CPU
-# inductor path emits, and no public API fuses these. Measured on a 2-core AMD EPYC (AVX2),
-# 2 threads, inference, one MLP of a block (x W1 -> SiLU -> W2 + x): 1.76x faster at
-# 8,192 x 128 -> 512, 1.18x at 65,536 x 128 -> 512 and at 8,192 x 512 -> 2,048, the sizes of
-# the refiner's set path. Every call falls back to plain ops when the op is missing or refuses
-# the input; tests/methods/test_context_refine.py runs the set path both ways.
-def _mkldnn_linear_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_MKLDNN_LINEAR = _mkldnn_linear_available()
-
-
-def _linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    silu: bool = False,
-    add: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``silu?(x W^T + b) + add?`` as one oneDNN call on CPU when available (no grad), else plain ops."""
-    if _MKLDNN_LINEAR and x.device.type == "cpu" and not (silu and add is not None):
-        try:
-            if add is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "swish" if silu else "none", [], "")
-        except (RuntimeError, NotImplementedError):
-            pass
-    y = F.linear(x, weight, bias)
-    if silu:
-        y = F.silu(y)
-    return y + add if add is not None else y
-
-
-def mean_context(e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Table 4's 'NNs' ablation: the normalised mean of (B, D) ``e0`` and its (B, k, D) context."""
-    stacked = torch.cat([e0[:, None], context], dim=1)  # (B, 1 + k, D)
-    return F.normalize(stacked.mean(dim=1), dim=-1)
-
-
-# ---------------------------------------------------------------------------- the method
-def _backbone_config(value: Any) -> BackboneConfig | None:
-    if value is None or isinstance(value, BackboneConfig):
-        return value
-    if is_dataclass(value):
-        return BackboneConfig(**asdict(value))
-    if isinstance(value, dict):
-        return BackboneConfig(**{k: v for k, v in value.items() if k in BackboneConfig.__dataclass_fields__})
-    raise TypeError(f"Cannot read a backbone configuration from {type(value).__name__}.")
-
-
-def _embedding_size(model: RetrievalMethod) -> int:
-    """Size of what ``model.embed`` returns (a method may embed with more than its head)."""
-    size = int(model.hparams.get("image_size", 224))
-    with torch.no_grad():
-        return int(model.embed(torch.zeros(2, 3, size, size)).shape[-1])
-
-
-def load_source(path: str) -> RetrievalMethod:
-    """Rebuild the frozen stage-1 model from a checkpoint of any registered method.
-
-    The backbone is built without downloading pretrained weights (they are in the checkpoint).
-    """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"Context-Refine source checkpoint {file} does not exist. Pass --model.source with a checkpoint "
-            "of a trained method (e.g. runs/<ms run>/checkpoints/last.ckpt), or leave it null to refine the "
-            "plain backbone's embeddings."
-        )
-    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    if checkpoint.get("method_name") == "context_refine":
-        raise ValueError(
-            f"{file} is a context_refine checkpoint; the source must be a stage-1 model (e.g. ms)."
-        )
-    backbone = _backbone_config(checkpoint.get("hyper_parameters", {}).get("backbone"))
-    del checkpoint
-    overrides = (
-        {"backbone": replace(backbone, pretrained=False, weights=None)} if backbone is not None else {}
-    )
-    model = load_method(str(file), **overrides)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-@register_method("context_refine")
-class ContextRefine(RetrievalMethod):
-    """Refines frozen embeddings with cross-attention over each sample's k nearest neighbours.
+# ---------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class RefinerConfig:
+    """What refines: ``T`` cross-attention blocks over each sample's ``k`` nearest neighbours.
 
     Args:
-        source: checkpoint of any registered method (e.g. ``ms``) whose embeddings are
-            refined; ``None`` refines this module's own frozen backbone (+ head).
         num_blocks: T, cross-attention blocks (= refinement levels).
         num_neighbours: k, neighbours in each context (0 with ``include_self``: the query
             attends only to itself, Table 4's 'CA' ablation).
@@ -531,16 +290,92 @@ class ContextRefine(RetrievalMethod):
         aggregation: ``attention`` (the method) or ``mean`` (Table 4's 'NNs' ablation: the
             mean of the sample and its k neighbours, no parameters, nothing to train).
         output_dim: d2 of an optional final Linear + L2 normalisation (supplement B).
-        alpha, beta, base: Multi-Similarity loss (Eq. 4: 2, 40, lambda = 0.5).
+    """
+
+    num_blocks: int = 8
+    num_neighbours: int = 8
+    num_heads: int = 1
+    hidden_dim: int | None = None
+    query_skip: bool = True
+    include_self: bool = False
+    aggregation: Aggregation = "attention"
+    output_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("--model.refiner.aggregation", self.aggregation, Aggregation)
+        if self.num_neighbours < 0:
+            raise ValueError(f"--model.refiner.num_neighbours must be >= 0, got {self.num_neighbours}.")
+        if self.num_neighbours == 0 and not self.include_self:
+            raise ValueError(
+                "--model.refiner.num_neighbours 0 without include_self leaves every context empty; set "
+                "--model.refiner.include_self true (the paper's 'CA without neighbours' ablation: the query "
+                "attends to itself)."
+            )
+        if self.aggregation == "attention" and self.num_blocks < 1:
+            raise ValueError(
+                f"--model.refiner.num_blocks must be >= 1 (got {self.num_blocks}); use aggregation 'mean' for no blocks."
+            )
+
+
+@dataclass(frozen=True)
+class MSLossConfig:
+    """The Multi-Similarity loss on the refined embedding ``e^T`` (Eq. 4).
+
+    Args:
+        alpha: weight of the positive pairs (the paper: 2).
+        beta: weight of the negative pairs (the paper: 40).
+        base: similarity margin lambda (the paper: 0.5).
         miner_epsilon: MS miner margin; 0 (default) uses every pair, as Eq. 4 does.
+    """
+
+    alpha: float = 2.0
+    beta: float = 40.0
+    base: float = 0.5
+    miner_epsilon: float = 0.0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How the initial embeddings are found and refined outside training (no effect on the weights).
+
+    Args:
         knn_backend: neighbour search: ``auto`` (= ``torch``, exact, on the data's device) or ``faiss``.
         cache: keep the initial embeddings on disk (``$DML_BENCHMARK_DATA/embedding_cache``).
         cache_dir: another folder for the cache.
-        report_levels: also return every level ``e^1 ... e^T`` from :meth:`refine` (paper
-            Fig. 3), except in the validations during ``fit`` (only ``e^T`` there: cheaper).
-        refine_chunk_size: samples per gathered context block at test time.
-        inference_dtype: compute dtype of :meth:`refine` (``bfloat16`` is faster on recent
-            CPUs/GPUs; training is unaffected).
+        report_levels: also return every level ``e^1 ... e^T`` from :meth:`ContextRefine.refine`
+            (paper Fig. 3), except in the validations during ``fit`` (only ``e^T`` there: cheaper).
+        chunk_size: samples per gathered context block at test time.
+        dtype: compute dtype of the refinement (``bfloat16`` is faster on CPUs/GPUs with native
+            bfloat16; training is unaffected).
+    """
+
+    knn_backend: KnnBackend = "auto"
+    cache: bool = True
+    cache_dir: str | None = None
+    report_levels: bool = True
+    chunk_size: int = 4096
+    dtype: InferenceDtype = "float32"
+
+    def __post_init__(self) -> None:
+        check_choice("--model.inference.knn_backend", self.knn_backend, KnnBackend)
+        check_choice("--model.inference.dtype", self.dtype, InferenceDtype)
+        if self.chunk_size < 1:
+            raise ValueError(f"--model.inference.chunk_size must be >= 1, got {self.chunk_size}.")
+
+
+# ---------------------------------------------------------------------------- the method
+@register_method("context_refine")
+class ContextRefine(RetrievalMethod):
+    """Refines frozen embeddings with cross-attention over each sample's k nearest neighbours.
+
+    Args:
+        source: checkpoint of any registered method (e.g. ``ms``) whose embeddings are
+            refined; ``None`` refines this module's own frozen backbone (+ head).
+        refiner: the refinement architecture (:class:`RefinerConfig`: T blocks, k neighbours,
+            heads, aggregation); ``--model.refiner.num_blocks 4``.
+        loss: the Multi-Similarity loss on ``e^T`` (:class:`MSLossConfig`).
+        inference: neighbour search, embedding cache and refinement at evaluation
+            (:class:`InferenceConfig`).
         backbone, embedding_dim: the plain model used without ``source`` (ignored with one).
         optimizer, lr, weight_decay: Adam, 1e-4, none (supplement A); no schedule.
         **kwargs: the rest of :class:`RetrievalMethod` (``num_classes``, ``image_size``, ...).
@@ -553,24 +388,9 @@ class ContextRefine(RetrievalMethod):
     def __init__(
         self,
         source: str | None = None,
-        num_blocks: int = 8,
-        num_neighbours: int = 8,
-        num_heads: int = 1,
-        hidden_dim: int | None = None,
-        query_skip: bool = True,
-        include_self: bool = False,
-        aggregation: Aggregation = "attention",
-        output_dim: int | None = None,
-        alpha: float = 2.0,
-        beta: float = 40.0,
-        base: float = 0.5,
-        miner_epsilon: float = 0.0,
-        knn_backend: KnnBackend = "auto",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        report_levels: bool = True,
-        refine_chunk_size: int = 4096,
-        inference_dtype: InferenceDtype = "float32",
+        refiner: RefinerConfig = RefinerConfig(),
+        loss: MSLossConfig = MSLossConfig(),
+        inference: InferenceConfig = InferenceConfig(),
         backbone: BackboneConfig | None = None,
         embedding_dim: int | None = None,
         optimizer: OptimizerName = "adam",
@@ -579,16 +399,6 @@ class ContextRefine(RetrievalMethod):
         weight_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if num_neighbours < 0:
-            raise ValueError(f"num_neighbours must be >= 0, got {num_neighbours}.")
-        if num_neighbours == 0 and not include_self:
-            raise ValueError(
-                "num_neighbours=0 without include_self leaves every context empty; set include_self=true "
-                "(the paper's 'CA without neighbours' ablation: the query attends to itself)."
-            )
-        check_choice("aggregation", aggregation, Aggregation)
-        check_choice("knn_backend", knn_backend, KnnBackend)
-        check_choice("inference_dtype", inference_dtype, InferenceDtype)
         source_model = load_source(source) if source else None
         stage1_backbone = (
             replace(source_model.backbone_config, pretrained=False, weights=None)
@@ -616,18 +426,28 @@ class ContextRefine(RetrievalMethod):
         self.encoder.requires_grad_(False)
         self.head.requires_grad_(False)
 
-        self.num_neighbours, self.include_self, self.aggregation = num_neighbours, include_self, aggregation
-        self.knn_backend, self.report_levels = knn_backend, report_levels
-        self.refine_chunk_size = refine_chunk_size
-        self.inference_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[inference_dtype]
+        self.num_neighbours, self.include_self = refiner.num_neighbours, refiner.include_self
+        self.aggregation = refiner.aggregation
+        self.knn_backend, self.report_levels = inference.knn_backend, inference.report_levels
+        self.refine_chunk_size = inference.chunk_size
+        self.inference_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[inference.dtype]
         self.refiner = (
-            ContextRefiner(self.embedding_dim, num_blocks, hidden_dim, num_heads, query_skip, output_dim)
-            if aggregation == "attention"
+            ContextRefiner(
+                self.embedding_dim,
+                refiner.num_blocks,
+                refiner.hidden_dim,
+                refiner.num_heads,
+                refiner.query_skip,
+                refiner.output_dim,
+            )
+            if refiner.aggregation == "attention"
             else None
         )
-        self.loss_fn = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)
-        self.miner = miners.MultiSimilarityMiner(epsilon=miner_epsilon) if miner_epsilon > 0 else None
-        self.embedding_cache = EmbeddingCache(cache_dir) if cache else None
+        self.loss_fn = losses.MultiSimilarityLoss(alpha=loss.alpha, beta=loss.beta, base=loss.base)
+        self.miner = (
+            miners.MultiSimilarityMiner(epsilon=loss.miner_epsilon) if loss.miner_epsilon > 0 else None
+        )
+        self.embedding_cache = EmbeddingCache(inference.cache_dir) if inference.cache else None
         # Stage-1 state (not part of the checkpoint): the training bank and evaluation e0.
         self._train_e0: torch.Tensor | None = None
         self._train_nn: torch.Tensor | None = None
@@ -887,14 +707,13 @@ class ContextRefine(RetrievalMethod):
         return sum(p.numel() for p in self.refiner.parameters()) if self.refiner is not None else 0
 
     def describe(self) -> dict[str, Any]:
-        hp = self.hparams
         return {
             **super().describe(),
             "source": self.source,
             "source_method": getattr(self.source_model, "method_name", None)
             if self.source_model is not None
             else None,
-            "num_blocks": hp.num_blocks if self.refiner is not None else 0,
+            "num_blocks": len(self.refiner.blocks) if self.refiner is not None else 0,
             "num_neighbours": self.num_neighbours,
             "include_self": self.include_self,
             "aggregation": self.aggregation,
@@ -905,3 +724,101 @@ class ContextRefine(RetrievalMethod):
         """One group: the refiner (the stage-1 model is frozen)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "lr": self.hparams.lr, "name": "refiner"}]
+
+
+# ---------------------------------------------------------------------------- helpers
+CPU_CHUNK = 4096  # rows per step of the CPU set path (measured best of 1k-16k on 1 and 2 threads)
+
+
+def knn_search(
+    queries: torch.Tensor,
+    database: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    backend: KnnBackend = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The ``k`` most similar database rows of every query (inner product), best first.
+
+    :func:`benchmark.neighbours.exact_knn` (exact; ties broken by the lower row).
+
+    Args:
+        queries: (Q, D) embeddings (L2-normalised: inner product = cosine similarity).
+        database: (M, D) embeddings searched.
+        k: neighbours per query.
+        exclude: (Q,) int64 database row that query q must never get (its own entry, by
+            index, not by assuming it comes first: duplicates and ties break that), or -1.
+        backend: ``torch`` (chunked matmul, exact, on the data's device), ``faiss``
+            (``IndexFlatIP``, on the GPU when faiss has GPU support and the data is on CUDA)
+            or ``auto`` (= ``torch``: on this benchmark's 2-core CPU it was 3x faster than
+            faiss for an SOP-sized set, and on GPU it needs no faiss-gpu build).
+        chunk_size: queries per similarity block of the torch backend (default: the (c, M)
+            block stays within 256 MiB).
+
+    Returns:
+        (Q, k) int64 database rows on the queries' device.
+    """
+    check_choice("knn_backend", backend, KnnBackend)
+    if exclude is not None and exclude.shape != (queries.shape[0],):
+        raise ValueError(
+            f"exclude must be (Q,) = ({queries.shape[0]},) database rows or -1; got shape {tuple(exclude.shape)}."
+        )
+    rows, _ = exact_knn(
+        queries,
+        database,
+        k,
+        query_ids=exclude,
+        backend="torch" if backend == "auto" else backend,
+        chunk_size=chunk_size,
+    )
+    return rows
+
+
+def mean_context(e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Table 4's 'NNs' ablation: the normalised mean of (B, D) ``e0`` and its (B, k, D) context."""
+    stacked = torch.cat([e0[:, None], context], dim=1)  # (B, 1 + k, D)
+    return F.normalize(stacked.mean(dim=1), dim=-1)
+
+
+def _backbone_config(value: Any) -> BackboneConfig | None:
+    if value is None or isinstance(value, BackboneConfig):
+        return value
+    if is_dataclass(value):
+        return BackboneConfig(**asdict(value))
+    if isinstance(value, dict):
+        return BackboneConfig(**{k: v for k, v in value.items() if k in BackboneConfig.__dataclass_fields__})
+    raise TypeError(f"Cannot read a backbone configuration from {type(value).__name__}.")
+
+
+def _embedding_size(model: RetrievalMethod) -> int:
+    """Size of what ``model.embed`` returns (a method may embed with more than its head)."""
+    size = int(model.hparams.get("image_size", 224))
+    with torch.no_grad():
+        return int(model.embed(torch.zeros(2, 3, size, size)).shape[-1])
+
+
+def load_source(path: str) -> RetrievalMethod:
+    """Rebuild the frozen stage-1 model from a checkpoint of any registered method.
+
+    The backbone is built without downloading pretrained weights (they are in the checkpoint).
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"Context-Refine source checkpoint {file} does not exist. Pass --model.source with a checkpoint "
+            "of a trained method (e.g. runs/<ms run>/checkpoints/last.ckpt), or leave it null to refine the "
+            "plain backbone's embeddings."
+        )
+    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    if checkpoint.get("method_name") == "context_refine":
+        raise ValueError(
+            f"{file} is a context_refine checkpoint; the source must be a stage-1 model (e.g. ms)."
+        )
+    backbone = _backbone_config(checkpoint.get("hyper_parameters", {}).get("backbone"))
+    del checkpoint
+    overrides = (
+        {"backbone": replace(backbone, pretrained=False, weights=None)} if backbone is not None else {}
+    )
+    model = load_method(str(file), **overrides)
+    model.requires_grad_(False)
+    return model.eval()

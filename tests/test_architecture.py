@@ -49,7 +49,7 @@ def layer(module: str) -> int:
     if module.startswith("methods"):
         return 2
     if module.startswith(("datamodules", "benchmark.registry", "benchmark.backbones", "benchmark.distributed",
-                          "benchmark.layers", "benchmark.neighbours", "benchmark.recipes")):
+                          "benchmark.layers", "benchmark.neighbours", "benchmark.recipes", "benchmark.embedding_cache")):
         return 1
     raise AssertionError(f"{module} has no layer: add it to tests/test_architecture.py and docs/architecture.md")
 

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.backbones import BackboneConfig
+from benchmark.embedding_cache import EmbeddingCache, embedding_cache_key
 from benchmark.evaluation import RetrievalEvaluator, retrieval_metrics
 from benchmark.evaluation.metrics import nmi
+from benchmark.layers import fused
 from datamodules.cub import CUB200
 from methods import context_refine
 from methods.baselines import MultiSimilarity
@@ -28,8 +30,8 @@ from methods.context_refine import (
 from methods.context_refine import (
     ContextRefine,
     ContextRefiner,
-    EmbeddingCache,
-    embedding_cache_key,
+    InferenceConfig,
+    RefinerConfig,
     knn_search,
 )
 from tests.datamodules.fixtures import make_cub
@@ -153,7 +155,7 @@ def test_training_loss_is_eq4_on_the_refined_embeddings() -> None:
     lambda / alpha / beta, a per-positive-pair average or a loss on e^0 all fail.
     """
     torch.manual_seed(4)
-    model = plain_model(dim=6, num_blocks=2, hidden_dim=5, num_neighbours=3)
+    model = plain_model(dim=6, refiner=RefinerConfig(num_blocks=2, hidden_dim=5, num_neighbours=3))
     bank = unit_rows(20, 6, 21)  # (M, D) training-split e0
     model.set_training_bank(bank)
     index = torch.tensor([3, 11, 0, 7, 15, 19, 8])  # (b,) dataset indices of the batch
@@ -191,8 +193,8 @@ def test_default_model_has_about_12m_parameters() -> None:
 @pytest.mark.parametrize("fused_cpu_linear", [True, False], ids=["onednn-fused", "plain-ops"])
 def test_set_paths_equal_the_batch_path(monkeypatch: pytest.MonkeyPatch, fused_cpu_linear: bool) -> None:
     """Also on a CPU without oneDNN's fused linear (``plain-ops``): the fallback gives the same numbers."""
-    monkeypatch.setattr(context_refine, "_CPU_CHUNK", 16)  # several chunks on the CPU path
-    monkeypatch.setattr(context_refine, "_MKLDNN_LINEAR", fused_cpu_linear and context_refine._MKLDNN_LINEAR)
+    monkeypatch.setattr(context_refine, "CPU_CHUNK", 16)  # several chunks on the CPU path
+    monkeypatch.setattr(fused, "FUSED_LINEAR", fused_cpu_linear and fused.FUSED_LINEAR)
     torch.manual_seed(2)
     refiner = ContextRefiner(dim=16, num_blocks=3, hidden_dim=24, output_dim=8).eval()
     bank, e0 = unit_rows(60, 16, 5), unit_rows(40, 16, 6)
@@ -254,7 +256,7 @@ def test_knn_excludes_the_query_by_index_even_with_duplicates() -> None:
 
 def test_refine_takes_context_from_the_gallery_only_and_never_the_sample_itself() -> None:
     # Mean aggregation is parameter-free: its output is checked against a brute-force mean.
-    model = plain_model(dim=8, aggregation="mean", num_neighbours=3)
+    model = plain_model(dim=8, refiner=RefinerConfig(aggregation="mean", num_neighbours=3))
     e0 = unit_rows(25, 8, 11)
     is_gallery = torch.arange(25) % 3 != 0  # In-Shop style: some samples are queries only
     is_query = ~is_gallery | (torch.arange(25) % 2 == 0)
@@ -268,7 +270,7 @@ def test_refine_takes_context_from_the_gallery_only_and_never_the_sample_itself(
 
 
 def test_refine_returns_output_and_every_level() -> None:
-    model = plain_model(dim=8, num_blocks=3, num_neighbours=4, output_dim=5)
+    model = plain_model(dim=8, refiner=RefinerConfig(num_blocks=3, num_neighbours=4, output_dim=5))
     e0 = unit_rows(30, 8, 12)
     flags = torch.ones(30, dtype=torch.bool)
     out = model.refine(e0, flags, flags)
@@ -276,13 +278,13 @@ def test_refine_returns_output_and_every_level() -> None:
     assert out[""].shape == (30, 5) and out["level3"].shape == (30, 8)
     for value in out.values():
         torch.testing.assert_close(value.norm(dim=1), torch.ones(30))
-    assert sorted(plain_model(dim=8, report_levels=False).refine(e0, flags, flags)) == [""]
+    assert sorted(plain_model(dim=8, inference=InferenceConfig(report_levels=False)).refine(e0, flags, flags)) == [""]
 
 
 def test_ca_without_neighbours_attends_to_itself() -> None:
-    with pytest.raises(ValueError, match="include_self=true"):
-        plain_model(num_neighbours=0)
-    model = plain_model(dim=8, num_blocks=1, num_neighbours=0, include_self=True)
+    with pytest.raises(ValueError, match="include_self true"):
+        plain_model(refiner=RefinerConfig(num_neighbours=0))
+    model = plain_model(dim=8, refiner=RefinerConfig(num_blocks=1, num_neighbours=0, include_self=True))
     e0 = unit_rows(10, 8, 13)
     flags = torch.ones(10, dtype=torch.bool)
     out = model.refine(e0, flags, flags)[""]
@@ -385,7 +387,7 @@ def test_cache_is_reused_and_invalidated_by_checkpoint_or_transform(
 ) -> None:
     ckpt = tmp_path / "ms.ckpt"
     source = write_source_checkpoint(ckpt, seed=0)
-    model = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    model = ContextRefine(source=str(ckpt), inference=InferenceConfig(cache_dir=str(tmp_path / "cache")), image_size=16)
     images = torch.rand(3, 3, 16, 16)
     torch.testing.assert_close(model.embed(images), source.eval().embed(images))  # e0 = the source's
     calls = []
@@ -399,7 +401,7 @@ def test_cache_is_reused_and_invalidated_by_checkpoint_or_transform(
     dm = cub(cub_root)
     first = model.split_embeddings(dm, "train")
     assert first.shape == (len(dm.train_records), 8) and calls == ["source_train"]
-    again = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    again = ContextRefine(source=str(ckpt), inference=InferenceConfig(cache_dir=str(tmp_path / "cache")), image_size=16)
     torch.testing.assert_close(again.split_embeddings(dm, "train"), first)
     assert len(calls) == 1  # read from the cache, not re-embedded
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
@@ -412,14 +414,14 @@ def test_cache_is_reused_and_invalidated_by_checkpoint_or_transform(
     write_source_checkpoint(ckpt, seed=1)
     stat = ckpt.stat()
     os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    changed = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    changed = ContextRefine(source=str(ckpt), inference=InferenceConfig(cache_dir=str(tmp_path / "cache")), image_size=16)
     assert not torch.allclose(changed.split_embeddings(dm, "train"), first)
     assert len(calls) == 3
 
     # a file at the right key holding something else is detected, not reused
     key = changed.cache_key(dm, "train")
     EmbeddingCache(tmp_path / "cache").save(key, torch.zeros(3, 8))
-    fresh = ContextRefine(source=str(ckpt), cache_dir=str(tmp_path / "cache"), image_size=16)
+    fresh = ContextRefine(source=str(ckpt), inference=InferenceConfig(cache_dir=str(tmp_path / "cache")), image_size=16)
     with pytest.warns(UserWarning, match="stale or mismatched"):
         fresh.split_embeddings(dm, "train")
     assert len(calls) == 4
@@ -440,7 +442,7 @@ def test_refinement_beats_initial_recall_where_neighbourhoods_carry_information(
     train, train_labels = clustered(classes, per_class, dim, 1.5, gen)
     test, test_labels = clustered(classes, per_class, dim, 1.5, gen)  # other, unseen classes
     torch.manual_seed(0)
-    model = plain_model(dim=dim, num_blocks=2)
+    model = plain_model(dim=dim, refiner=RefinerConfig(num_blocks=2))
     model.set_training_bank(train)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(300):  # batches of 64 classes x 2 samples, as in the paper
@@ -539,8 +541,8 @@ def test_fit_reports_initial_refined_and_every_level(
     # fmt: off
     args = [
         "fit", "--method", "context_refine", "--data", "cub", "--data.root", str(cub_root), "--recipe", "none",
-        "--model.source", str(ckpt), "--model.num_blocks", "2", "--model.num_neighbours", "3",
-        "--model.cache_dir", str(tmp_path / "cache"), "--data.image_size", "16", "--data.classes_per_batch", "8",
+        "--model.source", str(ckpt), "--model.refiner.num_blocks", "2", "--model.refiner.num_neighbours", "3",
+        "--model.inference.cache_dir", str(tmp_path / "cache"), "--data.image_size", "16", "--data.classes_per_batch", "8",
         "--data.samples_per_class", "2", "--data.batches_per_epoch", "2", "--data.num_workers", "0",
         "--data.eval_batch_size", "128", "--trainer.max_epochs", "1", "--logger", "none", "--run_dir", str(run),
         "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
@@ -579,7 +581,7 @@ def test_embedded_default_two_stage_run(
     ]
     stage2 = [
         "fit", "--method", "context_refine", "--model.source", str(tmp_path / "ms" / "checkpoints" / "last.ckpt"),
-        "--model.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "cr"),
+        "--model.inference.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "cr"),
         *common,
     ]
     # fmt: on
