@@ -25,8 +25,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from benchmark.core import DataRequest
 from benchmark.errors import ConfigError
 from benchmark.io import atomic_write_text, default_data_root
+from benchmark.validation import check_choice
 from datamodules.records import DatasetError, DatasetRecords, SplitRecords
-from datamodules.samplers import ClassBalancedBatchSampler, EpochBatchSampler, ShuffledBatchSampler
+from datamodules.samplers import (
+    ClassBalancedBatchSampler,
+    EpochBatchSampler,
+    EpochLength,
+    ShuffledBatchSampler,
+)
 from datamodules.transforms import AugmentConfig, eval_transform, train_transform
 
 Protocol = Literal["paper", "holdout"]
@@ -99,7 +105,13 @@ class RetrievalDataModule(L.LightningDataModule):
         image_size: training crop and evaluation center-crop size in pixels.
         classes_per_batch: n, distinct classes in a training batch.
         samples_per_class: m, images per class in a training batch (batch = n * m per rank).
-        batches_per_epoch: fixed epoch length; ``None`` = about one pass over the images.
+        batches_per_epoch: fixed epoch length; ``None`` = ``epoch_length``.
+        epoch_length: the epoch length of class-balanced batches without ``batches_per_epoch``:
+            ``images`` (about one pass over the images) or ``combine`` (as many batches as the
+            official Intra-Batch ``CombineSampler``: every class padded to whole chunks of m
+            plus one chunk; see :func:`datamodules.samplers.combine_sampler_batches`).
+        random_batch_split: draw a new (classes x images per class) split of the batch size
+            every epoch, as the official Intra-Batch CUB recipe's ``NumberSampler`` does.
         eval_batch_size: batch size of the evaluation loaders.
         num_workers: loader worker processes (``None``: ``min(8, cpu count)``).
         protocol: ``paper`` evaluates the test split during training (as the published
@@ -130,6 +142,8 @@ class RetrievalDataModule(L.LightningDataModule):
         classes_per_batch: int = 32,
         samples_per_class: int = 4,
         batches_per_epoch: int | None = None,
+        epoch_length: EpochLength = "images",
+        random_batch_split: bool = False,
         eval_batch_size: int = 256,
         num_workers: int | None = None,
         protocol: Protocol = "paper",
@@ -163,6 +177,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.classes_per_batch, self.samples_per_class = classes_per_batch, samples_per_class
         self.batches_per_epoch = batches_per_epoch
+        self.epoch_length: EpochLength = check_choice("--data.epoch_length", epoch_length, EpochLength)
+        self.random_batch_split = random_batch_split
         self.eval_batch_size = eval_batch_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.protocol: Protocol = protocol
@@ -292,6 +308,8 @@ class RetrievalDataModule(L.LightningDataModule):
             "classes_per_batch": self.classes_per_batch,
             "samples_per_class": self.samples_per_class,
             "sampler": self.request.sampler,
+            "epoch_length": self.batches_per_epoch or self.epoch_length,
+            "random_batch_split": self.random_batch_split,
             "data_seed": self.data_seed,
             "num_train_classes": self.num_train_classes,
             "num_train_images": len(self.train_records),
@@ -344,7 +362,8 @@ class RetrievalDataModule(L.LightningDataModule):
             if request.sampler == "balanced":
                 return ClassBalancedBatchSampler(
                     records.labels[positions], self.classes_per_batch, self.samples_per_class, self.batches_per_epoch,
-                    seed=self.data_seed, num_replicas=world, rank=rank,
+                    seed=self.data_seed, num_replicas=world, rank=rank, epoch_length=self.epoch_length,
+                    random_split=self.random_batch_split,
                 )
             return ShuffledBatchSampler(
                 len(positions), self.classes_per_batch * self.samples_per_class, self.batches_per_epoch,

@@ -16,6 +16,7 @@ on to the next epoch by itself.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch.distributed as dist
@@ -74,6 +75,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
+        """Batches per epoch (an upper bound where the epoch length varies: a shorter epoch ends
+        when its batches run out, which Lightning's loop handles as the epoch's end)."""
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -84,13 +87,45 @@ class EpochBatchSampler(Sampler[list[int]]):
         raise NotImplementedError
 
 
+EpochLength = Literal["images", "combine"]
+
+
+def batch_splits(batch_size: int) -> list[tuple[int, int]]:
+    """Every (classes, images per class) split of ``batch_size`` with at least 2 of each: the
+    choices of the official Intra-Batch code's ``NumberSampler`` (54 -> (2, 27) ... (27, 2))."""
+    return [(n, batch_size // n) for n in range(2, batch_size // 2 + 1) if batch_size % n == 0]
+
+
+def combine_sampler_batches(class_sizes: np.ndarray, classes_per_batch: int, samples_per_class: int) -> int:
+    """Batches per epoch of the official Intra-Batch ``CombineSampler`` (combine_sampler.py).
+
+    It pads every class of s images to max(s, m), splits it into chunks of m after adding
+    images until the count is the next multiple of m strictly above (a class whose size is a
+    multiple of m gets one extra chunk), so a class gives ``max(s, m) // m + 1`` chunks; the
+    shuffled chunks are then padded to a multiple of n and cut into batches of n chunks:
+    ``ceil(sum_c (max(s_c, m) // m + 1) / n)``. SOP at 15 x 6 gives 1,511 (against 661 for
+    one pass over the images), In-Shop at 14 x 4 gives 659.
+    """
+    sizes = np.maximum(np.asarray(class_sizes, dtype=np.int64), samples_per_class)
+    chunks = int((sizes // samples_per_class + 1).sum())
+    return -(-chunks // classes_per_batch)
+
+
 class ClassBalancedBatchSampler(EpochBatchSampler):
     """Yields batches of ``classes_per_batch`` distinct classes x ``samples_per_class`` images.
 
-    Epoch: every class is visited about ``len(labels) / (n * m)`` times per epoch, so that an
-    epoch sees roughly as many images as the training split holds (``batches_per_epoch``
-    overrides this). Within an epoch, classes are drawn without replacement from a shuffled
-    pool that is refilled when exhausted, so all classes appear equally often.
+    Epoch length (``epoch_length``): ``images`` visits every class about
+    ``len(labels) / (n * m)`` times per epoch, so that an epoch sees roughly as many images as
+    the training split holds; ``combine`` has as many batches as the official Intra-Batch
+    ``CombineSampler`` (:func:`combine_sampler_batches`, more batches than one pass on datasets
+    of small classes: SOP 2.3x); ``batches_per_epoch`` overrides both. Within an epoch, classes
+    are drawn without replacement from a shuffled pool that is refilled when exhausted, so all
+    classes appear equally often.
+
+    ``random_split``: every epoch draws its own (n, m) split of the batch size n * m among
+    :func:`batch_splits`, as the official CUB recipe's ``NumberSampler`` does (the draw is the
+    same on every rank; with ``combine`` the epoch length follows the split, and ``len()`` is
+    the longest).
 
     Images within a class: each class keeps its own shuffled queue of its images, carried
     across the epoch's visits, so a class with more than m images shows all of them before
@@ -114,51 +149,81 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
         min_samples: int = 1,
         num_replicas: int | None = None,
         rank: int | None = None,
+        epoch_length: EpochLength = "images",
+        random_split: bool = False,
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ValueError(
                 f"classes_per_batch and samples_per_class must be >= 1; got {classes_per_batch} and {samples_per_class}."
             )
+        if epoch_length not in ("images", "combine"):
+            raise ValueError(f"epoch_length must be 'images' or 'combine'; got {epoch_length!r}.")
         order = np.argsort(labels, kind="stable")
         classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
         keep = counts >= min_samples
         # Per class: the dataset indices of its samples (contiguous slices of ``order``).
         self._members = [order[s : s + c] for s, c, k in zip(starts, counts, keep) if k]
         self.classes = classes[keep]
-        if len(self.classes) < classes_per_batch:
+        self.n, self.m = classes_per_batch, samples_per_class
+        self.splits = batch_splits(self.n * self.m) if random_split else [(self.n, self.m)]
+        if not self.splits:
+            raise ValueError(
+                f"random_split needs a batch size with a split of >= 2 classes x >= 2 images; "
+                f"{self.n} x {self.m} = {self.n * self.m} has none."
+            )
+        widest = max(n for n, _ in self.splits)
+        if len(self.classes) < widest:
             raise ValueError(
                 f"The training split has {len(self.classes)} classes with >= {min_samples} images, "
-                f"fewer than classes_per_batch={classes_per_batch}. Lower classes_per_batch."
+                f"fewer than classes_per_batch={widest}{' (the widest random split)' if random_split else ''}. "
+                "Lower classes_per_batch."
             )
-        self.n, self.m = classes_per_batch, samples_per_class
-        world = _dist_info(num_replicas, rank)[0]
-        per_rank = int(counts[keep].sum()) // (self.n * self.m * world)
-        super().__init__(batches_per_epoch if batches_per_epoch is not None else max(1, per_rank), seed, num_replicas, rank)
+        self.epoch_length: EpochLength = epoch_length
+        self._fixed = batches_per_epoch
+        self._sizes = counts[keep]
+        self._world = _dist_info(num_replicas, rank)[0]
+        longest = max(self._epoch_batches(n, m) for n, m in self.splits)
+        super().__init__(longest, seed, num_replicas, rank)
+
+    def _epoch_batches(self, n: int, m: int) -> int:
+        """Batches per rank in an epoch drawn with the split n x m."""
+        if self._fixed is not None:
+            return int(self._fixed)
+        if self.epoch_length == "combine":
+            return max(1, -(-combine_sampler_batches(self._sizes, n, m) // self._world))
+        return max(1, int(self._sizes.sum()) // (n * m * self._world))
+
+    def split(self, epoch: int) -> tuple[int, int]:
+        """The (classes, images per class) split of ``epoch`` (the same on every rank)."""
+        if len(self.splits) == 1:
+            return self.splits[0]
+        return self.splits[int(np.random.default_rng([self.seed, epoch, len(self.splits)]).integers(len(self.splits)))]
 
     def batches(self, epoch: int) -> Iterator[list[int]]:
+        n, m = self.split(epoch)
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         num_classes = len(self.classes)
         pool: list[int] = []
         queues: dict[int, list[int]] = {}  # class -> its images not yet drawn this epoch
-        for _ in range(self.batches_per_epoch):
-            if len(pool) < self.n:
+        for _ in range(self._epoch_batches(n, m)):
+            if len(pool) < n:
                 # Refill with a fresh permutation; avoid repeating a class inside one batch.
                 fresh = [c for c in rng.permutation(num_classes).tolist() if c not in pool]
                 pool = pool + fresh
-            chosen, pool = pool[: self.n], pool[self.n :]
+            chosen, pool = pool[:n], pool[n:]
             batch: list[int] = []
             for c in chosen:
                 members = self._members[c]
-                if len(members) < self.m:  # too few images: repeat some of them
-                    batch.extend(rng.choice(members, size=self.m, replace=True).tolist())
+                if len(members) < m:  # too few images: repeat some of them
+                    batch.extend(rng.choice(members, size=m, replace=True).tolist())
                     continue
                 queue = queues.get(c, [])
-                if len(queue) < self.m:  # refill with a new permutation, no image twice in a slot
+                if len(queue) < m:  # refill with a new permutation, no image twice in a slot
                     fresh = [i for i in rng.permutation(members).tolist() if i not in queue]
                     queue = queue + fresh
-                batch.extend(queue[: self.m])
-                queues[c] = queue[self.m :]
+                batch.extend(queue[:m])
+                queues[c] = queue[m:]
             yield batch
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,7 +54,7 @@ def resolve_optimizer(name: str) -> tuple[type[torch.optim.Optimizer], dict[str,
         f"Unknown optimizer {name!r} (--model.optimizer). Choose one of {', '.join(OPTIMIZERS)} or a torch.optim "
         "class name such as NAdam or Adagrad."
     )
-SchedulerName = Literal["none", "multistep", "cosine"]
+SchedulerName = Literal["none", "multistep", "cosine", "reload_best"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,9 +78,13 @@ class RetrievalMethod(L.LightningModule):
         weight_decay: weight decay of every parameter group.
         head_lr_mult: learning-rate multiplier of the parameters outside the backbone.
         scheduler: ``none``, ``multistep`` (divide by 1/lr_gamma at ``lr_milestones``
-            epochs) or ``cosine`` (per step over the whole run).
-        lr_milestones: epochs at which ``multistep`` multiplies the lr by ``lr_gamma``.
-        lr_gamma: ``multistep`` factor.
+            epochs), ``cosine`` (per step over the whole run) or ``reload_best`` (the official
+            Intra-Batch trainer's schedule: at the start of each ``lr_milestones`` epoch, reload the
+            weights of the best validation so far, by :attr:`selection_metric`, and set the lr to
+            base x ``lr_gamma``, not compounded).
+        lr_milestones: epochs (0-based: the first epoch is 0) at which ``multistep`` multiplies
+            the lr by ``lr_gamma`` and ``reload_best`` reloads the best weights.
+        lr_gamma: ``multistep`` / ``reload_best`` factor.
         warmup_steps: linear warm-up of every group's lr from ~0 over this many optimizer
             steps (0: none), with the ``none`` or ``cosine`` schedule. ViTs trained from
             random weights need it: Adam's first, poorly estimated steps otherwise disturb
@@ -126,12 +131,17 @@ class RetrievalMethod(L.LightningModule):
         if bad:
             raise ConfigError(f"{type(self).__name__}: {'; '.join(bad)}. Set --model.<name> to a valid value.")
         resolve_optimizer(optimizer)  # an unknown name fails before any data pass
-        if warmup_steps < 0 or (warmup_steps and scheduler == "multistep"):
+        if scheduler == "reload_best" and not lr_milestones:
+            raise ConfigError(
+                "scheduler reload_best needs the epochs to reload at: --model.lr_milestones [30, 50] (0-based)."
+            )
+        if warmup_steps < 0 or (warmup_steps and scheduler in ("multistep", "reload_best")):
             raise ConfigError(
                 f"warmup_steps must be >= 0 and works with scheduler none or cosine; got warmup_steps={warmup_steps}, "
                 f"scheduler={scheduler!r}."
             )
         self.save_hyperparameters()
+        self._best_weights: dict[str, Any] | None = None  # reload_best: epoch, value, CPU state_dict
         self.backbone_config = backbone or BackboneConfig()
         self.num_classes = num_classes
         self.encoder = Encoder(self.backbone_config, image_size)
@@ -243,6 +253,50 @@ class RetrievalMethod(L.LightningModule):
             "(--trainer.gradient_clip_val 1), or use fp32 instead of fp16 mixed precision."
         )
 
+    # ------------------------------------------------------------------ reload_best schedule
+    def on_validation_end(self) -> None:
+        """``reload_best``: keep a CPU copy of the weights of the best validation so far."""
+        trainer = self._trainer
+        if self.hparams.get("scheduler") != "reload_best" or trainer is None or trainer.sanity_checking:
+            return
+        if trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.selection_metric)
+        better = value is not None and bool(torch.isfinite(torch.as_tensor(value)))
+        if better and self._best_weights is not None:
+            previous = self._best_weights["value"]
+            better = value > previous if self.selection_mode == "max" else value < previous
+        better = bool(trainer.strategy.broadcast(better))  # every rank keeps the same weights
+        if better:
+            self._best_weights = {
+                "epoch": int(self.current_epoch),
+                "value": float(value),
+                "state": {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()},
+            }
+
+    def on_train_epoch_start(self) -> None:
+        """``reload_best``: at a milestone epoch, continue from the best weights so far."""
+        trainer = self._trainer
+        if self.hparams.get("scheduler") != "reload_best" or trainer is None:
+            return
+        if self.current_epoch not in set(self.hparams.lr_milestones or ()):
+            return
+        best = self._best_weights
+        if best is None:
+            rank_zero_warn(
+                f"reload_best: no validation of {self.selection_metric} before epoch {self.current_epoch}; "
+                "training continues from the current weights (validate more often: --trainer.check_val_every_n_epoch)."
+            )
+            return
+        self.load_state_dict(best["state"])
+        self.log("train/reloaded_epoch", float(best["epoch"]), rank_zero_only=True)
+        if trainer.is_global_zero:
+            print(
+                f"[benchmark] epoch {self.current_epoch}: reloaded the best weights (epoch {best['epoch']}, "
+                f"{self.selection_metric} = {best['value']:.4f}); lr = base x {self.hparams.lr_gamma}",
+                flush=True,
+            )
+
     def data_request(self) -> DataRequest:
         """What this method needs from the training data (normalisation, views, ...)."""
         return DataRequest(normalization=self.encoder.normalization)
@@ -275,9 +329,15 @@ class RetrievalMethod(L.LightningModule):
         return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the registered name so :func:`load_method` can rebuild any method."""
+        """Record the registered name so :func:`load_method` can rebuild any method, and the
+        ``reload_best`` schedule's best weights so that a resumed run reloads the same ones."""
         checkpoint["method_name"] = self.method_name
         checkpoint["method_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self._best_weights is not None:
+            checkpoint["reload_best"] = self._best_weights
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._best_weights = checkpoint.get("reload_best")
 
     def describe(self) -> dict[str, Any]:
         """Flat metadata recorded with every result."""
@@ -318,8 +378,12 @@ class RetrievalMethod(L.LightningModule):
         if hp.scheduler == "multistep":
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.lr_milestones or []), gamma=hp.lr_gamma)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if hp.scheduler == "reload_best":
+            factor = _ReloadBestFactor(list(hp.lr_milestones), hp.lr_gamma)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if hp.scheduler not in ("none", "cosine"):
-            raise ValueError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep or cosine.")
+            raise ValueError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep, cosine or reload_best.")
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=_LrFactor(warmup, total if hp.scheduler == "cosine" else 0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -329,6 +393,17 @@ def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all ``tensors`` together, in float32 (inf if it overflows)."""
     norms = torch._foreach_norm([t.detach() for t in tensors])  # one kernel per dtype/device group
     return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+
+
+class _ReloadBestFactor:
+    """lr multiplier at epoch e for ``reload_best``: 1 before the first milestone, ``gamma`` after
+    (the official Intra-Batch trainer sets lr = base / 10 at each reload, it does not divide again)."""
+
+    def __init__(self, milestones: list[int], gamma: float) -> None:
+        self.first, self.gamma = min(milestones), gamma
+
+    def __call__(self, epoch: int) -> float:
+        return self.gamma if epoch >= self.first else 1.0
 
 
 class _LrFactor:

@@ -570,6 +570,7 @@ class ContextRefine(RetrievalMethod):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Loaded weights may change a plain backbone: forget fingerprints and cached e0."""
+        super().on_load_checkpoint(checkpoint)
         self._source_id, self._eval_e0, self._memo, self._train_e0, self._train_nn = None, {}, {}, None, None
 
     def _split_step(self, batch: dict[str, Any], split: str) -> dict[str, torch.Tensor]:

@@ -17,7 +17,12 @@ import torch.multiprocessing as mp
 
 from benchmark.core import DataRequest
 from datamodules.cub import CUB200
-from datamodules.samplers import ClassBalancedBatchSampler, ShuffledBatchSampler
+from datamodules.samplers import (
+    ClassBalancedBatchSampler,
+    ShuffledBatchSampler,
+    batch_splits,
+    combine_sampler_batches,
+)
 from tests.datamodules.fixtures import make_cub
 
 
@@ -118,6 +123,94 @@ def test_shuffled_batches_partition_the_set_per_epoch_and_honour_the_length() ->
         ShuffledBatchSampler(3, 4)
 
 
+# ---------------------------------------------------------------------------- official epoch length
+def official_combine_sampler_length(class_sizes: list[int], n: int, m: int, rng: np.random.Generator) -> int:
+    """Batches of one epoch of the official Intra-Batch CombineSampler, by running its steps on
+    index lists (combine_sampler.py, as described in ../shared/notes): pad each class to m by
+    repeats, add images until its count is the next multiple of m strictly above, cut into
+    chunks of m, shuffle, pad the chunk list to a multiple of n with random chunks, and cut the
+    flat list into batches of n * m."""
+    chunks = []
+    start = 0
+    for size in class_sizes:
+        inds = list(range(start, start + size))
+        start += size
+        while len(inds) < m:
+            inds.append(int(rng.choice(inds[:size])))
+        extra = (len(inds) // m + 1) * m - len(inds)
+        inds += rng.choice(inds, size=extra, replace=False).tolist()
+        while len(inds) >= m:
+            chunks.append(inds[:m])
+            inds = inds[m:]
+        assert not inds
+    order = rng.permutation(len(chunks))
+    chunks = [chunks[i] for i in order]
+    if len(chunks) % n:
+        chunks += [chunks[i] for i in rng.choice(len(chunks), size=n - len(chunks) % n, replace=False)]
+    flat = [i for chunk in chunks for i in chunk]
+    assert len(flat) % (n * m) == 0
+    return len(flat) // (n * m)
+
+
+# Class-size tables shaped like the four datasets' training splits (class count and size range;
+# the real tables are not downloadable here), with each official recipe's n x m.
+DATASET_TABLES = {
+    "cub (100 classes, 41-60 images; 6 x 9)": (100, 41, 60, 6, 9),
+    "cars (98 classes, 24-97; 10 x 7)": (98, 24, 97, 10, 7),
+    "sop (11,318 classes, 2-12, mean 5.26 as the real 59,551 images; 15 x 6)": (11318, 2, 12, 15, 6),
+    "inshop (3,997 classes, 1-16; 14 x 4)": (3997, 1, 16, 14, 4),
+}
+
+
+@pytest.mark.parametrize("table", list(DATASET_TABLES), ids=lambda t: t.split(" ")[0])
+def test_combine_length_equals_the_official_sampler(table: str) -> None:
+    classes, low, high, n, m = DATASET_TABLES[table]
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(low, high + 1, size=classes).tolist()
+    if table.startswith("sop"):  # most SOP classes are small: 2 + Binomial(10, 0.326) has the real mean
+        sizes = (2 + rng.binomial(high - low, 0.326, size=classes)).tolist()
+    official = official_combine_sampler_length(sizes, n, m, rng)
+    assert combine_sampler_batches(np.asarray(sizes), n, m) == official
+    sampler = ClassBalancedBatchSampler(_labels(sizes), n, m, epoch_length="combine")
+    assert len(sampler) == official == len(list(sampler))
+    one_pass = len(ClassBalancedBatchSampler(_labels(sizes), n, m))
+    assert one_pass == sum(sizes) // (n * m)
+    if table.startswith("sop"):  # classes of 2-12 images: about two chunks each, 2.3x one pass
+        assert official / one_pass > 2.2
+
+
+def test_combine_length_of_the_issue_numbers_by_hand() -> None:
+    """SOP at 15 x 6: classes of 2-11 images give 2 chunks, of 12 give 3; 11,300 + 18 such classes
+    -> 22,654 chunks -> ceil(22,654 / 15) = 1,511 batches (the official count)."""
+    sizes = np.array([5] * 11300 + [12] * 18)
+    assert combine_sampler_batches(sizes, 15, 6) == 1511
+    assert combine_sampler_batches(np.array([6, 1, 7]), 2, 3) == -(-(3 + 2 + 3) // 2)  # 6 -> 3 chunks, 1 -> 2, 7 -> 3
+
+
+def test_random_split_draws_numbersampler_splits_per_epoch() -> None:
+    assert batch_splits(54) == [(2, 27), (3, 18), (6, 9), (9, 6), (18, 3), (27, 2)]  # the official CUB batch
+    labels = _labels([30] * 40)
+    sampler = ClassBalancedBatchSampler(labels, 6, 9, epoch_length="combine", random_split=True, seed=3)
+    lengths = {n: combine_sampler_batches(np.full(40, 30), n, 54 // n) for n, _ in batch_splits(54)}
+    assert len(sampler) == max(lengths.values())
+    seen = set()
+    for epoch in range(12):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        n, m = sampler.split(epoch)
+        seen.add((n, m))
+        assert len(batches) == lengths[n]
+        for batch in batches:
+            classes, counts = np.unique(labels[batch], return_counts=True)
+            assert len(batch) == 54 and len(classes) == n and (counts == m).all()
+    assert len(seen) >= 4  # the split changes between epochs
+    rank1 = ClassBalancedBatchSampler(labels, 6, 9, epoch_length="combine", random_split=True, seed=3, num_replicas=2, rank=1)
+    rank0 = ClassBalancedBatchSampler(labels, 6, 9, epoch_length="combine", random_split=True, seed=3, num_replicas=2, rank=0)
+    for epoch in range(6):  # every rank draws the same split and the same number of batches
+        rank0.set_epoch(epoch), rank1.set_epoch(epoch)
+        assert rank0.split(epoch) == rank1.split(epoch) and len(list(rank0)) == len(list(rank1))
+
+
 # ---------------------------------------------------------------------------- through a real Trainer
 class IndexRecorder(L.LightningModule):
     """Records the dataset indices of every training batch; needs no images."""
@@ -191,6 +284,19 @@ def test_trainer_honours_batches_per_epoch(cub_root: Path) -> None:
     for sampler in ("balanced", "shuffle"):
         module = _fit(cub_root, epochs=2, run_seed=0, sampler=sampler, batches_per_epoch=3)
         assert [len(e) for e in _by_epoch(module)] == [3, 3], sampler
+
+
+def test_trainer_runs_each_epochs_own_length_with_random_splits(cub_root: Path) -> None:
+    """Epochs of different lengths (the split decides it) through Trainer.fit: Lightning takes
+    ``len()`` (the longest) once and ends each shorter epoch when its batches run out."""
+    module = _fit(cub_root, epochs=6, run_seed=0, classes_per_batch=3, samples_per_class=4, epoch_length="combine",
+                  random_batch_split=True)  # fmt: skip
+    sizes = np.array([3, 4, 5, 6] * 25)
+    sampler = ClassBalancedBatchSampler(_labels(sizes.tolist()), 3, 4, seed=0, random_split=True)
+    expected = [combine_sampler_batches(sizes, *sampler.split(e)) for e in range(6)]
+    assert [len(e) for e in _by_epoch(module)] == expected and len(set(expected)) > 1
+    for epoch, batches in enumerate(_by_epoch(module)):
+        assert {len(b) for b in batches} == {12}, epoch
 
 
 def test_trainer_seed_sets_the_batches_and_data_seed_fixes_them(cub_root: Path) -> None:

@@ -161,3 +161,83 @@ def test_optimizers_come_from_a_table_or_any_torch_optim_class() -> None:
         build(optimizer="adamx")
     with pytest.raises(ConfigError, match="do not fit AdamW"):
         build(optimizer_args={"momentum": 0.9})
+
+
+def official_intra_batch_lr(epoch_1based: int, base: float) -> float:
+    """The public Intra-Batch trainer (trainer.py): base lr, then lr = base / 10 set at epoch 31 and
+    set again (to base / 10, not base / 100) at epoch 51."""
+    return base if epoch_1based < 31 else base / 10
+
+
+def test_reload_best_lr_matches_the_official_trainer_for_70_epochs() -> None:
+    model = registry.get_method("ms")(
+        backbone=BackboneConfig("resnet_tiny_test", pretrained=False), num_classes=4, image_size=32,
+        lr=2e-4, scheduler="reload_best", lr_milestones=[30, 50], lr_gamma=0.1,
+    )  # fmt: skip
+    config = model.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]
+    assert sched["interval"] == "epoch"
+    seen = []
+    for _ in range(70):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched["scheduler"].step()
+    expected = [official_intra_batch_lr(e, 2e-4) for e in range(1, 71)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[51:] != pytest.approx([2e-6] * 19)  # the multistep reading (lr / 100 from epoch 52) is not it
+    with pytest.raises(ValueError, match="lr_milestones"):
+        registry.get_method("ms")(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), scheduler="reload_best")
+
+
+class ReloadProbe(L.Callback):
+    """Records every validation's metric and weights, and the weights and lr each epoch trains from."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.validations: list[tuple[int, float, dict[str, torch.Tensor]]] = []
+        self.starts: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}
+
+    @staticmethod
+    def _state(module: L.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:  # runs before the module's own hook: the evaluated weights
+            value = float(trainer.callback_metrics[self.metric])
+            self.validations.append((trainer.current_epoch, value, self._state(pl_module)))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # after every on_train_epoch_start hook: the weights the epoch starts from
+            self.starts[trainer.current_epoch] = (trainer.optimizers[0].param_groups[0]["lr"], self._state(pl_module))
+
+
+def test_reload_best_continues_from_the_best_validation_through_a_trainer(cub_fixture: Path, tmp_path: Path) -> None:
+    from benchmark.evaluation import RetrievalEvaluator
+
+    dm = CUB200(root=str(cub_fixture), image_size=16, classes_per_batch=4, samples_per_class=2, num_workers=0,
+                batches_per_epoch=3, eval_batch_size=128)  # fmt: skip
+    model = registry.get_method("ms")(
+        backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=8, image_size=16, lr=3e-2,
+        scheduler="reload_best", lr_milestones=[2, 4], lr_gamma=0.1,
+    )  # fmt: skip
+    probe = ReloadProbe(model.selection_metric)
+    trainer = L.Trainer(
+        max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        callbacks=[RetrievalEvaluator(), probe], default_root_dir=tmp_path, accelerator="cpu",
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    with pytest.warns(UserWarning):
+        trainer.fit(model, datamodule=dm)
+    assert [e for e, _, _ in probe.validations] == [0, 1, 2, 3, 4]
+    reloaded = 0
+    for milestone in (2, 4):
+        before = [v for v in probe.validations if v[0] < milestone]
+        best = max(before, key=lambda v: v[1])  # the first of equal values, as the schedule keeps it
+        lr, state = probe.starts[milestone]
+        assert lr == pytest.approx(3e-3, rel=1e-12)
+        for name, tensor in best[2].items():
+            assert torch.equal(state[name], tensor), (milestone, name)
+        last = probe.validations[milestone - 1]  # what training would have continued from without reloading
+        reloaded += best is not last and any(not torch.equal(state[k], last[2][k]) for k in last[2])
+    assert reloaded >= 1  # at least one milestone went back to earlier weights (the fixture's R@1 ties at 1.0)
+    assert [probe.starts[e][0] for e in (0, 1)] == pytest.approx([3e-2, 3e-2])
