@@ -8,6 +8,7 @@ several augmented views per image (DMCAC) ask for them with a :class:`ViewReques
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torchvision.transforms import v2 as T
@@ -21,15 +22,57 @@ _INTERPOLATION = {
 }
 
 
+CropMode = Literal["random_resized", "resize_random"]
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation: random resized crop + horizontal flip (+ optional extras)."""
+    """Training augmentation: a random crop + horizontal flip (+ optional extras).
 
+    Args:
+        crop: ``random_resized`` (RandomResizedCrop: a random area ``crop_scale`` and aspect
+            ``crop_ratio`` of the image, resized to the training size; most DML recipes) or
+            ``resize_random`` (resize the short side to ``resize_size``, then a random
+            ``image_size`` square crop, at full resolution: DMCAC's "resize to 256, random
+            224 crop", the classic ImageNet recipe).
+        crop_scale: area range of ``random_resized``.
+        crop_ratio: aspect-ratio range of ``random_resized``.
+        resize_size: short side before the ``resize_random`` crop; ``None`` = ``image_size /
+            0.875`` (256 for 224).
+        hflip: probability of a horizontal flip.
+        color_jitter: brightness / contrast / saturation jitter strength (0: none).
+        random_erasing: probability of RandomErasing on the normalised tensor (0: none).
+    """
+
+    crop: CropMode = "random_resized"
     crop_scale: tuple[float, float] = (0.16, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    resize_size: int | None = None
     hflip: float = 0.5
     color_jitter: float = 0.0
     random_erasing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("random_resized", "resize_random"):
+            raise ValueError(f"--data.augment.crop must be 'random_resized' or 'resize_random'; got {self.crop!r}.")
+        if self.resize_size is not None and self.resize_size < 1:
+            raise ValueError(f"--data.augment.resize_size must be >= 1 or null; got {self.resize_size}.")
+
+
+def training_crop(image_size: int, augment: AugmentConfig, interpolation: T.InterpolationMode) -> list:
+    """The random crop of :class:`AugmentConfig` as transforms (before flip and colour)."""
+    if augment.crop == "resize_random":
+        resize = augment.resize_size or int(round(image_size / 0.875))
+        if resize < image_size:
+            raise ValueError(
+                f"--data.augment.resize_size {resize} is smaller than the crop {image_size}; use >= {image_size}."
+            )
+        return [T.Resize(resize, interpolation=interpolation, antialias=True), T.RandomCrop(image_size)]
+    return [
+        T.RandomResizedCrop(
+            image_size, scale=augment.crop_scale, ratio=augment.crop_ratio, interpolation=interpolation, antialias=True
+        )
+    ]
 
 
 def _to_tensor(norm: Normalization) -> list:
@@ -73,11 +116,9 @@ def train_transform(
     augment: AugmentConfig = AugmentConfig(),
     views: ViewRequest = ViewRequest(),
 ):
-    """Random resized crop + flip (+ jitter, erasing), optionally as several views."""
+    """Random crop (:class:`AugmentConfig`) + flip (+ jitter, erasing), optionally as several views."""
     interp = _INTERPOLATION[norm.interpolation]
-    crop_ops: list = [
-        T.RandomResizedCrop(image_size, scale=augment.crop_scale, ratio=augment.crop_ratio, interpolation=interp, antialias=True)
-    ]
+    crop_ops: list = training_crop(image_size, augment, interp)
     if augment.hflip > 0:
         crop_ops.append(T.RandomHorizontalFlip(augment.hflip))
     if augment.color_jitter > 0:

@@ -1,0 +1,58 @@
+"""Training crops: the DMCAC paper's resize + random crop against the same operations done by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from benchmark.core import Normalization
+from datamodules.transforms import AugmentConfig, train_transform
+
+NORM = Normalization(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear")
+
+
+def _image(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def _windows(full: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    """Every (top, left) at which ``full`` (C, H, W) holds a given size x size window."""
+    return [(t, l) for t in range(full.shape[1] - size + 1) for l in range(full.shape[2] - size + 1)]
+
+
+def test_resize_random_crop_is_a_random_window_of_the_resized_image() -> None:
+    image = _image(45, 30)  # landscape: short side 30 -> 20, long side 45 -> 30
+    augment = AugmentConfig(crop="resize_random", resize_size=20, hflip=0.0)
+    transform = train_transform(16, NORM, augment)
+    resized = T.Resize(20, interpolation=T.InterpolationMode.BILINEAR, antialias=True)(image)
+    assert resized.size == (30, 20)
+    full = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(NORM.mean, NORM.std)])(resized)
+    offsets = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = transform(image)
+        assert out.shape == (3, 16, 16)
+        found = [(t, l) for t, l in _windows(full, 16) if torch.equal(out, full[:, t : t + 16, l : l + 16])]
+        assert len(found) == 1, seed  # exactly a window of the resized image: no rescaling of the crop
+        offsets.add(found[0])
+    assert len(offsets) >= 6  # the position is random, in both directions
+    assert len({t for t, _ in offsets}) > 1 and len({l for _, l in offsets}) > 1
+
+
+def test_resize_random_default_size_and_errors() -> None:
+    transform = train_transform(224, NORM, AugmentConfig(crop="resize_random"))
+    resize = next(t for t in transform.transforms if isinstance(t, T.Resize))
+    assert resize.size == [256]  # 224 / 0.875, the paper's "resize to 256"
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        train_transform(224, NORM, AugmentConfig(crop="resize_random", resize_size=200))
+    with pytest.raises(ValueError, match="augment.crop"):
+        AugmentConfig(crop="center")  # type: ignore[arg-type]
+
+
+def test_random_resized_crop_stays_the_default() -> None:
+    transform = train_transform(16, NORM, AugmentConfig())
+    assert isinstance(transform.transforms[0], T.RandomResizedCrop)
