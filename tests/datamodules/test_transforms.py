@@ -21,7 +21,7 @@ def _image(width: int, height: int) -> Image.Image:
 
 def _windows(full: torch.Tensor, size: int) -> list[tuple[int, int]]:
     """Every (top, left) at which ``full`` (C, H, W) holds a given size x size window."""
-    return [(t, l) for t in range(full.shape[1] - size + 1) for l in range(full.shape[2] - size + 1)]
+    return [(t, left) for t in range(full.shape[1] - size + 1) for left in range(full.shape[2] - size + 1)]
 
 
 def test_resize_random_crop_is_a_random_window_of_the_resized_image() -> None:
@@ -36,11 +36,11 @@ def test_resize_random_crop_is_a_random_window_of_the_resized_image() -> None:
         torch.manual_seed(seed)
         out = transform(image)
         assert out.shape == (3, 16, 16)
-        found = [(t, l) for t, l in _windows(full, 16) if torch.equal(out, full[:, t : t + 16, l : l + 16])]
+        found = [(t, left) for t, left in _windows(full, 16) if torch.equal(out, full[:, t : t + 16, left : left + 16])]
         assert len(found) == 1, seed  # exactly a window of the resized image: no rescaling of the crop
         offsets.add(found[0])
     assert len(offsets) >= 6  # the position is random, in both directions
-    assert len({t for t, _ in offsets}) > 1 and len({l for _, l in offsets}) > 1
+    assert len({t for t, _ in offsets}) > 1 and len({left for _, left in offsets}) > 1
 
 
 def test_resize_random_default_size_and_errors() -> None:
