@@ -248,6 +248,9 @@ class Encoder(nn.Module):
         self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
         self.feature_dim: int = self.model.num_features * (2 if self.pool == "catavgmax" else 1)
         self.token_dim: int = self.model.num_features
+        # The feature map E(I) passes through this no-op module so that analyses can observe it and
+        # its gradient with a forward hook (encoder.features.register_forward_hook), untouched model code.
+        self.features = nn.Identity()
         if config.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if config.channels_last:
@@ -256,7 +259,7 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        feats = self.model.forward_features(images)
+        feats = self.features(self.model.forward_features(images))  # (B, C, H, W) CNN, (B, P + N, C) ViT
         if feats.ndim == 4:  # CNN: (B, C, H, W)
             h, w = feats.shape[-2:]
             tokens = feats.flatten(2).transpose(1, 2)  # (B, H*W, C)

@@ -1,10 +1,14 @@
 """The Cross-Image-Attention supplement's analyses as figure commands.
 
 ``gradients`` (supplement Fig. S1): trains the method and the same backbone without the
-cross-attention blocks (``--model.num_blocks 0``, i.e. the unconditional Multi-Similarity
-loss alone) with identical settings, records ``log10 |dL/dE(I)|`` — the gradient of the
-training loss with respect to the encoder's output feature map — during the chosen epochs,
-and draws one histogram per epoch (baseline blue, ours red).
+cross-attention blocks (``--model.num_blocks 0``) with identical settings, records
+``log10 |dL/dE(I)|`` — the gradient of the training loss with respect to the encoder's output
+feature map — during the chosen epochs, and draws one histogram per epoch (baseline blue,
+ours red). The method's loss has two Multi-Similarity terms (unconditional + conditional), the
+blocks-free baseline one, so larger gradients could come from the second term alone: the
+default baseline (``--baseline matched``) weights its unconditional loss by the method's
+total weight (2 with the defaults), so that both sides carry the same loss weight and only the
+cross-attention differs; ``--baseline unconditional`` is the supplement's literal baseline.
 
 ``attention`` (supplement Figs. S2-S3): for image triples ``(I_a, I_1, I_2)`` of the
 evaluation split (I_1 of I_a's class, I_2 of another class, or given by index), draws the
@@ -92,9 +96,10 @@ def _int_list(text: str) -> list[int]:
 class FeatureGradientRecorder(L.Callback):
     """Records ``log10 |dL/dE(I)|`` (the encoder's output feature map) during chosen epochs.
 
-    The encoder's ``forward_features`` is wrapped during those epochs only, so that the
-    gradient arriving at its output is captured by a tensor hook; a random subsample of at
-    most ``max_values`` elements per epoch is kept (exact zeros are counted, not logged).
+    During those epochs only, a forward hook on ``encoder.features`` (the feature map's hook
+    point) puts a tensor hook on its output, which captures the gradient arriving there; a
+    random subsample of at most ``max_values`` elements per epoch is kept (exact zeros are
+    counted, not logged).
     """
 
     def __init__(self, epochs: list[int], max_values: int = 200_000, seed: int = 0) -> None:
@@ -105,6 +110,7 @@ class FeatureGradientRecorder(L.Callback):
         self.total: dict[int, int] = {}
         self._generator = torch.Generator().manual_seed(seed)
         self._per_step = max_values
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -112,21 +118,17 @@ class FeatureGradientRecorder(L.Callback):
             return
         steps = trainer.num_training_batches if math.isfinite(trainer.num_training_batches) else 100
         self._per_step = max(1, self.max_values // max(1, int(steps)))
-        model = pl_module.encoder.model
-        original = type(model).forward_features.__get__(model)
 
-        def forward_features(x: torch.Tensor) -> torch.Tensor:
-            out = original(x)
+        def watch(module: torch.nn.Module, inputs: Any, out: torch.Tensor) -> None:
             if out.requires_grad:
                 out.register_hook(lambda g, e=epoch: self._record(e, g))
-            return out
 
-        model.forward_features = forward_features  # instance attribute shadows the class method
+        self._handle = pl_module.encoder.features.register_forward_hook(watch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.encoder.model
-        if "forward_features" in vars(model):
-            del model.forward_features
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     def _record(self, epoch: int, grad: torch.Tensor) -> None:
         g = grad.detach().abs().flatten().float()
@@ -191,6 +193,9 @@ def gradients_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", default="0", help="comma-separated epochs (0-based) to record, e.g. 0,4,9")
     parser.add_argument("--out", type=Path, default=Path("figures/cross_image_attention"), help="output folder")
     parser.add_argument("--max-values", type=int, default=200_000, help="gradient values kept per epoch and model")
+    parser.add_argument("--baseline", choices=("matched", "unconditional"), default="matched",
+                        help="matched: the blocks-free model's loss weighted like the method's two terms together "
+                        "(default); unconditional: its loss at weight 1, as in the supplement")
     args, fit_args = _split_argv(argv, parser)
     epochs = sorted(set(_int_list(args.epochs)))
     if not epochs or epochs[0] < 0:
@@ -198,8 +203,18 @@ def gradients_main(argv: list[str] | None = None) -> int:
     defaults = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                 "--trainer.max_epochs", str(epochs[-1] + 1)]  # the user's flags come later and win
     recorders, trainers = {}, {}
-    for name, extra in (("cross_image_attention", []), ("baseline", ["--model.num_blocks", "0"])):
+    caption, baseline_args = "", ["--model.num_blocks", "0"]
+    for name in ("cross_image_attention", "baseline"):
+        extra = [] if name == "cross_image_attention" else baseline_args
         cli = build([*fit_args, *extra], args.out / f"run_{name}", defaults)
+        if name == "cross_image_attention":
+            ours = cli.model
+            weight = float(ours.unconditional_weight) + float(ours.conditional_weight if ours.num_blocks else 0.0)
+            if args.baseline == "matched":
+                baseline_args = ["--model.num_blocks", "0", "--model.unconditional_weight", repr(weight)]
+                caption = f"baseline: no blocks, MS loss x {weight:g} (matched to ours' {weight:g} total loss weight)"
+            else:
+                caption = f"baseline: no blocks, MS loss x {float(ours.unconditional_weight):g} (ours: total weight {weight:g})"
         if cli.trainer.max_epochs is not None and cli.trainer.max_epochs <= epochs[-1]:
             raise SystemExit(f"error: --epochs asks for epoch {epochs[-1]} but --trainer.max_epochs is {cli.trainer.max_epochs}.")
         L.seed_everything(int(cli.config.get("seed_everything") or 0), workers=True)
@@ -210,12 +225,16 @@ def gradients_main(argv: list[str] | None = None) -> int:
     if not trainers["cross_image_attention"].is_global_zero:
         return 0
     model = trainers["cross_image_attention"].lightning_module
-    title = f"{model.backbone_config.name}, {getattr(trainers['baseline'].datamodule, 'name', '')}"
+    title = f"{model.backbone_config.name}, {getattr(trainers['baseline'].datamodule, 'name', '')}; {caption}"
     png = args.out / "cia_gradients.png"
     summary = plot_gradient_histograms(recorders["cross_image_attention"], recorders["baseline"], epochs, png, title)
+    summary["baseline"] = {"kind": args.baseline, "caption": caption}
     (args.out / "cia_gradients.json").write_text(json.dumps(summary, indent=2))
     log_figures(trainers["cross_image_attention"], "analysis/cia_gradients", [png])
+    print(caption)
     for epoch, stats in summary.items():
+        if epoch == "baseline":
+            continue
         print(f"epoch {epoch}: median log10|dL/dE| baseline {stats['baseline']['median']:.3f}, "
               f"cross_image_attention {stats['cross_image_attention']['median']:.3f}")
     print(f"wrote {png}")

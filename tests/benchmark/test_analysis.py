@@ -7,6 +7,8 @@ import struct
 import warnings
 from pathlib import Path
 
+import torch
+
 from benchmark.cli import main
 
 TINY = [
@@ -30,8 +32,12 @@ def test_gradient_and_attention_figures(tmp_path: Path) -> None:
         grad_args = ["--epochs", "0,1", "--out", str(out), "--trainer.max_epochs", "2", "--data.batches_per_epoch", "2"]
         assert main(["analyze", "cross_image_attention", "gradients", *grad_args, *TINY]) == 0
         summary = json.loads((out / "cia_gradients.json").read_text())
-        assert set(summary) == {"0", "1"}
-        for epoch in summary.values():  # both models recorded finite, non-empty log-gradients
+        assert set(summary) == {"0", "1", "baseline"}
+        assert summary["baseline"]["kind"] == "matched" and "MS loss x 2" in summary["baseline"]["caption"]
+        baseline_ckpt = torch.load(out / "run_baseline" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert baseline_ckpt["hyper_parameters"]["num_blocks"] == 0
+        assert baseline_ckpt["hyper_parameters"]["unconditional_weight"] == 2.0  # ours: 1 + 1
+        for epoch in (summary["0"], summary["1"]):  # both models recorded finite, non-empty log-gradients
             for model in ("baseline", "cross_image_attention"):
                 assert epoch[model]["values"] > 0 and -30 < epoch[model]["median"] < 5
         assert min(png_size(out / "cia_gradients.png")) > 100
