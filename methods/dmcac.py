@@ -3,11 +3,11 @@
 Trivedy & Latecki, "Image Retrieval with Self-Supervised Divergence Minimization and
 Cross-Attention Classification". The training split is divided, stratified over classes,
 into a *query set* (the images training batches are drawn from) and a *database* whose
-embeddings ``Z_D`` are computed without gradient and refreshed every ``refresh_every``
-epochs. For every query, ``A`` views (view 0 the un-augmented crop, the others RandAugment)
-are embedded (``Z_A``, L2-normalised CLS tokens) and each view retrieves its ``k`` nearest
-database entries; the union ``S`` of those indices (``T`` entries, ``T`` varies per query)
-gives ``Z_S``. With ``P' = softmax(Z_A Z_S^T / temperature)`` (A, T):
+embeddings ``Z_D`` are computed without gradient and refreshed every ``retrieval.refresh_every``
+epochs. For every query, ``A = views.count`` views (view 0 the un-augmented crop, the others
+RandAugment) are embedded (``Z_A``, L2-normalised CLS tokens) and each view retrieves its
+``k`` nearest database entries; the union ``S`` of those indices (``T`` entries, ``T`` varies
+per query) gives ``Z_S``. With ``P' = softmax(Z_A Z_S^T / temperature)`` (A, T):
 
 * ``L_frob`` (Eq. 11-13): the Frobenius norm of the strict lower triangle of the A x A
   matrix of Jensen-Shannon divergences between the rows of ``P'``;
@@ -16,9 +16,13 @@ gives ``Z_S``. With ``P' = softmax(Z_A Z_S^T / temperature)`` (A, T):
   ``W_k Z_S``, values ``W_v Z_S``, scaled by ``1/sqrt(F)``), a linear classifier ``W_c`` on
   the result, cross-entropy.
 
-``L = beta_frob L_frob + beta_ce L_ce + beta_cac L_cac``. ``retrieval="full"`` uses the
-whole database instead of the union of neighbours. At test time the plain L2-normalised
-embedding of the un-augmented image is used (no refinement).
+``L = beta_frob L_frob + beta_ce L_ce + beta_cac L_cac`` (the ``loss`` options).
+``retrieval.mode="full"`` uses the whole database instead of the union of neighbours. At test
+time the plain L2-normalised embedding of the un-augmented image is used (no refinement).
+
+The constructor takes its options in groups (:class:`ViewConfig`, :class:`RetrievalConfig`,
+:class:`LossConfig`, :class:`ClassifierConfig`), on the command line
+``--model.retrieval.k 12`` or ``--model.retrieval '{"k": 12}'``.
 
 The whole mini-batch is computed at once: unions of different sizes are padded to the
 largest ``T`` in the batch and masked (a padded entry gets probability 0 in ``P'`` and
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +45,7 @@ from torch import nn
 
 from benchmark.backbones import BackboneConfig
 from benchmark.core import DataRequest, ViewRequest, register_method
+from benchmark.errors import ConfigError
 from benchmark.layers import Attention
 from benchmark.neighbours import ExactIndex, exact_knn, faiss_available
 from benchmark.validation import check_choice
@@ -48,6 +54,8 @@ from methods.base import RetrievalMethod
 Retrieval = Literal["approximate", "full"]
 DatabaseMode = Literal["split", "all"]
 SearchBackend = Literal["auto", "faiss", "torch"]
+ViewReduction = Literal["sum", "mean"]
+Sampler = Literal["shuffle", "balanced"]
 
 
 # ---------------------------------------------------------------------------- data split
@@ -201,42 +209,177 @@ class CrossAttentionClassifier(nn.Module):
         return self.classifier(attended), (weights[..., 0, :, :] if weights is not None else None)  # (B, A, T)
 
 
+# ---------------------------------------------------------------------------- options
+def _require(ok: bool, option: str, rule: str, value: Any) -> None:
+    """Raise a ConfigError naming the command-line option ``--model.<option>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"--model.{option} must be {rule}; got {value!r}.")
+
+
+def _require_choice(option: str, value: Any, choices: Any) -> None:
+    """Raise a ConfigError naming ``--model.<option>`` unless ``value`` is one of ``choices``."""
+    try:
+        check_choice(f"--model.{option}", value, choices)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The A views of each training query: what ``L_frob`` compares and the classifiers train on.
+
+    Args:
+        count: A, views per query; view 0 is the un-augmented training crop, the others are
+            RandAugment of that crop. With 1 there is no pair and ``L_frob`` is 0.
+        randaugment_ops: RandAugment operations per augmented view.
+        randaugment_magnitude: RandAugment magnitude, 0-30 (torchvision's 31 bins).
+    """
+
+    count: int = 6
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+
+    def __post_init__(self) -> None:
+        _require(self.count >= 1, "views.count", ">= 1 (view 0 is the un-augmented crop)", self.count)
+        _require(self.randaugment_ops >= 0, "views.randaugment_ops", ">= 0", self.randaugment_ops)
+        _require(0 <= self.randaugment_magnitude <= 30, "views.randaugment_magnitude", "in [0, 30]",
+                 self.randaugment_magnitude)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """The training database and what each view's ``P'`` covers in it (Eq. 8-10).
+
+    Args:
+        mode: ``approximate`` (the union of the views' ``k`` nearest database entries) or
+            ``full`` (every database entry).
+        k: neighbours retrieved per view (approximate retrieval).
+        temperature: softmax temperature of ``P'`` (1 in the paper).
+        database: ``split`` (the paper: a stratified query/database split of the training
+            images, disjoint) or ``all`` (every training image is in the database, as in the
+            public code; a query never retrieves itself, by dataset index).
+        database_fraction: share of each class's training images in the database (``split``).
+        split_seed: seed of the query/database split (independent of the training seed).
+        refresh_every: re-embed the database every this many epochs (0: only before training).
+        backend: top-k search: ``faiss`` (IndexFlatIP, on GPU when faiss has GPUs and the model
+            is on CUDA), ``torch`` (chunked exact matmul on the model's device), or ``auto``
+            (faiss if installed).
+    """
+
+    mode: Retrieval = "approximate"
+    k: int = 12
+    temperature: float = 1.0
+    database: DatabaseMode = "split"
+    database_fraction: float = 0.2
+    split_seed: int = 0
+    refresh_every: int = 15
+    backend: SearchBackend = "auto"
+
+    def __post_init__(self) -> None:
+        _require_choice("retrieval.mode", self.mode, Retrieval)
+        _require(self.k >= 1, "retrieval.k", ">= 1 (neighbours per view)", self.k)
+        _require(self.temperature > 0, "retrieval.temperature", "> 0", self.temperature)
+        _require_choice("retrieval.database", self.database, DatabaseMode)
+        _require(0.0 < self.database_fraction < 1.0, "retrieval.database_fraction", "in (0, 1)", self.database_fraction)
+        _require(self.split_seed >= 0, "retrieval.split_seed", ">= 0", self.split_seed)
+        _require(self.refresh_every >= 0, "retrieval.refresh_every", ">= 0 (0: only before training)", self.refresh_every)
+        _require_choice("retrieval.backend", self.backend, SearchBackend)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The weights of ``L = beta_frob L_frob + beta_ce L_ce + beta_cac L_cac`` (Eq. 20).
+
+    A term of weight 0 is not computed and its head is not built (under DDP every parameter
+    must get a gradient).
+
+    Args:
+        beta_frob: weight of ``L_frob``; 0 removes the term.
+        beta_ce: weight of ``L_ce`` (and its classifier); 0 removes it.
+        beta_cac: weight of ``L_cac`` (and its attention and classifier); 0 removes it.
+        view_reduction: ``sum`` (the paper: CE terms summed over the views) or ``mean``; the
+            batch is always averaged.
+    """
+
+    beta_frob: float = 1.0
+    beta_ce: float = 1.0
+    beta_cac: float = 1.0
+    view_reduction: ViewReduction = "sum"
+
+    def __post_init__(self) -> None:
+        betas = (self.beta_frob, self.beta_ce, self.beta_cac)
+        if min(betas) < 0 or max(betas) == 0:
+            raise ConfigError(
+                "The loss weights --model.loss.beta_frob, beta_ce, beta_cac must be >= 0 and not all 0; "
+                f"got {betas}. Set at least one of them > 0."
+            )
+        _require_choice("loss.view_reduction", self.view_reduction, ViewReduction)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The linear classifier of ``L_ce`` (Eq. 14) and the cross-attention classifier of ``L_cac`` (Eq. 16-18).
+
+    Args:
+        bias: bias in the two linear classifiers (the equations write none).
+        logit_scale: multiplies both classifiers' logits. 1 is the paper's plain linear layer
+            on the L2-normalised embedding; its logits then start within about +-0.5, which
+            is enough when fine-tuning a pretrained encoder but leaves the cross-entropy near
+            log C for hundreds of steps from random weights. A larger value (16, as in
+            normalised-softmax classifiers) gives the encoder a useful signal from the start.
+        attention_bias: bias in the cross-attention's ``W_q, W_k, W_v``.
+    """
+
+    bias: bool = True
+    logit_scale: float = 1.0
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.logit_scale > 0, "classifiers.logit_scale", "> 0 (1: the paper)", self.logit_scale)
+
+
+# The constructor's flat options before they were grouped: old name -> new option path.
+_RENAMED = {
+    "num_views": "views.count",
+    "randaugment_ops": "views.randaugment_ops",
+    "randaugment_magnitude": "views.randaugment_magnitude",
+    "k": "retrieval.k",
+    "temperature": "retrieval.temperature",
+    "database": "retrieval.database",
+    "database_fraction": "retrieval.database_fraction",
+    "split_seed": "retrieval.split_seed",
+    "refresh_every": "retrieval.refresh_every",
+    "search_backend": "retrieval.backend",
+    "beta_frob": "loss.beta_frob",
+    "beta_ce": "loss.beta_ce",
+    "beta_cac": "loss.beta_cac",
+    "view_reduction": "loss.view_reduction",
+    "classifier_bias": "classifiers.bias",
+    "logit_scale": "classifiers.logit_scale",
+    "attention_bias": "classifiers.attention_bias",
+}
+
+
 # ---------------------------------------------------------------------------- the method
 @register_method("dmcac")
 class DMCAC(RetrievalMethod):
     """DMCAC (Trivedy & Latecki): JS-divergence matching of views over a training database + CAC.
 
     Args:
-        num_views: A, views per query; view 0 is the un-augmented training crop.
-        randaugment_ops: RandAugment operations per view.
-        randaugment_magnitude: RandAugment magnitude.
-        retrieval: ``approximate`` (union of the views' k nearest database entries) or
-            ``full`` (every database entry).
-        k: neighbours retrieved per view (approximate retrieval).
-        temperature: softmax temperature of ``P'`` (1 in the paper).
-        beta_frob: weight of ``L_frob``; 0 removes the term.
-        beta_ce: weight of ``L_ce`` (and its classifier); 0 removes it.
-        beta_cac: weight of ``L_cac`` (and its attention and classifier); 0 removes it.
-        view_reduction: ``sum`` (the paper: CE terms summed over the views) or ``mean``; the
-            batch is always averaged.
-        database: ``split`` (the paper: a stratified query/database split of the training
-            images, disjoint) or ``all`` (every training image is in the database, as in the
-            public code; a query never retrieves itself, by dataset index).
-        database_fraction: share of each class's training images in the database (``split``).
-        split_seed: seed of the query/database split.
-        refresh_every: re-embed the database every this many epochs (0: only before training).
-        search_backend: top-k search: ``faiss`` (IndexFlatIP, on GPU when faiss has GPUs and
-            the model is on CUDA), ``torch`` (chunked exact matmul on the model's device), or
-            ``auto`` (faiss if installed).
+        views: the views per query and their RandAugment (``ViewConfig``: count,
+            randaugment_ops, randaugment_magnitude).
+        retrieval: the training database (query/database split, refresh) and which of its
+            entries ``P'`` covers (``RetrievalConfig``: mode, k, temperature, database,
+            database_fraction, split_seed, refresh_every, backend).
+        loss: the weights of the three terms and the reduction over the views (``LossConfig``:
+            beta_frob, beta_ce, beta_cac, view_reduction).
+        classifiers: the two classifiers' biases and logit scale (``ClassifierConfig``: bias,
+            logit_scale, attention_bias).
         sampler: training batches of the query set: ``shuffle`` (plain random batches of
             ``classes_per_batch * samples_per_class``) or ``balanced`` (n classes x m images).
-        classifier_bias: bias in the two linear classifiers (the equations write none).
-        logit_scale: multiplies both classifiers' logits. 1 is the paper's plain linear layer
-            on the L2-normalised embedding; its logits then start within about +-0.5, which
-            is enough when fine-tuning a pretrained encoder but leaves the cross-entropy near
-            log C for hundreds of steps from random weights. A larger value (16, as in
-            normalised-softmax classifiers) gives the encoder a useful signal from the start.
-        attention_bias: bias in ``W_q, W_k, W_v``.
+        backbone: the encoder; ``None`` is ViT-S/16 ImageNet-21k (``vit_small``).
+        lr: learning rate of the backbone (AdamW 3e-5 in the paper).
+        weight_decay: weight decay of every parameter group.
         **kwargs: everything :class:`RetrievalMethod` takes.
     """
 
@@ -244,58 +387,47 @@ class DMCAC(RetrievalMethod):
 
     def __init__(
         self,
-        num_views: int = 6,
-        randaugment_ops: int = 2,
-        randaugment_magnitude: int = 9,
-        retrieval: Retrieval = "approximate",
-        k: int = 12,
-        temperature: float = 1.0,
-        beta_frob: float = 1.0,
-        beta_ce: float = 1.0,
-        beta_cac: float = 1.0,
-        view_reduction: Literal["sum", "mean"] = "sum",
-        database: DatabaseMode = "split",
-        database_fraction: float = 0.2,
-        split_seed: int = 0,
-        refresh_every: int = 15,
-        search_backend: SearchBackend = "auto",
-        sampler: Literal["shuffle", "balanced"] = "shuffle",
-        classifier_bias: bool = True,
-        logit_scale: float = 1.0,
-        attention_bias: bool = False,
+        views: ViewConfig = ViewConfig(),
+        retrieval: RetrievalConfig = RetrievalConfig(),
+        loss: LossConfig = LossConfig(),
+        classifiers: ClassifierConfig = ClassifierConfig(),
+        sampler: Sampler = "shuffle",
         backbone: BackboneConfig | None = None,
         lr: float = 3e-5,
         weight_decay: float = 0.01,
         **kwargs: Any,
     ) -> None:
-        super().__init__(backbone=backbone or BackboneConfig("vit_small"), lr=lr, weight_decay=weight_decay, **kwargs)
-        if num_views < 1 or k < 1 or temperature <= 0 or refresh_every < 0:
-            raise ValueError(
-                f"Need num_views >= 1, k >= 1, temperature > 0 and refresh_every >= 0; got num_views={num_views}, "
-                f"k={k}, temperature={temperature}, refresh_every={refresh_every}."
+        # Every option is checked before the encoder is built (the groups check their own fields).
+        renamed = [name for name in kwargs if name in _RENAMED]
+        if renamed:
+            raise ConfigError(
+                "DMCAC's options are grouped: "
+                + "; ".join(f"{name} is now --model.{_RENAMED[name]}" for name in renamed)
+                + ". In Python: e.g. DMCAC(retrieval=RetrievalConfig(k=12))."
             )
-        if logit_scale <= 0:
-            raise ValueError(f"logit_scale must be > 0; got {logit_scale}.")
-        if min(beta_frob, beta_ce, beta_cac) < 0 or max(beta_frob, beta_ce, beta_cac) == 0:
-            raise ValueError("The loss weights beta_frob, beta_ce, beta_cac must be >= 0 and not all 0.")
-        if not 0.0 < database_fraction < 1.0:
-            raise ValueError(f"database_fraction must be in (0, 1), got {database_fraction}.")
-        check_choice("retrieval", retrieval, Retrieval)
-        check_choice("database", database, DatabaseMode)
-        check_choice("search_backend", search_backend, SearchBackend)
-        check_choice("sampler", sampler, Literal["shuffle", "balanced"])
-        check_choice("view_reduction", view_reduction, Literal["sum", "mean"])
-        self.num_views, self.randaugment_ops, self.randaugment_magnitude = num_views, randaugment_ops, randaugment_magnitude
-        self.retrieval, self.k, self.temperature = retrieval, k, temperature
-        self.beta_frob, self.beta_ce, self.beta_cac = beta_frob, beta_ce, beta_cac
-        self.view_reduction, self.database_mode = view_reduction, database
-        self.database_fraction, self.split_seed, self.refresh_every = database_fraction, split_seed, refresh_every
-        self.search_backend, self.sampler, self.logit_scale = search_backend, sampler, logit_scale
+        for name, value, cls in (
+            ("views", views, ViewConfig),
+            ("retrieval", retrieval, RetrievalConfig),
+            ("loss", loss, LossConfig),
+            ("classifiers", classifiers, ClassifierConfig),
+        ):
+            if not isinstance(value, cls):
+                raise ConfigError(
+                    f"DMCAC's {name} must be a {cls.__name__} (a group of options, e.g. --model.{name}.<field> "
+                    f"or --model.{name} '{{\"<field>\": ...}}'); got {type(value).__name__} {value!r}."
+                )
+        _require_choice("sampler", sampler, Sampler)
+        super().__init__(backbone=backbone or BackboneConfig("vit_small"), lr=lr, weight_decay=weight_decay, **kwargs)
+        self.views_config, self.retrieval_config = views, retrieval
+        self.loss_config, self.classifiers_config = loss, classifiers
+        self.sampler = sampler
         dim = self.embedding_dim
         # Heads exist only for terms that are used, so that every parameter gets a gradient (DDP).
-        self.classifier = nn.Linear(dim, self.require_classes(), bias=classifier_bias) if beta_ce > 0 else None
+        self.classifier = nn.Linear(dim, self.require_classes(), bias=classifiers.bias) if loss.beta_ce > 0 else None
         self.cac = (
-            CrossAttentionClassifier(dim, self.require_classes(), attention_bias, classifier_bias) if beta_cac > 0 else None
+            CrossAttentionClassifier(dim, self.require_classes(), classifiers.attention_bias, classifiers.bias)
+            if loss.beta_cac > 0
+            else None
         )
         # Database state: derived from the data and the encoder, rebuilt on demand, never saved.
         self.query_indices: np.ndarray | None = None  # training-split positions of the query set
@@ -316,14 +448,16 @@ class DMCAC(RetrievalMethod):
     def split_training_set(self, labels: np.ndarray) -> None:
         """Choose the query set and the database from the training labels (deterministic)."""
         n = len(labels)
-        if self.database_mode == "all":
+        retrieval = self.retrieval_config
+        if retrieval.database == "all":
             self.query_indices = self.database_indices = np.arange(n, dtype=np.int64)
         else:
-            self.query_indices, self.database_indices = stratified_split(labels, self.database_fraction, self.split_seed)
+            self.query_indices, self.database_indices = stratified_split(labels, retrieval.database_fraction, retrieval.split_seed)
         if len(self.database_indices) == 0:
             raise ValueError(
                 "DMCAC: the training database is empty: no training class has two images, so none can be in "
-                "both the query set and the database. Use database='all' or a dataset with >= 2 images per class."
+                "both the query set and the database. Use --model.retrieval.database all or a dataset with >= 2 "
+                "images per class."
             )
 
     def setup(self, stage: str) -> None:
@@ -339,11 +473,12 @@ class DMCAC(RetrievalMethod):
         super().setup(stage)
 
     def data_request(self) -> DataRequest:
+        config = self.views_config
         views = ViewRequest(
-            num_views=self.num_views,
+            num_views=config.count,
             augment="randaugment",
-            randaugment_ops=self.randaugment_ops,
-            randaugment_magnitude=self.randaugment_magnitude,
+            randaugment_ops=config.randaugment_ops,
+            randaugment_magnitude=config.randaugment_magnitude,
             keep_original=True,
         )
         return DataRequest(
@@ -365,16 +500,17 @@ class DMCAC(RetrievalMethod):
         self._database_epoch = self.current_epoch
         self._index = (
             ExactIndex(self.database_embeddings, ids, "faiss" if self._use_faiss() else "torch")
-            if self.retrieval == "approximate"
+            if self.retrieval_config.mode == "approximate"
             else None
         )
 
     def _use_faiss(self) -> bool:
-        if self.retrieval == "full" or self.search_backend == "torch":
+        retrieval = self.retrieval_config
+        if retrieval.mode == "full" or retrieval.backend == "torch":
             return False
         if not faiss_available():
-            if self.search_backend == "faiss":
-                raise ImportError("search_backend='faiss' needs faiss (pip install faiss-cpu); or use 'torch'.")
+            if retrieval.backend == "faiss":
+                raise ImportError("--model.retrieval.backend faiss needs faiss (pip install faiss-cpu); or use torch.")
             return False
         return True
 
@@ -410,9 +546,10 @@ class DMCAC(RetrievalMethod):
         return self.database_embeddings
 
     def on_train_epoch_start(self) -> None:
-        """Embed the database before the first epoch, then every ``refresh_every`` epochs."""
-        epoch = self.current_epoch
-        due = self.refresh_every > 0 and epoch % self.refresh_every == 0 and self._database_epoch != epoch
+        """Embed the database before the first epoch, then every ``retrieval.refresh_every`` epochs."""
+        super().on_train_epoch_start()
+        epoch, every = self.current_epoch, self.retrieval_config.refresh_every
+        due = every > 0 and epoch % every == 0 and self._database_epoch != epoch
         if self.database_embeddings is None or due:
             self.refresh_database()
 
@@ -421,19 +558,20 @@ class DMCAC(RetrievalMethod):
         n = self.database_embeddings.shape[0] - int(exclude_self)
         if n < 1:
             raise ValueError("DMCAC: the database holds only the query itself; it needs at least one other image.")
-        if n < self.k and not self._warned_small_database:
-            rank_zero_warn(f"DMCAC: the database has {n} usable entries, fewer than k={self.k}; retrieving {n} per view.")
+        k = self.retrieval_config.k
+        if n < k and not self._warned_small_database:
+            rank_zero_warn(f"DMCAC: the database has {n} usable entries, fewer than k={k}; retrieving {n} per view.")
             self._warned_small_database = True
-        return min(self.k, n)
+        return min(k, n)
 
     @torch.no_grad()
     def retrieve(self, views: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
         """(B, A, F) view embeddings -> (B, A, k) database positions of each view's neighbours.
 
-        With ``database='all'`` the query's own image (same training-split index) is excluded.
+        With ``retrieval.database='all'`` the query's own image (same training-split index) is excluded.
         """
         b, a, f = views.shape
-        exclude_self = self.database_mode == "all"
+        exclude_self = self.retrieval_config.database == "all"
         k = self._effective_k(exclude_self)
         flat = views.reshape(b * a, f).to(self.database_embeddings.dtype)  # (B * A, F)
         ids = query_ids.to(flat.device).repeat_interleave(a) if exclude_self else None  # (B * A,) by dataset index
@@ -447,7 +585,7 @@ class DMCAC(RetrievalMethod):
         """Cross-entropy of (B, A, C) logits, summed (or averaged) over views, averaged over the batch."""
         b, a, _ = logits.shape
         ce = F.cross_entropy(logits.reshape(b * a, -1).to(torch.promote_types(logits.dtype, torch.float32)), labels.repeat_interleave(a))
-        return ce * a if self.view_reduction == "sum" else ce
+        return ce * a if self.loss_config.view_reduction == "sum" else ce
 
     def loss_terms(self, views: torch.Tensor, labels: torch.Tensor, query_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The DMCAC loss of (B, A, F) L2-normalised view embeddings against the current database.
@@ -461,11 +599,12 @@ class DMCAC(RetrievalMethod):
                 "by hand call refresh_database() or set_database(embeddings, train_indices)."
             )
         b, a, _ = views.shape
+        retrieval, weights, scale = self.retrieval_config, self.loss_config, self.classifiers_config.logit_scale
         js_dtype = torch.promote_types(views.dtype, torch.float32)  # fp32 (fp64 in tests) for the JS term
         database = self.database_embeddings.to(views.device, js_dtype)
-        if self.retrieval == "full":
+        if retrieval.mode == "full":
             keys, mask = database, None  # (N, F) shared by every query
-            if self.database_mode == "all":  # a query never sees itself
+            if retrieval.database == "all":  # a query never sees itself
                 mask = self._database_ids[None, :] != query_ids[:, None]  # (B, N)
             union_size = mask.sum(dim=1).float().mean() if mask is not None else views.new_tensor(database.shape[0])
         else:
@@ -476,17 +615,17 @@ class DMCAC(RetrievalMethod):
         terms: dict[str, torch.Tensor] = {}
         total = views.new_zeros((), dtype=js_dtype)
         with torch.autocast(views.device.type, enabled=False):  # tiny JS values need fp32
-            if self.beta_frob > 0:
-                log_p = similarity_log_probs(views.to(js_dtype), keys, mask, self.temperature)  # (B, A, T)
+            if weights.beta_frob > 0:
+                log_p = similarity_log_probs(views.to(js_dtype), keys, mask, retrieval.temperature)  # (B, A, T)
                 terms["frob"] = frobenius_lower(js_divergence_matrix(log_p)).mean()
-                total = total + self.beta_frob * terms["frob"]
+                total = total + weights.beta_frob * terms["frob"]
         if self.classifier is not None:
-            terms["ce"] = self._reduce_views(self.classifier(views) * self.logit_scale, labels)
-            total = total + self.beta_ce * terms["ce"]
+            terms["ce"] = self._reduce_views(self.classifier(views) * scale, labels)
+            total = total + weights.beta_ce * terms["ce"]
         if self.cac is not None:
             logits, _ = self.cac(views, keys.to(views.dtype), mask, return_attention=False)  # (B, A, C)
-            terms["cac"] = self._reduce_views(logits * self.logit_scale, labels)
-            total = total + self.beta_cac * terms["cac"]
+            terms["cac"] = self._reduce_views(logits * scale, labels)
+            total = total + weights.beta_cac * terms["cac"]
         terms["union_size"] = union_size.detach()
         return {"loss": total, **terms}
 
@@ -510,9 +649,9 @@ class DMCAC(RetrievalMethod):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "retrieval": self.retrieval,
-            "num_views": self.num_views,
-            "k": self.k,
-            "database": self.database_mode,
-            "database_fraction": self.database_fraction,
+            "retrieval": self.retrieval_config.mode,
+            "num_views": self.views_config.count,
+            "k": self.retrieval_config.k,
+            "database": self.retrieval_config.database,
+            "database_fraction": self.retrieval_config.database_fraction,
         }

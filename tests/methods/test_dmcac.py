@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -14,10 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.backbones import BackboneConfig
+from benchmark.errors import ConfigError
 from datamodules.cub import CUB200
 from methods.dmcac import (
     DMCAC,
+    ClassifierConfig,
     CrossAttentionClassifier,
+    LossConfig,
+    RetrievalConfig,
+    ViewConfig,
     frobenius_lower,
     js_divergence_matrix,
     similarity_log_probs,
@@ -38,6 +44,60 @@ def tiny_model(**kwargs) -> DMCAC:
 def unit(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
+
+
+# ---------------------------------------------------------------------------- options
+BAD_OPTIONS = [
+    (lambda: ViewConfig(count=0), "--model.views.count"),
+    (lambda: ViewConfig(randaugment_magnitude=31), "--model.views.randaugment_magnitude"),
+    (lambda: RetrievalConfig(mode="fast"), "--model.retrieval.mode"),
+    (lambda: RetrievalConfig(k=0), "--model.retrieval.k"),
+    (lambda: RetrievalConfig(temperature=0.0), "--model.retrieval.temperature"),
+    (lambda: RetrievalConfig(database="some"), "--model.retrieval.database"),
+    (lambda: RetrievalConfig(database_fraction=1.0), "--model.retrieval.database_fraction"),
+    (lambda: RetrievalConfig(split_seed=-1), "--model.retrieval.split_seed"),
+    (lambda: RetrievalConfig(refresh_every=-1), "--model.retrieval.refresh_every"),
+    (lambda: RetrievalConfig(backend="annoy"), "--model.retrieval.backend"),
+    (lambda: LossConfig(beta_cac=-1.0), "--model.loss.beta_frob, beta_ce, beta_cac"),
+    (lambda: LossConfig(view_reduction="max"), "--model.loss.view_reduction"),
+    (lambda: ClassifierConfig(logit_scale=-1.0), "--model.classifiers.logit_scale"),
+]
+
+
+@pytest.mark.parametrize(("make", "option"), BAD_OPTIONS, ids=[option.split(",")[0].removeprefix("--model.") for _, option in BAD_OPTIONS])
+def test_each_option_group_checks_its_fields_and_names_the_option(make, option: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(option)):
+        make()
+
+
+def test_bad_or_old_options_fail_before_the_encoder_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    import methods.base
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder was built before the options were checked")
+
+    monkeypatch.setattr(methods.base, "Encoder", no_encoder)
+    with pytest.raises(ConfigError, match=r"num_views is now --model\.views\.count; search_backend is now --model\.retrieval\.backend"):
+        DMCAC(**TINY, num_views=3, search_backend="torch")  # the flat names before the grouping
+    with pytest.raises(ConfigError, match="retrieval must be a RetrievalConfig"):
+        DMCAC(**TINY, retrieval="full")
+    with pytest.raises(ConfigError, match="--model.sampler must be one of 'shuffle', 'balanced'"):
+        DMCAC(**TINY, sampler="random")
+
+
+def test_the_defaults_are_the_papers() -> None:
+    model = tiny_model()
+    assert model.views_config == ViewConfig(count=6, randaugment_ops=2, randaugment_magnitude=9)
+    assert model.retrieval_config == RetrievalConfig(
+        mode="approximate", k=12, temperature=1.0, database="split", database_fraction=0.2, split_seed=0,
+        refresh_every=15, backend="auto",
+    )  # fmt: skip
+    assert model.loss_config == LossConfig(beta_frob=1.0, beta_ce=1.0, beta_cac=1.0, view_reduction="sum")
+    assert model.classifiers_config == ClassifierConfig(bias=True, logit_scale=1.0, attention_bias=False)
+    assert model.sampler == "shuffle" and model.hparams.lr == 3e-5 and model.hparams.weight_decay == 0.01
+    assert model.hparams.retrieval is model.retrieval_config  # save_hyperparameters keeps the groups
+    with pytest.raises(AttributeError):
+        model.retrieval_config.k = 3  # frozen: a model's options do not change behind its back
 
 
 # ---------------------------------------------------------------------------- naive references
@@ -80,14 +140,15 @@ def naive_query_loss(model: DMCAC, views: torch.Tensor, label: int, query_id: in
     database = model.database_embeddings.tolist()  # N x F
     db_ids = model._database_ids.tolist()
     dot = lambda u, v: sum(a * b for a, b in zip(u, v))  # noqa: E731
-    allowed = [n for n in range(len(database)) if not (model.database_mode == "all" and db_ids[n] == query_id)]
-    if model.retrieval == "full":
+    retrieval = model.retrieval_config
+    allowed = [n for n in range(len(database)) if not (retrieval.database == "all" and db_ids[n] == query_id)]
+    if retrieval.mode == "full":
         union = allowed
     else:
-        k = min(model.k, len(allowed))
+        k = min(retrieval.k, len(allowed))
         union = sorted({n for zi in z for n in sorted(allowed, key=lambda n: -dot(zi, database[n]))[:k]})  # Eq. 8
     zs = [database[n] for n in union]
-    p = [naive_softmax([dot(zi, d) / model.temperature for d in zs]) for zi in z]  # Eq. 9-10
+    p = [naive_softmax([dot(zi, d) / retrieval.temperature for d in zs]) for zi in z]  # Eq. 9-10
     a = len(z)
     js = [[naive_js(p[i], p[j]) for j in range(a)] for i in range(a)]
     out = {"frob": naive_frob(js), "ce": 0.0, "cac": 0.0, "union_size": float(len(union))}
@@ -176,7 +237,7 @@ def test_cac_shapes_masking_and_gradients() -> None:
 
 
 def test_cac_gradient_reaches_the_encoder() -> None:
-    model = tiny_model(beta_frob=0.0, beta_ce=0.0, embedding_dim=None)
+    model = tiny_model(loss=LossConfig(beta_frob=0.0, beta_ce=0.0), embedding_dim=None)
     model.set_database(unit(20, model.embedding_dim, dtype=torch.float32), np.arange(20))
     batch = {"image": torch.randn(2, 3, 3, 16, 16), "label": torch.tensor([0, 3]), "index": torch.tensor([100, 101])}
     terms = model.training_loss(batch)
@@ -200,7 +261,7 @@ def test_union_retrieval_with_a_small_fixed_database() -> None:
     assert indices[mask].tolist() == [0, 1, 2, 4, 5] and mask.tolist() == [[True] * 3, [True, True, False]]
     # The method's own search (faiss and torch) finds the same sets.
     for backend in ("faiss", "torch"):
-        model = tiny_model(k=2, search_backend=backend, embedding_dim=2)
+        model = tiny_model(retrieval=RetrievalConfig(k=2, backend=backend), embedding_dim=2)
         model.set_database(database, np.arange(10, 16))
         found = model.retrieve(views, torch.tensor([0, 1]))
         assert [sorted(v) for q in found.tolist() for v in q] == [[0, 1], [1, 2], [4, 5], [4, 5]], backend
@@ -208,7 +269,7 @@ def test_union_retrieval_with_a_small_fixed_database() -> None:
 
 def test_the_query_is_never_its_own_neighbour_when_the_database_contains_it() -> None:
     database = unit(8, 4, dtype=torch.float32)
-    model = tiny_model(k=3, database="all", search_backend="torch", embedding_dim=4)
+    model = tiny_model(retrieval=RetrievalConfig(k=3, database="all", backend="torch"), embedding_dim=4)
     model.set_database(database, np.arange(8))
     views = database[[2, 5]][:, None].expand(2, 3, 4)  # each query's views equal its own database row
     found = model.retrieve(views, torch.tensor([2, 5]))
@@ -219,7 +280,7 @@ def test_the_query_is_never_its_own_neighbour_when_the_database_contains_it() ->
 
 
 def test_a_database_smaller_than_k_retrieves_all_of_it() -> None:
-    model = tiny_model(k=12, search_backend="torch", embedding_dim=4)
+    model = tiny_model(retrieval=RetrievalConfig(k=12, backend="torch"), embedding_dim=4)
     model.set_database(unit(3, 4, dtype=torch.float32), np.arange(3))
     with pytest.warns(UserWarning, match="fewer than k=12"):
         found = model.retrieve(unit(2, 4, 4, dtype=torch.float32), torch.tensor([10, 11]))
@@ -231,15 +292,16 @@ def test_a_database_smaller_than_k_retrieves_all_of_it() -> None:
     "options",
     [
         {},
-        {"retrieval": "full"},
-        {"database": "all", "temperature": 0.1},
-        {"database": "all", "retrieval": "full", "view_reduction": "mean"},
+        {"retrieval": {"mode": "full"}},
+        {"retrieval": {"database": "all", "temperature": 0.1}},
+        {"retrieval": {"database": "all", "mode": "full"}, "loss": {"view_reduction": "mean"}},
     ],
     ids=["approximate", "full", "all-approximate", "all-full"],
 )
 def test_batched_loss_equals_a_per_query_loop_in_float64(options: dict) -> None:
     b, a, f, n = 5, 4, 6, 16
-    model = tiny_model(embedding_dim=f, k=3, search_backend="torch", **options).double()
+    retrieval = RetrievalConfig(k=3, backend="torch", **options.get("retrieval", {}))
+    model = tiny_model(embedding_dim=f, retrieval=retrieval, loss=LossConfig(**options.get("loss", {}))).double()
     model.set_database(unit(n, f, seed=7), np.arange(100, 100 + n))
     views = unit(b, a, f, seed=8)
     views[1, 2] = views[1, 0]  # two identical views in one query
@@ -247,7 +309,7 @@ def test_batched_loss_equals_a_per_query_loop_in_float64(options: dict) -> None:
     query_ids = torch.tensor([103, 7, 110, 115, 8])  # in "all" mode some queries are in the database
     terms = model.loss_terms(views, labels, query_ids)
     loops = [naive_query_loss(model, views[i], int(labels[i]), int(query_ids[i])) for i in range(b)]
-    per_view = 1.0 if model.view_reduction == "sum" else 1.0 / a
+    per_view = 1.0 if model.loss_config.view_reduction == "sum" else 1.0 / a
     expected = {
         "frob": sum(q["frob"] for q in loops) / b,
         "ce": per_view * sum(q["ce"] for q in loops) / b,
@@ -261,17 +323,18 @@ def test_batched_loss_equals_a_per_query_loop_in_float64(options: dict) -> None:
 
 
 def test_loss_weights_remove_terms_and_their_heads() -> None:
-    model = tiny_model(beta_ce=0.0, beta_frob=0.5)
+    model = tiny_model(loss=LossConfig(beta_ce=0.0, beta_frob=0.5))
     assert model.classifier is None and model.cac is not None
     with pytest.raises(ValueError, match="not all 0"):
-        tiny_model(beta_ce=0.0, beta_frob=0.0, beta_cac=0.0)
+        LossConfig(beta_ce=0.0, beta_frob=0.0, beta_cac=0.0)
 
 
 def test_logit_scale_equals_scaling_both_classifiers() -> None:
-    """``logit_scale`` s gives the loss of the paper's model whose W_q, W_c (and biases) are s times larger."""
+    """``classifiers.logit_scale`` s gives the loss of the paper's model whose W, W_c (and biases) are s times larger."""
     torch.manual_seed(0)
-    scaled = tiny_model(embedding_dim=8, search_backend="torch", logit_scale=4.0).double()
-    plain = tiny_model(embedding_dim=8, search_backend="torch").double()
+    torch_search = RetrievalConfig(backend="torch")
+    scaled = tiny_model(embedding_dim=8, retrieval=torch_search, classifiers=ClassifierConfig(logit_scale=4.0)).double()
+    plain = tiny_model(embedding_dim=8, retrieval=torch_search).double()
     plain.load_state_dict(scaled.state_dict())
     with torch.no_grad():
         for layer in (plain.classifier, plain.cac.classifier):
@@ -285,11 +348,11 @@ def test_logit_scale_equals_scaling_both_classifiers() -> None:
     for key in ("frob", "ce", "cac", "loss"):
         assert a[key].item() == pytest.approx(b[key].item(), rel=1e-12), key
     with pytest.raises(ValueError, match="logit_scale"):
-        tiny_model(logit_scale=0.0)
+        ClassifierConfig(logit_scale=0.0)
 
 
 def test_mixed_precision_keeps_the_js_term_in_float32() -> None:
-    model = tiny_model(embedding_dim=8, search_backend="torch")
+    model = tiny_model(embedding_dim=8, retrieval=RetrievalConfig(backend="torch"))
     model.set_database(unit(10, 8, dtype=torch.float32), np.arange(10))
     views = unit(2, 3, 8, dtype=torch.float32).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -323,7 +386,7 @@ def test_every_class_a_singleton_is_a_clear_error() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="database is empty"):
         model.split_training_set(np.arange(10))
-    model = tiny_model(database="all")
+    model = tiny_model(retrieval=RetrievalConfig(database="all"))
     model.split_training_set(np.arange(10))
     assert np.array_equal(model.query_indices, model.database_indices)
 
@@ -339,7 +402,8 @@ def test_training_uses_the_query_set_and_refreshes_the_database(cub_root: Path, 
                 batches_per_epoch=1, eval_batch_size=128)
     with pytest.warns(UserWarning):
         dm.setup("fit")
-    model = DMCAC(**TINY, embedding_dim=8, num_classes=dm.num_train_classes, num_views=3, refresh_every=2)
+    model = DMCAC(**TINY, embedding_dim=8, num_classes=dm.num_train_classes, views=ViewConfig(count=3),
+                  retrieval=RetrievalConfig(refresh_every=2))
     seen: list[int] = []
     refreshes: list[tuple[int, int]] = []
 
@@ -373,6 +437,7 @@ def test_training_uses_the_query_set_and_refreshes_the_database(cub_root: Path, 
 def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None:
     """The CLI on the embedded default with a tiny ViT: R@1 after training > R@1 before."""
     from benchmark.cli import main
+    from methods.base import load_method
 
     run = tmp_path / "run"
     args = [
@@ -386,3 +451,9 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
     after = json.loads((run / "metrics_test.json").read_text())["evaluations"][-1]["metrics"]["R@1"]
     # Measured (AMD EPYC, AVX2): 1.0 % -> 6.4 % of 600 queries; chance-level noise is ~0.4 %.
     assert after > max(2 * before, before + 0.03), (before, after)
+    # The last checkpoint reloads with the recipe's option groups (configs/dmcac/synthetic.yaml).
+    loaded = load_method(str(run / "checkpoints" / "last.ckpt"))
+    assert isinstance(loaded, DMCAC) and loaded.backbone_config.name == "vit_tiny_test"
+    assert loaded.views_config == ViewConfig(count=2, randaugment_ops=2, randaugment_magnitude=5)
+    assert loaded.retrieval_config == RetrievalConfig(refresh_every=1)
+    assert loaded.loss_config == LossConfig() and loaded.classifiers_config == ClassifierConfig(logit_scale=16.0)
