@@ -4,11 +4,23 @@
 x m samples) is a fully connected graph whose nodes are the L2-normalised embeddings. A
 message passing network (MPN) of ``L`` steps refines them: each step is multi-head
 dot-product attention over all nodes of the batch (Eq. 1-4), residual + LayerNorm (Eq. 5), a
-two-layer feed-forward block, residual + LayerNorm (Eq. 6). Two classifiers, both trained
-with label-smoothing cross-entropy on temperature-scaled logits:
+two-layer feed-forward block, residual + LayerNorm (Eq. 6)::
+
+    f       = Linear(pool(backbone(x)))                         backbone embedding (unnormalised)
+    h^0     = W_in f / |f|                                      input Linear (mpn.input_projection)
+    a^m_ij  = softmax_j((W^m_q h_i) . (W^m_k h_j) / sqrt(d/M))  Eq. 3, M = mpn.heads of d/M dims
+    m_i     = W_o cat_m(sum_j a^m_ij W^m_v h_j)                 Eq. 2 + 4
+    g_i     = LN(h_i + drop(m_i))                               Eq. 5
+    h_i'    = LN(g_i + drop(FF(g_i)))                           Eq. 6, FF = Linear -> ReLU -> Linear
+
+Two classifiers, both trained with label-smoothing cross-entropy on temperature-scaled logits:
 
 * on the backbone embedding (the *auxiliary* loss; the unnormalised 512-d vector), and
-* on the MPN output (BatchNorm -> bias-free Linear).
+* on the MPN output (BatchNorm -> bias-free Linear; the last step's output, or every step's
+  concatenated with ``mpn.classifier_input: concat``);
+
+``loss = loss.backbone_weight * CE(W_b f / T) + loss.mpn_weight * CE(W_m BN(h^L) / T)`` with
+``T = loss.temperature`` and label smoothing ``loss.label_smoothing``.
 
 Retrieval uses the backbone embeddings (the paper's main tables). :meth:`IntraBatchMPN.refine`
 additionally runs the trained MPN at test time on a *reciprocal k-NN batch* built around every
@@ -20,14 +32,18 @@ products, no N x N matrix and no full sort), is vectorised over all samples, and
 on thousands of batches at once, so it reaches Stanford Online Products (60,502 test images)
 on a CPU (``python -m benchmark perf reciprocal``). See docs/methods/intra_batch.md for the
 equations, the recipes and the choices made where the paper is silent.
+
+The file reads top-down: the MPN modules, the option groups of the method
+(:class:`MPNConfig`, :class:`LossConfig`, :class:`ReciprocalConfig`), the LightningModule,
+then the neighbour graph and the reciprocal k-NN batches it uses at test time.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +51,7 @@ from torch import nn
 
 from benchmark.backbones import BACKBONES, BackboneConfig, Pool
 from benchmark.core import register_method
+from benchmark.errors import ConfigError
 from benchmark.layers import Attention
 from benchmark.neighbours import exact_knn
 from benchmark.validation import check_choice
@@ -45,8 +62,6 @@ RefineStages = Literal["test", "val_and_test", "never"]
 
 # Memory for the gathered batches of the refined forward pass.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
-# A tolerance on the reciprocal-overlap test so that alpha = 2/3 behaves as the exact fraction.
-_OVERLAP_TOLERANCE = 1e-9
 
 
 # ============================================================================ message passing
@@ -70,8 +85,8 @@ class MessagePassingLayer(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(
-                f"The MPN's feature size {dim} is not divisible by mpn_heads={heads}; "
-                "choose a number of heads that divides embedding_dim."
+                f"The MPN's feature size {dim} is not divisible by heads={heads} (--model.mpn.heads); "
+                "choose a number of heads that divides the embedding size (--model.embedding_dim)."
             )
         self.dim, self.heads, self.head_dim, self.null_logit = dim, heads, dim // heads, null_logit
         self.attention = Attention(heads, zero_logit=null_logit)  # no parameters: the state_dict is unchanged
@@ -135,12 +150,18 @@ class MessagePassingNetwork(nn.Module):
     ) -> None:
         super().__init__()
         if layers < 1:
-            raise ValueError(f"mpn_layers must be at least 1; got {layers}.")
+            raise ValueError(f"The MPN needs at least 1 layer (--model.mpn.layers); got {layers}.")
         self.dim = dim
         self.input = nn.Linear(dim, dim) if input_projection else nn.Identity()
         self.layers = nn.ModuleList(
             MessagePassingLayer(dim, heads, ff_dim or 4 * dim, dropout, null_logit) for _ in range(layers)
         )
+
+    @classmethod
+    def from_config(cls, dim: int, config: MPNConfig) -> MessagePassingNetwork:
+        """The network ``config`` describes on ``dim``-d nodes (``classifier_input`` is the method's business)."""
+        return cls(dim, config.layers, config.heads, config.ff_dim, config.dropout, config.null_logit,
+                   config.input_projection)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(..., B, d) node features -> the (..., B, d) output of every layer."""
@@ -187,7 +208,290 @@ class MessagePassingNetwork(nn.Module):
         return [torch.cat(o) if o else nodes.new_zeros(0, self.dim) for o in outputs]
 
 
+# ============================================================================ options
+def _check_fields(group: str, rules: Sequence[tuple[str, Any, bool, str]]) -> None:
+    """Raise one ConfigError listing every broken rule as ``--model.<group>.<field>=value``."""
+    bad = [f"--model.{group}.{name}={value!r} (must be {rule})" for name, value, ok, rule in rules if not ok]
+    if bad:
+        raise ConfigError(f"intra_batch: {'; '.join(bad)}. Set {'it' if len(bad) == 1 else 'them'} to a valid value.")
+
+
+@dataclass(frozen=True)
+class MPNConfig:
+    """The message-passing network that refines the batch graph: depth, attention, classifier input.
+
+    Args:
+        layers: L, message-passing steps.
+        heads: attention heads per step (must divide ``embedding_dim``).
+        ff_dim: hidden size of the feed-forward block (default ``4 * embedding_dim``).
+        dropout: dropout after attention and feed-forward.
+        null_logit: the public code's attention softmax with an implicit extra zero logit;
+            ``False`` (default) is the paper's plain softmax.
+        input_projection: a Linear on the normalised embeddings before the first step
+            (the public code's architecture).
+        classifier_input: ``last`` layer's output (the paper) or ``concat`` of every
+            layer's output (the public Cars recipe) feeds the MPN classifier; it is also the
+            refined test embedding.
+    """
+
+    layers: int = 1
+    heads: int = 2
+    ff_dim: int | None = None
+    dropout: float = 0.1
+    null_logit: bool = False
+    input_projection: bool = True
+    classifier_input: ClassifierInput = "last"
+
+    def __post_init__(self) -> None:
+        _check_fields("mpn", [
+            ("layers", self.layers, self.layers >= 1, ">= 1"),
+            ("heads", self.heads, self.heads >= 1, ">= 1, a divisor of --model.embedding_dim"),
+            ("ff_dim", self.ff_dim, self.ff_dim is None or self.ff_dim >= 1, ">= 1, or null for 4 * embedding_dim"),
+            ("dropout", self.dropout, 0.0 <= self.dropout <= 1.0, "in [0, 1]"),
+        ])  # fmt: skip
+        check_choice("--model.mpn.classifier_input", self.classifier_input, ClassifierInput)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The two label-smoothing cross-entropies: on the backbone embedding and on the MPN output.
+
+    Args:
+        temperature: logits of both classifiers are divided by it.
+        label_smoothing: epsilon of both cross-entropies.
+        backbone_weight: weight of the auxiliary (backbone classifier) loss.
+        mpn_weight: weight of the MPN classifier loss (0 = the public SOP config).
+    """
+
+    temperature: float = 0.2
+    label_smoothing: float = 0.1
+    backbone_weight: float = 1.0
+    mpn_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fields("loss", [
+            ("temperature", self.temperature, self.temperature > 0, "> 0"),
+            ("label_smoothing", self.label_smoothing, 0.0 <= self.label_smoothing <= 1.0, "in [0, 1]"),
+            ("backbone_weight", self.backbone_weight, self.backbone_weight >= 0, ">= 0"),
+            ("mpn_weight", self.mpn_weight, self.mpn_weight >= 0, ">= 0"),
+        ])  # fmt: skip
+        if self.backbone_weight + self.mpn_weight == 0:
+            raise ConfigError(
+                "intra_batch: --model.loss.backbone_weight and --model.loss.mpn_weight are both 0, so nothing is "
+                "trained; set at least one of them > 0."
+            )
+
+
+@dataclass(frozen=True)
+class ReciprocalConfig:
+    """The trained MPN on reciprocal k-NN test batches (Supp. C.3), reported as ``test/refined/*``.
+
+    Args:
+        stages: when :meth:`IntraBatchMPN.refine` works: ``test`` (default: not during
+            validation), ``val_and_test`` or ``never``.
+        k1: k1 of the reciprocal neighbourhoods (clamped to the gallery size - 1).
+        batch_size: nodes per reciprocal k-NN batch (clamped to the gallery size).
+        alpha: overlap fraction of the expansion step (Eq. 7).
+        strict_overlap: ``>`` instead of the paper's ``>=`` in Eq. 7 (the public code).
+    """
+
+    stages: RefineStages = "test"
+    k1: int = 30
+    batch_size: int = 7
+    alpha: float = 2 / 3
+    strict_overlap: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("--model.refine.stages", self.stages, RefineStages)
+        _check_fields("refine", [
+            ("k1", self.k1, self.k1 >= 1, ">= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("alpha", self.alpha, 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+        ])  # fmt: skip
+
+
+_Config = TypeVar("_Config", MPNConfig, LossConfig, ReciprocalConfig)
+
+
+def _as_config(cls: type[_Config], value: _Config | Mapping[str, Any], group: str) -> _Config:
+    """A group's options as its dataclass; a mapping of its fields (Python callers) is converted."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(
+                f"intra_batch: --model.{group} has no field {', '.join(map(repr, unknown))}; its fields are "
+                f"{', '.join(cls.__dataclass_fields__)}."
+            )
+        return cls(**value)
+    raise ConfigError(f"intra_batch: --model.{group} must be a {cls.__name__} or a mapping of its fields; got {value!r}.")
+
+
+# ============================================================================ the method
+@register_method("intra_batch")
+class IntraBatchMPN(RetrievalMethod):
+    """Intra-Batch MPN (Seidenschwarz et al., ICML 2021): attention over the mini-batch graph.
+
+    Args:
+        mpn: the message-passing network (:class:`MPNConfig`: steps, heads, feed-forward width,
+            dropout, attention softmax, input Linear, what feeds the MPN classifier);
+            ``--model.mpn.layers 2`` or ``--model.mpn '{"layers": 2, "heads": 8}'``.
+        loss: the two classifiers' cross-entropies (:class:`LossConfig`: temperature, label
+            smoothing, the weights of the backbone and the MPN loss); ``--model.loss.<field>``.
+        refine: the MPN at test time on reciprocal k-NN batches (:class:`ReciprocalConfig`:
+            when it runs, k1, batch size, alpha, strict overlap); ``--model.refine.<field>``.
+        cnn_pool: global pooling of CNN backbones whose ``backbone.pool`` is unset (the
+            reference uses max pooling); ViTs keep their preset's pooling.
+        backbone, embedding_dim, optimizer, optimizer_args, lr, weight_decay, scheduler,
+            lr_milestones: the base's arguments with this method's defaults (ResNet-50, 512-d,
+            RAdam with the CUB lr and weight decay, lr / 10 at epochs 31 and 51).
+        **kwargs: the other base arguments (num_classes, image_size, head_lr_mult, lr_gamma,
+            warmup_steps).
+
+    Python callers may pass a group as a mapping of its fields (``mpn={"layers": 2}``); it is
+    stored (``self.hparams``, checkpoints) as the dataclass.
+    """
+
+    description = "Intra-Batch MPN: attention over the mini-batch graph + CE (Seidenschwarz et al. 2021)"
+
+    def __init__(
+        self,
+        mpn: MPNConfig = MPNConfig(),
+        loss: LossConfig = LossConfig(),
+        refine: ReciprocalConfig = ReciprocalConfig(),
+        cnn_pool: Pool | None = "max",
+        backbone: BackboneConfig | None = None,
+        embedding_dim: int | None = 512,
+        optimizer: OptimizerName = "radam",
+        optimizer_args: dict[str, Any] | None = None,
+        lr: float = 1.5637e-4,
+        weight_decay: float = 6.06e-6,
+        scheduler: SchedulerName = "multistep",
+        lr_milestones: Sequence[int] | None = (31, 51),
+        **kwargs: Any,
+    ) -> None:
+        # Every option is checked before the encoder is built (the dataclasses check their own fields).
+        mpn = _as_config(MPNConfig, mpn, "mpn")
+        loss = _as_config(LossConfig, loss, "loss")
+        refine = _as_config(ReciprocalConfig, refine, "refine")
+        if embedding_dim and embedding_dim % mpn.heads:
+            raise ConfigError(
+                f"intra_batch: --model.mpn.heads={mpn.heads} does not divide --model.embedding_dim={embedding_dim}; "
+                "choose a number of heads that divides the embedding size."
+            )
+        backbone = backbone or BackboneConfig()
+        preset = BACKBONES.get(backbone.name)
+        if backbone.pool is None and cnn_pool is not None and preset is not None and preset.kind == "cnn":
+            backbone = replace(backbone, pool=cnn_pool)
+        super().__init__(  # save_hyperparameters() there stores mpn, loss and refine as the dataclasses above
+            backbone=backbone,
+            embedding_dim=embedding_dim,
+            optimizer=optimizer,
+            optimizer_args=optimizer_args,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            lr_milestones=list(lr_milestones) if lr_milestones is not None else None,
+            **kwargs,
+        )
+        self.mpn_config, self.loss_config, self.refine_config = mpn, loss, refine
+        num_classes = self.require_classes()
+        dim = self.embedding_dim
+        self.mpn = MessagePassingNetwork.from_config(dim, mpn)
+        feature_dim = dim * (mpn.layers if mpn.classifier_input == "concat" else 1)
+        self.backbone_classifier = nn.Linear(dim, num_classes)
+        self.mpn_classifier = nn.Sequential(nn.BatchNorm1d(feature_dim), nn.Linear(feature_dim, num_classes, bias=False))
+
+    # ------------------------------------------------------------------ training
+    def mpn_features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The MPN classifier's input from the per-layer outputs: last, or all concatenated."""
+        return torch.cat(outputs, dim=-1) if self.mpn_config.classifier_input == "concat" else outputs[-1]
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cfg = self.loss_config
+        return F.cross_entropy(logits.float() / cfg.temperature, labels, label_smoothing=cfg.label_smoothing)
+
+    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        if images.ndim != 4:
+            raise ValueError(f"intra_batch trains on (B, C, H, W) images; got shape {tuple(images.shape)}.")
+        weights = self.loss_config
+        emb = self.project(self.encode(images).pooled)  # (B, D) unnormalised
+        terms: dict[str, torch.Tensor] = {}
+        loss = emb.new_zeros(())
+        if weights.backbone_weight:
+            terms["backbone_ce"] = self._cross_entropy(self.backbone_classifier(emb), labels)
+            loss = loss + weights.backbone_weight * terms["backbone_ce"]
+        if weights.mpn_weight:
+            refined = self.mpn_features(self.mpn(F.normalize(emb, dim=-1)))  # the batch is one graph
+            terms["mpn_ce"] = self._cross_entropy(self.mpn_classifier(refined), labels)
+            loss = loss + weights.mpn_weight * terms["mpn_ce"]
+        return {"loss": loss, **terms}
+
+    # ------------------------------------------------------------------ test time
+    def _refine_now(self) -> bool:
+        """Whether :meth:`refine` works now: never, always, or (default) outside validation."""
+        stages = self.refine_config.stages
+        if stages != "test":
+            return stages == "val_and_test"
+        trainer = self._trainer
+        return trainer is None or not (trainer.validating or trainer.sanity_checking)
+
+    @torch.no_grad()
+    def refine_embeddings(
+        self, embeddings: torch.Tensor, is_gallery: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MPN embeddings from reciprocal k-NN batches: (N, D) normalised -> (N, D') normalised.
+
+        Every sample gets a batch drawn from the gallery (:func:`reciprocal_knn_batches`),
+        the MPN refines all batches, and the sample keeps only its own output.
+        """
+        nodes = F.normalize(embeddings.float(), dim=-1)
+        cfg = self.refine_config
+        batches = reciprocal_knn_batches(nodes, is_gallery, cfg.k1, cfg.batch_size, cfg.alpha, cfg.strict_overlap)
+        was_training = self.mpn.training
+        self.mpn.eval()
+        try:
+            with torch.autocast(nodes.device.type, enabled=False):
+                dtype = next(self.mpn.parameters()).dtype  # fp32, or bf16/fp16 under "-true" precision
+                outputs = self.mpn.forward_batches(nodes.to(dtype), batches)
+        finally:
+            self.mpn.train(was_training)
+        return F.normalize(self.mpn_features(outputs).float(), dim=-1)
+
+    def refine(
+        self, embeddings: torch.Tensor, is_query: torch.Tensor, is_gallery: torch.Tensor
+    ) -> dict[str, Any] | None:
+        """``{"": MPN-refined embeddings}`` from reciprocal k-NN batches (Supp. C.3), or ``None``.
+
+        Queries outside the gallery (In-Shop) build their batches from gallery neighbours.
+        """
+        if not self._refine_now():
+            return None
+        if self.loss_config.mpn_weight == 0:
+            warnings.warn("intra_batch: refining with an MPN that was trained without its loss "
+                          "(--model.loss.mpn_weight 0); --model.refine.stages never skips it.", stacklevel=2)
+        return {"": self.refine_embeddings(embeddings, is_gallery)}
+
+    def describe(self) -> dict[str, Any]:
+        # Flat result metadata: the keys stay those of earlier results (mpn_layers, ...).
+        mpn, loss = self.mpn_config, self.loss_config
+        return {
+            **super().describe(),
+            "mpn_layers": mpn.layers,
+            "mpn_heads": mpn.heads,
+            "temperature": loss.temperature,
+            "mpn_loss_weight": loss.mpn_weight,
+            "backbone_loss_weight": loss.backbone_weight,
+        }
+
+
 # ============================================================================ k-NN graph
+# A tolerance on the reciprocal-overlap test so that alpha = 2/3 behaves as the exact fraction.
+_OVERLAP_TOLERANCE = 1e-9
+
+
 def _check_embeddings(embeddings: torch.Tensor, database: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be (N, D); got shape {tuple(embeddings.shape)}.")
@@ -453,189 +757,3 @@ def _batches_beyond_list(
     counts = torch.bincount(row_id, minlength=c)  # >= K + 1 >= batch_size per row
     starts = counts.cumsum(0) - counts
     return sample[order][starts[:, None] + torch.arange(batch_size, device=device)]
-
-
-# ============================================================================ the method
-@register_method("intra_batch")
-class IntraBatchMPN(RetrievalMethod):
-    """Intra-Batch MPN (Seidenschwarz et al., ICML 2021): attention over the mini-batch graph.
-
-    Args:
-        mpn_layers: L, message-passing steps.
-        mpn_heads: attention heads per step (divide ``embedding_dim``).
-        mpn_ff_dim: hidden size of the feed-forward block (default ``4 * embedding_dim``).
-        mpn_dropout: dropout after attention and feed-forward.
-        mpn_null_logit: the public code's attention softmax with an implicit extra zero logit;
-            ``False`` (default) is the paper's plain softmax.
-        mpn_input_projection: a Linear on the normalised embeddings before the first step
-            (the public code's architecture).
-        mpn_classifier_input: ``last`` layer's output (the paper) or ``concat`` of every
-            layer's output (the public Cars recipe) feeds the MPN classifier; it is also the
-            refined test embedding.
-        temperature: logits of both classifiers are divided by it.
-        label_smoothing: epsilon of both cross-entropies.
-        backbone_loss_weight: weight of the auxiliary (backbone classifier) loss.
-        mpn_loss_weight: weight of the MPN classifier loss (0 = the public SOP config).
-        cnn_pool: global pooling of CNN backbones whose ``backbone.pool`` is unset (the
-            reference uses max pooling); ViTs keep their preset's pooling.
-        refine_stages: when :meth:`refine` works: ``test`` (default: not during validation),
-            ``val_and_test`` or ``never``.
-        refine_k1: k1 of the reciprocal neighbourhoods.
-        refine_batch_size: nodes per reciprocal k-NN batch.
-        refine_alpha: overlap fraction of the expansion step (Eq. 7).
-        refine_strict_overlap: ``>`` instead of the paper's ``>=`` in Eq. 7 (the public code).
-        backbone, embedding_dim, optimizer, lr, weight_decay, scheduler, lr_milestones: the
-            base's arguments with this method's defaults (ResNet-50, 512-d, RAdam with the CUB
-            lr and weight decay, lr / 10 at epochs 31 and 51).
-        **kwargs: the other base arguments (num_classes, image_size, head_lr_mult, lr_gamma).
-    """
-
-    description = "Intra-Batch MPN: attention over the mini-batch graph + CE (Seidenschwarz et al. 2021)"
-
-    def __init__(
-        self,
-        mpn_layers: int = 1,
-        mpn_heads: int = 2,
-        mpn_ff_dim: int | None = None,
-        mpn_dropout: float = 0.1,
-        mpn_null_logit: bool = False,
-        mpn_input_projection: bool = True,
-        mpn_classifier_input: ClassifierInput = "last",
-        temperature: float = 0.2,
-        label_smoothing: float = 0.1,
-        backbone_loss_weight: float = 1.0,
-        mpn_loss_weight: float = 1.0,
-        cnn_pool: Pool | None = "max",
-        refine_stages: RefineStages = "test",
-        refine_k1: int = 30,
-        refine_batch_size: int = 7,
-        refine_alpha: float = 2 / 3,
-        refine_strict_overlap: bool = False,
-        backbone: BackboneConfig | None = None,
-        embedding_dim: int | None = 512,
-        optimizer: OptimizerName = "radam",
-        optimizer_args: dict[str, Any] | None = None,
-        lr: float = 1.5637e-4,
-        weight_decay: float = 6.06e-6,
-        scheduler: SchedulerName = "multistep",
-        lr_milestones: Sequence[int] | None = (31, 51),
-        **kwargs: Any,
-    ) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive; got {temperature}.")
-        if backbone_loss_weight < 0 or mpn_loss_weight < 0 or backbone_loss_weight + mpn_loss_weight == 0:
-            raise ValueError(
-                "backbone_loss_weight and mpn_loss_weight must be >= 0 and not both 0; "
-                f"got {backbone_loss_weight} and {mpn_loss_weight}."
-            )
-        check_choice("mpn_classifier_input", mpn_classifier_input, ClassifierInput)
-        check_choice("refine_stages", refine_stages, RefineStages)
-        backbone = backbone or BackboneConfig()
-        preset = BACKBONES.get(backbone.name)
-        if backbone.pool is None and cnn_pool is not None and preset is not None and preset.kind == "cnn":
-            backbone = replace(backbone, pool=cnn_pool)
-        super().__init__(
-            backbone=backbone,
-            embedding_dim=embedding_dim,
-            optimizer=optimizer,
-            optimizer_args=optimizer_args,
-            lr=lr,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            lr_milestones=list(lr_milestones) if lr_milestones is not None else None,
-            **kwargs,
-        )
-        self.temperature, self.label_smoothing = temperature, label_smoothing
-        self.backbone_loss_weight, self.mpn_loss_weight = backbone_loss_weight, mpn_loss_weight
-        self.classifier_input: ClassifierInput = mpn_classifier_input
-        self.refine_stages: RefineStages = refine_stages
-        self.refine_k1, self.refine_batch_size = refine_k1, refine_batch_size
-        self.refine_alpha, self.refine_strict_overlap = refine_alpha, refine_strict_overlap
-        num_classes = self.require_classes()
-        dim = self.embedding_dim
-        self.mpn = MessagePassingNetwork(
-            dim, mpn_layers, mpn_heads, mpn_ff_dim, mpn_dropout, mpn_null_logit, mpn_input_projection
-        )
-        feature_dim = dim * (mpn_layers if mpn_classifier_input == "concat" else 1)
-        self.backbone_classifier = nn.Linear(dim, num_classes)
-        self.mpn_classifier = nn.Sequential(nn.BatchNorm1d(feature_dim), nn.Linear(feature_dim, num_classes, bias=False))
-
-    # ------------------------------------------------------------------ training
-    def mpn_features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """The MPN classifier's input from the per-layer outputs: last, or all concatenated."""
-        return torch.cat(outputs, dim=-1) if self.classifier_input == "concat" else outputs[-1]
-
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float() / self.temperature, labels, label_smoothing=self.label_smoothing)
-
-    def training_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images, labels = batch["image"], batch["label"]
-        if images.ndim != 4:
-            raise ValueError(f"intra_batch trains on (B, C, H, W) images; got shape {tuple(images.shape)}.")
-        emb = self.project(self.encode(images).pooled)  # (B, D) unnormalised
-        terms: dict[str, torch.Tensor] = {}
-        loss = emb.new_zeros(())
-        if self.backbone_loss_weight:
-            terms["backbone_ce"] = self._cross_entropy(self.backbone_classifier(emb), labels)
-            loss = loss + self.backbone_loss_weight * terms["backbone_ce"]
-        if self.mpn_loss_weight:
-            refined = self.mpn_features(self.mpn(F.normalize(emb, dim=-1)))  # the batch is one graph
-            terms["mpn_ce"] = self._cross_entropy(self.mpn_classifier(refined), labels)
-            loss = loss + self.mpn_loss_weight * terms["mpn_ce"]
-        return {"loss": loss, **terms}
-
-    # ------------------------------------------------------------------ test time
-    def _refine_now(self) -> bool:
-        """Whether :meth:`refine` works now: never, always, or (default) outside validation."""
-        if self.refine_stages != "test":
-            return self.refine_stages == "val_and_test"
-        trainer = self._trainer
-        return trainer is None or not (trainer.validating or trainer.sanity_checking)
-
-    @torch.no_grad()
-    def refine_embeddings(
-        self, embeddings: torch.Tensor, is_gallery: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """MPN embeddings from reciprocal k-NN batches: (N, D) normalised -> (N, D') normalised.
-
-        Every sample gets a batch drawn from the gallery (:func:`reciprocal_knn_batches`),
-        the MPN refines all batches, and the sample keeps only its own output.
-        """
-        nodes = F.normalize(embeddings.float(), dim=-1)
-        batches = reciprocal_knn_batches(
-            nodes, is_gallery, self.refine_k1, self.refine_batch_size, self.refine_alpha, self.refine_strict_overlap
-        )
-        was_training = self.mpn.training
-        self.mpn.eval()
-        try:
-            with torch.autocast(nodes.device.type, enabled=False):
-                dtype = next(self.mpn.parameters()).dtype  # fp32, or bf16/fp16 under "-true" precision
-                outputs = self.mpn.forward_batches(nodes.to(dtype), batches)
-        finally:
-            self.mpn.train(was_training)
-        return F.normalize(self.mpn_features(outputs).float(), dim=-1)
-
-    def refine(
-        self, embeddings: torch.Tensor, is_query: torch.Tensor, is_gallery: torch.Tensor
-    ) -> dict[str, Any] | None:
-        """``{"": MPN-refined embeddings}`` from reciprocal k-NN batches (Supp. C.3), or ``None``.
-
-        Queries outside the gallery (In-Shop) build their batches from gallery neighbours.
-        """
-        if not self._refine_now():
-            return None
-        if self.mpn_loss_weight == 0:
-            warnings.warn("intra_batch: refining with an MPN that was trained without its loss (mpn_loss_weight=0).",
-                          stacklevel=2)
-        return {"": self.refine_embeddings(embeddings, is_gallery)}
-
-    def describe(self) -> dict[str, Any]:
-        hp = self.hparams
-        return {
-            **super().describe(),
-            "mpn_layers": hp.mpn_layers,
-            "mpn_heads": hp.mpn_heads,
-            "temperature": self.temperature,
-            "mpn_loss_weight": self.mpn_loss_weight,
-            "backbone_loss_weight": self.backbone_loss_weight,
-        }

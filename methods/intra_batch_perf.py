@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import resource
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmark.core import register_perf
-from methods.intra_batch import MessagePassingNetwork, reciprocal_knn_batches
+from methods.intra_batch import MessagePassingNetwork, MPNConfig, ReciprocalConfig, reciprocal_knn_batches
 
 _OVERLAP_TOLERANCE = 1e-9  # the same tolerance as the vectorised implementation
 
@@ -162,26 +163,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=11316, help="clusters (SOP test: 11,316 classes)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--k1", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=7)
-    parser.add_argument("--alpha", type=float, default=2 / 3)
-    parser.add_argument("--mpn-layers", type=int, default=1, help="1 x 8 heads is the SOP recipe")
-    parser.add_argument("--mpn-heads", type=int, default=8)
+    # The method's options (--model.refine.*, --model.mpn.*) under this command's names.
+    parser.add_argument("--k1", type=int, default=ReciprocalConfig.k1,
+                        help="k1 of the reciprocal neighbourhoods (--model.refine.k1)")
+    parser.add_argument("--batch-size", type=int, default=ReciprocalConfig.batch_size,
+                        help="nodes per batch (--model.refine.batch_size)")
+    parser.add_argument("--alpha", type=float, default=ReciprocalConfig.alpha,
+                        help="overlap fraction of the expansion step, Eq. 7 (--model.refine.alpha)")
+    parser.add_argument("--mpn-layers", type=int, default=1,
+                        help="message-passing steps (--model.mpn.layers); 1 x 8 heads is the SOP recipe")
+    parser.add_argument("--mpn-heads", type=int, default=8, help="attention heads per step (--model.mpn.heads)")
     parser.add_argument("--reference-queries", type=int, default=6, help="queries run by the per-query reference")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
+    try:  # the method's own checks, reported under this command's flag names
+        mpn_config = MPNConfig(layers=args.mpn_layers, heads=args.mpn_heads)
+        refine = ReciprocalConfig(k1=args.k1, batch_size=args.batch_size, alpha=args.alpha)
+    except ValueError as err:
+        parser.error(re.sub(r"--model\.(mpn\.|refine\.)(\w+)",
+                            lambda m: "--" + ("mpn-" if m[1] == "mpn." else "") + m[2].replace("_", "-"), str(err)))
+    if args.dim % mpn_config.heads:
+        parser.error(f"--mpn-heads {mpn_config.heads} does not divide --dim {args.dim}.")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     emb, _ = synthetic_sop_embeddings(args.num_samples, min(args.num_classes, args.num_samples), args.dim, seed=args.seed)
-    mpn = MessagePassingNetwork(args.dim, args.mpn_layers, args.mpn_heads).eval()
+    mpn = MessagePassingNetwork.from_config(args.dim, mpn_config).eval()
     n = len(emb)
-    print(f"{n} x {args.dim} embeddings, k1={args.k1}, batch_size={args.batch_size}, alpha={args.alpha:.4g}, "
-          f"MPN {args.mpn_layers} x {args.mpn_heads} heads, {torch.get_num_threads()} threads")
+    print(f"{n} x {args.dim} embeddings, k1={refine.k1}, batch_size={refine.batch_size}, alpha={refine.alpha:.4g}, "
+          f"MPN {mpn_config.layers} x {mpn_config.heads} heads, {torch.get_num_threads()} threads")
 
     start, cpu = time.perf_counter(), time.process_time()
-    batches = reciprocal_knn_batches(emb, None, args.k1, args.batch_size, args.alpha)
+    batches = reciprocal_knn_batches(emb, None, refine.k1, refine.batch_size, refine.alpha, refine.strict_overlap)
     t_build, c_build = time.perf_counter() - start, time.process_time() - cpu
     start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(args.seed)
     queries = rng.choice(n, size=min(args.reference_queries, n), replace=False)
-    reference = ReferenceReciprocalBatches(emb, None, args.k1, args.batch_size, args.alpha)
+    reference = ReferenceReciprocalBatches(emb, None, refine.k1, refine.batch_size, refine.alpha, refine.strict_overlap)
     start = time.perf_counter()
     ref_batches, ref_outputs = [], []
     with torch.no_grad():

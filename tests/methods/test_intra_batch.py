@@ -19,14 +19,19 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from benchmark.backbones import BackboneConfig
 from benchmark.evaluation import RetrievalEvaluator
 from benchmark.evaluation.metrics import nmi, retrieval_metrics
+from methods.base import load_method
 from methods.intra_batch import (
     IntraBatchMPN,
+    LossConfig,
     MessagePassingLayer,
     MessagePassingNetwork,
+    MPNConfig,
+    ReciprocalConfig,
     knn_graph,
     reciprocal_knn_batches,
 )
@@ -125,7 +130,7 @@ def test_attention_weights_match_a_float64_reference(heads: int, null_logit: boo
 
 
 def test_bad_head_count_names_the_fix() -> None:
-    with pytest.raises(ValueError, match="not divisible by mpn_heads=3"):
+    with pytest.raises(ValueError, match=r"not divisible by heads=3 \(--model\.mpn\.heads\)"):
         MessagePassingLayer(8, 3, 16)
 
 
@@ -271,10 +276,14 @@ def test_reciprocal_batches_validate_input() -> None:
 
 
 # ---------------------------------------------------------------------------- the method
-def _model(**kwargs) -> IntraBatchMPN:
+def _model(mpn: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
+           refine: dict[str, Any] | None = None, **kwargs: Any) -> IntraBatchMPN:
+    """A tiny model; the option groups are given as the fields that differ from the defaults (4 heads)."""
     base = dict(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=16, num_classes=5,
-                image_size=16, mpn_heads=4)
-    return IntraBatchMPN(**{**base, **kwargs})
+                image_size=16)
+    groups = dict(mpn=MPNConfig(**{"heads": 4, **(mpn or {})}), loss=LossConfig(**(loss or {})),
+                  refine=ReciprocalConfig(**(refine or {})))
+    return IntraBatchMPN(**{**base, **groups, **kwargs})
 
 
 def _batch(n_classes: int = 4, per_class: int = 3) -> dict[str, torch.Tensor]:
@@ -295,11 +304,11 @@ def test_gradients_reach_the_backbone_through_both_losses() -> None:
     terms = both.training_loss(batch)
     assert set(terms) == {"loss", "backbone_ce", "mpn_ce"}
     torch.testing.assert_close(terms["loss"], terms["backbone_ce"] + terms["mpn_ce"])
-    only_mpn = _model(backbone_loss_weight=0.0)
+    only_mpn = _model(loss={"backbone_weight": 0.0})
     assert _backbone_grad(only_mpn, batch) > 0
     assert only_mpn.backbone_classifier.weight.grad is None
     assert all(p.grad is not None for p in only_mpn.mpn.parameters())
-    only_backbone = _model(mpn_loss_weight=0.0)
+    only_backbone = _model(loss={"mpn_weight": 0.0})
     assert _backbone_grad(only_backbone, batch) > 0
     assert all(p.grad is None for p in only_backbone.mpn.parameters())
 
@@ -334,13 +343,13 @@ def test_mpn_loss_is_computed_on_the_whole_batch_graph() -> None:
     while the backbone loss (per sample) is.
     """
     torch.manual_seed(0)
-    model = _model(mpn_dropout=0.0).eval()
+    model = _model(mpn={"dropout": 0.0}).eval()
     batch = _batch()  # 4 classes x 3 samples, (12, 3, 16, 16)
     ce, features = _mpn_ce_and_features(model, batch)  # (12, 16)
     with torch.no_grad():
         emb = model.project(model.encode(batch["image"]).pooled)  # (12, 16) unnormalised
         expected = model.mpn(F.normalize(emb, dim=-1))[-1]  # one graph of 12 nodes
-        logits = model.mpn_classifier(expected) / model.temperature  # (12, C)
+        logits = model.mpn_classifier(expected) / model.loss_config.temperature  # (12, C)
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
     hand = _smoothed_cross_entropy(logits, batch["label"], 0.1)  # (12,)
     assert abs(ce - float(hand.mean())) < 1e-5
@@ -362,7 +371,8 @@ def test_mpn_loss_is_computed_on_the_whole_batch_graph() -> None:
     with torch.no_grad():
         backbone = float(model.training_loss(batch)["backbone_ce"])
         backbone_halves = [float(model.training_loss(half)["backbone_ce"]) for half in halves]
-        expected_backbone = _smoothed_cross_entropy(model.backbone_classifier(emb) / model.temperature, batch["label"], 0.1)
+        logits = model.backbone_classifier(emb) / model.loss_config.temperature
+        expected_backbone = _smoothed_cross_entropy(logits, batch["label"], 0.1)
     assert abs(backbone - sum(backbone_halves) / 2) < 1e-5
     assert abs(backbone - float(expected_backbone.mean())) < 1e-5  # the head takes the raw embedding
 
@@ -374,16 +384,60 @@ def test_defaults_follow_the_reference_recipe() -> None:
     assert _model(backbone=BackboneConfig("vit_tiny_test", pretrained=False)).encoder.pool == "token"
     hp = model.hparams
     assert (hp.optimizer, hp.scheduler, list(hp.lr_milestones), hp.lr_gamma) == ("radam", "multistep", [31, 51], 0.1)
-    concat = _model(mpn_layers=2, mpn_classifier_input="concat")
+    assert (hp.mpn, hp.loss, hp.refine) == (MPNConfig(heads=4), LossConfig(), ReciprocalConfig())
+    assert (MPNConfig(), LossConfig(), ReciprocalConfig()) == (
+        MPNConfig(1, 2, None, 0.1, False, True, "last"), LossConfig(0.2, 0.1, 1.0, 1.0),
+        ReciprocalConfig("test", 30, 7, 2 / 3, False))
+    concat = _model(mpn={"layers": 2, "classifier_input": "concat"})
     assert concat.mpn_classifier[1].in_features == 32
-    with pytest.raises(ValueError, match="not both 0"):
-        _model(backbone_loss_weight=0.0, mpn_loss_weight=0.0)
+    # A group may be given as a mapping of its fields; it is stored as the dataclass.
+    mapped = IntraBatchMPN(mpn={"heads": 2, "layers": 2}, loss={"temperature": 0.5},
+                           backbone=BackboneConfig("resnet_tiny_test", pretrained=False), num_classes=5, image_size=16)
+    assert mapped.hparams.mpn == MPNConfig(layers=2, heads=2) and len(mapped.mpn.layers) == 2
+    assert mapped.hparams.loss == LossConfig(temperature=0.5) and mapped.describe()["temperature"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"loss": {"temperature": 0.0}}, r"--model\.loss\.temperature=0\.0 \(must be > 0\)"),
+        ({"loss": {"label_smoothing": 1.5}}, r"--model\.loss\.label_smoothing=1\.5"),
+        ({"loss": {"backbone_weight": 0.0, "mpn_weight": 0.0}}, r"--model\.loss\.backbone_weight and "
+                                                               r"--model\.loss\.mpn_weight are both 0"),
+        ({"loss": {"mpn_weight": -1.0}}, r"--model\.loss\.mpn_weight=-1\.0 \(must be >= 0\)"),
+        ({"mpn": {"layers": 0, "dropout": 2.0}}, r"--model\.mpn\.layers=0 .*; --model\.mpn\.dropout=2\.0"),
+        ({"mpn": {"heads": 3}}, r"--model\.mpn\.heads=3 does not divide --model\.embedding_dim=16"),
+        ({"mpn": {"ff_dim": 0}}, r"--model\.mpn\.ff_dim=0"),
+        ({"mpn": {"classifier_input": "first"}}, r"--model\.mpn\.classifier_input must be one of 'last', 'concat'"),
+        ({"mpn": {"depth": 2}}, r"--model\.mpn has no field 'depth'"),
+        ({"refine": {"stages": "val"}}, r"--model\.refine\.stages must be one of"),
+        ({"refine": {"k1": 0, "batch_size": 0}}, r"--model\.refine\.k1=0 .*--model\.refine\.batch_size=0"),
+        ({"refine": {"alpha": 1.5}}, r"--model\.refine\.alpha=1\.5 \(must be in \[0, 1\]\)"),
+    ],
+)
+def test_bad_options_name_their_flag_before_the_encoder_is_built(
+    options: dict[str, dict[str, Any]], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every group's fields are checked where the group is built, before any heavy work."""
+
+    def no_encoder(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the encoder was built before the options were checked")
+
+    monkeypatch.setattr("methods.base.Encoder", no_encoder)
+    with pytest.raises(ValueError, match=message):
+        IntraBatchMPN(**options, backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=16,
+                      num_classes=5, image_size=16)
+    group, fields = next(iter(options.items()))
+    if not {"heads", "depth"} & set(fields):  # the dataclass itself refuses the value (what the CLI builds)
+        cls = {"mpn": MPNConfig, "loss": LossConfig, "refine": ReciprocalConfig}[group]
+        with pytest.raises(ValueError, match=message):
+            cls(**fields)
 
 
 @pytest.mark.parametrize("layers", [1, 2])
 def test_refine_runs_the_mpn_on_reciprocal_batches(layers: int) -> None:
-    model = _model(mpn_layers=layers, mpn_classifier_input="concat" if layers == 2 else "last", refine_k1=6,
-                   refine_batch_size=4).eval()
+    model = _model(mpn={"layers": layers, "classifier_input": "concat" if layers == 2 else "last"},
+                   refine={"k1": 6, "batch_size": 4}).eval()
     gen = torch.Generator().manual_seed(0)
     emb = F.normalize(torch.randn(60, 16, generator=gen), dim=1)
     is_query = torch.ones(60, dtype=torch.bool)
@@ -398,7 +452,7 @@ def test_refine_runs_the_mpn_on_reciprocal_batches(layers: int) -> None:
     with torch.no_grad():
         expected = F.normalize(model.mpn_features([o[:, 0] for o in model.mpn(emb[batches])]), dim=1)
     torch.testing.assert_close(refined, expected, rtol=1e-4, atol=1e-5)
-    assert _model(refine_stages="never").refine(emb, is_query, is_gallery) is None
+    assert _model(refine={"stages": "never"}).refine(emb, is_query, is_gallery) is None
 
 
 def _metrics_with_nmi(emb: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> dict[str, float]:
@@ -417,7 +471,7 @@ def test_the_evaluator_reports_the_metrics_of_the_mpn_refined_embeddings() -> No
     differ from the plain ones (the MPN moved the embeddings).
     """
     torch.manual_seed(0)
-    model = _model(refine_k1=5, refine_batch_size=4).eval()
+    model = _model(refine={"k1": 5, "batch_size": 4}).eval()
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(40) // 4
     emb = F.normalize(torch.randn(10, 16, generator=gen)[labels] + 0.8 * torch.randn(40, 16, generator=gen), dim=1)
@@ -471,7 +525,7 @@ def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path, mon
         "--backbone.pretrained", "false", "--data.images_per_class", "8", "--data.classes_per_batch", "8",
         "--data.samples_per_class", "4", "--data.batches_per_epoch", "25", "--data.num_workers", "0",
         "--model.embedding_dim", "64", "--model.lr", "1e-2", "--model.lr_milestones", "[100]",
-        "--model.refine_k1", "10", "--trainer.max_epochs", "4", "--trainer.enable_progress_bar", "false",
+        "--model.refine.k1", "10", "--trainer.max_epochs", "4", "--trainer.enable_progress_bar", "false",
         "--logger", "none", "--run_dir", str(run),
     ]
     assert main(args) == 0
@@ -497,3 +551,15 @@ def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path, mon
     reported = test["refined"]["refined"]
     assert reported == pytest.approx(_metrics_with_nmi(refined, labels, **roles), rel=1e-9, abs=1e-12)
     assert reported != pytest.approx(test["metrics"], abs=1e-6)  # the MPN changed the ranking
+
+    # The run's last checkpoint (the tested weights) reloads with its option groups as dataclasses,
+    # and the recorded config nests them under model.init_args.
+    reloaded = load_method(str(run / "checkpoints" / "last.ckpt"))
+    assert isinstance(reloaded, IntraBatchMPN)
+    assert reloaded.hparams.refine == ReciprocalConfig(k1=10) and reloaded.refine_config.k1 == 10
+    assert (reloaded.hparams.mpn, reloaded.hparams.loss) == (MPNConfig(), LossConfig())
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    torch.testing.assert_close(reloaded.eval().refine_embeddings(emb, is_gallery), refined, rtol=1e-5, atol=1e-6)
+    config = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+    assert config["refine"]["k1"] == 10 and config["mpn"]["heads"] == 2 and config["loss"]["temperature"] == 0.2
