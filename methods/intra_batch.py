@@ -79,9 +79,20 @@ class MessagePassingLayer(nn.Module):
         dropout: dropout on the attention and feed-forward outputs (before each residual).
         null_logit: add an implicit zero logit to every softmax, ``exp(s_ij) / (1 + sum_j
             exp(s_ij))`` (the public code's attention); ``False`` is the paper's plain softmax.
+        attention_dropout: dropout on the attention weights (the public code: 0.1).
+        ff_dropout: dropout between the feed-forward block's two Linears (the public code: 0.1).
     """
 
-    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float = 0.1, null_logit: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ff_dim: int,
+        dropout: float = 0.1,
+        null_logit: bool = False,
+        attention_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(
@@ -89,7 +100,8 @@ class MessagePassingLayer(nn.Module):
                 "choose a number of heads that divides the embedding size (--model.embedding_dim)."
             )
         self.dim, self.heads, self.head_dim, self.null_logit = dim, heads, dim // heads, null_logit
-        self.attention = Attention(heads, zero_logit=null_logit)  # no parameters: the state_dict is unchanged
+        # no parameters: the state_dict is unchanged
+        self.attention = Attention(heads, zero_logit=null_logit, dropout=attention_dropout)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -98,6 +110,9 @@ class MessagePassingLayer(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(inplace=True), nn.Linear(ff_dim, dim))
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        # Inside FF, between ReLU and the second Linear; kept outside ``ff`` so its state_dict
+        # names (ff.0, ff.2) stay those of the reference mapping.
+        self.ff_dropout = nn.Dropout(ff_dropout)
 
     def forward(self, h: torch.Tensor, num_receivers: int | None = None) -> torch.Tensor:
         """Update the nodes of every batch.
@@ -117,7 +132,8 @@ class MessagePassingLayer(nn.Module):
         """Eq. 2-6 from projected features: receivers/q (..., R, d), k/v (..., B, d) -> (..., R, d)."""
         messages = self.attend(q, k, v)  # (..., R, d)
         x = self.norm1(receivers + self.dropout(self.out(messages)))  # Eq. 5
-        return self.norm2(x + self.dropout(self.ff(x)))  # Eq. 6
+        hidden = self.ff_dropout(self.ff[1](self.ff[0](x)))  # (..., R, ff_dim)
+        return self.norm2(x + self.dropout(self.ff[2](hidden)))  # Eq. 6
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(..., R, d), (..., B, d) -> (..., M, R, B) attention weights alpha (Eq. 3 + softmax).
@@ -147,6 +163,8 @@ class MessagePassingNetwork(nn.Module):
         dropout: float = 0.1,
         null_logit: bool = False,
         input_projection: bool = True,
+        attention_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if layers < 1:
@@ -154,14 +172,15 @@ class MessagePassingNetwork(nn.Module):
         self.dim = dim
         self.input = nn.Linear(dim, dim) if input_projection else nn.Identity()
         self.layers = nn.ModuleList(
-            MessagePassingLayer(dim, heads, ff_dim or 4 * dim, dropout, null_logit) for _ in range(layers)
+            MessagePassingLayer(dim, heads, ff_dim or 4 * dim, dropout, null_logit, attention_dropout, ff_dropout)
+            for _ in range(layers)
         )
 
     @classmethod
     def from_config(cls, dim: int, config: MPNConfig) -> MessagePassingNetwork:
         """The network ``config`` describes on ``dim``-d nodes (``classifier_input`` is the method's business)."""
         return cls(dim, config.layers, config.heads, config.ff_dim, config.dropout, config.null_logit,
-                   config.input_projection)
+                   config.input_projection, config.attention_dropout, config.ff_dropout)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(..., B, d) node features -> the (..., B, d) output of every layer."""
@@ -232,6 +251,12 @@ class MPNConfig:
         classifier_input: ``last`` layer's output (the paper) or ``concat`` of every
             layer's output (the public Cars recipe) feeds the MPN classifier; it is also the
             refined test embedding.
+        attention_dropout: dropout on the attention weights (the public code: 0.1; the paper
+            does not mention it).
+        ff_dropout: dropout inside the feed-forward block, between its Linears (the public
+            code: 0.1).
+        freeze_bn_bias: freeze the bias of the MPN classifier's BatchNorm (the public code's
+            BNNeck does; its weight still trains).
     """
 
     layers: int = 1
@@ -241,9 +266,14 @@ class MPNConfig:
     null_logit: bool = False
     input_projection: bool = True
     classifier_input: ClassifierInput = "last"
+    attention_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    freeze_bn_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_fields("mpn", [
+            ("attention_dropout", self.attention_dropout, 0.0 <= self.attention_dropout <= 1.0, "in [0, 1]"),
+            ("ff_dropout", self.ff_dropout, 0.0 <= self.ff_dropout <= 1.0, "in [0, 1]"),
             ("layers", self.layers, self.layers >= 1, ">= 1"),
             ("heads", self.heads, self.heads >= 1, ">= 1, a divisor of --model.embedding_dim"),
             ("ff_dim", self.ff_dim, self.ff_dim is None or self.ff_dim >= 1, ">= 1, or null for 4 * embedding_dim"),
@@ -345,7 +375,8 @@ class IntraBatchMPN(RetrievalMethod):
             reference uses max pooling); ViTs keep their preset's pooling.
         backbone, embedding_dim, optimizer, optimizer_args, lr, weight_decay, scheduler,
             lr_milestones: the base's arguments with this method's defaults (ResNet-50, 512-d,
-            RAdam with the CUB lr and weight decay, lr / 10 at epochs 31 and 51).
+            RAdam with the CUB lr and weight decay; the public trainer's schedule: at epochs 30
+            and 50 (0-based) reload the best weights and continue at lr / 10).
         **kwargs: the other base arguments (num_classes, image_size, head_lr_mult, lr_gamma,
             warmup_steps).
 
@@ -367,8 +398,8 @@ class IntraBatchMPN(RetrievalMethod):
         optimizer_args: dict[str, Any] | None = None,
         lr: float = 1.5637e-4,
         weight_decay: float = 6.06e-6,
-        scheduler: SchedulerName = "multistep",
-        lr_milestones: Sequence[int] | None = (31, 51),
+        scheduler: SchedulerName = "reload_best",
+        lr_milestones: Sequence[int] | None = (30, 50),
         **kwargs: Any,
     ) -> None:
         # Every option is checked before the encoder is built (the dataclasses check their own fields).
@@ -402,6 +433,8 @@ class IntraBatchMPN(RetrievalMethod):
         feature_dim = dim * (mpn.layers if mpn.classifier_input == "concat" else 1)
         self.backbone_classifier = nn.Linear(dim, num_classes)
         self.mpn_classifier = nn.Sequential(nn.BatchNorm1d(feature_dim), nn.Linear(feature_dim, num_classes, bias=False))
+        if mpn.freeze_bn_bias:
+            self.mpn_classifier[0].bias.requires_grad_(False)  # stays 0: a BNNeck without shift
 
     # ------------------------------------------------------------------ training
     def mpn_features(self, outputs: list[torch.Tensor]) -> torch.Tensor:

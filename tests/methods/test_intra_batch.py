@@ -313,6 +313,35 @@ def test_gradients_reach_the_backbone_through_both_losses() -> None:
     assert all(p.grad is None for p in only_backbone.mpn.parameters())
 
 
+def test_official_dropouts_act_where_the_public_code_puts_them() -> None:
+    """Dropout 1 on the attention weights leaves only W_o's bias as the message; dropout 1 inside
+    FF leaves only its second Linear's bias; neither acts in eval mode."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 8)  # 3 batches of 5 nodes
+    attn = MessagePassingLayer(8, 2, 16, dropout=0.0, null_logit=True, attention_dropout=1.0).train()
+    x = attn.norm1(h + attn.out.bias)
+    torch.testing.assert_close(attn(h), attn.norm2(x + attn.ff(x)))
+    ff = MessagePassingLayer(8, 2, 16, dropout=0.0, ff_dropout=1.0).train()
+    x = ff.norm1(h + ff.out(ff.attention(ff.q(h), ff.k(h), ff.v(h))[0]))
+    torch.testing.assert_close(ff(h), ff.norm2(x + ff.ff[2].bias))
+    plain = MessagePassingLayer(8, 2, 16, dropout=0.0)
+    plain.load_state_dict(ff.state_dict())  # same names: the dropouts add no parameters
+    torch.testing.assert_close(ff.eval()(h), plain.eval()(h))
+
+
+def test_frozen_bn_bias_stays_zero_while_its_weight_trains() -> None:
+    model = _model(mpn={"freeze_bn_bias": True})
+    bn = model.mpn_classifier[0]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    weight = bn.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model.training_loss(_batch())["loss"].backward()
+        opt.step()
+    assert not bn.bias.requires_grad and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert not torch.equal(bn.weight, weight)
+
+
 def _smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-sample label-smoothed cross-entropy, written out: (N, C) logits -> (N,) float64."""
     logp = logits.double().log_softmax(dim=1)  # (N, C)
@@ -383,7 +412,7 @@ def test_defaults_follow_the_reference_recipe() -> None:
     assert _model(backbone=BackboneConfig("resnet_tiny_test", pretrained=False, pool="avg")).encoder.pool == "avg"
     assert _model(backbone=BackboneConfig("vit_tiny_test", pretrained=False)).encoder.pool == "token"
     hp = model.hparams
-    assert (hp.optimizer, hp.scheduler, list(hp.lr_milestones), hp.lr_gamma) == ("radam", "multistep", [31, 51], 0.1)
+    assert (hp.optimizer, hp.scheduler, list(hp.lr_milestones), hp.lr_gamma) == ("radam", "reload_best", [30, 50], 0.1)
     assert (hp.mpn, hp.loss, hp.refine) == (MPNConfig(heads=4), LossConfig(), ReciprocalConfig())
     assert (MPNConfig(), LossConfig(), ReciprocalConfig()) == (
         MPNConfig(1, 2, None, 0.1, False, True, "last"), LossConfig(0.2, 0.1, 1.0, 1.0),
