@@ -241,3 +241,39 @@ def test_reload_best_continues_from_the_best_validation_through_a_trainer(cub_fi
         reloaded += best is not last and any(not torch.equal(state[k], last[2][k]) for k in last[2])
     assert reloaded >= 1  # at least one milestone went back to earlier weights (the fixture's R@1 ties at 1.0)
     assert [probe.starts[e][0] for e in (0, 1)] == pytest.approx([3e-2, 3e-2])
+
+
+def test_reload_best_survives_a_resume(cub_fixture: Path, tmp_path: Path) -> None:
+    """Fit 2 epochs, stop, resume from last.ckpt: the milestone at epoch 2 reloads the best weights of
+    the first run (they travel in the checkpoint), not the weights the resumed run started from."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from benchmark.evaluation import RetrievalEvaluator
+
+    def run(max_epochs: int, ckpt_path: str | None) -> ReloadProbe:
+        dm = CUB200(root=str(cub_fixture), image_size=16, classes_per_batch=4, samples_per_class=2, num_workers=0,
+                    batches_per_epoch=3, eval_batch_size=128)  # fmt: skip
+        torch.manual_seed(0)
+        model = registry.get_method("ms")(
+            backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=8, image_size=16, lr=3e-2,
+            scheduler="reload_best", lr_milestones=[2], lr_gamma=0.1,
+        )  # fmt: skip
+        probe = ReloadProbe(model.selection_metric)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+        trainer = L.Trainer(
+            max_epochs=max_epochs, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+            callbacks=[RetrievalEvaluator(), probe, checkpoints], default_root_dir=tmp_path, accelerator="cpu",
+            use_distributed_sampler=False,
+        )  # fmt: skip
+        with pytest.warns(UserWarning):
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)  # hparams hold dataclasses
+        return probe
+
+    first = run(2, None)
+    best = max(first.validations, key=lambda v: v[1])
+    assert best is not first.validations[-1]  # the fixture's R@1 ties: the first epoch stays the best
+    resumed = run(3, str(tmp_path / "ckpt" / "last.ckpt"))
+    lr, state = resumed.starts[2]
+    assert lr == pytest.approx(3e-3, rel=1e-12)
+    for name, tensor in best[2].items():
+        assert torch.equal(state[name], tensor), name
