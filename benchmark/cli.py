@@ -40,7 +40,9 @@ from benchmark.training import (
     CheckpointSettings,
     RunStatus,
     resolve_precision,
+    run_metadata,
 )
+from benchmark.wandb_logger import WandbResults, build_wandb_logger
 from datamodules.base import RetrievalDataModule
 from methods.base import NonFiniteLossError, RetrievalMethod
 
@@ -471,15 +473,17 @@ def _make_cli_class():
                 callbacks.append(self.status)
             precision, reason = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
             meta["precision"] = str(precision)
+            meta.update(run_metadata(self.run_info, trainer_cfg, self.datamodule))
             logger_name = self.run_info.get("logger") or "wandb"
             if command != "fit" and self.run_info.get("run_config") and self.run_info.get("logger_default", True):
                 logger_name = "none"  # evaluating a run's checkpoint: its results go into its folder
             # --trainer.logger, when given, wins (LightningCLI's convention) and --logger's is not made.
             user_logger = trainer_cfg.get("logger")
             user_set = user_logger is not None and user_logger is not True
-            logger = None if user_set else build_logger(logger_name, run_dir, meta)
+            logger = None if user_set else build_logger(logger_name, run_dir, meta, command)
             if command == "fit" and (logger is not None or (user_set and user_logger is not False)):
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
+            callbacks.append(WandbResults(run_dir, selection))  # acts only when a W&B logger is attached
             kwargs["default_root_dir"] = str(run_dir)  # --trainer.default_root_dir, if given, chose run_dir
             if not user_set:
                 kwargs["logger"] = logger if logger is not None else False
@@ -543,7 +547,7 @@ def _short_parse_error(parser: Any, message: str) -> None:
     raise SystemExit(2)
 
 
-def build_logger(name: str, run_dir: Path, meta: dict[str, Any]):
+def build_logger(name: str, run_dir: Path, meta: dict[str, Any], job_type: str = "fit"):
     """The run's logger: W&B (offline unless logged in), CSV, TensorBoard or none."""
     if name == "none":
         return None
@@ -553,22 +557,7 @@ def build_logger(name: str, run_dir: Path, meta: dict[str, Any]):
         from lightning.pytorch.loggers import TensorBoardLogger
 
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="")
-    from lightning.pytorch.loggers import WandbLogger
-
-    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
-    group = f"{meta.get('dataset')}/{meta.get('method')}"
-    previous = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
-    resume = {"id": previous[-1].name.rsplit("-", 1)[1], "resume": "allow"} if previous else {}  # a resumed run
-    return WandbLogger(
-        **resume,
-        save_dir=str(run_dir),
-        name=run_dir.name,
-        project=os.environ.get("WANDB_PROJECT", "dml-benchmark"),
-        group=group,
-        tags=[str(meta.get("dataset")), str(meta.get("method")), str(meta.get("backbone"))],
-        config=meta,
-        mode=mode,
-    )
+    return build_wandb_logger(run_dir, meta, job_type)
 
 
 def _csv_logger(run_dir: Path):
@@ -597,13 +586,6 @@ def _csv_logger(run_dir: Path):
             header = next(csv.reader(f), [])
         writer.metrics_keys = sorted(header)
     return logger
-
-
-def _wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status: Any = None):

@@ -301,3 +301,33 @@ class RunStatus(Callback):
         path = folder / "last.ckpt"
         trainer.save_checkpoint(path)  # a collective under DDP; AtomicCheckpointIO renames into place
         self.checkpoint = path
+
+
+VERSIONED_PACKAGES = ("dml-benchmark", "torch", "torchvision", "lightning", "timm", "pytorch-metric-learning",
+                      "faiss-cpu", "wandb")
+
+
+def run_metadata(run_info: dict[str, Any], trainer_cfg: dict[str, Any], datamodule: Any) -> dict[str, Any]:
+    """What else makes a run's numbers reproducible and comparable, as flat keys: the recipe (name
+    and content hash), the training length, the augmentation and the library versions."""
+    import hashlib
+    from dataclasses import asdict, is_dataclass
+    from importlib.metadata import PackageNotFoundError, version
+
+    meta: dict[str, Any] = {}
+    recipe = run_info.get("recipe")
+    meta["recipe"] = str(recipe) if recipe else None
+    if recipe and Path(str(recipe)).is_file():
+        meta["recipe_sha256"] = hashlib.sha256(Path(str(recipe)).read_bytes()).hexdigest()[:16]
+    for key in ("max_epochs", "max_steps", "accumulate_grad_batches"):
+        if trainer_cfg.get(key) is not None:
+            meta[key] = trainer_cfg[key]
+    augment = getattr(datamodule, "augment", None)
+    if is_dataclass(augment):
+        meta.update({f"augment.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(augment).items()})
+    for package in VERSIONED_PACKAGES:
+        try:
+            meta[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            continue
+    return meta

@@ -44,7 +44,7 @@ def layer(module: str) -> int:
         "benchmark.cli", "benchmark.leaderboard", "benchmark.__main__", "benchmark",
     ):
         return 4
-    if module.startswith(("benchmark.evaluation", "benchmark.training")):
+    if module.startswith(("benchmark.evaluation", "benchmark.training", "benchmark.wandb_logger")):
         return 3
     if module.startswith("methods"):
         return 2

@@ -1,0 +1,171 @@
+"""W&B as the benchmark's default logger: a flat, filterable config, grouped runs, results as artifacts.
+
+What a W&B user expects from a benchmark run, and what Lightning's ``WandbLogger`` alone does
+not give:
+
+* **Flat config keys** (``method``, ``dataset``, ``backbone``, ``seed``, ``protocol``,
+  ``precision``, ``recipe``, batch composition, versions) that the run table filters and
+  groups by. Lightning also logs every ``__init__`` argument of the model and datamodule
+  (``save_hyperparameters``); with nested option groups those would overwrite the flat keys
+  (``backbone`` becoming a dict, ``embedding_dim`` ``None``) and add ``_instantiator``.
+  :class:`BenchmarkWandbLogger` puts them under ``hparams/`` (flattened with dots) instead.
+* **Grouping and job type**: ``group`` = ``$WANDB_RUN_GROUP`` (a suite sets it) or
+  ``dataset/method/backbone``; ``job_type`` = the command (``fit``, ``test``, ``validate``).
+* **The summary** keeps the last value of every metric (W&B's rule); the number the run is
+  judged by is added as ``best/<selection metric>`` and ``best/epoch`` (:class:`WandbResults`).
+* **Artifacts**: the run's results JSON files after testing, and (opt-in, ``$DML_BENCHMARK_WANDB_CHECKPOINT=best``)
+  its best checkpoint.
+* **Credentials** are W&B's own: the API key, identity-token file or ``.netrc`` entry for the
+  server W&B is configured for (``WANDB_BASE_URL`` / ``wandb login --host``), so a
+  self-hosted server counts as logged in (:func:`wandb_logged_in`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+ENV_CHECKPOINT = "DML_BENCHMARK_WANDB_CHECKPOINT"
+RESULT_FILES = ("metrics_val.json", "metrics_test.json", "status.json", "config.yaml")
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings and dataclass-like objects -> ``{"a.b.c": value}`` (private ``_`` keys dropped)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if str(key).startswith("_"):
+            continue
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if hasattr(value, "__dataclass_fields__"):
+            value = {f: getattr(value, f) for f in value.__dataclass_fields__}
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = list(value) if all(isinstance(v, (int, float, str, bool)) for v in value) else str(value)
+        elif value is None or isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class BenchmarkWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` whose automatic hyper-parameters go under ``hparams/``.
+
+    The run's own flat metadata is the ``config`` given at construction; Lightning's
+    ``log_hyperparams`` (the model's and datamodule's init arguments) no longer overwrites it.
+    """
+
+    def log_hyperparams(self, params: Any) -> None:
+        if not isinstance(params, Mapping):
+            params = vars(params)
+        super().log_hyperparams({f"hparams/{k}": v for k, v in flatten(params).items()})
+
+
+def wandb_logged_in() -> bool:
+    """Whether W&B has credentials for the server it is configured to use (SaaS or self-hosted).
+
+    W&B's own resolution: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or the ``.netrc``
+    entry for ``wandb.setup().settings.base_url`` (which ``WANDB_BASE_URL`` and ``wandb login
+    --host`` set). Older W&B releases without ``wbauth`` fall back to the ``.netrc`` entry of
+    the same host read with the standard library.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import wandb
+
+    host = os.environ.get("WANDB_BASE_URL")
+    if not host:
+        try:  # the server `wandb login --host` saved in W&B's settings file
+            host = str(wandb.setup().settings.base_url)
+        except Exception:  # a broken settings file: W&B itself would not know its server either
+            host = "https://api.wandb.ai"
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth  # optional: wandb >= 0.2x
+    except ImportError:
+        read_netrc_auth = None
+    if read_netrc_auth is not None:
+        try:
+            return read_netrc_auth(host=host) is not None
+        except Exception:  # a malformed key: W&B would refuse it too
+            return False
+    import netrc
+    from urllib.parse import urlparse
+
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(host).hostname or host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return entry is not None
+
+
+def build_wandb_logger(run_dir: Path, meta: dict[str, Any], job_type: str) -> BenchmarkWandbLogger:
+    """The run's W&B logger: online when logged in (else offline, synced later with ``wandb sync``);
+    a resumed run (its ``wandb/`` folder exists) continues its W&B run id."""
+    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+    group = os.environ.get("WANDB_RUN_GROUP") or f"{meta.get('dataset')}/{meta.get('method')}/{meta.get('backbone')}"
+    previous = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    resume = {"id": previous[-1].name.rsplit("-", 1)[1], "resume": "allow"} if previous else {}
+    return BenchmarkWandbLogger(
+        **resume,
+        save_dir=str(run_dir),
+        name=run_dir.name,
+        project=os.environ.get("WANDB_PROJECT", "dml-benchmark"),
+        group=group,
+        job_type=job_type,
+        tags=[str(meta.get("dataset")), str(meta.get("method")), str(meta.get("backbone"))],
+        config=flatten(meta),
+        mode=mode,
+    )
+
+
+class WandbResults(L.Callback):
+    """Adds to the W&B run what a finished run is judged by: ``best/<metric>`` and ``best/epoch``
+    in the summary after ``fit``, the results files as an artifact after ``test``, and (opt-in)
+    the best checkpoint as a model artifact."""
+
+    def __init__(self, run_dir: Path, selection_metric: str) -> None:
+        self.run_dir, self.selection_metric = Path(run_dir), selection_metric
+
+    @staticmethod
+    def _logger(trainer: L.Trainer) -> WandbLogger | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = self._logger(trainer)
+        callback = trainer.checkpoint_callback
+        if logger is None or not trainer.is_global_zero or callback is None:
+            return
+        score = getattr(callback, "best_model_score", None)
+        if score is not None:
+            logger.experiment.summary[f"best/{self.selection_metric}"] = float(score)
+            stem = Path(str(getattr(callback, "best_model_path", ""))).stem  # best-{epoch}-{step}
+            epoch = stem.split("best-", 1)[-1].split("-", 1)[0] if stem.startswith("best-") else ""
+            if epoch.isdigit():
+                logger.experiment.summary["best/epoch"] = int(epoch)
+        if os.environ.get(ENV_CHECKPOINT, "").lower() == "best" and getattr(callback, "best_model_path", ""):
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model",
+                                      metadata={self.selection_metric: None if score is None else float(score)})
+            artifact.add_file(str(callback.best_model_path))
+            logger.experiment.log_artifact(artifact, aliases=["best"])
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = self._logger(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        files = [self.run_dir / name for name in RESULT_FILES if (self.run_dir / name).is_file()]
+        if not files:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"results-{logger.experiment.id}", type="results")
+        for path in files:
+            artifact.add_file(str(path))
+        logger.experiment.log_artifact(artifact)
