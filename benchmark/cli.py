@@ -473,7 +473,8 @@ def _make_cli_class():
                 callbacks.append(self.status)
             precision, reason = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
             meta["precision"] = str(precision)
-            meta.update(run_metadata(self.run_info, trainer_cfg, self.datamodule))
+            extra = run_metadata(self.run_info, trainer_cfg, self.datamodule)
+            meta.update(extra)
             logger_name = self.run_info.get("logger") or "wandb"
             if command != "fit" and self.run_info.get("run_config") and self.run_info.get("logger_default", True):
                 logger_name = "none"  # evaluating a run's checkpoint: its results go into its folder
@@ -496,6 +497,8 @@ def _make_cli_class():
             kwargs["plugins"] = plugins
             self.run_dir = run_dir
             trainer = super().instantiate_trainer(**kwargs)
+            # Recorded with every evaluation too (metrics_*.json), so local results and W&B agree.
+            trainer.run_metadata = {k: v for k, v in extra.items() if not k.startswith("version.")}
             if trainer.is_global_zero:
                 print(f"[benchmark] precision: {trainer.precision} ({reason})", file=sys.stderr)
                 print(f"[benchmark] run directory: {run_dir}", file=sys.stderr)

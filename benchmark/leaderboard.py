@@ -1,44 +1,112 @@
-"""``python -m benchmark leaderboard``: local results next to the papers' reported numbers.
+"""``python -m benchmark leaderboard``: runs grouped by what makes them comparable, aggregated over seeds.
 
-Reads every ``<runs>/*/metrics_test.json`` (the evaluation callback's output), keeps the
-last test evaluation of each run and prints one table per dataset, best first, with the
-number the source papers report for the same method, backbone and dataset where there is
-one (``benchmark/reference/paper_results.csv``). ``--wandb ENTITY/PROJECT`` reads the same
-fields from W&B run summaries instead (needs network and a login).
+A benchmark's table must not mix numbers that are not comparable, nor hide how a number was
+chosen. The rules (docs/leaderboard.md):
+
+* **Sources**: run directories anywhere under ``--runs`` (each ``metrics_test.json`` the
+  evaluation callback writes, plus its ``metrics_val.json``), or a W&B project through the
+  public API (``--wandb ENTITY/PROJECT``: config, summary and validation history). Both give the
+  same rows for the same runs.
+* **Groups**: runs fall into one group only when every recorded setting agrees: dataset,
+  protocol, method, backbone, pretrained weights, embedding size, image size, precision, recipe
+  hash, batch composition, augmentation and every option the method records in ``describe()``.
+  Only the seeds (and the library versions) may differ. Groups that share dataset, method and
+  backbone but differ elsewhere are shown as separate rows, each naming its differing fields.
+* **Which number a run contributes** (``--select``): ``final`` (default) is the run's last test
+  evaluation: the end of training under the ``paper`` protocol, the checkpoint selected on the
+  holdout validation split under ``holdout`` (the run records which). ``test-best`` is the
+  best test-split evaluation during training, as many papers report it: only under the
+  ``paper`` protocol (where validation is the test split), and labelled "selected on test,
+  optimistic" everywhere it appears. Each seed contributes its own number; the table shows
+  the mean and the sample standard deviation over seeds (never "the best of the mean curve").
+* **Paper numbers** (``benchmark/reference/paper_results.csv``) appear as reference rows, and a
+  Δ column compares a group with the paper when dataset, backbone and embedding size match and
+  the method declares the paper's name for it (:meth:`methods.base.RetrievalMethod.reference_names`).
+* **Outputs**: the console table, and ``--format md|csv|html|json --out FILE`` (written
+  atomically); ``--figures DIR`` writes PNG figures (ranking bars with error bars, R@K curves,
+  validation curves with a band over seeds), which the HTML page embeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import io
 import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmark import registry
+from benchmark.errors import UserError
+from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
 
 REFERENCE = Path(__file__).with_name("reference") / "paper_results.csv"
-META_KEYS = ("method", "backbone", "embedding_dim", "dataset", "protocol", "seed")
+SELECTIONS = ("final", "test-best")
+OPTIMISTIC = "selected on test, optimistic"
+# Recorded per run but not a setting: a seed sweep differs only in these.
+PER_RUN = {"seed", "data_seed", "checkpoint", "versions", "stage", "split", "evaluations", "metrics", "refined",
+           "recall_ks", "nmi", "weights", "run", "selection_metric", "num_train_images", "num_test_images",
+           "num_train_classes", "sampler"}
+PER_RUN_PREFIXES = ("version.", "hparams/", "best/", "test/", "val/", "train/", "time/", "_")
+# Shown in every row (in this order); every other comparability field is shown only where it differs.
+ROW_FIELDS = ("dataset", "protocol", "method", "backbone", "embedding_dim", "image_size")
+DEFAULT_METRICS = ("R@1", "MAP@R", "R-Precision", "NMI")
 
 
-def paper_numbers(path: Path = REFERENCE) -> dict[tuple[str, str, str, str], float]:
-    """(method, backbone, dataset, metric) -> reported value, from the reference CSV."""
-    rows = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
-    table: dict[tuple[str, str, str, str], float] = {}
-    for row in csv.DictReader(rows):
-        table[(row["method"], row["backbone"], row["dataset"], row["metric"])] = float(row["value"])
-    return table
+# ---------------------------------------------------------------------------- runs
+@dataclass
+class RunRecord:
+    """One run: its recorded settings, its test metrics and its validation curve."""
+
+    name: str
+    meta: dict[str, Any]
+    test: dict[str, float]  # the last test evaluation, flat: "R@1", "refined/R@1", ...
+    val_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (epoch, flat metrics)
+    source: str = "local"
+
+    @property
+    def seed(self) -> Any:
+        return self.meta.get("seed")
+
+    def value(self, metric: str, select: str) -> float | None:
+        """The number this run contributes for ``metric`` under the ``select`` rule."""
+        if select == "final":
+            return self.test.get(metric)
+        if self.meta.get("protocol") != "paper":
+            return None  # test-best needs validations on the test split
+        values = [m[metric] for _, m in self.val_curve if metric in m]
+        return max(values) if values else None
 
 
-def _paper_method(method: str) -> list[str]:
-    """Names a method goes by in the reference CSV (baselines are listed as '<name>_baseline')."""
-    return [method, f"{method}_baseline"]
+def _flat_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation entry -> {"R@1": .., "refined/R@1": .., "refined/level1/R@1": ..}."""
+    flat = {k: float(v) for k, v in (evaluation.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    for group, metrics in (evaluation.get("refined") or {}).items():
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                flat[f"{group}/{k}"] = float(v)
+    return flat
 
 
-def local_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """One row per run: its metadata and the metrics of its last test evaluation."""
-    rows = []
-    for path in sorted(runs_dir.glob("*/metrics_test.json")):
+def settings(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The comparability fields of a run's recorded metadata (everything but per-run values)."""
+    return {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in meta.items()
+        if k not in PER_RUN and not k.startswith(PER_RUN_PREFIXES) and not isinstance(v, dict)
+    }
+
+
+def local_runs(root: Path) -> list[RunRecord]:
+    """Every run directory under ``root`` (any depth) with a test evaluation."""
+    records = []
+    for path in sorted(Path(root).rglob("metrics_test.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -46,60 +114,433 @@ def local_runs(runs_dir: Path) -> list[dict[str, Any]]:
         evaluations = data.get("evaluations") or []
         if not evaluations:
             continue
-        meta = {**data.get("meta", {}), **{k: data[k] for k in META_KEYS if k in data}}
-        rows.append({"run": path.parent.name, **meta, "metrics": evaluations[-1].get("metrics", {})})
-    return rows
+        meta = {k: v for k, v in data.items() if k not in ("evaluations", "metrics", "refined")}
+        curve = []
+        val_path = path.with_name("metrics_val.json")
+        if val_path.is_file():
+            try:
+                val = json.loads(val_path.read_text())
+                curve = [(int(e.get("epoch", 0)), _flat_metrics(e)) for e in val.get("evaluations", [])
+                         if e.get("global_step", 1) > 0]  # fmt: skip  (the untrained pre-fit check is not a result)
+            except (OSError, json.JSONDecodeError, ValueError):
+                curve = []
+        records.append(RunRecord(str(path.parent.relative_to(root)) or path.parent.name, meta,
+                                 _flat_metrics(evaluations[-1]), curve))  # fmt: skip
+    return records
 
 
-def wandb_runs(project: str) -> list[dict[str, Any]]:
-    """The same rows from a W&B project's run summaries (``test/<metric>`` keys)."""
-    import wandb
+def wandb_runs(project: str, filters: Mapping[str, Any] | None = None, api: Any = None) -> list[RunRecord]:
+    """The same records from a W&B project: flat config keys, ``test/*`` summary, ``val/*`` history.
 
+    ``api`` stands in for ``wandb.Api()`` (tests pass recorded run objects).
+    """
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    records = []
+    for run in api.runs(project, filters=dict(filters or {})):
+        summary = dict(run.summary)
+        test = {k[len("test/"):]: float(v) for k, v in summary.items()
+                if k.startswith("test/") and isinstance(v, (int, float))}  # fmt: skip
+        if not test:
+            continue
+        meta = {k: v for k, v in dict(run.config).items() if not str(k).startswith("_")}
+        curve = []
+        for row in run.history(pandas=False):
+            metrics = {k[len("val/"):]: float(v) for k, v in row.items()
+                       if k.startswith("val/") and isinstance(v, (int, float))}  # fmt: skip
+            if metrics and int(row.get("trainer/global_step", row.get("_step", 1)) or 0) > 0:
+                curve.append((int(row.get("epoch", 0)), metrics))
+        records.append(RunRecord(run.name, meta, test, curve, source="wandb"))
+    return records
+
+
+# ---------------------------------------------------------------------------- aggregation
+@dataclass
+class Group:
+    """Runs with the same settings: one leaderboard row."""
+
+    settings: dict[str, Any]
+    runs: list[RunRecord]
+    differs: dict[str, Any] = field(default_factory=dict)  # fields that set it apart from its siblings
+
+    def values(self, metric: str, select: str) -> list[tuple[Any, float]]:
+        """(seed, value) per run that has the metric."""
+        out = []
+        for run in sorted(self.runs, key=lambda r: str(r.seed)):
+            value = run.value(metric, select)
+            if value is not None and math.isfinite(value):
+                out.append((run.seed, value))
+        return out
+
+    def stats(self, metric: str, select: str) -> tuple[int, float | None, float | None]:
+        """(n, mean, sample std) over the runs' values (std ``None`` for fewer than 2)."""
+        values = [v for _, v in self.values(metric, select)]
+        if not values:
+            return 0, None, None
+        return len(values), statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+    @property
+    def seeds(self) -> list[Any]:
+        return sorted({r.seed for r in self.runs}, key=str)
+
+
+def group_runs(records: Iterable[RunRecord]) -> list[Group]:
+    """Group by every comparability field; name the fields that separate sibling groups."""
+    groups: dict[tuple, Group] = {}
+    for record in records:
+        key_settings = settings(record.meta)
+        key = tuple(sorted((k, repr(v)) for k, v in key_settings.items()))
+        groups.setdefault(key, Group(key_settings, [])).runs.append(record)
+    result = list(groups.values())
+    families: dict[tuple, list[Group]] = {}
+    for g in result:
+        families.setdefault(tuple(str(g.settings.get(k)) for k in ("dataset", "method", "backbone")), []).append(g)
+    for family in families.values():
+        if len(family) < 2:
+            continue
+        keys = set().union(*(g.settings for g in family))
+        varying = sorted(k for k in keys if len({repr(g.settings.get(k)) for g in family}) > 1)
+        for g in family:
+            g.differs = {k: g.settings.get(k) for k in varying if k not in ROW_FIELDS}
+    return result
+
+
+# ---------------------------------------------------------------------------- paper numbers
+@dataclass(frozen=True)
+class PaperNumber:
+    paper: str
+    method: str
+    backbone: str
+    dim: int
+    dataset: str
+    metric: str
+    value: float  # percent
+
+
+def paper_numbers(path: Path = REFERENCE) -> list[PaperNumber]:
+    """Every row of the reference CSV (percentages)."""
+    rows = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return [
+        PaperNumber(r["paper"], r["method"], r["backbone"], int(r["dim"]), r["dataset"], r["metric"], float(r["value"]))
+        for r in csv.DictReader(rows)
+    ]
+
+
+def _reference_names(meta: Mapping[str, Any], refined: bool) -> list[str]:
+    try:
+        cls = registry.get_method(str(meta.get("method")))
+    except Exception:  # a plugin method not installed here: no paper mapping
+        return []
+    return list(cls.reference_names(meta, refined))
+
+
+def paper_match(group: Group, metric: str, numbers: Sequence[PaperNumber]) -> PaperNumber | None:
+    """The paper's number for this group's setting (dataset, backbone, embedding size, method name)."""
+    s = group.settings
+    refined = metric.startswith("refined/")
+    base_metric = metric.split("/")[-1]
+    names = _reference_names(s, refined)
+    for n in numbers:
+        if (n.method in names and n.dataset == s.get("dataset") and n.backbone == s.get("backbone")
+                and n.dim == s.get("embedding_dim") and n.metric == base_metric):  # fmt: skip
+            return n
+    return None
+
+
+# ---------------------------------------------------------------------------- the table
+def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, rank_by: str,
+               numbers: Sequence[PaperNumber]) -> list[dict[str, Any]]:  # fmt: skip
+    """One dict per group (best first within each dataset), values in percent."""
     rows = []
-    for run in wandb.Api().runs(project):
-        summary = {k[len("test/") :]: v for k, v in run.summary.items() if k.startswith("test/") and "/" not in k[5:]}
-        if summary:
-            rows.append({"run": run.name, **{k: run.config.get(k) for k in META_KEYS}, "metrics": summary})
+    for g in groups:
+        row: dict[str, Any] = {k: g.settings.get(k) for k in ROW_FIELDS}
+        row["differs"] = ", ".join(f"{k}={v}" for k, v in g.differs.items())
+        row["n_seeds"] = len(g.seeds)
+        row["runs"] = len(g.runs)
+        row["seeds"] = g.seeds
+        row["select"] = select if select == "final" else f"{select} ({OPTIMISTIC})"
+        for m in metrics:
+            n, mean, std = g.stats(m, select)
+            row[f"{m}_mean"] = None if mean is None else 100 * mean
+            row[f"{m}_std"] = None if std is None else 100 * std
+            row[f"{m}_n"] = n
+            row[f"{m}_per_seed"] = {str(seed): 100 * v for seed, v in g.values(m, select)}
+        paper = paper_match(g, rank_by, numbers)
+        row["paper"] = None if paper is None else f"{paper.paper}: {paper.method}"
+        row[f"paper_{rank_by}"] = None if paper is None else paper.value
+        mean = row[f"{rank_by}_mean"]
+        row[f"delta_{rank_by}"] = None if paper is None or mean is None else mean - paper.value
+        rows.append(row)
+    rows.sort(key=lambda r: (str(r["dataset"]), -(r[f"{rank_by}_mean"] if r[f"{rank_by}_mean"] is not None else -1e9)))
     return rows
+
+
+def reference_rows(datasets: Iterable[str], metric: str, numbers: Sequence[PaperNumber]) -> list[PaperNumber]:
+    base = metric.split("/")[-1]
+    return [n for n in numbers if n.dataset in set(datasets) and n.metric == base]
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber],
+                   per_seed: bool) -> None:  # fmt: skip
+    from rich.table import Table
+
+    console = make_console()
+    for dataset in sorted({str(r["dataset"]) for r in rows}):
+        subset = [r for r in rows if str(r["dataset"]) == dataset]
+        title = f"{dataset}: mean ± sample std over seeds (%), ranked by {rank_by}; number per run: {subset[0]['select']}"
+        table = Table(title=title)
+        for col in ("method", "backbone", "dim", "img", "protocol", "seeds", *metrics, f"paper {rank_by}", "Δ", "differs"):
+            table.add_column(col)
+        for r in subset:
+            table.add_row(
+                str(r["method"]), str(r["backbone"]), str(r["embedding_dim"]), str(r["image_size"]), str(r["protocol"]),
+                str(r["n_seeds"]), *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+                "" if r[f"paper_{rank_by}"] is None else f"{r[f'paper_{rank_by}']:.1f}",
+                "" if r[f"delta_{rank_by}"] is None else f"{r[f'delta_{rank_by}']:+.2f}", r["differs"],
+            )
+            if per_seed:
+                for seed, v in r[f"{rank_by}_per_seed"].items():
+                    table.add_row("", f"seed {seed}", "", "", "", "", f"{v:.2f}")
+        for n in [n for n in refs if n.dataset == dataset]:
+            table.add_row(f"[paper] {n.method}", n.backbone, str(n.dim), "", n.paper, "", f"{n.value:.1f}",
+                          style="dim")  # fmt: skip
+        console.print(table)
+
+
+def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> str:
+    columns = [*ROW_FIELDS, "n_seeds", *[c for m in metrics for c in (f"{m}_mean", f"{m}_std")],
+               f"paper_{rank_by}", f"delta_{rank_by}", "select", "differs"]  # fmt: skip
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]))
+                         for k in columns})  # fmt: skip
+    return out.getvalue()
+
+
+def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber]) -> str:
+    lines = []
+    for dataset in sorted({str(r["dataset"]) for r in rows}):
+        subset = [r for r in rows if str(r["dataset"]) == dataset]
+        lines += [f"### {dataset}", "",
+                  f"Mean ± sample std over seeds (%), ranked by {rank_by}; number per run: {subset[0]['select']}.", "",
+                  "| method | backbone | dim | protocol | seeds | " + " | ".join(metrics) + f" | paper {rank_by} | Δ | differs |",
+                  "|" + "---|" * (8 + len(metrics))]  # fmt: skip
+        for r in subset:
+            cells = [str(r["method"]), str(r["backbone"]), str(r["embedding_dim"]), str(r["protocol"]), str(r["n_seeds"]),
+                     *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+                     "" if r[f"paper_{rank_by}"] is None else f"{r[f'paper_{rank_by}']:.1f}",
+                     "" if r[f"delta_{rank_by}"] is None else f"{r[f'delta_{rank_by}']:+.2f}", r["differs"]]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        for n in [n for n in refs if n.dataset == dataset]:
+            lines.append(f"| *{n.method} (paper: {n.paper})* | {n.backbone} | {n.dim} | | | {n.value:.1f}" + " |" * (len(metrics) + 3))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- figures
+def write_figures(groups: Sequence[Group], rows: list[dict[str, Any]], rank_by: str, select: str, out: Path) -> list[Path]:
+    """PNGs: ranking bars with error bars per dataset, R@K curves, validation curves (band over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    def label(r: Mapping[str, Any]) -> str:
+        return f"{r['method']} ({r['backbone']})" + (f" [{r['differs']}]" if r["differs"] else "")
+
+    for dataset in sorted({str(r["dataset"]) for r in rows}):
+        subset = [r for r in rows if str(r["dataset"]) == dataset and r[f"{rank_by}_mean"] is not None]
+        if not subset:
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(subset) + 2), 3.6))
+        means = [r[f"{rank_by}_mean"] for r in subset]
+        stds = [r[f"{rank_by}_std"] or 0.0 for r in subset]
+        ax.bar(range(len(subset)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+        for i, r in enumerate(subset):
+            if r[f"paper_{rank_by}"] is not None:
+                ax.plot([i - 0.4, i + 0.4], [r[f"paper_{rank_by}"]] * 2, color="tab:red", lw=2, label="paper" if i == 0 else None)
+        ax.set_xticks(range(len(subset)), [label(r) for r in subset], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"{rank_by} (%)")
+        ax.set_title(f"{dataset}: mean ± std over seeds ({select})", fontsize=9)
+        fig.tight_layout()
+        paths.append(out / f"ranking_{dataset}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+        family = [g for g in groups if str(g.settings.get("dataset")) == dataset]
+        ks = sorted({int(k[2:]) for g in family for run in g.runs for k in run.test if k.startswith("R@") and k[2:].isdigit()})
+        if len(ks) > 1:
+            fig, ax = plt.subplots(figsize=(4.8, 3.6))
+            for g in family:
+                ys = [g.stats(f"R@{k}", select)[1] for k in ks]
+                if all(y is not None for y in ys):
+                    name = f"{g.settings.get('method')} ({g.settings.get('backbone')})"
+                    ax.plot(ks, [100 * y for y in ys], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("K")
+            ax.set_ylabel("Recall@K (%)")
+            ax.set_title(f"{dataset}: Recall@K (mean over seeds)", fontsize=9)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            paths.append(out / f"recall_at_k_{dataset}.png")
+            fig.savefig(paths[-1], dpi=110)
+            plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(5.2, 3.6))
+        drawn = False
+        for g in [g for g in groups if str(g.settings.get("dataset")) == dataset]:
+            curves = [dict(run.val_curve and [(e, m.get(rank_by)) for e, m in run.val_curve if m.get(rank_by) is not None])
+                      for run in g.runs]  # fmt: skip
+            epochs = sorted(set().union(*(c.keys() for c in curves)))
+            if not epochs:
+                continue
+            table = np.array([[c.get(e, np.nan) for e in epochs] for c in curves], dtype=float) * 100
+            mean = np.nanmean(table, axis=0)
+            line = ax.plot(epochs, mean, label=f"{g.settings.get('method')} ({g.settings.get('backbone')}, n={len(g.runs)})")
+            if len(g.runs) > 1:
+                low, high = np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+                ax.fill_between(epochs, low, high, color=line[0].get_color(), alpha=0.2)
+            drawn = True
+        if drawn:
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"val/{rank_by} (%)")
+            ax.set_title(f"{dataset}: validation {rank_by} (band: min-max over seeds)", fontsize=9)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            paths.append(out / f"val_curve_{dataset}.png")
+            fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber],
+            figures: Sequence[Path]) -> str:  # fmt: skip
+    """A self-contained page: one sortable table per dataset (click a header) and the figures inline."""
+    import html
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>DML benchmark leaderboard</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{cursor:pointer;background:#f4f4f4}"
+             "td:first-child,th:first-child{text-align:left}tr.paper td{color:#888;font-style:italic}</style>",
+             "<script>function sortTable(t,c){const b=t.tBodies[0];const r=[...b.rows].filter(x=>!x.classList.contains('paper'));"
+             "const p=[...b.rows].filter(x=>x.classList.contains('paper'));const d=t.dataset.dir==c?-1:1;t.dataset.dir=d==1?c:'';"
+             "r.sort((x,y)=>{const a=parseFloat(x.cells[c].innerText),z=parseFloat(y.cells[c].innerText);"
+             "return isNaN(a)||isNaN(z)?x.cells[c].innerText.localeCompare(y.cells[c].innerText)*d:(a-z)*d});"
+             "r.concat(p).forEach(x=>b.appendChild(x))}</script></head><body>",
+             "<h1>Leaderboard</h1><p>Mean ± sample standard deviation over seeds, in percent.</p>"]  # fmt: skip
+    headers = ["method", "backbone", "dim", "protocol", "seeds", *metrics, f"paper {rank_by}", "Δ", "differs"]
+    for dataset in sorted({str(r["dataset"]) for r in rows}):
+        subset = [r for r in rows if str(r["dataset"]) == dataset]
+        parts.append(f"<h2>{html.escape(dataset)}</h2><p>Number per run: {html.escape(subset[0]['select'])}.</p>")
+        parts.append("<table><thead><tr>" + "".join(
+            f"<th onclick='sortTable(this.closest(\"table\"),{i})'>{html.escape(h)}</th>" for i, h in enumerate(headers))
+            + "</tr></thead><tbody>")  # fmt: skip
+        for r in subset:
+            cells = [r["method"], r["backbone"], r["embedding_dim"], r["protocol"], r["n_seeds"],
+                     *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+                     "" if r[f"paper_{rank_by}"] is None else f"{r[f'paper_{rank_by}']:.1f}",
+                     "" if r[f"delta_{rank_by}"] is None else f"{r[f'delta_{rank_by}']:+.2f}", r["differs"]]  # fmt: skip
+            parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        for n in [n for n in refs if n.dataset == dataset]:
+            cells = [f"{n.method} (paper: {n.paper})", n.backbone, n.dim, "", "", f"{n.value:.1f}"]
+            parts.append("<tr class='paper'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+                         + "<td></td>" * (len(headers) - len(cells)) + "</tr>")  # fmt: skip
+        parts.append("</tbody></table>")
+    for path in figures:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(path.stem)}'>"
+                     f"<figcaption>{html.escape(path.stem)}</figcaption></figure>")  # fmt: skip
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- command
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmark leaderboard", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder searched for run directories (any depth)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of a W&B project instead")
+    parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep runs whose recorded KEY equals VALUE (repeatable; W&B: config.KEY)")
+    parser.add_argument("--metric", default="R@1", help="metric to rank by (default R@1; e.g. refined/R@1, MAP@R)")
+    parser.add_argument("--metrics", help="comma-separated metrics to show (default: the ranking metric, MAP@R, "
+                        "R-Precision, NMI)")
+    parser.add_argument("--select", choices=SELECTIONS, default="final",
+                        help="the number each run contributes: final (default) or test-best (selected on test, optimistic)")
+    parser.add_argument("--dataset", help="only this dataset")
+    parser.add_argument("--per-seed", action="store_true", help="also show every seed's value")
+    parser.add_argument("--format", choices=("console", "md", "csv", "html", "json"), default="console")
+    parser.add_argument("--out", type=Path, help="file for --format md|csv|html|json (default: stdout)")
+    parser.add_argument("--figures", type=Path, help="folder for the PNG figures (html: embedded)")
+    return parser
+
+
+def _parse_filters(items: Sequence[str]) -> dict[str, str]:
+    filters = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--filter takes KEY=VALUE (e.g. --filter method=ms); got {item!r}.")
+        key, value = item.split("=", 1)
+        filters[key] = value
+    return filters
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark leaderboard", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run directories (default: runs)")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read W&B run summaries instead of local files")
-    parser.add_argument("--metric", default="R@1", help="metric to rank by (default: R@1)")
-    parser.add_argument("--dataset", help="only this dataset")
-    args = parser.parse_args(argv)
-
-    from rich.table import Table
-
-    rows = wandb_runs(args.wandb) if args.wandb else local_runs(args.runs)
+    args = build_parser().parse_args(argv)
+    filters = _parse_filters(args.filter)
+    if args.format == "console" and args.out:
+        raise UserError("--out needs --format md, csv, html or json.")
+    if args.wandb:
+        records = wandb_runs(args.wandb, {f"config.{k}": v for k, v in filters.items()})
+    else:
+        if not args.runs.is_dir():
+            raise UserError(f"--runs {args.runs} is not a folder; pass the folder that holds your run directories.")
+        records = [r for r in local_runs(args.runs) if all(str(r.meta.get(k)) == v for k, v in filters.items())]
     if args.dataset:
-        rows = [r for r in rows if r.get("dataset") == args.dataset]
-    console = make_console()
-    if not rows:
-        console.print(f"No results found in {args.wandb or args.runs} (runs write metrics_test.json at the end of fit/test).")
+        records = [r for r in records if r.meta.get("dataset") == args.dataset]
+    if not records:
+        make_console().print(f"No results found in {args.wandb or args.runs} (runs write metrics_test.json "
+                             "at the end of fit/test).")  # fmt: skip
         return 0
-    reported = paper_numbers()
-    columns = [args.metric] + [m for m in ("MAP@R", "R-Precision", "NMI") if m != args.metric]
-    for dataset in sorted({str(r.get("dataset")) for r in rows}):
-        table = Table(title=f"{dataset} (ranked by {args.metric}, in %)")
-        for col in ("run", "method", "backbone", "dim", "protocol", "seed", *columns, f"paper {args.metric}"):
-            table.add_column(col)
-        subset = [r for r in rows if str(r.get("dataset")) == dataset]
-        subset.sort(key=lambda r: -float(r["metrics"].get(args.metric, float("-inf"))))
-        for r in subset:
-            paper = next(
-                (reported[key] for name in _paper_method(str(r.get("method")))
-                 if (key := (name, str(r.get("backbone")), dataset, args.metric)) in reported),
-                None,
-            )
-            values = [r["metrics"].get(c) for c in columns]
-            table.add_row(
-                str(r["run"]), str(r.get("method")), str(r.get("backbone")), str(r.get("embedding_dim", "")),
-                str(r.get("protocol", "")), str(r.get("seed", "")),
-                *("" if v is None else f"{100 * float(v):.2f}" for v in values),
-                "" if paper is None else f"{paper:.1f}",
-            )
-        console.print(table)
+    registry.discover()  # the methods' paper names
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else \
+        list(dict.fromkeys([args.metric, *DEFAULT_METRICS]))  # fmt: skip
+    numbers = paper_numbers()
+    groups = group_runs(records)
+    rows = table_rows(groups, metrics, args.select, args.metric, numbers)
+    refs = reference_rows({str(r["dataset"]) for r in rows}, args.metric, numbers)
+    figures = write_figures(groups, rows, args.metric, args.select, args.figures) if args.figures else []
+    if args.format == "html" and not args.figures and args.out:
+        figures = write_figures(groups, rows, args.metric, args.select, args.out.with_suffix("").with_name(
+            args.out.stem + "_figures"))  # fmt: skip
+    if args.format == "console":
+        render_console(rows, metrics, args.metric, refs, args.per_seed)
+        return 0
+    if args.format == "csv":
+        text = to_csv(rows, metrics, args.metric)
+    elif args.format == "md":
+        text = to_markdown(rows, metrics, args.metric, refs)
+    elif args.format == "html":
+        text = to_html(rows, metrics, args.metric, refs, figures)
+    else:
+        text = json.dumps({"select": args.select, "rank_by": args.metric, "rows": rows,
+                           "paper": [n.__dict__ for n in refs]}, indent=1, default=str)  # fmt: skip
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
     return 0

@@ -304,6 +304,9 @@ class RetrievalDataModule(L.LightningDataModule):
         return {
             "dataset": self.name,
             "protocol": self.protocol,
+            # What the validation during training evaluates: the test split itself under the paper
+            # protocol (recorded as the split of metrics_val.json), held-out training classes otherwise.
+            "val_split": "test" if self.protocol == "paper" else "holdout",
             "image_size": self.image_size,
             "classes_per_batch": self.classes_per_batch,
             "samples_per_class": self.samples_per_class,

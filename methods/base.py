@@ -14,7 +14,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -338,6 +338,14 @@ class RetrievalMethod(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._best_weights = checkpoint.get("reload_best")
+
+    @classmethod
+    def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
+        """The names under which the papers' reported numbers (``benchmark/reference/paper_results.csv``)
+        list a run of this method described by ``meta`` (its recorded ``describe()`` fields);
+        ``refined``: the numbers of its refined output (``refined/<metric>``). Default: the
+        method's own name, or ``<name>_baseline`` as the papers' tables list baselines."""
+        return [] if refined else [cls.method_name, f"{cls.method_name}_baseline"]
 
     def describe(self) -> dict[str, Any]:
         """Flat metadata recorded with every result."""

@@ -37,6 +37,7 @@ default model has 8 x 6 x (512 x 512 + 512) = 12.6 M parameters at d = 512 (pape
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -706,6 +707,15 @@ class ContextRefine(RetrievalMethod):
     def num_refiner_parameters(self) -> int:
         """Trainable parameters of stage 2 (the paper: 12 M for 8 blocks at d = 512)."""
         return sum(p.numel() for p in self.refiner.parameters()) if self.refiner is not None else 0
+
+    @classmethod
+    def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
+        """The paper lists the refined numbers by stage-1 method (``context_refine(ms)``) and the
+        initial embeddings as that method's baseline (``ms_baseline``)."""
+        source = meta.get("source_method")
+        if not source:
+            return []
+        return [f"context_refine({source})"] if refined else [f"{source}_baseline"]
 
     def describe(self) -> dict[str, Any]:
         return {

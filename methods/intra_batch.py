@@ -507,6 +507,11 @@ class IntraBatchMPN(RetrievalMethod):
                           "(--model.loss.mpn_weight 0); --model.refine.stages never skips it.", stacklevel=2)
         return {"": self.refine_embeddings(embeddings, is_gallery)}
 
+    @classmethod
+    def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
+        """Tables 1-2 report the backbone embeddings; Table 3 the MPN on reciprocal k-NN test batches."""
+        return ["intra_batch(reciprocal_knn_test)"] if refined else ["intra_batch"]
+
     def describe(self) -> dict[str, Any]:
         # Flat result metadata: the keys stay those of earlier results (mpn_layers, ...).
         mpn, loss = self.mpn_config, self.loss_config

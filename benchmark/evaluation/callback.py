@@ -434,6 +434,7 @@ class RetrievalEvaluator(Callback):
             **meta,
             "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed,
             "precision": str(trainer.precision),
+            **getattr(trainer, "run_metadata", {}),  # recipe, its hash, training length, augmentation (the CLI's)
             **({"checkpoint": self._evaluated_checkpoint(trainer)} if stage == "test" else {}),
             "recall_ks": list(self.resolved_recall_ks(trainer)),
             "map_at_k": self.map_at_k,
