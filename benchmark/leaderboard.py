@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark import registry
+from benchmark import registry, wandb_report
 from benchmark.errors import UserError
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
@@ -69,6 +69,7 @@ class RunRecord:
     test: dict[str, float]  # the last test evaluation, flat: "R@1", "refined/R@1", ...
     val_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (epoch, flat metrics)
     source: str = "local"
+    url: str | None = None  # the W&B run page
 
     @property
     def seed(self) -> Any:
@@ -152,7 +153,7 @@ def wandb_runs(project: str, filters: Mapping[str, Any] | None = None, api: Any 
                        if k.startswith("val/") and isinstance(v, (int, float))}  # fmt: skip
             if metrics and int(row.get("trainer/global_step", row.get("_step", 1)) or 0) > 0:
                 curve.append((int(row.get("epoch", 0)), metrics))
-        records.append(RunRecord(run.name, meta, test, curve, source="wandb"))
+        records.append(RunRecord(run.name, meta, test, curve, source="wandb", url=getattr(run, "url", None)))
     return records
 
 
@@ -315,9 +316,14 @@ def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: 
         console.print(table)
 
 
+def csv_columns(metrics: Sequence[str], rank_by: str) -> list[str]:
+    """The columns of one group's row in the CSV output and the W&B Table."""
+    return [*ROW_FIELDS, "n_seeds", *[c for m in metrics for c in (f"{m}_mean", f"{m}_std")],
+            f"paper_{rank_by}", f"delta_{rank_by}", "select", "differs"]  # fmt: skip
+
+
 def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> str:
-    columns = [*ROW_FIELDS, "n_seeds", *[c for m in metrics for c in (f"{m}_mean", f"{m}_std")],
-               f"paper_{rank_by}", f"delta_{rank_by}", "select", "differs"]  # fmt: skip
+    columns = csv_columns(metrics, rank_by)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -485,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("console", "md", "csv", "html", "json"), default="console")
     parser.add_argument("--out", type=Path, help="file for --format md|csv|html|json (default: stdout)")
     parser.add_argument("--figures", type=Path, help="folder for the PNG figures (html: embedded)")
+    parser.add_argument("--publish", action="store_true",
+                        help="with --wandb: create a W&B Report of the leaderboard and log it as a versioned W&B Table")
+    parser.add_argument("--dry-run", action="store_true", help="with --publish: print the report's outline, save nothing")
+    parser.add_argument("--title", default="DML benchmark leaderboard", help="the report's title")
     return parser
 
 
@@ -503,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     filters = _parse_filters(args.filter)
     if args.format == "console" and args.out:
         raise UserError("--out needs --format md, csv, html or json.")
+    if args.publish and not args.wandb:
+        raise UserError("--publish builds a W&B Report from a W&B project: add --wandb ENTITY/PROJECT.")
+    if args.wandb and args.wandb.count("/") != 1:
+        raise UserError(f"--wandb takes ENTITY/PROJECT (e.g. my-team/dml-benchmark); got {args.wandb!r}.")
     if args.wandb:
         records = wandb_runs(args.wandb, {f"config.{k}": v for k, v in filters.items()})
     else:
@@ -526,6 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "html" and not args.figures and args.out:
         figures = write_figures(groups, rows, args.metric, args.select, args.out.with_suffix("").with_name(
             args.out.stem + "_figures"))  # fmt: skip
+    if args.publish:
+        entity, project = args.wandb.split("/")
+        tables = {d: to_markdown([r for r in rows if str(r["dataset"]) == d], metrics, args.metric,
+                                 [n for n in refs if n.dataset == d]) for d in {str(r["dataset"]) for r in rows}}  # fmt: skip
+        report = wandb_report.build_report(entity, project, rows, tables, args.metric, records, args.title)
+        if args.dry_run:
+            print(wandb_report.outline(report))
+            return 0
+        url = wandb_report.publish(report, csv_columns(metrics, args.metric), rows, entity, project)
+        print(f"published {url}")
+        return 0
     if args.format == "console":
         render_console(rows, metrics, args.metric, refs, args.per_seed)
         return 0

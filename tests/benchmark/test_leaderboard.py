@@ -114,6 +114,7 @@ class RecordedRun:
 
     def __init__(self, name: str, config: dict[str, Any], summary: dict[str, Any], history: list[dict[str, Any]]):
         self.name, self.config, self.summary, self._history = name, config, summary, history
+        self.url: str | None = None
 
     def history(self, pandas: bool = True) -> list[dict[str, Any]]:
         return self._history
@@ -183,3 +184,44 @@ def test_bad_input_names_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "is not a folder" in capsys.readouterr().err
     assert cli_main(["leaderboard", "--runs", str(tmp_path), "--filter", "method"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_wandb_report_is_built_from_a_recorded_project(runs: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
+    import wandb_workspaces.reports.v2 as wr
+
+    import benchmark.leaderboard as lb
+    recorded = [_as_wandb(p) for p in sorted((runs / "grid").iterdir())]
+    for r in recorded:
+        r.url = f"https://wandb.example.com/me/dml/runs/{r.name}"
+    api = RecordedApi(recorded)
+    monkeypatch.setattr(lb, "wandb_runs", lambda project, filters=None: wandb_runs(project, filters, api=api))
+    assert main(["--wandb", "me/dml", "--publish", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "W&B Report 'DML benchmark leaderboard' in me/dml" in text and "H2: cub" in text
+    assert "BarPlot('test/R@1: mean ± std over seeds')" in text and "Config('dataset') == 'cub'" in text
+
+    saved: list[Any] = []
+    monkeypatch.setattr(wr.Report, "save", lambda self, *a, **k: saved.append(self) or self)
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.example.com/report"), raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    from wandb.sdk.wandb_run import Run
+
+    logged: list[Any] = []
+    log_artifact = Run.log_artifact
+    monkeypatch.setattr(Run, "log_artifact", lambda self, a, *x, **k: logged.append(a) or log_artifact(self, a, *x, **k))
+    assert main(["--wandb", "me/dml", "--publish"]) == 0
+    assert "published https://wandb.example.com/report" in capsys.readouterr().out
+    report = saved[0]
+    kinds = [type(b).__name__ for b in report.blocks]
+    assert kinds[:3] == ["H1", "P", "TableOfContents"] and kinds.count("H2") == 1
+    table = next(b for b in report.blocks if type(b).__name__ == "MarkdownBlock")
+    assert "| ms |" in table.text and "| proxy_anchor |" in table.text and " ± " in table.text
+    grid = next(b for b in report.blocks if type(b).__name__ == "PanelGrid")
+    bar, line = grid.panels
+    assert bar.metrics == ["test/R@1"] and bar.groupby_rangefunc == "stddev" and line.y == ["val/R@1"]
+    links = [b for b in report.blocks if type(b).__name__ == "MarkdownBlock"][-1].text
+    assert links.count("https://wandb.example.com/me/dml/runs/") == 4
+    assert logged and logged[0].type == "leaderboard" and "leaderboard.table.json" in logged[0].manifest.entries
