@@ -4,10 +4,11 @@ Trivedy & Latecki, "Image Retrieval with Self-Supervised Divergence Minimization
 Cross-Attention Classification". The training split is divided, stratified over classes,
 into a *query set* (the images training batches are drawn from) and a *database* whose
 embeddings ``Z_D`` are computed without gradient and refreshed every ``retrieval.refresh_every``
-epochs. For every query, ``A = views.count`` views (view 0 the un-augmented crop, the others
-RandAugment) are embedded (``Z_A``, L2-normalised CLS tokens) and each view retrieves its
-``k`` nearest database entries; the union ``S`` of those indices (``T`` entries, ``T`` varies
-per query) gives ``Z_S``. With ``P' = softmax(Z_A Z_S^T / temperature)`` (A, T):
+epochs (or every ``retrieval.refresh_every_steps`` optimizer steps). For every query,
+``A = views.count`` views (view 0 the un-augmented crop, the others RandAugment) are embedded
+(``Z_A``, L2-normalised CLS tokens) and each view retrieves its ``k`` nearest database
+entries; the union ``S`` of those indices (``T`` entries, ``T`` varies per query) gives
+``Z_S``. With ``P' = softmax(Z_A Z_S^T / temperature)`` (A, T):
 
 * ``L_frob`` (Eq. 11-13): the Frobenius norm of the strict lower triangle of the A x A
   matrix of Jensen-Shannon divergences between the rows of ``P'``;
@@ -17,7 +18,9 @@ per query) gives ``Z_S``. With ``P' = softmax(Z_A Z_S^T / temperature)`` (A, T):
   the result, cross-entropy.
 
 ``L = beta_frob L_frob + beta_ce L_ce + beta_cac L_cac`` (the ``loss`` options).
-``retrieval.mode="full"`` uses the whole database instead of the union of neighbours. At test
+``retrieval.mode="full"`` uses the whole database instead of the union of neighbours;
+``retrieval.mode="full_grad"`` also uses the whole database, re-embedded with gradient by the
+current encoder at every training step (the database images are held in memory). At test
 time the plain L2-normalised embedding of the un-augmented image is used (no refinement).
 
 The constructor takes its options in groups (:class:`ViewConfig`, :class:`RetrievalConfig`,
@@ -32,6 +35,7 @@ choices made where the paper is silent and the degenerate cases.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import DataLoader
 
 from benchmark.backbones import BackboneConfig
 from benchmark.core import DataRequest, ViewRequest, register_method
@@ -49,9 +54,10 @@ from benchmark.errors import ConfigError
 from benchmark.layers import Attention
 from benchmark.neighbours import ExactIndex, exact_knn, faiss_available
 from benchmark.validation import check_choice
+from datamodules.base import ImageDataset
 from methods.base import RetrievalMethod
 
-Retrieval = Literal["approximate", "full"]
+Retrieval = Literal["approximate", "full", "full_grad"]
 DatabaseMode = Literal["split", "all"]
 SearchBackend = Literal["auto", "faiss", "torch"]
 ViewReduction = Literal["sum", "mean"]
@@ -178,18 +184,22 @@ def frobenius_lower(matrix: torch.Tensor) -> torch.Tensor:
 class CrossAttentionClassifier(nn.Module):
     """Eq. 16-18: one view embedding attends over database embeddings, then a linear classifier.
 
-    ``z' = softmax((W_q z)(W_k Z_S)^T / sqrt(F)) W_v Z_S`` and ``logits = W_c z'``; single head,
-    ``W_q, W_k, W_v`` are F x F as in the paper (no bias unless ``attention_bias``); the
-    attention is :class:`benchmark.layers.Attention`.
+    ``z' = softmax((W_q z)(W_k Z_S)^T / (sqrt(F) t)) W_v Z_S`` and ``logits = W_c z'``; single
+    head, ``W_q, W_k, W_v`` are F x F as in the paper (no bias unless ``attention_bias``); ``t``
+    is ``attention_temperature`` (1: the paper's Eq. 17); the attention is
+    :class:`benchmark.layers.Attention`.
     """
 
-    def __init__(self, dim: int, num_classes: int, attention_bias: bool = False, classifier_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_classes: int, attention_bias: bool = False, classifier_bias: bool = True,
+        attention_temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         self.q = nn.Linear(dim, dim, bias=attention_bias)
         self.k = nn.Linear(dim, dim, bias=attention_bias)
         self.v = nn.Linear(dim, dim, bias=attention_bias)
         self.classifier = nn.Linear(dim, num_classes, bias=classifier_bias)
-        self.scale = dim**-0.5
+        self.scale = dim**-0.5 / attention_temperature
         self.attention = Attention(1, scale=self.scale)  # no parameters
 
     def forward(
@@ -207,6 +217,43 @@ class CrossAttentionClassifier(nn.Module):
         q, k, v = self.q(views), self.k(database), self.v(database)  # (B, A, F), (B, T, F) or (T, F)
         attended, weights = self.attention(q, k, v, key_mask=mask, return_weights=return_attention)  # (B, A, F)
         return self.classifier(attended), (weights[..., 0, :, :] if weights is not None else None)  # (B, A, T)
+
+
+# ---------------------------------------------------------------------------- memory of full_grad
+def saved_activation_bytes(module: nn.Module, images: torch.Tensor, forward: Any = None) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one forward.
+
+    Counts each saved storage once, leaving out the parameters' and the input's storages (they
+    exist anyway). ``forward(images)`` defaults to ``module(images)``; its output is discarded.
+    """
+    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    exclude.add(images.untyped_storage().data_ptr())
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = (forward or module)(images)
+    del out
+    return sum(storages.values())
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory for new tensors: CUDA free + cached-but-unused, or the OS's MemAvailable (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        with contextlib.suppress(OSError, ValueError):
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    return None
 
 
 # ---------------------------------------------------------------------------- options
@@ -251,8 +298,11 @@ class RetrievalConfig:
     """The training database and what each view's ``P'`` covers in it (Eq. 8-10).
 
     Args:
-        mode: ``approximate`` (the union of the views' ``k`` nearest database entries) or
-            ``full`` (every database entry).
+        mode: ``approximate`` (the union of the views' ``k`` nearest database entries),
+            ``full`` (every database entry, the stored gradient-free ``Z_D``) or ``full_grad``
+            (every database entry, re-embedded by the current encoder *with gradient* at every
+            training step, so that the loss terms' gradients reach the database images too:
+            the paper's "end-to-end differentiable" full retrieval, Table 4).
         k: neighbours retrieved per view (approximate retrieval).
         temperature: softmax temperature of ``P'`` (1 in the paper).
         database: ``split`` (the paper: a stratified query/database split of the training
@@ -261,9 +311,16 @@ class RetrievalConfig:
         database_fraction: share of each class's training images in the database (``split``).
         split_seed: seed of the query/database split (independent of the training seed).
         refresh_every: re-embed the database every this many epochs (0: only before training).
+        refresh_every_steps: re-embed the database every this many optimizer steps, at the
+            start of the step that is due (0: off, ``refresh_every`` counts). When > 0 it
+            replaces ``refresh_every``: the database is embedded before training and then at
+            steps ``n, 2n, ...``.
         backend: top-k search: ``faiss`` (IndexFlatIP, on GPU when faiss has GPUs and the model
             is on CUDA), ``torch`` (chunked exact matmul on the model's device), or ``auto``
             (faiss if installed).
+        memory_check: ``full_grad`` only: before training, estimate the memory of one step
+            (the database and the query views with their autograd activations) and stop with
+            an error when it exceeds the free device memory (GPU) or the available RAM (CPU).
     """
 
     mode: Retrieval = "approximate"
@@ -274,6 +331,8 @@ class RetrievalConfig:
     split_seed: int = 0
     refresh_every: int = 15
     backend: SearchBackend = "auto"
+    refresh_every_steps: int = 0
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         _require_choice("retrieval.mode", self.mode, Retrieval)
@@ -284,6 +343,8 @@ class RetrievalConfig:
         _require(self.split_seed >= 0, "retrieval.split_seed", ">= 0", self.split_seed)
         _require(self.refresh_every >= 0, "retrieval.refresh_every", ">= 0 (0: only before training)", self.refresh_every)
         _require_choice("retrieval.backend", self.backend, SearchBackend)
+        _require(self.refresh_every_steps >= 0, "retrieval.refresh_every_steps", ">= 0 (0: off, epochs count)",
+                 self.refresh_every_steps)
 
 
 @dataclass(frozen=True)
@@ -328,14 +389,21 @@ class ClassifierConfig:
             log C for hundreds of steps from random weights. A larger value (16, as in
             normalised-softmax classifiers) gives the encoder a useful signal from the start.
         attention_bias: bias in the cross-attention's ``W_q, W_k, W_v``.
+        attention_temperature: divides the cross-attention's logits ``(W_q z)(W_k Z_S)^T / sqrt(F)``
+            (1: the paper's Eq. 17). Below 1 the attention is sharper at initialisation, and the
+            gradient ``L_cac`` sends to the encoder (only through the attention) larger; see
+            ``python -m benchmark analyze dmcac loss_terms`` and docs/methods/dmcac.md.
     """
 
     bias: bool = True
     logit_scale: float = 1.0
     attention_bias: bool = False
+    attention_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.logit_scale > 0, "classifiers.logit_scale", "> 0 (1: the paper)", self.logit_scale)
+        _require(self.attention_temperature > 0, "classifiers.attention_temperature", "> 0 (1: the paper)",
+                 self.attention_temperature)
 
 
 # The constructor's flat options before they were grouped: old name -> new option path.
@@ -370,11 +438,12 @@ class DMCAC(RetrievalMethod):
             randaugment_ops, randaugment_magnitude).
         retrieval: the training database (query/database split, refresh) and which of its
             entries ``P'`` covers (``RetrievalConfig``: mode, k, temperature, database,
-            database_fraction, split_seed, refresh_every, backend).
+            database_fraction, split_seed, refresh_every, backend, refresh_every_steps,
+            memory_check).
         loss: the weights of the three terms and the reduction over the views (``LossConfig``:
             beta_frob, beta_ce, beta_cac, view_reduction).
         classifiers: the two classifiers' biases and logit scale (``ClassifierConfig``: bias,
-            logit_scale, attention_bias).
+            logit_scale, attention_bias, attention_temperature).
         sampler: training batches of the query set: ``shuffle`` (plain random batches of
             ``classes_per_batch * samples_per_class``) or ``balanced`` (n classes x m images).
         backbone: the encoder; ``None`` is ViT-S/16 ImageNet-21k (``vit_small``).
@@ -425,7 +494,8 @@ class DMCAC(RetrievalMethod):
         # Heads exist only for terms that are used, so that every parameter gets a gradient (DDP).
         self.classifier = nn.Linear(dim, self.require_classes(), bias=classifiers.bias) if loss.beta_ce > 0 else None
         self.cac = (
-            CrossAttentionClassifier(dim, self.require_classes(), classifiers.attention_bias, classifiers.bias)
+            CrossAttentionClassifier(dim, self.require_classes(), classifiers.attention_bias, classifiers.bias,
+                                     classifiers.attention_temperature)
             if loss.beta_cac > 0
             else None
         )
@@ -436,6 +506,9 @@ class DMCAC(RetrievalMethod):
         self._database_ids: torch.Tensor | None = None  # (N,) training-split index of each row
         self._database_epoch = -1  # epoch at which the database was last embedded
         self._index: ExactIndex | None = None  # the search over Z_D (approximate retrieval)
+        self._database_step = -1  # optimizer step at which the database was last embedded
+        self._database_images: torch.Tensor | None = None  # (N, C, H, W) full_grad: re-embedded every step
+        self.memory_estimate: dict[str, Any] | None = None  # full_grad: the check's figures
         self._warned_small_database = False
         self.refresh_seconds_total = 0.0
         self.refresh_count = 0
@@ -498,6 +571,7 @@ class DMCAC(RetrievalMethod):
         self.database_embeddings = embeddings.detach().to(self.device, dtype).contiguous()
         self._database_ids = ids
         self._database_epoch = self.current_epoch
+        self._database_step = self.global_step
         self._index = (
             ExactIndex(self.database_embeddings, ids, "faiss" if self._use_faiss() else "torch")
             if self.retrieval_config.mode == "approximate"
@@ -506,7 +580,7 @@ class DMCAC(RetrievalMethod):
 
     def _use_faiss(self) -> bool:
         retrieval = self.retrieval_config
-        if retrieval.mode == "full" or retrieval.backend == "torch":
+        if retrieval.mode != "approximate" or retrieval.backend == "torch":
             return False
         if not faiss_available():
             if retrieval.backend == "faiss":
@@ -546,12 +620,177 @@ class DMCAC(RetrievalMethod):
         return self.database_embeddings
 
     def on_train_epoch_start(self) -> None:
-        """Embed the database before the first epoch, then every ``retrieval.refresh_every`` epochs."""
+        """Embed the database before the first epoch, then every ``retrieval.refresh_every`` epochs
+        (unless ``retrieval.refresh_every_steps`` counts instead). ``full_grad``: load the database
+        images once (they are embedded with gradient at every step)."""
         super().on_train_epoch_start()
-        epoch, every = self.current_epoch, self.retrieval_config.refresh_every
-        due = every > 0 and epoch % every == 0 and self._database_epoch != epoch
+        retrieval = self.retrieval_config
+        if retrieval.mode == "full_grad":
+            if self._database_images is None:
+                self.load_database_images()
+            return
+        epoch, every = self.current_epoch, retrieval.refresh_every
+        due = retrieval.refresh_every_steps == 0 and every > 0 and epoch % every == 0 and self._database_epoch != epoch
         if self.database_embeddings is None or due:
             self.refresh_database()
+
+    def refresh_schedule(self) -> str:
+        """One line: when the database is embedded in this run, in optimizer steps."""
+        retrieval, trainer = self.retrieval_config, self._trainer
+        if retrieval.mode == "full_grad":
+            return "[dmcac] database: embedded with gradient at every training step (retrieval.mode full_grad)"
+        max_steps = int(getattr(trainer, "max_steps", -1) or -1) if trainer is not None else -1
+        if retrieval.refresh_every_steps > 0:
+            every = retrieval.refresh_every_steps
+            due = len(range(every, max_steps, every)) if max_steps > 0 else None
+            return (f"[dmcac] database: embedded before training, then every {every} optimizer steps"
+                    + (f" ({due} refreshes in {max_steps} steps)" if due is not None else ""))
+        batches = getattr(trainer, "num_training_batches", float("inf")) if trainer is not None else float("inf")
+        if retrieval.refresh_every == 0 or not math.isfinite(batches):
+            return "[dmcac] database: embedded before training" + ("" if retrieval.refresh_every == 0 else
+                                                                    f", then every {retrieval.refresh_every} epoch(s)")
+        per_epoch = math.ceil(int(batches) / max(1, int(getattr(trainer, "accumulate_grad_batches", 1))))
+        every = retrieval.refresh_every * per_epoch
+        text = (f"[dmcac] database: embedded before training, then every {retrieval.refresh_every} epoch(s) = "
+                f"{every} optimizer steps (an epoch is {per_epoch} steps)")
+        if max_steps > 0:
+            due = len(range(every, max_steps, every))
+            text += f": {due} refresh{'es' if due != 1 else ''} in {max_steps} steps"
+            if due == 0:
+                text += " (the database keeps its initial embeddings; --model.retrieval.refresh_every_steps sets a period in steps)"
+        return text
+
+    def on_train_start(self) -> None:
+        rank_zero_info(self.refresh_schedule())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """``retrieval.refresh_every_steps`` n > 0: re-embed the database before optimizer step
+        n, 2n, ... (once per step, also under gradient accumulation)."""
+        every = self.retrieval_config.refresh_every_steps
+        if every <= 0 or self.retrieval_config.mode == "full_grad":
+            return
+        step = self.global_step
+        if step > 0 and step % every == 0 and self._database_step != step:
+            self.refresh_database()
+
+    # ------------------------------------------------------------------ full_grad: the database with gradient
+    def set_database_images(self, images: torch.Tensor, train_indices: np.ndarray | torch.Tensor) -> None:
+        """Install the (N, C, H, W) database images that ``full_grad`` embeds at every step, and
+        the training-split index of each."""
+        ids = torch.as_tensor(np.asarray(train_indices), dtype=torch.long, device=self.device)
+        if images.ndim != 4 or images.shape[0] != len(ids) or len(ids) == 0:
+            raise ValueError(
+                f"set_database_images needs (N, C, H, W) images with N = len(train_indices) > 0; got "
+                f"{tuple(images.shape)} and {len(ids)} indices."
+            )
+        self._database_images = images.detach().to(self.device)
+        self._database_ids = ids
+
+    def load_database_images(self) -> torch.Tensor:
+        """Load the database images (evaluation transform, no augmentation) onto the model's device.
+
+        Every rank holds all of them (each embeds the whole database with gradient). With
+        ``retrieval.memory_check`` the memory of a training step is estimated first
+        (:meth:`check_full_grad_memory`) and an error stops the run before it would run out.
+        """
+        dm = self._datamodule()
+        if dm is None or not hasattr(dm, "eval_transform"):
+            raise RuntimeError(
+                "DMCAC.load_database_images needs a trainer with a RetrievalDataModule; "
+                "without one, call set_database_images(images, train_indices) yourself."
+            )
+        if self.database_indices is None:
+            self.split_training_set(dm.train_records.labels)
+        n = len(self.database_indices)
+        if self.retrieval_config.memory_check:
+            batch = getattr(dm, "classes_per_batch", 0) * getattr(dm, "samples_per_class", 0)
+            self.check_full_grad_memory(n, int(dm.image_size), batch * self.views_config.count)
+        start = time.perf_counter()
+        records = dm.train_records.subset(self.database_indices)  # keeps order: row i = database_indices[i]
+        loader = DataLoader(ImageDataset(records, dm.eval_transform()), batch_size=dm.eval_batch_size, shuffle=False,
+                            num_workers=dm.num_workers)
+        images = torch.cat([b["image"] for b in loader])  # (N, C, H, W)
+        self.set_database_images(images, self.database_indices)
+        rank_zero_info(
+            f"[dmcac] full_grad: {n} database images ({images.numel() * images.element_size() / 2**30:.2f} GiB) "
+            f"loaded in {time.perf_counter() - start:.1f}s; they are embedded with gradient at every step"
+        )
+        return self._database_images
+
+    def activation_bytes_per_image(self, image_size: int, context: Any = None) -> int:
+        """Bytes of activations autograd keeps per (3, S, S) image embedded with gradient.
+
+        Measured as the difference between a forward of two and of one random image (train mode,
+        ``context`` or the trainer's precision context; BatchNorm statistics restored afterwards).
+        """
+        if context is None:
+            trainer = self._trainer
+            context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+        buffers = [b.detach().clone() for b in self.buffers()]  # BatchNorm statistics: unchanged by the probe
+        measure = lambda x: saved_activation_bytes(self, x, lambda im: self.project(self.encode(im).pooled))  # noqa: E731
+        with context:
+            probe = torch.randn(2, 3, image_size, image_size, device=self.device, dtype=self._input_dtype())
+            one, two = measure(probe[:1].clone()), measure(probe)
+        with torch.no_grad():
+            for saved, b in zip(buffers, self.buffers()):
+                b.copy_(saved)
+        return max(two - one, 1)
+
+    def check_full_grad_memory(self, num_database: int, image_size: int, query_images: int) -> dict[str, Any]:
+        """Estimate the memory of one ``full_grad`` step and raise a ConfigError if it cannot fit.
+
+        The activations autograd keeps per image are measured on one and two random images
+        (train mode, the trainer's precision; normalisation buffers restored afterwards):
+        ``need = per_image * (N + query views) + N images + 3 x trainable weights`` (their
+        gradients and AdamW's two moments, allocated at the first step), against the free
+        device memory (CUDA) or MemAvailable (CPU); the weights themselves are already
+        allocated. Transient buffers (attention scores, the backward's own) are not counted,
+        so a step estimated just under the limit can still fail.
+        """
+        per_image = self.activation_bytes_per_image(image_size)
+        images_bytes = num_database * 3 * image_size * image_size * 4
+        state_bytes = 3 * sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
+        need = per_image * (num_database + query_images) + images_bytes + state_bytes
+        available = available_memory_bytes(self.device)
+        gib = 2**30
+        self.memory_estimate = {
+            "database_images": num_database, "query_images": query_images, "image_size": image_size,
+            "activations_per_image_bytes": per_image, "database_images_bytes": images_bytes,
+            "gradients_and_optimizer_bytes": state_bytes,
+            "need_bytes": need, "available_bytes": available,
+        }
+        rank_zero_info(
+            f"[dmcac] full_grad memory estimate: {per_image / 2**20:.1f} MiB of activations per image x "
+            f"({num_database} database + {query_images} query views) + {images_bytes / gib:.2f} GiB of database "
+            f"images + {state_bytes / gib:.2f} GiB of gradients and AdamW state = {need / gib:.1f} GiB"
+            + (f"; {available / gib:.1f} GiB available on {self.device}" if available is not None else "")
+        )
+        if available is not None and need > available:
+            raise ConfigError(
+                f"DMCAC retrieval.mode full_grad: one training step needs about {need / gib:.1f} GiB (activations of "
+                f"{per_image / 2**20:.1f} MiB per image for {num_database} database images and {query_images} query "
+                f"views, at {image_size} px, plus the database images) but only {available / gib:.1f} GiB are free "
+                f"on {self.device}. Lower --model.retrieval.database_fraction (the paper: 0.1 on CUB, 0.05 on Cars), "
+                "turn on --backbone.grad_checkpointing true or bf16-mixed precision, lower the batch "
+                "(--data.classes_per_batch with --trainer.accumulate_grad_batches), use the fixed database "
+                "(--model.retrieval.mode full), or skip this check with --model.retrieval.memory_check false."
+            )
+        return self.memory_estimate
+
+    def embed_database(self) -> torch.Tensor:
+        """(N, F) L2-normalised embeddings of the held database images, with gradient (``full_grad``)."""
+        if self._database_images is None:
+            raise RuntimeError(
+                "DMCAC full_grad: no database images yet. In a Trainer they are loaded at the start of training; "
+                "by hand call load_database_images() or set_database_images(images, train_indices)."
+            )
+        images = self._database_images.to(self._input_dtype())
+        return F.normalize(self.project(self.encode(images).pooled), dim=-1)
+
+    def _input_dtype(self) -> torch.dtype:
+        """The encoder's parameter dtype (float32 unless the model was cast, e.g. to float64)."""
+        dtype = next(self.encoder.parameters()).dtype
+        return dtype if dtype.is_floating_point else torch.float32
 
     # ------------------------------------------------------------------ retrieval
     def _effective_k(self, exclude_self: bool) -> int:
@@ -587,22 +826,36 @@ class DMCAC(RetrievalMethod):
         ce = F.cross_entropy(logits.reshape(b * a, -1).to(torch.promote_types(logits.dtype, torch.float32)), labels.repeat_interleave(a))
         return ce * a if self.loss_config.view_reduction == "sum" else ce
 
-    def loss_terms(self, views: torch.Tensor, labels: torch.Tensor, query_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, views: torch.Tensor, labels: torch.Tensor, query_ids: torch.Tensor, database: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The DMCAC loss of (B, A, F) L2-normalised view embeddings against the current database.
 
         ``labels`` (B,) are class ids; ``query_ids`` (B,) training-split indices (used to keep a
         query out of its own neighbours when the database contains the query set).
+        ``database``: full retrieval only, (N, F) embeddings of the database rows (in the order
+        of ``_database_ids``) to use instead of the stored ``Z_D``, e.g. with gradient
+        (``full_grad``); gradients then flow into them as well.
         """
-        if self.database_embeddings is None:
-            raise RuntimeError(
-                "DMCAC: no database embeddings yet. In a Trainer they are computed at the start of training; "
-                "by hand call refresh_database() or set_database(embeddings, train_indices)."
+        retrieval, weights, scale = self.retrieval_config, self.loss_config, self.classifiers_config.logit_scale
+        if database is None:
+            if self.database_embeddings is None:
+                raise RuntimeError(
+                    "DMCAC: no database embeddings yet. In a Trainer they are computed at the start of training; "
+                    "by hand call refresh_database() or set_database(embeddings, train_indices)."
+                )
+            database = self.database_embeddings
+        elif retrieval.mode == "approximate":
+            raise ValueError("loss_terms(database=...) is for full retrieval; approximate retrieval searches the stored Z_D.")
+        elif self._database_ids is None or database.shape[0] != len(self._database_ids):
+            raise ValueError(
+                f"loss_terms: database has {database.shape[0]} rows but the model holds "
+                f"{0 if self._database_ids is None else len(self._database_ids)} database ids."
             )
         b, a, _ = views.shape
-        retrieval, weights, scale = self.retrieval_config, self.loss_config, self.classifiers_config.logit_scale
         js_dtype = torch.promote_types(views.dtype, torch.float32)  # fp32 (fp64 in tests) for the JS term
-        database = self.database_embeddings.to(views.device, js_dtype)
-        if retrieval.mode == "full":
+        database = database.to(views.device, js_dtype)
+        if retrieval.mode in ("full", "full_grad"):
             keys, mask = database, None  # (N, F) shared by every query
             if retrieval.database == "all":  # a query never sees itself
                 mask = self._database_ids[None, :] != query_ids[:, None]  # (B, N)
@@ -644,7 +897,12 @@ class DMCAC(RetrievalMethod):
                 f"DMCAC expects (B, A, C, H, W) views, got {tuple(images.shape)}; train through a RetrievalDataModule "
                 "so that the method's data_request() (views, query subset) is applied."
             )
-        return self.loss_terms(self.embed_views(images), batch["label"], batch["index"])
+        views = self.embed_views(images)
+        database = None
+        if self.retrieval_config.mode == "full_grad":
+            database = self.embed_database()  # (N, F) with gradient, the current encoder
+            self.database_embeddings = database.detach()  # for inspection; the loss uses the graph's copy
+        return self.loss_terms(views, batch["label"], batch["index"], database)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -58,9 +58,11 @@ BAD_OPTIONS = [
     (lambda: RetrievalConfig(split_seed=-1), "--model.retrieval.split_seed"),
     (lambda: RetrievalConfig(refresh_every=-1), "--model.retrieval.refresh_every"),
     (lambda: RetrievalConfig(backend="annoy"), "--model.retrieval.backend"),
+    (lambda: RetrievalConfig(refresh_every_steps=-1), "--model.retrieval.refresh_every_steps"),
     (lambda: LossConfig(beta_cac=-1.0), "--model.loss.beta_frob, beta_ce, beta_cac"),
     (lambda: LossConfig(view_reduction="max"), "--model.loss.view_reduction"),
     (lambda: ClassifierConfig(logit_scale=-1.0), "--model.classifiers.logit_scale"),
+    (lambda: ClassifierConfig(attention_temperature=0.0), "--model.classifiers.attention_temperature"),
 ]
 
 
@@ -90,10 +92,11 @@ def test_the_defaults_are_the_papers() -> None:
     assert model.views_config == ViewConfig(count=6, randaugment_ops=2, randaugment_magnitude=9)
     assert model.retrieval_config == RetrievalConfig(
         mode="approximate", k=12, temperature=1.0, database="split", database_fraction=0.2, split_seed=0,
-        refresh_every=15, backend="auto",
+        refresh_every=15, backend="auto", refresh_every_steps=0, memory_check=True,
     )  # fmt: skip
     assert model.loss_config == LossConfig(beta_frob=1.0, beta_ce=1.0, beta_cac=1.0, view_reduction="sum")
-    assert model.classifiers_config == ClassifierConfig(bias=True, logit_scale=1.0, attention_bias=False)
+    assert model.classifiers_config == ClassifierConfig(bias=True, logit_scale=1.0, attention_bias=False,
+                                                        attention_temperature=1.0)
     assert model.sampler == "shuffle" and model.hparams.lr == 3e-5 and model.hparams.weight_decay == 0.01
     assert model.hparams.retrieval is model.retrieval_config  # save_hyperparameters keeps the groups
     with pytest.raises(AttributeError):
@@ -351,6 +354,25 @@ def test_logit_scale_equals_scaling_both_classifiers() -> None:
         ClassifierConfig(logit_scale=0.0)
 
 
+def test_attention_temperature_equals_scaling_the_query_projection() -> None:
+    """``classifiers.attention_temperature`` t gives the paper's model whose W_q is 1/t times larger."""
+    torch_search = RetrievalConfig(backend="torch")
+    sharp = tiny_model(embedding_dim=8, retrieval=torch_search, classifiers=ClassifierConfig(attention_temperature=0.25)).double()
+    plain = tiny_model(embedding_dim=8, retrieval=torch_search).double()
+    plain.load_state_dict(sharp.state_dict())
+    with torch.no_grad():
+        plain.cac.q.weight.mul_(4.0)
+    views, labels, ids = unit(3, 2, 8, seed=1), torch.tensor([0, 1, 2]), torch.tensor([20, 21, 22])
+    for model in (sharp, plain):
+        model.set_database(unit(10, 8), np.arange(10))
+    a, b = sharp.loss_terms(views, labels, ids), plain.loss_terms(views, labels, ids)
+    assert a["cac"].item() == pytest.approx(b["cac"].item(), rel=1e-12)
+    unscaled = tiny_model(embedding_dim=8, retrieval=torch_search).double()
+    unscaled.load_state_dict(sharp.state_dict())
+    unscaled.set_database(unit(10, 8), np.arange(10))
+    assert unscaled.loss_terms(views, labels, ids)["cac"].item() != pytest.approx(a["cac"].item(), rel=1e-6)
+
+
 def test_mixed_precision_keeps_the_js_term_in_float32() -> None:
     model = tiny_model(embedding_dim=8, retrieval=RetrievalConfig(backend="torch"))
     model.set_database(unit(10, 8, dtype=torch.float32), np.arange(10))
@@ -358,6 +380,93 @@ def test_mixed_precision_keeps_the_js_term_in_float32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = model.loss_terms(views, torch.tensor([0, 1]), torch.tensor([20, 21]))
     assert terms["frob"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+
+
+# ---------------------------------------------------------------------------- full retrieval with gradient
+def hand_built_loss(model: DMCAC, views: torch.Tensor, database: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 9-20 over the whole database written out per query and view pair (no masks, no batching
+    tricks); ``views`` (B, A, F) and ``database`` (N, F) are whatever graph the caller built."""
+    tau, scale = model.retrieval_config.temperature, model.classifiers_config.logit_scale
+    f = views.shape[-1]
+    total = views.new_zeros(())
+    for i in range(views.shape[0]):
+        z = views[i]  # (A, F)
+        p = torch.softmax(z @ database.T / tau, dim=-1)  # (A, N) Eq. 9-10
+        pairs = []
+        for r in range(len(z)):
+            for c in range(r):
+                m = (p[r] + p[c]) / 2
+                pairs.append(0.5 * (p[r] * (p[r] / m).log()).sum() + 0.5 * (p[c] * (p[c] / m).log()).sum())  # Eq. 11-12
+        frob = torch.stack(pairs).pow(2).sum().sqrt()  # Eq. 13
+        target = labels[i].repeat(len(z))
+        ce = F.cross_entropy(model.classifier(z) * scale, target, reduction="sum")  # Eq. 14-15
+        cac = model.cac
+        att = torch.softmax(cac.q(z) @ cac.k(database).T / math.sqrt(f), dim=-1)  # (A, N) Eq. 16-17
+        cac_loss = F.cross_entropy(cac.classifier(att @ cac.v(database)) * scale, target, reduction="sum")  # Eq. 18-19
+        total = total + frob + ce + cac_loss
+    return total / views.shape[0]
+
+
+def test_full_grad_sends_the_gradient_through_the_database_embeddings() -> None:
+    """``full_grad``: the database is embedded inside the graph, so the encoder's gradient is the
+    fixed-database gradient plus the part that flows through the database embeddings, and equals
+    a hand-built loss whose database is embedded with gradient."""
+    torch.manual_seed(0)
+    grad_model = tiny_model(embedding_dim=8, retrieval=RetrievalConfig(mode="full_grad")).double()
+    fixed_model = tiny_model(embedding_dim=8, retrieval=RetrievalConfig(mode="full")).double()
+    fixed_model.load_state_dict(grad_model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    db_images = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+    db_ids = np.arange(100, 106)
+    batch = {"image": torch.randn(2, 3, 3, 16, 16, generator=g, dtype=torch.float64), "label": torch.tensor([0, 3]),
+             "index": torch.tensor([7, 8])}
+    params = [p for p in grad_model.parameters() if p.requires_grad]
+    grad_model.set_database_images(db_images, db_ids)
+    terms = grad_model.training_loss(batch)
+    with_grad = torch.autograd.grad(terms["loss"], params)
+    assert terms["union_size"].item() == 6
+    assert grad_model.database_embeddings.shape == (6, 8) and not grad_model.database_embeddings.requires_grad
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(grad_model.project(grad_model.encode(images).pooled), dim=-1)
+
+    views = embed(batch["image"].flatten(0, 1)).reshape(2, 3, 8)
+    database = embed(db_images)
+    hand = hand_built_loss(grad_model, views, database, batch["label"])
+    assert hand.item() == pytest.approx(terms["loss"].item(), rel=1e-10)
+    for got, expected in zip(with_grad, torch.autograd.grad(hand, params, retain_graph=True)):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-12)
+
+    # The fixed database (mode full): the same loss value, a different encoder gradient ...
+    fixed_model.set_database(database.detach(), db_ids)
+    fixed_terms = fixed_model.training_loss(batch)
+    assert fixed_terms["loss"].item() == pytest.approx(terms["loss"].item(), rel=1e-12)
+    fixed = torch.autograd.grad(fixed_terms["loss"], [p for p in fixed_model.parameters() if p.requires_grad])
+    names = [name for name, p in grad_model.named_parameters() if p.requires_grad]
+    embedding = [i for i, name in enumerate(names) if name.startswith(("encoder.", "head."))]  # what embeds images
+    difference = sum((with_grad[i] - fixed[i]).pow(2).sum() for i in embedding).sqrt()
+    assert difference > 1e-3 * sum(with_grad[i].pow(2).sum() for i in embedding).sqrt()
+    # ... and the difference is exactly the gradient through the database embeddings (views held constant);
+    # the classifiers' own weights get the same gradient either way.
+    through_database = torch.autograd.grad(hand_built_loss(grad_model, views.detach(), database, batch["label"]),
+                                           [params[i] for i in embedding])
+    for i, db_part in zip(embedding, through_database):
+        torch.testing.assert_close(with_grad[i], fixed[i] + db_part, rtol=1e-8, atol=1e-12, msg=names[i])
+    for i in set(range(len(names))) - set(embedding):
+        torch.testing.assert_close(with_grad[i], fixed[i], rtol=1e-10, atol=1e-13, msg=names[i])
+
+
+def test_full_grad_memory_check_stops_a_database_that_cannot_fit() -> None:
+    model = tiny_model(retrieval=RetrievalConfig(mode="full_grad"))
+    buffers = [b.clone() for b in model.buffers()]
+    estimate = model.check_full_grad_memory(num_database=10, image_size=16, query_images=6)
+    assert estimate["activations_per_image_bytes"] > 0 and estimate["need_bytes"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # the probe changes no statistics
+    with pytest.raises(ConfigError, match=r"full_grad: one training step needs about .* GiB .*database_fraction"):
+        model.check_full_grad_memory(num_database=10**9, image_size=16, query_images=6)
+    with pytest.raises(ValueError, match="for full retrieval"):
+        tiny_model().loss_terms(unit(1, 2, 32, dtype=torch.float32), torch.tensor([0]), torch.tensor([0]),
+                                unit(3, 32, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------- query / database split
@@ -431,6 +540,84 @@ def test_training_uses_the_query_set_and_refreshes_the_database(cub_root: Path, 
     assert not set(seen) & set(model.database_indices.tolist())
     assert model.database_embeddings.shape == (len(model.database_indices), 8)
     assert "time/database_s" in trainer.callback_metrics and "time/database_total_s" in trainer.callback_metrics
+
+
+def _refresh_steps_in_a_fit(cub_root: Path, tmp_path: Path, retrieval: RetrievalConfig, max_epochs: int,
+                            batches: int, accumulate: int = 1) -> tuple[DMCAC, list[int]]:
+    """Fit a tiny model; return it and the optimizer step at which each database refresh happened."""
+    dm = CUB200(root=str(cub_root), image_size=16, classes_per_batch=4, samples_per_class=2, num_workers=0,
+                batches_per_epoch=batches, eval_batch_size=128)
+    with pytest.warns(UserWarning):
+        dm.setup("fit")
+    model = DMCAC(**TINY, embedding_dim=8, num_classes=dm.num_train_classes, views=ViewConfig(count=2),
+                  retrieval=retrieval)
+    steps: list[int] = []
+    original = model.refresh_database
+
+    def refresh() -> torch.Tensor:
+        steps.append(model.global_step)
+        return original()
+
+    model.refresh_database = refresh
+    trainer = L.Trainer(max_epochs=max_epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path, accelerator="cpu",
+                        use_distributed_sampler=False, accumulate_grad_batches=accumulate)
+    trainer.fit(model, datamodule=dm)
+    return model, steps
+
+
+def test_refresh_every_steps_counts_optimizer_steps_in_a_trainer(cub_root: Path, tmp_path: Path) -> None:
+    # 2 epochs x 3 steps; every 2 steps: before training, then at the start of steps 2 and 4. The epoch
+    # period (refresh_every 1 would refresh at step 3) is replaced, not added.
+    model, steps = _refresh_steps_in_a_fit(cub_root, tmp_path, RetrievalConfig(refresh_every=1, refresh_every_steps=2),
+                                           max_epochs=2, batches=3)
+    assert steps == [0, 2, 4] and model.refresh_count == 3 and model.global_step == 6
+    # Gradient accumulation: 4 batches of 2 micro-batches are 2 optimizer steps per epoch; once per step.
+    model, steps = _refresh_steps_in_a_fit(cub_root, tmp_path, RetrievalConfig(refresh_every_steps=1),
+                                           max_epochs=2, batches=4, accumulate=2)
+    assert steps == [0, 1, 2, 3] and model.global_step == 4
+    # The default stays in epochs: 15 epochs never come in 2 epochs, so only the initial embedding.
+    model, steps = _refresh_steps_in_a_fit(cub_root, tmp_path, RetrievalConfig(), max_epochs=2, batches=2)
+    assert steps == [0]
+    assert "every 15 epoch(s) = 30 optimizer steps (an epoch is 2 steps)" in model.refresh_schedule()
+
+
+def test_full_grad_trains_in_a_trainer_with_the_database_images_held(cub_root: Path, tmp_path: Path) -> None:
+    model, steps = _refresh_steps_in_a_fit(cub_root, tmp_path, RetrievalConfig(mode="full_grad", refresh_every_steps=1),
+                                           max_epochs=1, batches=2)
+    assert steps == [] and model.refresh_count == 0  # nothing to refresh: embedded at every step
+    n = len(model.database_indices)
+    assert model._database_images.shape == (n, 3, 16, 16)
+    assert model._database_ids.tolist() == model.database_indices.tolist()
+    assert model.database_embeddings.shape == (n, 8)  # the last step's, detached
+    assert model.memory_estimate["database_images"] == n and model.memory_estimate["query_images"] == 8 * 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "betas"),
+    [([], (1.0, 1.0, 1.0)),
+     (["--model.loss", '{"beta_frob": 0, "beta_ce": 0.5}'], (0.0, 0.5, 1.0)),
+     (["--model.loss", '{"beta_ce": 0.5, "beta_cac": 0}'], (1.0, 0.5, 0.0))],
+    ids=["recipe", "no_frob", "no_cac"],
+)
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_table_2_ablations_are_overrides_of_the_inshop_recipe(overrides: list[str], betas: tuple, tmp_path: Path) -> None:
+    """The In-Shop recipe's header gives the Table 2 rows as --model.loss overrides: the named
+    weights change, the recipe's other settings stay, and a removed term has no head."""
+    from benchmark.cli import build_cli
+    from tests.datamodules.fixtures import make_inshop
+
+    root = make_inshop(tmp_path / "inshop", train_items=64, train_per_item=4)
+    text = (Path(__file__).resolve().parents[2] / "configs" / "dmcac" / "inshop.yaml").read_text()
+    assert all(arg in text for arg in overrides if arg.startswith("{"))  # the header gives these exact overrides
+    cli = build_cli(None, ["--method", "dmcac", "--data", "inshop", "--data.root", str(root), "--backbone", "vit_tiny_test",
+                           "--backbone.pretrained", "false", "--data.num_workers", "0", "--logger", "none",
+                           "--run_dir", str(tmp_path / "run"), *overrides], run=False)
+    model = cli.model
+    loss = model.loss_config
+    assert (loss.beta_frob, loss.beta_ce, loss.beta_cac) == betas and loss.view_reduction == "sum"
+    assert (model.cac is None) == (betas[2] == 0) and model.classifier is not None
+    assert model.views_config.count == 6 and model.hparams.lr == 3e-5 and cli.datamodule.classes_per_batch == 256
 
 
 # ---------------------------------------------------------------------------- a real training signal
