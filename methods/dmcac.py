@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -912,4 +913,13 @@ class DMCAC(RetrievalMethod):
             "k": self.retrieval_config.k,
             "database": self.retrieval_config.database,
             "database_fraction": self.retrieval_config.database_fraction,
+            "refresh_every_steps": self.retrieval_config.refresh_every_steps,
+            "attention_temperature": self.classifiers_config.attention_temperature,
         }
+
+    @classmethod
+    def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
+        """Table 1 is approximate retrieval; Table 4's full retrieval embeds the database with
+        gradient (``full_grad``); the fixed-database ``full`` variant has no paper number."""
+        mode = meta.get("retrieval", "approximate")
+        return [] if refined else {"approximate": ["dmcac"], "full_grad": ["dmcac_full_retrieval"]}.get(mode, [])
