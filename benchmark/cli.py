@@ -68,6 +68,7 @@ commands:
   test         evaluate a checkpoint on the test split (--ckpt_path)
   list         registered methods, backbones and datasets
   leaderboard  results of local runs (runs/*/metrics_test.json) next to the papers' numbers
+  suite        a grid of fit runs as one command: suite run|status|export-sweep FILE (suite --help)
   perf NAME    performance benchmarks (python -m benchmark perf --help)
   analyze NAME figure-writing analyses, e.g. analyze cross_image_attention gradients
 
@@ -696,6 +697,11 @@ def cmd_analyze(argv: list[str]) -> int:
     return _dispatch("analyze", argv)
 
 
+def cmd_suite(argv: list[str]) -> int:
+    """``suite ...``: benchmark/suites.py, loaded by name (it imports this module)."""
+    return importlib.import_module("benchmark.suites").main(argv)
+
+
 def cmd_leaderboard(argv: list[str]) -> int:
 
     return leaderboard_main(argv)
@@ -793,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA))
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard}
+    commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard,
+                "suite": cmd_suite}
     try:
         if command in ("fit", "validate", "test"):
             if "-h" in rest or "--help" in rest:  # the short flags first, then LightningCLI's options
@@ -803,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         if command in commands:
             return commands[command](rest)
         raise CLIError(
-            f"Unknown command {command!r}. Choose one of: fit, validate, test, list, leaderboard, perf, analyze."
+            f"Unknown command {command!r}. Choose one of: fit, validate, test, list, leaderboard, suite, perf, analyze."
         )
     except CLIError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -108,6 +108,8 @@ def local_runs(root: Path) -> list[RunRecord]:
     """Every run directory under ``root`` (any depth) with a test evaluation."""
     records = []
     for path in sorted(Path(root).rglob("metrics_test.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts[:-1]):
+            continue  # hidden folders: a suite's earlier failed attempts (.attempts/), caches
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

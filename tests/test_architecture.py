@@ -9,7 +9,7 @@ layers below it, never above, and project modules form no cycle:
    ``benchmark.distributed``, ``benchmark.layers.*``, ``benchmark.neighbours``
 2. methods: ``methods.*``
 3. evaluation and training: ``benchmark.evaluation.*``, ``benchmark.training``
-4. command line and tools: ``benchmark.cli``, ``benchmark.leaderboard``, ``benchmark.perf.*``,
+4. command line and tools: ``benchmark.cli``, ``benchmark.suites``, ``benchmark.leaderboard``, ``benchmark.perf.*``,
    and the companion modules ``*_perf`` / ``*_analysis`` beside a method or dataset.
 
 Project imports sit at the top of a module: an import inside a function body hides an edge
@@ -41,7 +41,8 @@ def layer(module: str) -> int:
     if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core"):
         return 0
     if module.endswith(TOOL_SUFFIXES) or module.startswith("benchmark.perf") or module in (
-        "benchmark.cli", "benchmark.leaderboard", "benchmark.__main__", "benchmark",
+        "benchmark.cli", "benchmark.suites", "benchmark.leaderboard", "benchmark.wandb_report", "benchmark.__main__",
+        "benchmark",
     ):
         return 4
     if module.startswith(("benchmark.evaluation", "benchmark.training", "benchmark.wandb_logger")):
