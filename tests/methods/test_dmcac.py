@@ -621,6 +621,7 @@ def test_table_2_ablations_are_overrides_of_the_inshop_recipe(overrides: list[st
 
 
 # ---------------------------------------------------------------------------- a real training signal
+@pytest.mark.slow  # ~40-70 s on 2 cores (100 steps at 48 px)
 def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None:
     """The CLI on the embedded default with a tiny ViT: R@1 after training > R@1 before."""
     from benchmark.cli import main

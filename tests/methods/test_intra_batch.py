@@ -521,6 +521,7 @@ def test_the_evaluator_reports_the_metrics_of_the_mpn_refined_embeddings() -> No
 
 
 # ---------------------------------------------------------------------------- a CPU fit
+@pytest.mark.slow  # ~1 min on 2 cores: 100 steps, then the reference batches of 800 test embeddings
 def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded default through the CLI and its recipe (a tiny encoder, 100 steps).
 

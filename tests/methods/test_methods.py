@@ -218,19 +218,19 @@ def test_reload_best_continues_from_the_best_validation_through_a_trainer(cub_fi
                 batches_per_epoch=3, eval_batch_size=128)  # fmt: skip
     model = registry.get_method("ms")(
         backbone=BackboneConfig("resnet_tiny_test", pretrained=False), embedding_dim=8, image_size=16, lr=3e-2,
-        scheduler="reload_best", lr_milestones=[2, 4], lr_gamma=0.1,
+        scheduler="reload_best", lr_milestones=[2, 3], lr_gamma=0.1,
     )  # fmt: skip
     probe = ReloadProbe(model.selection_metric)
     trainer = L.Trainer(
-        max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
         callbacks=[RetrievalEvaluator(), probe], default_root_dir=tmp_path, accelerator="cpu",
         use_distributed_sampler=False,
     )  # fmt: skip
     with pytest.warns(UserWarning):
         trainer.fit(model, datamodule=dm)
-    assert [e for e, _, _ in probe.validations] == [0, 1, 2, 3, 4]
+    assert [e for e, _, _ in probe.validations] == [0, 1, 2, 3]
     reloaded = 0
-    for milestone in (2, 4):
+    for milestone in (2, 3):
         before = [v for v in probe.validations if v[0] < milestone]
         best = max(before, key=lambda v: v[1])  # the first of equal values, as the schedule keeps it
         lr, state = probe.starts[milestone]
