@@ -42,7 +42,7 @@ from benchmark.training import (
     resolve_precision,
     run_metadata,
 )
-from benchmark.wandb_logger import WandbResults, build_wandb_logger
+from benchmark.wandb_logger import WandbResults, build_wandb_logger, finish_wandb_run
 from datamodules.base import RetrievalDataModule
 from methods.base import NonFiniteLossError, RetrievalMethod
 
@@ -753,6 +753,7 @@ def _run_training_command(command: str, argv: list[str]) -> int:
         return 0
     finally:
         status.restore_signal_handlers()
+        finish_wandb_run(status.exit_code or 0)
         if status.run_dir is not None and status.state not in ("", "running") and status.is_rank_zero:
             print(f"[benchmark] run directory: {status.run_dir} ({status.state})", file=sys.stderr)
 

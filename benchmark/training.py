@@ -195,6 +195,7 @@ class RunStatus(Callback):
         self.started = _now()
         self.created_run_dir = False
         self.state = ""  # the last status written
+        self.exit_code: int | None = None  # and its exit code
         self.note = ""  # a remark for the final status (e.g. training cut short by max_time)
         self._previous: dict[int, Any] = {}
 
@@ -209,6 +210,7 @@ class RunStatus(Callback):
 
     def write(self, status: str, exit_code: int | None = None, reason: str = "") -> None:
         """Write the status file (global rank 0 only; DDP workers leave it alone)."""
+        self.exit_code = exit_code
         if self.path is None:
             return
         self.state = status

@@ -169,3 +169,14 @@ class WandbResults(L.Callback):
         for path in files:
             artifact.add_file(str(path))
         logger.experiment.log_artifact(artifact)
+
+
+def finish_wandb_run(exit_code: int) -> None:
+    """Close the process's W&B run when a command ends, with its exit code (W&B marks a non-zero
+    one as failed). Without it a second command in the same process (a notebook, a test) would be
+    logged into the first one's run, which Lightning's ``WandbLogger`` reuses while it is open."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never import wandb just to find nothing to close
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=exit_code)
