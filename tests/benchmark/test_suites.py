@@ -322,6 +322,7 @@ def test_rerunning_skips_completed_resumes_interrupted_and_retries_failed_on_req
     assert "2 completed (skipped), 0 to run" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # executes the agent's command line: one more fit subprocess
 def test_the_wandb_sweep_export_and_the_command_its_agent_runs(
     ran_suite: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -368,6 +369,7 @@ def test_the_submitit_local_launcher_runs_a_cell_as_a_job(
     assert list((out / ".submitit").glob(f"{jobs[0]['job_id']}_*_log.out"))
 
 
+@pytest.mark.slow  # signals: a real fit subprocess interrupted (signal handling itself is tested in test_run_lifecycle)
 def test_ctrl_c_stops_the_running_cell_resumably_and_exits_130(
     cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -449,6 +451,7 @@ slurm: {{partition: gpu, account: acc, array_parallelism: 8, setup: ["source .ve
     assert len(list(scripts.iterdir())) == 3  # only ms-cub-resnet50-seed0 again
 
 
+@pytest.mark.slow  # a real fit subprocess run past its time limit
 def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(tmp_path: Path) -> None:
     """resources.time: the serial runner sends SIGTERM to the fit's process group (here a stand-in process)."""
     path = tmp_path / "s.yaml"
