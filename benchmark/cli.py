@@ -30,6 +30,7 @@ from benchmark import registry
 from benchmark.backbones import BACKBONES
 from benchmark.errors import ConfigError, UserError
 from benchmark.evaluation import RetrievalEvaluator
+from benchmark.figures import FigureWriter
 from benchmark.io import console as make_console
 from benchmark.leaderboard import main as leaderboard_main
 from benchmark.training import (
@@ -58,6 +59,7 @@ _DEFAULTS = yaml.safe_load((CONFIG_DIR / "defaults.yaml").read_text())
 DEFAULT_METHOD: str = _DEFAULTS["method"]
 DEFAULT_DATA: str = _DEFAULTS["data"]
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
+ENV_FIGURES = "DML_BENCHMARK_FIGURES"  # "false": no figures after a test unless --figures[.*] is given
 
 USAGE = """usage: python -m benchmark <command> [options]
 
@@ -83,6 +85,7 @@ fit/validate/test options (plus every LightningCLI option, see `fit --help`):
   --run_dir PATH       where this run writes (default: runs/<method>-<data>-<time>)
   --plugin MODULE      import a module that registers more methods/datasets (repeatable)
   --evaluation.*       evaluation settings (recall_ks, nmi, map_at_k, backend ...)
+  --figures false      no figures in runs/<run>/figures/ after the test (--figures.* sets them)
 A method's own options: python -m benchmark fit --method NAME --print_config (or --help).
 """
 
@@ -224,6 +227,13 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     loggers = _pop_option(argv, "--logger")
     logger = (loggers or ["wandb"])[0]
     run_dir = (_pop_option(argv, "--run_dir") or [None])[0]
+    figures = _pop_option(argv, "--figures")  # the short form of --figures.enabled
+    if not figures and not _has_option(argv, "--figures") and os.environ.get(ENV_FIGURES, "").lower() == "false":
+        figures = ["false"]  # $DML_BENCHMARK_FIGURES=false: off unless the command line asks for them
+    if figures:
+        if figures[0].lower() not in ("true", "false"):
+            raise CLIError(f"--figures takes true or false (got {figures[0]!r}); --figures.<option> sets the figures.")
+        argv.append(f"--figures.enabled={figures[0].lower()}")
     if logger not in LOGGERS:
         raise CLIError(f"Unknown logger {logger!r}. Choose one of: {', '.join(LOGGERS)}.")
     backbone = _pop_option(argv, "--backbone")
@@ -365,6 +375,8 @@ def _make_cli_class():
             # (e.g. --evaluation.recall_ks [1,2,4,8] --evaluation.backend cpu).
             parser.add_class_arguments(RetrievalEvaluator, "evaluation", instantiate=True)
             parser.add_class_arguments(CheckpointSettings, "checkpoint", instantiate=True)
+            # The figures drawn after a test into runs/<run>/figures/ (--figures.* or a recipe's figures:).
+            parser.add_class_arguments(FigureWriter, "figures", instantiate=True)
             parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
@@ -486,6 +498,10 @@ def _make_cli_class():
             if command == "fit" and (logger is not None or (user_set and user_logger is not False)):
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
             callbacks.append(WandbResults(run_dir, selection))  # acts only when a W&B logger is attached
+            figures = self._get(self.config_init, "figures", default=None)
+            if isinstance(figures, FigureWriter) and figures.enabled and command in ("fit", "test"):
+                figures.run_dir = run_dir  # draws after the test, records the training history
+                callbacks.append(figures)
             kwargs["default_root_dir"] = str(run_dir)  # --trainer.default_root_dir, if given, chose run_dir
             if not user_set:
                 kwargs["logger"] = logger if logger is not None else False
@@ -602,7 +618,9 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
         registry.discover()
     else:
         argv, info = rewrite_args(argv, subcommand)
-        if subcommand in ("test", "validate") and not any(a.split("=", 1)[0] == "--verbose" for a in argv):
+        if not run:  # built to be driven by hand (analyze): no subcommand, so no --ckpt_path
+            _pop_option(argv, "--ckpt_path")
+        elif subcommand in ("test", "validate") and not any(a.split("=", 1)[0] == "--verbose" for a in argv):
             # The evaluator prints the one table (percent, counts as integers); Lightning's would
             # repeat it as fractions. --verbose true brings it back.
             argv = [*argv, "--verbose", "false"]
@@ -634,7 +652,7 @@ def _instantiate_cli(cli_cls: Any, subcommand: str | None, argv: list[str], run:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True, "config_filename": config_name},
         trainer_defaults={"use_distributed_sampler": False, "log_every_n_steps": 10},
-        args=([subcommand] if subcommand else []) + argv,
+        args=([subcommand] if subcommand and run else []) + argv,
         run=run,
     )
 

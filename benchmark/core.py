@@ -4,8 +4,8 @@ It imports nothing from the project except :mod:`benchmark.errors` (itself a lea
 data, backbones, methods, evaluation and the command line can all agree on these names
 without importing each other:
 
-* the registries (methods, datasets, perf commands, analyses) and the decorators that fill
-  them: a method, dataset or tool registers itself where it is defined, and the framework
+* the registries (methods, datasets, perf commands, analyses, figures) and the decorators that
+  fill them: a method, dataset or tool registers itself where it is defined, and the framework
   looks it up by name (:mod:`benchmark.registry` imports the modules that define them);
 * :class:`DataRequest` (and the view / normalisation requests it carries): what a method asks
   of the training data;
@@ -62,15 +62,52 @@ PERF_COMMANDS: dict[str, Command] = {}
 ANALYSES: dict[str, Command] = {}
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A figure registered by the module that owns it (``@register_figure``).
+
+    ``draw(context) -> FigureResult``: given a :class:`benchmark.figures.FigureContext` (the
+    evaluation's gathered embeddings, labels and rankings, the model, the datamodule, the run
+    directory, the output folder and the seed), writes its PNG files and returns them with the
+    data it drew. Every figure is a ``python -m benchmark analyze NAME --ckpt PATH`` command;
+    ``after_test`` ones are also drawn into ``runs/<run>/figures/`` after every ``test`` of a
+    run (``--figures false`` turns that off).
+
+    Attributes:
+        methods: the registered method names it applies to; empty: every method.
+        after_test: drawn after every test of a run (keep these cheap: subsample).
+        initial_model: needs the model as initialised, before the checkpoint's weights
+            (``context.initial_model``), e.g. to compare the start and the end of training.
+        evaluation: draws from the evaluation of the split (``context.evaluation``); a figure
+            without (training curves, one that embeds what it needs itself) spares ``analyze``
+            the pass over the split.
+    """
+
+    name: str
+    draw: Callable[[Any], Any]
+    summary: str
+    owner: str
+    methods: tuple[str, ...] = ()
+    after_test: bool = False
+    initial_model: bool = False
+    evaluation: bool = True
+
+    def applies_to(self, method: str) -> bool:
+        return not self.methods or method in self.methods
+
+
+FIGURES: dict[str, Figure] = {}
+
+
 def _add(table: dict[str, Any], kind: str, name: str, obj: Any, owner: str) -> None:
     if not name:
         raise ValueError(f"A {kind} needs a non-empty name to be registered ({owner}).")
     previous = table.get(name)
     same = previous is obj or (
-        isinstance(previous, Command) and isinstance(obj, Command) and previous.owner == obj.owner
+        isinstance(previous, (Command, Figure)) and type(previous) is type(obj) and previous.owner == obj.owner
     )
     if previous is not None and not same:
-        where = previous.owner if isinstance(previous, Command) else previous.__module__
+        where = previous.owner if isinstance(previous, (Command, Figure)) else previous.__module__
         raise ValueError(f"{kind.capitalize()} name {name!r} is already registered by {where}.")
     table[name] = obj
 
@@ -110,6 +147,21 @@ def register_perf(name: str, summary: str) -> Callable[[Callable[[list[str]], in
 def register_analysis(name: str, summary: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
     """Function decorator: ``main(argv) -> int`` becomes ``python -m benchmark analyze name``."""
     return _register_command(ANALYSES, "analysis", name, summary)
+
+
+def register_figure(
+    name: str, summary: str, *, methods: tuple[str, ...] | list[str] = (), after_test: bool = False,
+    initial_model: bool = False, evaluation: bool = True,
+) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
+    """Function decorator: ``draw(context) -> FigureResult`` becomes the figure ``name``
+    (``python -m benchmark analyze name``; see :class:`Figure` for the options)."""
+
+    def wrap(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        figure = Figure(name, fn, summary, fn.__module__, tuple(methods), after_test, initial_model, evaluation)
+        _add(FIGURES, "figure", name, figure, fn.__module__)
+        return fn
+
+    return wrap
 
 
 # ---------------------------------------------------------------------------- data requests

@@ -6,7 +6,9 @@ imports every module of the ``methods`` and ``datamodules`` packages (by name, a
 this module has no static import of them, so it sits below the methods), then the entry
 points of the groups ``benchmark.methods`` / ``benchmark.datasets`` / ``benchmark.backbones``
 (installed plugins), then any module named with ``--plugin``. :func:`discover_tools` adds
-the perf commands and analyses. A new method therefore never edits the framework.
+the perf commands, analyses and figures; every registered figure is also an ``analyze``
+command, drawn by :data:`FIGURE_RUNNER` (imported by name). A new method therefore never
+edits the framework.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from importlib.metadata import entry_points
 from benchmark.core import (
     ANALYSES,
     DATASETS,
+    FIGURES,
     METHODS,
     PERF_COMMANDS,
     Command,
@@ -28,7 +31,7 @@ from benchmark.core import (
 )
 
 __all__ = [
-    "METHODS", "DATASETS", "PERF_COMMANDS", "ANALYSES", "UnknownNameError", "register_method", "register_dataset",
+    "METHODS", "DATASETS", "PERF_COMMANDS", "ANALYSES", "FIGURES", "UnknownNameError", "register_method", "register_dataset",
     "discover", "discover_tools", "get_method", "get_dataset", "get_command", "class_path",
 ]
 
@@ -37,6 +40,9 @@ __all__ = [
 # fit never imports its tools (they sit in the top layer: they may build a whole CLI run).
 TOOL_SUFFIXES = ("_perf", "_analysis")
 TOOL_PACKAGES = ("benchmark.perf",)
+# Draws a registered figure from a checkpoint (``analyze NAME``) and registers ``analyze figures``;
+# the top layer, so it is imported by name, like the tools.
+FIGURE_RUNNER = "benchmark.analysis"
 
 _builtins_loaded = False
 _tools_loaded = False
@@ -97,8 +103,31 @@ def discover_tools(plugins: list[str] | tuple[str, ...] = ()) -> None:
             _import_modules(package, lambda name: True)
         for package in ("datamodules", "methods"):
             _import_modules(package, lambda name: name.endswith(TOOL_SUFFIXES))
+        importlib.import_module(FIGURE_RUNNER)
         _tools_loaded = True
     _load_entry_points(("benchmark.perf", "benchmark.analysis"))
+    _add_figure_commands()
+
+
+class FigureCommand:
+    """``analyze NAME`` for a registered figure: :data:`FIGURE_RUNNER`'s ``figure_main(NAME, argv)``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, argv: list[str]) -> int:
+        return importlib.import_module(FIGURE_RUNNER).figure_main(self.name, argv)
+
+
+def _add_figure_commands() -> None:
+    """Every registered figure becomes an ``analyze`` command of the same name and summary."""
+    for name, figure in FIGURES.items():
+        command = ANALYSES.get(name)
+        if command is None:
+            scope = f" ({', '.join(figure.methods)} runs)" if figure.methods else ""
+            ANALYSES[name] = Command(name, FigureCommand(name), f"figure: {figure.summary}{scope}", figure.owner)
+        elif not isinstance(command.run, FigureCommand):
+            raise ValueError(f"Figure name {name!r} ({figure.owner}) is already an analysis of {command.owner}.")
 
 
 def get_command(kind: str, name: str) -> Command:

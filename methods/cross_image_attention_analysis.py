@@ -18,7 +18,10 @@ difference per location in the middle row.
 
 Both take the options of ``fit`` after their own (recipe, ``--data``, ``--backbone``,
 ``--model.*``, ``--trainer.*``, ``--logger``); they write PNGs (and a JSON summary) to
-``--out`` and log the figures to W&B when it is the logger::
+``--out`` and log the figures to W&B when it is the logger, on the shared figure layer
+(``benchmark/figures.py``: headless canvases, ``log_images``). The attention maps are also the
+registered figure ``cross_image_attention_maps`` (``analyze cross_image_attention_maps --ckpt
+PATH``: seeded test triples, three blocks spread over the model's)::
 
     python -m benchmark analyze cross_image_attention gradients --epochs 0,4,9 --out figs \\
         --data cub --data.root /data/cub --backbone resnet50 --trainer.max_epochs 10
@@ -39,7 +42,8 @@ import numpy as np
 import torch
 
 from benchmark.cli import build_cli
-from benchmark.core import register_analysis
+from benchmark.core import register_analysis, register_figure
+from benchmark.figures import FigureContext, FigureResult, log_images, pyplot
 from datamodules.base import ImageDataset
 from methods.base import load_method
 
@@ -65,24 +69,6 @@ def build(fit_args: list[str], run_dir: Path, defaults: list[str] = ()) -> Any:
     if not any(a == "--run_dir" or a.startswith("--run_dir=") for a in args):
         args += ["--run_dir", str(run_dir)]
     return build_cli(None, args, run=False)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def log_figures(trainer: L.Trainer, key: str, paths: list[Path]) -> None:
-    """Log PNGs to W&B when the trainer's logger is a WandbLogger (other loggers: files only)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(p) for p in paths], caption=[p.stem for p in paths])
 
 
 def _int_list(text: str) -> list[int]:
@@ -150,7 +136,7 @@ def plot_gradient_histograms(
     ours: FeatureGradientRecorder, baseline: FeatureGradientRecorder, epochs: list[int], path: Path, title: str = ""
 ) -> dict[str, Any]:
     """One histogram panel per epoch (baseline blue, ours red); returns the summary statistics."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(epochs), figsize=(4.2 * len(epochs), 3.4), squeeze=False)
     summary: dict[str, Any] = {}
     for ax, epoch in zip(axes[0], epochs):
@@ -230,7 +216,7 @@ def gradients_main(argv: list[str] | None = None) -> int:
     summary = plot_gradient_histograms(recorders["cross_image_attention"], recorders["baseline"], epochs, png, title)
     summary["baseline"] = {"kind": args.baseline, "caption": caption}
     (args.out / "cia_gradients.json").write_text(json.dumps(summary, indent=2))
-    log_figures(trainers["cross_image_attention"], "analysis/cia_gradients", [png])
+    log_images(trainers["cross_image_attention"], [png], prefix="analysis")
     print(caption)
     for epoch, stats in summary.items():
         if epoch == "baseline":
@@ -276,10 +262,10 @@ def attention_maps(model, images: torch.Tensor, blocks: list[int]) -> tuple[np.n
 
 def plot_triple(
     images: np.ndarray, maps: np.ndarray, blocks: list[int], path: Path, labels: tuple[int, int, int],
-    sims: np.ndarray, title: str = "",
+    sims: np.ndarray, title: str = "", dpi: int = 110,
 ) -> None:
     """Rows: attention of z(1|a) over I_a, squared difference, attention of z(2|a); one column per block."""
-    plt = _plt()
+    plt = pyplot()
     size = images.shape[1]
     fig, axes = plt.subplots(3, len(blocks) + 1, figsize=(2.3 * (len(blocks) + 1), 7.0), squeeze=False)
     names = (f"$I_1$ (class {labels[1]})", f"$I_a$ (class {labels[0]})", f"$I_2$ (class {labels[2]})")
@@ -305,7 +291,7 @@ def plot_triple(
     fig.suptitle(f"{title}  s(1|a)={sims[0]:.3f}  s(2|a)={sims[1]:.3f}".strip(), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -351,30 +337,67 @@ def attention_main(argv: list[str] | None = None) -> int:
         trainer.fit(model, datamodule=dm)
 
     model.to("cuda" if torch.cuda.is_available() else "cpu")
+    records = _split_records(model, dm, args.split)
+    triples = _parse_triples(args.triples) if args.triples else choose_triples(np.asarray(records.labels), args.num_triples,
+                                                                              args.seed)
+    paths, _ = draw_triples(model, dm, records, args.split, triples, blocks, args.out)
+    for path in paths:
+        print(f"wrote {path}")
+    log_images(trainer, paths, prefix="analysis")
+    return 0
+
+
+def _split_records(model: Any, dm: Any, split: str) -> Any:
     dm.apply_request(model.data_request())
     dm.setup("test")
-    records = {"test": dm.test_records, "val": dm.val_records, "train": dm.train_records}[args.split]
-    labels = np.asarray(records.labels)
-    triples = _parse_triples(args.triples) if args.triples else choose_triples(labels, args.num_triples, args.seed)
+    return {"test": dm.test_records, "val": dm.val_records, "train": dm.train_records}[split]
+
+
+def draw_triples(
+    model: Any, dm: Any, records: Any, split: str, triples: list[tuple[int, int, int]], blocks: list[int], out: Path,
+    dpi: int = 110,
+) -> tuple[list[Path], list[dict[str, Any]]]:
+    """One attention figure per triple (positions in ``records``); the PNGs and what each shows."""
     for t in triples:
         if max(t) >= len(records) or min(t) < 0:
-            raise SystemExit(f"error: triple {t} is outside the {args.split} split (0..{len(records) - 1}).")
+            raise SystemExit(f"error: triple {t} is outside the {split} split (0..{len(records) - 1}).")
+    labels = np.asarray(records.labels)
     dataset = ImageDataset(records, dm.eval_transform())
     norm = model.encoder.normalization
     mean, std = np.array(norm.mean)[:, None, None], np.array(norm.std)[:, None, None]
     device = next(model.parameters()).device
-    paths = []
+    paths, shown_data = [], []
     for k, (a, i1, i2) in enumerate(triples):
         images = torch.stack([dataset[a]["image"], dataset[i1]["image"], dataset[i2]["image"]]).to(device)
         maps, _, sims = attention_maps(model, images, blocks)
         shown = np.clip(images.cpu().numpy() * std + mean, 0, 1).transpose(0, 2, 3, 1)  # (3, H, W, 3)
-        path = args.out / f"cia_attention_{args.split}_{k}_{a}_{i1}_{i2}.png"
+        path = out / f"cia_attention_{split}_{k}_{a}_{i1}_{i2}.png"
         plot_triple(shown, maps, blocks, path, (int(labels[a]), int(labels[i1]), int(labels[i2])), sims,
-                    title=f"{args.split} triple (a={a}, 1={i1}, 2={i2})")
+                    title=f"{split} triple (a={a}, 1={i1}, 2={i2})", dpi=dpi)
         paths.append(path)
-        print(f"wrote {path}")
-    log_figures(trainer, "analysis/cia_attention", paths)
-    return 0
+        shown_data.append({"triple": [a, i1, i2], "labels": [int(labels[a]), int(labels[i1]), int(labels[i2])],
+                           "s(1|a)": float(sims[0]), "s(2|a)": float(sims[1])})
+    return paths, shown_data
+
+
+@register_figure(
+    "cross_image_attention_maps",
+    "attention of z(1|a), z(2|a) over I_a for seeded test triples (supplement Figs. S2-S3)",
+    methods=(METHOD,), evaluation=False,
+)
+def attention_figure(context: FigureContext) -> FigureResult:
+    """The ``attention`` command's figure from a checkpoint: ``settings.queries`` seeded triples of the
+    test split (default 6; the command takes 4), up to three blocks spread over the model's."""
+    model = context.model
+    if not getattr(model, "num_blocks", 0):
+        raise ValueError("the model has no cross-attention blocks (num_blocks = 0).")
+    n = model.num_blocks
+    blocks = sorted({max(1, round(n * f)) for f in (1 / 3, 2 / 3, 1.0)})
+    records = _split_records(model, context.datamodule, "test")
+    triples = choose_triples(np.asarray(records.labels), max(1, min(context.settings.queries, 4)), context.seed)
+    paths, shown = draw_triples(model, context.datamodule, records, "test", triples, blocks, context.out_dir,
+                                context.settings.dpi)
+    return FigureResult(paths, {"blocks": blocks, "triples": shown})
 
 
 @register_analysis("cross_image_attention", "Cross-Image-Attention supplement figures: 'gradients' (Fig. S1), 'attention' maps")

@@ -26,6 +26,13 @@ database and batch::
 
     python -m benchmark analyze dmcac memory --backbone vit_small --image-size 224 \\
         --database 590 --queries 256 --views 6 --out figures/dmcac
+
+The figure ``dmcac_view_similarity`` (the shared figure layer, ``benchmark/figures.py``): for
+seeded training queries, each view's ``P'`` over the union of the views' retrieved database
+entries, the distributions ``L_frob`` compares, for the untrained model and the checkpoint
+(each with its own database, embedded un-augmented)::
+
+    python -m benchmark analyze dmcac_view_similarity --ckpt runs/<run>/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
@@ -43,13 +50,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from benchmark.backbones import BackboneConfig
 from benchmark.cli import build_cli
-from benchmark.core import register_analysis
+from benchmark.core import register_analysis, register_figure
+from benchmark.figures import FigureContext, FigureResult, pyplot
 from benchmark.io import atomic_write_text
-from methods.dmcac import DMCAC, RetrievalConfig, ViewConfig
+from datamodules.base import ImageDataset
+from methods.dmcac import (
+    DMCAC,
+    RetrievalConfig,
+    ViewConfig,
+    frobenius_lower,
+    js_divergence_matrix,
+    similarity_log_probs,
+    union_of_neighbours,
+)
 
 METHOD = "dmcac"
 TERMS = ("ce", "frob", "cac")
@@ -372,6 +390,104 @@ def memory_main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.md')}")
     return 0
+
+
+# ---------------------------------------------------------------------------- figure: the views' similarity distributions
+FIGURE_QUERIES = 2  # query images drawn (seeded)
+
+
+@torch.no_grad()
+def view_distributions(model: Any, datamodule: Any, images: torch.Tensor, query_ids: torch.Tensor) -> dict[str, Any]:
+    """What ``L_frob`` compares for (B, A, C, H, W) views of training queries, with ``model``'s
+    own database (re-embedded, un-augmented, by this model): per query the union ``S`` of its
+    views' k nearest database entries (training-split indices), ``P'`` (A, T) and the pairwise
+    JS divergences (A, A), and the query's ``L_frob``."""
+    model.eval()
+    device = next(model.parameters()).device
+    records = datamodule.train_records.subset(model.database_indices)  # row i = database_indices[i]
+    loader = datamodule.eval_dataloader(records)
+    rows = []
+    for batch in loader:
+        rows.append(model.embed(batch["image"].to(device)).float())
+    model.set_database(torch.cat(rows), model.database_indices)
+    views = model.embed_views(images.to(device))  # (B, A, F)
+    neighbours = model.retrieve(views, query_ids.to(device))  # (B, A, k)
+    union, mask = union_of_neighbours(neighbours, model.database_embeddings.shape[0])  # (B, T)
+    keys = model.database_embeddings[union]  # (B, T, F)
+    log_p = similarity_log_probs(views.float(), keys.float(), mask, model.retrieval_config.temperature)  # (B, A, T)
+    js = js_divergence_matrix(log_p)  # (B, A, A)
+    out = []
+    for b in range(views.shape[0]):
+        t = int(mask[b].sum())
+        out.append({
+            "entries": [int(model.database_indices[int(i)]) for i in union[b, :t]],
+            "probabilities": log_p[b, :, :t].exp().cpu().numpy(),
+            "js": js[b].cpu().numpy(),
+            "frob": float(frobenius_lower(js[b : b + 1])[0]),
+        })
+    return {"queries": out}
+
+
+@register_figure(
+    "dmcac_view_similarity",
+    "for training queries, each view's similarity distribution P' over the retrieved database entries "
+    "(what L_frob compares), untrained vs trained",
+    methods=(METHOD,), initial_model=True, evaluation=False,
+)
+def view_similarity(context: FigureContext) -> FigureResult:
+    plt = pyplot()
+    model, dm = context.model, context.datamodule
+    states = [("start (untrained)", context.initial_model), ("end (checkpoint)", model)]
+    states = [(name, m) for name, m in states if m is not None]
+    labels = dm.train_records.labels
+    for _, m in states:
+        m.split_training_set(labels)
+    dm.apply_request(model.data_request())
+    dataset = ImageDataset(dm.train_records, dm.train_transform())
+    rng = np.random.default_rng(context.seed)
+    picked = sorted(rng.choice(model.query_indices, size=min(FIGURE_QUERIES, len(model.query_indices)), replace=False).tolist())
+    with torch.random.fork_rng():  # the RandAugment views: the same for both models and every call
+        torch.manual_seed(context.seed)
+        images = torch.stack([dataset[i]["image"] for i in picked])
+    if images.ndim == 4:
+        images = images[:, None]
+    ids = torch.as_tensor(picked)
+    results = [(name, view_distributions(m, dm, images, ids)) for name, m in states]
+    views = images.shape[1]
+    fig, axes = plt.subplots(len(picked), len(results), figsize=(5.2 * len(results), 2.7 * len(picked)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    data: dict[str, Any] = {"queries": picked, "query_labels": [int(labels[i]) for i in picked], "views": views,
+                            "temperature": model.retrieval_config.temperature, "k": model.retrieval_config.k, "states": {}}
+    for col, (name, result) in enumerate(results):
+        data["states"][name] = []
+        for row, q in enumerate(picked):
+            entry = result["queries"][row]
+            p = entry["probabilities"]  # (A, T)
+            order = np.argsort(-p[0], kind="stable")  # entries by view 0's probability
+            same = np.array([labels[e] == labels[q] for e in entry["entries"]])[order]
+            ax = axes[row][col]
+            x = np.arange(p.shape[1])
+            for a in range(views):
+                ax.plot(x, p[a, order], marker="o", markersize=2.5, linewidth=1.0, color=cmap(a / max(1, views - 1)),
+                        label="view 0 (crop)" if a == 0 else f"view {a} (RandAugment)")
+            ax.scatter(x[same], np.zeros(same.sum()), marker="^", s=30, color="#1a9850", zorder=3, clip_on=False,
+                       label="same class as the query")
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel(f"the {p.shape[1]} retrieved database entries (union over views), by view 0's P'", fontsize=7)
+            ax.set_ylabel("P'", fontsize=8)
+            upper = entry["js"][np.tril_indices(views, -1)]
+            ax.set_title(f"{name}: query {q} (class {int(labels[q])}); JS(views) mean {upper.mean() if upper.size else 0:.4f}, "
+                         f"L_frob {entry['frob']:.4f}", fontsize=7.5)
+            if row == 0 and col == len(results) - 1:
+                ax.legend(fontsize=6.5, frameon=False)
+            data["states"][name].append({"query": q, "entries": entry["entries"], "probabilities": np.round(p, 6),
+                                         "js": np.round(entry["js"], 8), "frob": entry["frob"],
+                                         "same_class": [bool(labels[e] == labels[q]) for e in entry["entries"]]})
+    fig.suptitle(f"{context.method}: P' = softmax(Z_A Z_S^T / {model.retrieval_config.temperature:g}) of each view over the "
+                 f"union S of the views' {model.retrieval_config.k} nearest database entries (each model's own database)",
+                 fontsize=8.5)
+    fig.tight_layout()
+    return FigureResult([context.save(fig, "dmcac_view_similarity")], data)
 
 
 @register_analysis("dmcac", "DMCAC: 'loss_terms' (each loss term's gradient norm vs CE over a short run), "

@@ -11,6 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The figures after a test cost ~1-2 s per tiny run; the many fits of the suite do without them, and
+# tests/benchmark/test_figures.py asks for them explicitly (--figures.*, or the variable unset).
+os.environ.setdefault("DML_BENCHMARK_FIGURES", "false")
 
 
 @pytest.fixture(autouse=True)

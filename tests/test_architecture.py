@@ -8,9 +8,11 @@ layers below it, never above, and project modules form no cycle:
    packages above it by name, at run time), ``datamodules.*``, ``benchmark.backbones``,
    ``benchmark.distributed``, ``benchmark.layers.*``, ``benchmark.neighbours``
 2. methods: ``methods.*``
-3. evaluation and training: ``benchmark.evaluation.*``, ``benchmark.training``
+3. evaluation and training: ``benchmark.evaluation.*``, ``benchmark.training``, ``benchmark.wandb_logger``,
+   ``benchmark.figures`` (the figure layer: generic figures and the callback that draws them)
 4. command line and tools: ``benchmark.cli``, ``benchmark.suites``, ``benchmark.leaderboard``, ``benchmark.perf.*``,
-   and the companion modules ``*_perf`` / ``*_analysis`` beside a method or dataset.
+   ``benchmark.analysis`` (``analyze NAME`` for every registered figure), and the companion modules
+   ``*_perf`` / ``*_analysis`` beside a method or dataset.
 
 Project imports sit at the top of a module: an import inside a function body hides an edge
 from readers (and from this test), so only third-party modules may be imported lazily.
@@ -41,11 +43,11 @@ def layer(module: str) -> int:
     if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core"):
         return 0
     if module.endswith(TOOL_SUFFIXES) or module.startswith("benchmark.perf") or module in (
-        "benchmark.cli", "benchmark.suites", "benchmark.leaderboard", "benchmark.wandb_report", "benchmark.__main__",
-        "benchmark",
+        "benchmark.cli", "benchmark.suites", "benchmark.leaderboard", "benchmark.wandb_report", "benchmark.analysis",
+        "benchmark.__main__", "benchmark",
     ):
         return 4
-    if module.startswith(("benchmark.evaluation", "benchmark.training", "benchmark.wandb_logger")):
+    if module.startswith(("benchmark.evaluation", "benchmark.training", "benchmark.wandb_logger", "benchmark.figures")):
         return 3
     if module.startswith("methods"):
         return 2

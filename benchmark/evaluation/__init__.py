@@ -7,7 +7,7 @@ See docs/evaluation.md for the conventions (cosine similarity, self-exclusion by
 index, tie policy, queries without positives).
 """
 
-from benchmark.evaluation.callback import RetrievalEvaluator
+from benchmark.evaluation.callback import Evaluation, RetrievalEvaluator
 from benchmark.evaluation.metrics import nmi, ranked_list_metrics, retrieval_metrics
 
-__all__ = ["RetrievalEvaluator", "retrieval_metrics", "ranked_list_metrics", "nmi"]
+__all__ = ["RetrievalEvaluator", "Evaluation", "retrieval_metrics", "ranked_list_metrics", "nmi"]

@@ -13,7 +13,11 @@
 3. computes the metrics on global rank 0 and broadcasts them, so every rank logs identical
    values (``val/R@1``, ``test/refined/R@1``, ``test/refined/level3/MAP@R`` ...);
 4. writes ``<run_dir>/metrics_<stage>.json`` (global rank 0, atomically) with every
-   evaluation of the run, and prints the final test result as a table.
+   evaluation of the run, and prints the final test result as a table;
+5. keeps what it evaluated at test (:class:`Evaluation`: embeddings, labels, flags, dataset
+   indices, the refined outputs and the metrics) as :attr:`RetrievalEvaluator.last_evaluation`
+   on global rank 0, which the figure layer (:mod:`benchmark.figures`) draws from without a
+   second pass over the data.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import platform
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +89,29 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@dataclass
+class Evaluation:
+    """One evaluation as the evaluator scored it, on the CPU, rows in ascending dataset index.
+
+    ``indices`` are the dataset indices within the evaluated split (rows of its records);
+    ``refined`` is what the method's ``refine`` returned (refined embeddings or
+    :class:`~benchmark.core.RankedLists`, by key); ``results`` the metrics by group (``""``
+    for the plain embeddings, ``"refined"``, ``"refined/<key>"``).
+    """
+
+    stage: str
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    is_query: torch.Tensor
+    is_gallery: torch.Tensor
+    refined: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
+    epoch: int = 0
+    global_step: int = 0
+    recall_ks: tuple[int, ...] = (1,)
+
+
 class RetrievalEvaluator(Callback):
     """Retrieval metrics of every validation and test epoch, for any method.
 
@@ -105,6 +133,10 @@ class RetrievalEvaluator(Callback):
     #: Warn (once per evaluator) when more than this fraction of the evaluated embeddings
     #: repeat an earlier row: a collapsed model, not a few duplicate images.
     collapse_fraction: float = 0.01
+    #: The stages whose last evaluation is kept as :attr:`last_evaluation` (global rank 0).
+    keep_stages: tuple[str, ...] = ("test",)
+    #: Write ``metrics_<stage>.json``; ``analyze`` turns it off (its evaluation is not a result of the run).
+    write_results: bool = True
 
     def __init__(
         self,
@@ -133,6 +165,7 @@ class RetrievalEvaluator(Callback):
         self._batches: list[dict[str, torch.Tensor]] = []
         self._history: dict[str, list[dict[str, Any]]] = {}
         self.last_metrics: dict[str, float] = {}
+        self.last_evaluation: Evaluation | None = None
         self._collapse_warned = False
 
     # ------------------------------------------------------------------ configuration
@@ -345,9 +378,27 @@ class RetrievalEvaluator(Callback):
             for name, value in flat.items():
                 pl_module.log(name, value, sync_dist=False, prog_bar=name == f"{stage}/R@1")
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, run_dir / f"metrics_{stage}.json", stage, results, time.perf_counter() - start)
+            if self.write_results:
+                self._write(trainer, pl_module, run_dir / f"metrics_{stage}.json", stage, results, time.perf_counter() - start)
             if stage == "test" and self.print_table:
                 print_metrics_table(results, title=self._title(trainer, pl_module))
+            if stage in self.keep_stages:
+                self.last_evaluation = self._keep(trainer, stage, data, refined, results)
+
+    def _keep(
+        self, trainer: L.Trainer, stage: str, data: dict[str, torch.Tensor], refined: Mapping[str, Any],
+        results: dict[str, dict[str, float]],
+    ) -> Evaluation:
+        """The evaluation just scored, on the CPU (refined embeddings detached, ranked lists as given)."""
+        cpu = {k: v.detach().cpu() for k, v in data.items()}
+        kept = {
+            key: (RankedLists(value.indices.cpu()) if isinstance(value, RankedLists) else value.detach().float().cpu())
+            for key, value in refined.items()
+        }
+        return Evaluation(
+            stage, cpu["embeddings"], cpu["labels"], cpu["indices"], cpu["is_query"], cpu["is_gallery"], kept, results,
+            int(trainer.current_epoch), int(trainer.global_step), self.resolved_recall_ks(trainer),
+        )
 
     # ------------------------------------------------------------------ records
     @staticmethod
