@@ -335,6 +335,14 @@ def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> 
     return out.getvalue()
 
 
+def _row_cells(r: Mapping[str, Any], metrics: Sequence[str], rank_by: str) -> list[str]:
+    """A group's cells as the Markdown and HTML tables show them (method ... differs)."""
+    paper, delta = r[f"paper_{rank_by}"], r[f"delta_{rank_by}"]
+    return [str(r["method"]), str(r["backbone"]), str(r["embedding_dim"]), str(r["protocol"]), str(r["n_seeds"]),
+            *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+            "" if paper is None else f"{paper:.1f}", "" if delta is None else f"{delta:+.2f}", str(r["differs"])]  # fmt: skip
+
+
 def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber]) -> str:
     lines = []
     for dataset in sorted({str(r["dataset"]) for r in rows}):
@@ -344,11 +352,7 @@ def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str
                   "| method | backbone | dim | protocol | seeds | " + " | ".join(metrics) + f" | paper {rank_by} | Δ | differs |",
                   "|" + "---|" * (8 + len(metrics))]  # fmt: skip
         for r in subset:
-            cells = [str(r["method"]), str(r["backbone"]), str(r["embedding_dim"]), str(r["protocol"]), str(r["n_seeds"]),
-                     *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
-                     "" if r[f"paper_{rank_by}"] is None else f"{r[f'paper_{rank_by}']:.1f}",
-                     "" if r[f"delta_{rank_by}"] is None else f"{r[f'delta_{rank_by}']:+.2f}", r["differs"]]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_row_cells(r, metrics, rank_by)) + " |")
         for n in [n for n in refs if n.dataset == dataset]:
             lines.append(f"| *{n.method} (paper: {n.paper})* | {n.backbone} | {n.dim} | | | {n.value:.1f}" + " |" * (len(metrics) + 3))
         lines.append("")
@@ -367,6 +371,12 @@ def write_figures(groups: Sequence[Group], rows: list[dict[str, Any]], rank_by: 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
 
+    def save(fig: Any, path: Path) -> Path:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     def label(r: Mapping[str, Any]) -> str:
         return f"{r['method']} ({r['backbone']})" + (f" [{r['differs']}]" if r["differs"] else "")
 
@@ -384,10 +394,7 @@ def write_figures(groups: Sequence[Group], rows: list[dict[str, Any]], rank_by: 
         ax.set_xticks(range(len(subset)), [label(r) for r in subset], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(f"{rank_by} (%)")
         ax.set_title(f"{dataset}: mean ± std over seeds ({select})", fontsize=9)
-        fig.tight_layout()
-        paths.append(out / f"ranking_{dataset}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, out / f"ranking_{dataset}.png"))
 
         family = [g for g in groups if str(g.settings.get("dataset")) == dataset]
         ks = sorted({int(k[2:]) for g in family for run in g.runs for k in run.test if k.startswith("R@") and k[2:].isdigit()})
@@ -403,16 +410,12 @@ def write_figures(groups: Sequence[Group], rows: list[dict[str, Any]], rank_by: 
             ax.set_ylabel("Recall@K (%)")
             ax.set_title(f"{dataset}: Recall@K (mean over seeds)", fontsize=9)
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            paths.append(out / f"recall_at_k_{dataset}.png")
-            fig.savefig(paths[-1], dpi=110)
-            plt.close(fig)
+            paths.append(save(fig, out / f"recall_at_k_{dataset}.png"))
 
         fig, ax = plt.subplots(figsize=(5.2, 3.6))
         drawn = False
         for g in [g for g in groups if str(g.settings.get("dataset")) == dataset]:
-            curves = [dict(run.val_curve and [(e, m.get(rank_by)) for e, m in run.val_curve if m.get(rank_by) is not None])
-                      for run in g.runs]  # fmt: skip
+            curves = [{e: m[rank_by] for e, m in run.val_curve if m.get(rank_by) is not None} for run in g.runs]
             epochs = sorted(set().union(*(c.keys() for c in curves)))
             if not epochs:
                 continue
@@ -428,10 +431,9 @@ def write_figures(groups: Sequence[Group], rows: list[dict[str, Any]], rank_by: 
             ax.set_ylabel(f"val/{rank_by} (%)")
             ax.set_title(f"{dataset}: validation {rank_by} (band: min-max over seeds)", fontsize=9)
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            paths.append(out / f"val_curve_{dataset}.png")
-            fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+            paths.append(save(fig, out / f"val_curve_{dataset}.png"))
+        else:
+            plt.close(fig)
     return paths
 
 
@@ -458,11 +460,7 @@ def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, re
             f"<th onclick='sortTable(this.closest(\"table\"),{i})'>{html.escape(h)}</th>" for i, h in enumerate(headers))
             + "</tr></thead><tbody>")  # fmt: skip
         for r in subset:
-            cells = [r["method"], r["backbone"], r["embedding_dim"], r["protocol"], r["n_seeds"],
-                     *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
-                     "" if r[f"paper_{rank_by}"] is None else f"{r[f'paper_{rank_by}']:.1f}",
-                     "" if r[f"delta_{rank_by}"] is None else f"{r[f'delta_{rank_by}']:+.2f}", r["differs"]]  # fmt: skip
-            parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row_cells(r, metrics, rank_by)) + "</tr>")
         for n in [n for n in refs if n.dataset == dataset]:
             cells = [f"{n.method} (paper: {n.paper})", n.backbone, n.dim, "", "", f"{n.value:.1f}"]
             parts.append("<tr class='paper'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
