@@ -110,6 +110,7 @@ class Evaluation:
     epoch: int = 0
     global_step: int = 0
     recall_ks: tuple[int, ...] = (1,)
+    seconds: float = 0.0  # the whole evaluation: the loop over the split, gather, refine, metrics
 
 
 class RetrievalEvaluator(Callback):
@@ -165,6 +166,8 @@ class RetrievalEvaluator(Callback):
         self._batches: list[dict[str, torch.Tensor]] = []
         self._history: dict[str, list[dict[str, Any]]] = {}
         self.last_metrics: dict[str, float] = {}
+        self._epoch_start: float | None = None
+        self.last_embed_seconds = 0.0  # the last evaluation's loop over its split (embedding), seconds
         self.last_evaluation: Evaluation | None = None
         self._collapse_warned = False
 
@@ -217,9 +220,11 @@ class RetrievalEvaluator(Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
+        self._epoch_start = time.perf_counter()
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
+        self._epoch_start = time.perf_counter()
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -356,6 +361,7 @@ class RetrievalEvaluator(Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         start = time.perf_counter()
+        self.last_embed_seconds = start - self._epoch_start if self._epoch_start is not None else 0.0
         data = self._gather(pl_module)
         refined = {}
         if stage == "test" or self.refine_on_validation:
@@ -384,6 +390,7 @@ class RetrievalEvaluator(Callback):
                 print_metrics_table(results, title=self._title(trainer, pl_module))
             if stage in self.keep_stages:
                 self.last_evaluation = self._keep(trainer, stage, data, refined, results)
+                self.last_evaluation.seconds = self.last_embed_seconds + time.perf_counter() - start
 
     def _keep(
         self, trainer: L.Trainer, stage: str, data: dict[str, torch.Tensor], refined: Mapping[str, Any],
@@ -471,7 +478,8 @@ class RetrievalEvaluator(Callback):
                 "stage": stage,
                 "epoch": int(trainer.current_epoch),
                 "global_step": int(trainer.global_step),
-                "seconds": round(seconds, 3),
+                "seconds": round(seconds, 3),  # gather, refine, metrics
+                "embed_seconds": round(self.last_embed_seconds, 3),  # the loop that embedded the split
                 **({"checkpoint": self._evaluated_checkpoint(trainer)} if stage == "test" else {}),
                 "metrics": results[""],
                 **({"refined": {k: v for k, v in results.items() if k}} if len(results) > 1 else {}),

@@ -4,6 +4,7 @@ command writes its files, a run's figures are written after its test, and they a
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,6 +142,24 @@ def test_embedding_map_before_and_after_refinement_on_one_projection(tmp_path: P
     assert min(png_size(result.paths[0])) > 200
 
 
+def test_the_map_keeps_classes_apart_and_does_not_depend_on_the_thread_count() -> None:
+    g = torch.Generator().manual_seed(3)
+    labels = np.repeat(np.arange(8), 15)
+    points = (3.0 * torch.randn(8, 32, generator=g)[labels] + torch.randn(len(labels), 32, generator=g)).numpy()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, name = fig.project_2d(points, seed=0)
+        torch.set_num_threads(2)
+        two, _ = fig.project_2d(points, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert name == "t-SNE (openTSNE)" and np.array_equal(one, two)
+    d = ((one[:, None] - one[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert (labels[d.argmin(1)] == labels).mean() >= 0.95  # separated classes stay separated in 2-D
+
+
 def test_per_class_recall_names_the_worst_classes(tmp_path: Path) -> None:
     evaluation, dm = toy_evaluation(tmp_path)
     result = fig.per_class_recall(context(tmp_path, evaluation, dm))
@@ -204,6 +223,8 @@ def test_fit_writes_the_generic_figures_into_the_run(fitted_run: Path) -> None:
     assert curves["selection_metric"] == "val/R@1" and curves["validations"] == 3 and curves["tests"] == 1
     history = (out / "training_history.csv").read_text().splitlines()
     assert history[0] == "step,epoch,name,value" and len([r for r in history if ",train/loss," in r]) == 6
+    test = json.loads((fitted_run / "metrics_test.json").read_text())["evaluations"][-1]
+    assert test["embed_seconds"] > 0 and test["seconds"] > 0  # the loop over the split, then the metrics
 
 
 def test_analyze_redraws_a_runs_figures_from_its_checkpoint_without_touching_its_results(
@@ -225,6 +246,17 @@ def test_analyze_redraws_a_runs_figures_from_its_checkpoint_without_touching_its
         capsys.readouterr()
         assert main(["analyze", "context_refine_drift", "--ckpt", ckpt, "--out", str(tmp_path / "no")]) == 2
     assert "is drawn for context_refine runs" in capsys.readouterr().err
+
+
+def test_a_later_test_of_the_checkpoint_is_drawn_at_the_checkpoints_epoch(fitted_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a `test --ckpt_path` evaluates at step 0 of a fresh trainer
+        assert main(["test", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.enable_progress_bar",
+                     "false", "--figures.names", "[training_curves]"]) == 0
+    tests = json.loads((run / "figures" / "training_curves.json").read_text())["validation"]["test/R@1"]
+    assert len(tests) == 2 and tests[0]["epoch"] == pytest.approx(2.0) and tests[1]["epoch"] == pytest.approx(2.0)
 
 
 def test_analyze_logs_the_figures_as_images_into_an_offline_wandb_run(
