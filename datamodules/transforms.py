@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2.functional import to_pil_image
 
 from benchmark.core import Normalization, ViewRequest
 
@@ -87,10 +88,17 @@ def eval_transform(image_size: int, norm: Normalization, crop_pct: float = 0.875
 
 
 class MultiView:
-    """One shared training crop, then ``num_views`` (optionally RandAugment-ed) views."""
+    """One shared training crop, then ``num_views`` (optionally RandAugment-ed) views.
+
+    Accepts a PIL image or a (3, H, W) uint8 tensor. torchvision's affine ops on tensors
+    (RandAugment's rotate / shear / translate) know only nearest and bilinear, so with any
+    other interpolation a tensor crop is turned into a PIL image before RandAugment: both
+    decoders then augment alike.
+    """
 
     def __init__(self, crop: T.Transform, finish: T.Compose, request: ViewRequest, interpolation) -> None:
         self.crop, self.finish, self.request = crop, finish, request
+        self.augment_on_pil = interpolation not in (T.InterpolationMode.NEAREST, T.InterpolationMode.BILINEAR)
         self.augment = (
             T.RandAugment(request.randaugment_ops, request.randaugment_magnitude, interpolation=interpolation)
             if request.augment == "randaugment"
@@ -101,6 +109,8 @@ class MultiView:
 
     def __call__(self, image) -> torch.Tensor:
         crop = self.crop(image)
+        if self.augment is not None and self.augment_on_pil and isinstance(crop, torch.Tensor):
+            crop = to_pil_image(crop)  # (3, S, S) uint8 -> PIL
         views = []
         for v in range(self.request.num_views):
             view = crop

@@ -36,7 +36,6 @@ from benchmark.core import RankedLists, register_method
 from benchmark.layers import attend, merge_heads, split_heads
 from benchmark.neighbours import exact_knn
 from benchmark.validation import check_choice
-from datamodules.base import ImageDataset
 from methods.base import RetrievalMethod
 
 PairSimilarity = Literal["mutual", "anchor"]
@@ -452,7 +451,7 @@ class CrossImageAttentionMethod(RetrievalMethod):
         if len(records) != n:
             raise RuntimeError(f"Re-ranking got {n} embeddings but the evaluated split has {len(records)} images.")
         loader = DataLoader(
-            ImageDataset(records, datamodule.eval_transform()), batch_size=self.rerank_batch_size, shuffle=False,
+            datamodule.image_dataset(records, datamodule.eval_transform()), batch_size=self.rerank_batch_size, shuffle=False,
             num_workers=datamodule.num_workers,
         )
         was_training = self.training

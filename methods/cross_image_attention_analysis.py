@@ -44,7 +44,6 @@ import torch
 from benchmark.cli import build_cli
 from benchmark.core import register_analysis, register_figure
 from benchmark.figures import FigureContext, FigureResult, log_images, pyplot
-from datamodules.base import ImageDataset
 from methods.base import load_method
 
 METHOD = "cross_image_attention"
@@ -362,7 +361,7 @@ def draw_triples(
         if max(t) >= len(records) or min(t) < 0:
             raise SystemExit(f"error: triple {t} is outside the {split} split (0..{len(records) - 1}).")
     labels = np.asarray(records.labels)
-    dataset = ImageDataset(records, dm.eval_transform())
+    dataset = dm.image_dataset(records, dm.eval_transform())
     norm = model.encoder.normalization
     mean, std = np.array(norm.mean)[:, None, None], np.array(norm.std)[:, None, None]
     device = next(model.parameters()).device

@@ -55,7 +55,6 @@ from benchmark.errors import ConfigError
 from benchmark.layers import Attention
 from benchmark.neighbours import ExactIndex, exact_knn, faiss_available
 from benchmark.validation import check_choice
-from datamodules.base import ImageDataset
 from methods.base import RetrievalMethod
 
 Retrieval = Literal["approximate", "full", "full_grad"]
@@ -708,7 +707,7 @@ class DMCAC(RetrievalMethod):
             self.check_full_grad_memory(n, int(dm.image_size), batch * self.views_config.count)
         start = time.perf_counter()
         records = dm.train_records.subset(self.database_indices)  # keeps order: row i = database_indices[i]
-        loader = DataLoader(ImageDataset(records, dm.eval_transform()), batch_size=dm.eval_batch_size, shuffle=False,
+        loader = DataLoader(dm.image_dataset(records, dm.eval_transform()), batch_size=dm.eval_batch_size, shuffle=False,
                             num_workers=dm.num_workers)
         images = torch.cat([b["image"] for b in loader])  # (N, C, H, W)
         self.set_database_images(images, self.database_indices)

@@ -58,7 +58,6 @@ from benchmark.cli import build_cli
 from benchmark.core import register_analysis, register_figure
 from benchmark.figures import FigureContext, FigureResult, pyplot
 from benchmark.io import atomic_write_text
-from datamodules.base import ImageDataset
 from methods.dmcac import (
     DMCAC,
     RetrievalConfig,
@@ -443,7 +442,7 @@ def view_similarity(context: FigureContext) -> FigureResult:
     for _, m in states:
         m.split_training_set(labels)
     dm.apply_request(model.data_request())
-    dataset = ImageDataset(dm.train_records, dm.train_transform())
+    dataset = dm.image_dataset(dm.train_records, dm.train_transform())
     rng = np.random.default_rng(context.seed)
     picked = sorted(rng.choice(model.query_indices, size=min(FIGURE_QUERIES, len(model.query_indices)), replace=False).tolist())
     with torch.random.fork_rng():  # the RandAugment views: the same for both models and every call
