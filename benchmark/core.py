@@ -144,6 +144,35 @@ def register_perf(name: str, summary: str) -> Callable[[Callable[[list[str]], in
     return _register_command(PERF_COMMANDS, "perf command", name, summary)
 
 
+@dataclass(frozen=True)
+class Headline:
+    """One key number of a perf command (what ``perf gpu`` collects and checks against a goal).
+
+    ``goal`` is the value to reach: at least it when ``higher_is_better``, at most it otherwise.
+    """
+
+    label: str
+    value: float
+    unit: str
+    goal: float | None = None
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> bool | None:
+        if self.goal is None or self.value != self.value:  # no goal, or NaN
+            return None
+        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
+
+
+PERF_HEADLINES: list[Headline] = []
+
+
+def perf_headline(label: str, value: float, unit: str, goal: float | None = None, higher_is_better: bool = True) -> None:
+    """Record a perf command's key number (printed by the command itself as well); ``perf gpu``
+    reads them after each command it runs."""
+    PERF_HEADLINES.append(Headline(label, float(value), unit, goal, higher_is_better))
+
+
 def register_analysis(name: str, summary: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
     """Function decorator: ``main(argv) -> int`` becomes ``python -m benchmark analyze name``."""
     return _register_command(ANALYSES, "analysis", name, summary)

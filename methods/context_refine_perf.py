@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmark.core import register_perf
+from benchmark.core import perf_headline, register_perf
 from benchmark.neighbours import faiss_available
 from methods.context_refine import ContextRefiner, knn_search
 
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=1024, help="batch of the per-pair path")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
+    parser.add_argument("--goal-rate", type=float, default=0.0, help="goal on a GPU, refined embeddings/s (perf gpu: 1e6)")
     parser.add_argument(
         "--threads", type=int, default=2, help="CPU threads (the target is stated for 2 cores)"
     )
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             ceiling = gemm_rate(device, DTYPES[name], dim=args.dim)
             if device.type == "cpu":
                 cpu_best = max(cpu_best, rates["set"])
+            if name == dtypes[-1] or device.type == "cuda":
+                perf_headline(f"Context-Refine refined embeddings/s ({device.type}, {name})", rates["set"], "1/s",
+                              args.goal_rate if device.type == "cuda" and args.goal_rate > 0 else None)
             print(
                 f"{label:<26} {name:<9} {rates['set']:>9,.0f} {rates['gather']:>9,.0f} {rates['per-pair']:>9,.0f}"
                 f"   {ceiling:>12,.0f} {ceiling * 1e9 / flops:>10,.0f}"
@@ -206,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{where:<26} faiss: not installed, skipped")
                     continue
                 seconds = measure_knn(args.knn_size, args.dim, args.neighbours, device, backend)
+                perf_headline(f"Context-Refine kNN lists of {args.knn_size:,} ({device.type}, {backend})", seconds, "s",
+                              higher_is_better=False)
                 print(f"{where:<26} {backend:<9} {seconds:9.2f} s")
     return 0
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmark.core import register_perf
+from benchmark.core import perf_headline, register_perf
 from benchmark.evaluation.metrics import _block_size, default_chunk_size, nmi, retrieval_metrics
 from benchmark.io import console as make_console
 
@@ -310,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--map-at-k", type=int, default=1000)
     parser.add_argument("--k", type=int, default=1000, help="k of the faiss peer search")
     parser.add_argument("--no-peers", action="store_true", help="skip faiss and pytorch-metric-learning")
+    parser.add_argument("--no-pml", action="store_true", help="skip pytorch-metric-learning (minutes at SOP scale)")
     parser.add_argument("--no-nmi", action="store_true", help="skip NMI (k-means with one cluster per class)")
     parser.add_argument("--nmi-iters", type=int, default=20, help="k-means iterations for NMI")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--goal-seconds", type=float, default=0.0, help="goal for the suite's time (perf gpu: 2 s)")
     parser.add_argument("--ties", action="store_true",
                         help="time the suite on tied embeddings (all-equal, half-duplicated, quantised) instead")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(TIE_SIZES),
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peers:
         faiss_row, _ = timed(f"faiss IndexFlatIP search, k={args.k}", lambda: faiss_knn(x, args.k), device)
         rows.append(faiss_row)
+    if not args.no_peers and not args.no_pml:
         pml_row, pml = timed("pytorch-metric-learning AccuracyCalculator", lambda: pml_accuracy(x, labels), device)
         agree = max(
             abs(pml["precision_at_1"] - metrics["R@1"]),
@@ -389,7 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows[2:4] if not args.no_peers else []:
         verdict.append(f"suite is {row.seconds / suite.seconds:.1f}x faster than {row.name.split(',')[0]}")
     print_report(rows, floor, header, verdict)
+    where = "GPU" if device.type == "cuda" else "CPU"
+    perf_headline(f"metric suite at {args.n:,} x {args.dim} ({where})", suite.seconds, "s",
+                  args.goal_seconds if args.goal_seconds > 0 else None, higher_is_better=False)
+    perf_headline("metric suite / matrix-product floor", ratio, "x", TARGET_RATIO, higher_is_better=False)
+    for row in rows[2:3] if not args.no_peers else []:
+        perf_headline(f"faiss IndexFlatIP k={args.k} ({'GPU' if _faiss_gpu() and device.type == 'cuda' else 'CPU'})",
+                      row.seconds, "s", higher_is_better=False)
     return 0
+
+
+def _faiss_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import struct
 import warnings
 from pathlib import Path
 
+import pytest
+
 import torch
 
 from benchmark.cli import main
@@ -25,6 +27,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow  # ~35 s: trains two models; the attention maps also run in test_figures.py (2 s)
 def test_gradient_and_attention_figures(tmp_path: Path) -> None:
     out = tmp_path / "figs"
     with warnings.catch_warnings():

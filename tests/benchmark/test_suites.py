@@ -285,6 +285,7 @@ def test_a_suite_runs_every_cell_as_its_own_fit_in_a_deterministic_folder(
     assert "2 cells: 2 completed" in shown and all(cell in shown for cell in CELLS)
 
 
+@pytest.mark.slow  # ~33 s of fit subprocesses; the grid run and a failed cell's record stay in the default run
 def test_rerunning_skips_completed_resumes_interrupted_and_retries_failed_on_request(
     ran_suite: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

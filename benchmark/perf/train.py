@@ -1,0 +1,394 @@
+"""What the framework costs over a bare PyTorch training loop, per method.
+
+    python -m benchmark perf train                          # every method, embedded default + in-memory batches
+    python -m benchmark perf train --methods ms,dmcac --steps 30
+    python -m benchmark perf train --real-batch cub         # each method at its CUB recipe's batch size
+    python -m benchmark perf train --profile                # + where the difference goes (Lightning's SimpleProfiler)
+    python -m benchmark perf train --tiny                   # seconds: the code path CI runs
+
+For each method the run builds what ``fit`` builds (the recipe on the embedded synthetic
+dataset: its Trainer, callbacks, logger, progress bar, precision and threads) and times
+training steps two ways on the same model, the same batches, the same precision and the same
+threads:
+
+* **framework**: ``trainer.fit`` for ``warmup + steps`` batches (validation off; the
+  checkpoint, figure, learning-rate and progress-bar callbacks and the logger as ``fit`` has
+  them); a callback stamps the start of every batch;
+* **bare**: a plain loop over the same batches: the method's ``training_loss`` under the
+  trainer's precision context, ``backward``, gradient clipping when the recipe clips, the
+  optimizer and per-step scheduler from the method's ``configure_optimizers``, ``zero_grad``.
+
+A step is measured from the start of one batch to the start of the next (fetching the next
+batch included), after ``warmup`` steps; the bare loop runs after the framework's fit, so the
+state a method builds in its hooks (Context-Refine's training bank, DMCAC's database) is in
+place. Two batch sources: ``embedded`` (both loops read the datamodule's loader, workers and
+all) and ``memory`` (both read the same batches held in memory: compute only). The overhead
+is ``framework / bare - 1`` of the mean step time; the table also shows medians. Goals
+(issue #17): at most 5 % at the embedded recipes' batch sizes and 2 % at real-dataset batch
+sizes. ``--profile`` adds one profiled fit per method and lists the framework's own actions
+(hooks, logging, data fetching) per step, largest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import move_data_to_device
+
+from benchmark import registry
+from benchmark.cli import build_cli, recipe_dir
+from benchmark.core import perf_headline, register_perf
+from benchmark.io import atomic_write_text
+from benchmark.io import console as make_console
+
+TARGET_EMBEDDED = 0.05  # overhead at the embedded recipes' batch sizes
+TARGET_REAL = 0.02  # at real-dataset batch sizes
+TINY = ["--backbone", "resnet_tiny_test", "--backbone.pretrained", "false", "--model.embedding_dim", "16",
+        "--data.image_size", "16", "--data.num_workers", "0"]  # fmt: skip
+SOURCES = ("embedded", "memory")
+
+
+# ---------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock(Callback):
+    """Stamps the start of every training batch (after it is fetched and on the device)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        _sync(pl_module.device)
+        self.stamps.append(time.perf_counter())
+
+
+def step_times(stamps: list[float], warmup: int) -> list[float]:
+    """Seconds of each step after ``warmup``: start of a batch to the start of the next."""
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+
+
+@dataclass
+class Result:
+    """One method and batch source: per-step seconds of both loops and the overhead."""
+
+    method: str
+    source: str
+    batch_size: int
+    precision: str
+    threads: int
+    device: str
+    bare: list[float] = field(default_factory=list)
+    framework: list[float] = field(default_factory=list)
+    profile: list[tuple[str, float]] = field(default_factory=list)  # (action, seconds per step)
+    note: str = ""
+
+    @property
+    def bare_mean(self) -> float:
+        return statistics.fmean(self.bare) if self.bare else float("nan")
+
+    @property
+    def framework_mean(self) -> float:
+        return statistics.fmean(self.framework) if self.framework else float("nan")
+
+    @property
+    def images_per_second(self) -> float:
+        """Training images per second through the framework (a multi-view batch counts its images once)."""
+        return self.batch_size / self.framework_mean if self.framework else float("nan")
+
+    @property
+    def overhead(self) -> float:
+        return self.framework_mean / self.bare_mean - 1.0 if self.bare and self.framework else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(bare_mean_s=self.bare_mean, framework_mean_s=self.framework_mean, overhead=self.overhead,
+                   images_per_second=self.images_per_second,
+                   bare_median_s=statistics.median(self.bare) if self.bare else None,
+                   framework_median_s=statistics.median(self.framework) if self.framework else None)
+        return out
+
+
+# ---------------------------------------------------------------------------- the two loops
+def _optimizer_and_scheduler(model: L.LightningModule) -> tuple[torch.optim.Optimizer, Any, str]:
+    """The method's own optimizer and scheduler (``configure_optimizers``), as Lightning reads them."""
+    config = model.configure_optimizers()
+    if isinstance(config, torch.optim.Optimizer):
+        return config, None, "epoch"
+    if isinstance(config, dict):
+        scheduler = config.get("lr_scheduler")
+        if isinstance(scheduler, dict):
+            return config["optimizer"], scheduler["scheduler"], scheduler.get("interval", "epoch")
+        return config["optimizer"], scheduler, "epoch"
+    raise TypeError(f"perf train: configure_optimizers returned {type(config).__name__}; expected an optimizer or a dict.")
+
+
+def bare_loop(
+    model: L.LightningModule,
+    batches: Iterable[Any],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    precision_context: Callable[[], contextlib.AbstractContextManager],
+    clip_norm: float | None,
+) -> list[float]:
+    """The same training steps without Lightning: per-step seconds after ``warmup``."""
+    optimizer, scheduler, interval = _optimizer_and_scheduler(model)
+    model.train()
+    stamps = []
+    iterator = iter(batches)
+    for i in range(warmup + steps + 1):
+        batch = move_data_to_device(next(iterator), device)
+        _sync(device)
+        stamps.append(time.perf_counter())
+        if i == warmup + steps:
+            break
+        optimizer.zero_grad(set_to_none=True)  # before the backward, as Lightning does (a fit leaves its last grads)
+        with precision_context():
+            loss = model.training_loss(batch)["loss"]
+        loss.backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        if scheduler is not None and interval == "step":
+            scheduler.step()
+    return step_times(stamps, warmup)
+
+
+def clip_norm(trainer: L.Trainer) -> float | None:
+    """The trainer's gradient clipping by norm (the recipes' ``gradient_clip_val``), or None."""
+    if trainer.gradient_clip_algorithm not in (None, "norm"):
+        raise ValueError(f"perf train: gradient_clip_algorithm {trainer.gradient_clip_algorithm!r} is not timed; use 'norm'.")
+    return float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
+
+
+def _cli_args(method: str, args: argparse.Namespace, run_dir: Path, extra: list[str]) -> list[str]:
+    total = args.warmup + args.steps + 1
+    out = ["--method", method, "--data", "synthetic", "--run_dir", str(run_dir), "--logger", args.logger,
+           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(total), "--trainer.limit_val_batches", "0",
+           "--trainer.num_sanity_val_steps", "0"]
+    if args.tiny:
+        out += TINY
+    if args.real_batch:
+        out += real_batch_args(method, args.real_batch)
+    return out + extra
+
+
+def real_batch_args(method: str, dataset: str) -> list[str]:
+    """``--data.classes_per_batch`` / ``--data.samples_per_class`` of ``configs/<method>/<dataset>.yaml``."""
+    path = recipe_dir() / method / f"{dataset}.yaml"
+    if not path.is_file():
+        return []
+    data = (yaml.safe_load(path.read_text()) or {}).get("data", {}) or {}
+    init = data.get("init_args", data) or {}
+    return [f"--data.{k}={init[k]}" for k in ("classes_per_batch", "samples_per_class") if k in init]
+
+
+class InMemoryBatches:
+    """Batches held in memory as one loader (Lightning would read a plain list as several loaders)."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _in_memory(datamodule: Any, count: int) -> list[Any]:
+    """The first ``count`` training batches of the datamodule, held in memory (CPU)."""
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def measure(method: str, source: str, args: argparse.Namespace, extra: list[str], scratch: Path) -> Result:
+    """Both loops for one method and batch source (and a profiled fit with ``--profile``)."""
+    run_dir = scratch / f"{method}-{source}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = build_cli("fit", _cli_args(method, args, run_dir, extra), run=False)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    clock = StepClock()
+    trainer.callbacks.append(clock)
+    total = args.warmup + args.steps + 1
+    batches: list[Any] | None = None
+    if source == "memory":
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        if hasattr(model, "data_request") and hasattr(datamodule, "apply_request"):
+            datamodule.apply_request(model.data_request())
+        batches = _in_memory(datamodule, total)
+        datamodule.train_dataloader = lambda: InMemoryBatches(batches)  # type: ignore[method-assign]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=datamodule)
+    device = trainer.strategy.root_device
+    model.to(device)
+    bs = _batch_size(batches[0] if batches else next(iter(datamodule.train_dataloader())))
+    result = Result(method, source, bs, str(trainer.precision), torch.get_num_threads(), str(device))
+    result.framework = step_times(clock.stamps, args.warmup)
+    if len(result.framework) < args.steps:
+        result.note = f"the fit ran {len(clock.stamps)} batches of {total}"
+    loader = batches if batches is not None else datamodule.train_dataloader()
+    result.bare = bare_loop(model, loader, args.steps, args.warmup, device, trainer.precision_plugin.forward_context,
+                            clip_norm(trainer))
+    if args.profile:
+        result.profile = profile_actions(method, source, args, extra, scratch, batches)
+    return result
+
+
+def _batch_size(batch: Any) -> int:
+    return len(batch["label"]) if isinstance(batch, dict) and "label" in batch else 0
+
+
+# Actions of Lightning's SimpleProfiler that contain the method's own work (forward, backward,
+# optimizer) or nest other actions: left out of the framework's list.
+_COMPUTE = ("training_step", "backward", "optimizer_step", "run_training_batch", "run_training_epoch",
+            "_TrainingEpochLoop", "_FitLoop", "[Strategy]")
+
+
+def profile_actions(method: str, source: str, args: argparse.Namespace, extra: list[str], scratch: Path,
+                    batches: list[Any] | None) -> list[tuple[str, float]]:
+    """One more fit under Lightning's SimpleProfiler: the framework's own actions, seconds per step."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    run_dir = scratch / f"{method}-{source}-profile"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = build_cli("fit", _cli_args(method, args, run_dir, extra) + ["--trainer.profiler", "simple"], run=False)
+        if batches is not None:
+            cli.datamodule.train_dataloader = lambda: InMemoryBatches(batches)  # type: ignore[method-assign]
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    profiler = cli.trainer.profiler
+    steps = max(1, args.warmup + args.steps + 1)
+    rows = []
+    if isinstance(profiler, SimpleProfiler):
+        for action, durations in profiler.recorded_durations.items():
+            if any(key in action for key in _COMPUTE) and "on_" not in action:
+                continue
+            if len(durations) < steps // 2:  # once per fit or per epoch: not a per-step cost
+                continue
+            rows.append((action, sum(durations) / steps))
+    return sorted(rows, key=lambda r: -r[1])[:8]
+
+
+# ---------------------------------------------------------------------------- the command
+def _methods(requested: str | None) -> list[str]:
+    registry.discover()
+    known = sorted(registry.METHODS)
+    if not requested:
+        return known
+    names = [m.strip() for m in requested.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise SystemExit(f"perf train: unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}.")
+    return names
+
+
+def print_report(results: list[Result], args: argparse.Namespace, argv: list[str]) -> None:
+    from rich.table import Table
+
+    console = make_console()
+    target = TARGET_REAL if args.real_batch else TARGET_EMBEDDED
+    console.print(f"[bold]python -m benchmark perf train[/bold] {' '.join(argv)}".rstrip(), highlight=False)
+    cpu = _cpu_name()
+    console.print(f"{cpu}; torch {torch.__version__}, lightning {L.__version__}; {args.steps} steps after "
+                  f"{args.warmup} warm-up; goal: overhead <= {100 * target:.0f} %", highlight=False)
+    table = Table(show_lines=False)
+    for col in ("method", "source", "batch", "precision", "bare ms/step", "framework ms/step", "overhead",
+                "bare median", "framework median", "img/s"):
+        table.add_column(col, justify="left" if col in ("method", "source", "precision") else "right")
+    for r in results:
+        ok = r.overhead <= target
+        table.add_row(r.method, r.source, str(r.batch_size), r.precision, f"{1e3 * r.bare_mean:.1f}",
+                      f"{1e3 * r.framework_mean:.1f}", f"[{'green' if ok else 'red'}]{100 * r.overhead:+.1f} %[/]",
+                      f"{1e3 * statistics.median(r.bare):.1f}" if r.bare else "-",
+                      f"{1e3 * statistics.median(r.framework):.1f}" if r.framework else "-",
+                      f"{r.images_per_second:,.0f}")
+    console.print(table)
+    for r in results:
+        if r.note:
+            console.print(f"{r.method} ({r.source}): {r.note}", highlight=False)
+        if r.profile:
+            parts = ", ".join(f"{name} {1e3 * s:.2f} ms" for name, s in r.profile)
+            console.print(f"{r.method} ({r.source}) framework actions per step: {parts}", highlight=False)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "CPU: unknown"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown")
+    avx512 = "avx512" in text
+    return f"CPU: {name} ({'AVX-512' if avx512 else 'no AVX-512'}), {torch.get_num_threads()} threads"
+
+
+@register_perf("train", "framework overhead per training step vs a bare PyTorch loop, per method")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark perf train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=None, help="comma-separated; default every registered method")
+    parser.add_argument("--sources", default=",".join(SOURCES), help="embedded, memory or both (comma-separated)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--real-batch", default=None, metavar="DATASET",
+                        help="use the batch size of each method's recipe for DATASET (e.g. cub)")
+    parser.add_argument("--logger", default="csv", help="the fit's logger (csv, wandb, none); default csv")
+    parser.add_argument("--profile", action="store_true", help="one more profiled fit per method: where the time goes")
+    parser.add_argument("--tiny", action="store_true", help="tiny encoder and images, 3 steps: the CI path")
+    parser.add_argument("--goal-img-s", type=float, default=0.0, help="goal for training images/s (perf gpu)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file of the results")
+    args, extra = parser.parse_known_args(argv)
+    if args.tiny and "--steps" not in (argv or []):
+        args.steps, args.warmup = 3, 1
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    bad = [s for s in sources if s not in SOURCES]
+    if bad:
+        parser.error(f"--sources: unknown {', '.join(bad)}; choose from {', '.join(SOURCES)}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="perf-train-") as scratch:
+        for method in _methods(args.methods):
+            for source in sources:
+                print(f"[perf train] {method} ({source})", file=sys.stderr)
+                results.append(measure(method, source, args, extra, Path(scratch)))
+    print_report(results, args, list(argv or []))
+    target = TARGET_REAL if args.real_batch else TARGET_EMBEDDED
+    for r in results:
+        where = f"{r.method}, {r.source}, batch {r.batch_size}, {r.precision}, {r.device}"
+        perf_headline(f"training img/s ({where})", r.images_per_second, "img/s", args.goal_img_s or None)
+        perf_headline(f"framework overhead ({where})", 100 * r.overhead, "%", 100 * target, higher_is_better=False)
+    if args.out is not None:
+        payload = {"command": "perf train", "argv": list(argv or []), "cpu": _cpu_name(), "torch": torch.__version__,
+                   "lightning": L.__version__, "steps": args.steps, "warmup": args.warmup,
+                   "target": TARGET_REAL if args.real_batch else TARGET_EMBEDDED,
+                   "results": [r.as_dict() for r in results]}
+        atomic_write_text(args.out, json.dumps(payload, indent=1) + "\n")
+    return 0
