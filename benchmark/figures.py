@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmark.core import FIGURES, Figure, RankedLists, register_figure
+from benchmark.core import FIGURES, Figure, RankedLists, logs_this_step, register_figure
 from benchmark.evaluation.callback import Evaluation, RetrievalEvaluator
 from benchmark.evaluation.metrics import QueryRankings, query_rankings, ranked_list_rankings
 from benchmark.io import atomic_write_text
@@ -943,9 +943,7 @@ class FigureWriter(Callback):
                            batch_idx: int) -> None:
         if not self.enabled or not trainer.is_global_zero:
             return
-        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        last = isinstance(trainer.num_training_batches, int) and batch_idx + 1 == trainer.num_training_batches
-        if (batch_idx + 1) % every and not last:
+        if not logs_this_step(trainer):  # the steps whose values the method logged (the others are stale)
             return
         if self._history is None:
             self._history = TrainingHistory(self._dir(trainer) / FIGURES_DIR / HISTORY_FILE)

@@ -56,7 +56,7 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw, ImageFilter, features
 
-from benchmark.core import register_perf
+from benchmark.core import perf_headline, register_perf
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
 from datamodules.base import RetrievalDataModule, decode_pil, decode_tensor
@@ -387,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": measured,
     }
     print_report(result)
+    for size in measured:
+        for path in ("torchvision", "nvjpeg"):
+            if path in size["rate"]:
+                perf_headline(f"decode + train224 per worker, {path}, {size['name']} ({size['width']}x{size['height']})",
+                              size["rate"][path]["train224"], "img/s")
+        for target, by_path in size["workers"].items():
+            perf_headline(f"CPU workers for {target}, torchvision, {size['name']}", by_path["torchvision"], "workers",
+                          higher_is_better=False)
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0

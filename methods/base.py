@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from benchmark import registry
 from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
-from benchmark.core import DataRequest, evaluation_outputs
+from benchmark.core import DataRequest, evaluation_outputs, logs_this_step
 from benchmark.distributed import gather_by_index
 from benchmark.errors import ConfigError
 
@@ -213,10 +213,11 @@ class RetrievalMethod(L.LightningModule):
         terms = self.training_loss(batch)
         loss = terms["loss"]
         self._step_terms = {k: v.detach() for k, v in terms.items()}  # checked before the optimizer step
-        batch_size = len(batch["label"])
-        for name, value in terms.items():
-            key = "train/loss" if name == "loss" else f"train/{name}"
-            self.log(key, value.detach(), prog_bar=name == "loss", batch_size=batch_size)
+        if logs_this_step(self._trainer):  # the steps whose values are written (the others cost time only)
+            batch_size = len(batch["label"])
+            for name, value in terms.items():
+                key = "train/loss" if name == "loss" else f"train/{name}"
+                self.log(key, value.detach(), prog_bar=name == "loss", batch_size=batch_size)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -236,10 +237,14 @@ class RetrievalMethod(L.LightningModule):
         terms = getattr(self, "_step_terms", {})
         loss = terms.get("loss", grads[0].new_zeros(()))
         grad_norm = _total_norm(grads)
+        self._step_grad_norm = None
         if str(getattr(self._trainer, "precision", "")).startswith("16"):
             grad_norm = grad_norm.new_zeros(())
         else:
-            self.log("train/grad_norm", grad_norm, batch_size=1)
+            if all(g.dtype == torch.float32 for g in grads):
+                self._step_grad_norm = grad_norm  # reused by the clipping (configure_gradient_clipping)
+            if logs_this_step(self._trainer):
+                self.log("train/grad_norm", grad_norm, batch_size=1)
         health = torch.stack([loss.float().reshape(()), grad_norm, _total_norm(params)])  # (3,)
         if bool(torch.isfinite(health).all()):
             return
@@ -252,6 +257,22 @@ class RetrievalMethod(L.LightningModule):
             "holds the last completed epoch. Lower the learning rate, enable gradient clipping "
             "(--trainer.gradient_clip_val 1), or use fp32 instead of fp16 mixed precision."
         )
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by norm with the gradient norm the health check has just computed: the arithmetic of
+        ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)`` clamped at 1,
+        one multiply of every gradient), one pass over the gradients fewer (about 9 ms a step for
+        a ViT-S on a 2-core CPU). Other algorithms, fp16 and non-float32 gradients go to Lightning."""
+        norm, self._step_grad_norm = getattr(self, "_step_grad_norm", None), None
+        if not gradient_clip_val or gradient_clip_algorithm not in (None, "norm") or norm is None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        coef = torch.clamp(float(gradient_clip_val) / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
     # ------------------------------------------------------------------ reload_best schedule
     def on_validation_end(self) -> None:

@@ -50,9 +50,10 @@ def load_checks(path: Path | None = None) -> list[dict[str, Any]]:
     return checks
 
 
-def run_check(check: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
-    """Run one check's perf command in this process: its headlines, seconds, peak GPU memory, error."""
-    argv = list(check["gpu"] if on_gpu else check["cpu"])
+def run_check(check: dict[str, Any], on_gpu: bool, out_dir: Path = Path(".")) -> dict[str, Any]:
+    """Run one check's perf command in this process: its headlines, seconds, peak GPU memory, error.
+    ``{out_dir}`` in an argument becomes ``out_dir`` (where the command's own files go)."""
+    argv = [a.replace("{out_dir}", str(out_dir)) for a in (check["gpu"] if on_gpu else check["cpu"])]
     entry: dict[str, Any] = {"name": check["name"], "command": check["command"], "argv": argv,
                              "summary": check.get("summary", "")}
     command = registry.PERF_COMMANDS.get(check["command"])
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for check in checks:
         print(f"[perf gpu] {check['name']}: perf {check['command']} {' '.join(check['gpu' if on_gpu else 'cpu'])}",
               file=sys.stderr)
-        entries.append(run_check(check, on_gpu))
+        entries.append(run_check(check, on_gpu, args.out.parent))
     total = time.perf_counter() - start
     print_table(entries, machine, total)
     payload = {"command": "perf gpu", "on_gpu": on_gpu, "machine": machine, "seconds": round(total, 1),

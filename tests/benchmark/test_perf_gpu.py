@@ -13,6 +13,7 @@ import pytest
 
 from benchmark import registry
 from benchmark.cli import build_cli
+from benchmark.perf import embed as perf_embed
 from benchmark.perf import gpu as perf_gpu
 from benchmark.perf import train as perf_train
 
@@ -35,7 +36,7 @@ def _parse_only(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_gpu_check_names_a_command_and_arguments_it_accepts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     registry.discover_tools()
     checks = perf_gpu.load_checks()
-    assert {c["command"] for c in checks} >= {"train", "eval", "refine", "reciprocal"}
+    assert {c["command"] for c in checks} >= {"train", "eval", "refine", "reciprocal", "data", "embed"}
     trained = set()
     for check in checks:
         command = registry.PERF_COMMANDS[check["command"]]
@@ -45,19 +46,23 @@ def test_every_gpu_check_names_a_command_and_arguments_it_accepts(monkeypatch: p
                 with pytest.raises(_Parsed) as parsed:
                     command.run(list(check[key]))
             namespace, rest = parsed.value.args
-            if check["command"] != "train":
+            if check["command"] not in ("train", "embed"):
                 assert rest == [], (check["name"], key, rest)
                 continue
-            # perf train hands what it does not know to the fit's command line: build that fit
+            # perf train and perf embed hand what they do not know to the run's command line: build it
             namespace.tiny = key == "cpu"
+            run_dir = tmp_path / f"{check['name']}-{key}"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cli = build_cli("fit", perf_train._cli_args(namespace.methods, namespace, tmp_path / check["name"], rest),
-                                run=False)
+                if check["command"] == "train":
+                    cli = build_cli("fit", perf_train._cli_args(namespace.methods, namespace, run_dir, rest), run=False)
+                else:
+                    cli = perf_embed._build(namespace, run_dir, None, rest)
             if key == "gpu":
                 assert cli.trainer.precision == "bf16-mixed" and cli.datamodule.image_size in (224, 227)
-                trained.add((namespace.methods, cli.model.backbone_config.name))
-    assert trained >= {("dmcac", "vit_small"), ("intra_batch", "resnet50")}
+                trained.add((check["command"], getattr(namespace, "methods", None) or namespace.method,
+                             cli.model.backbone_config.name))
+    assert trained >= {("train", "dmcac", "vit_small"), ("train", "intra_batch", "resnet50"), ("embed", "dmcac", "vit_small")}
 
 
 def test_the_cpu_versions_run_and_write_one_json(tmp_path: Path) -> None:
