@@ -74,6 +74,7 @@ def test_evaluator_options_come_from_the_recipe_and_the_command_line(cub_root: P
     assert saved["evaluation"]["recall_ks"] == [1, 3] and saved["evaluation"]["nmi"] is False
 
 
+@pytest.mark.slow  # ~20 s; resuming is also covered by test_run_lifecycle.py (6 s)
 def test_fit_evaluates_before_and_after_and_resumes(cub_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(_fit_args(cub_root, run, "--trainer.max_epochs", "2")) == 0

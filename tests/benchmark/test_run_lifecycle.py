@@ -204,7 +204,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize(("signum", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+@pytest.mark.parametrize(("signum", "code", "name"), [
+    (signal.SIGTERM, 143, "SIGTERM"),  # a cluster's preemption: in the default run
+    pytest.param(signal.SIGINT, 130, "SIGINT", marks=pytest.mark.slow),  # Ctrl-C: the same path, 13 s more
+])
 @pytest.mark.filterwarnings("ignore:.*differs from the published.*")
 def test_a_signalled_fit_stops_saves_last_ckpt_and_exits_non_zero(
     cub_root: Path, tmp_path: Path, signum: int, code: int, name: str, monkeypatch: pytest.MonkeyPatch
