@@ -144,6 +144,8 @@ def _run_subprocess(case: str, args: list[str], tmp: Path) -> tuple[int, str, fl
     return proc.returncode, proc.stdout + proc.stderr, elapsed, left
 
 
+@pytest.mark.slow  # ~15 s of subprocesses; every message is checked in-process above, and the suite tests
+# run a real `fit` subprocess that exits 2 with its message recorded
 def test_the_real_command_exits_2_with_the_message_alone(cases) -> None:
     """A few cases (option parsing; dataset checks) through a real
     ``python -m benchmark`` process, run in parallel: the exit status and the text users see."""
