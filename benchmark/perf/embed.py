@@ -39,12 +39,7 @@ from benchmark.core import perf_headline, register_perf
 from benchmark.evaluation import RetrievalEvaluator
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
-from benchmark.perf.train import TINY, cpu_name
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmark.perf.train import TINY, cpu_name, sync_device
 
 
 def _build(args: argparse.Namespace, run_dir: Path, workers: int | None, extra: list[str]) -> Any:
@@ -89,11 +84,11 @@ def measure_forward(cli: Any, batches: list[Any]) -> float:
     moved = [move_data_to_device(b["image"], device) for b in batches]
     with trainer.precision_plugin.forward_context():
         model.embed(moved[0])  # warm-up
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         for images in moved:
             model.embed(images)
-        _sync(device)
+        sync_device(device)
     return time.perf_counter() - start
 
 

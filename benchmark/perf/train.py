@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import statistics
 import sys
@@ -65,7 +64,8 @@ SOURCES = ("embedded", "memory")
 
 
 # ---------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timestamp means what it says."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -77,7 +77,7 @@ class StepClock(Callback):
         self.stamps: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        _sync(pl_module.device)
+        sync_device(pl_module.device)
         self.stamps.append(time.perf_counter())
 
 
@@ -164,7 +164,7 @@ def bare_loop(
     iterator = iter(batches)
     for i in range(warmup + steps + 1):
         batch = move_data_to_device(next(iterator), device)
-        _sync(device)
+        sync_device(device)
         stamps.append(time.perf_counter())
         if i == warmup + steps:
             break

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from benchmark.cli import main

@@ -24,8 +24,8 @@ from pathlib import Path
 import lightning  # noqa: F401
 import pytest
 import torch
-import wandb  # noqa: F401
 
+import wandb  # noqa: F401
 from benchmark.cli import main
 from tests.datamodules import fixtures
 
