@@ -24,8 +24,8 @@ bounded by a chunk of queries (never an N x N matrix):
    and is dropped. A block proves them when its maximum is above the positive's score, or
    equal to it with the block wholly before the positive's column; it counts b when all
    its items are equal (minimum = maximum: a block of ties), else 1. Only queries that
-   would otherwise read more than ``cap`` items are checked (one more pass over their
-   scores for the block minima). The threshold of a query is the score of its worst
+   would otherwise read more than ``cap`` items are checked (their reaching blocks are
+   read once for the block minima). The threshold of a query is the score of its worst
    remaining positive;
 4. only the blocks reaching that threshold (tied ones only up to the positive's block) are
    read again; their negatives are placed among the query's positives by a binary search
@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -379,28 +380,30 @@ def _last_kept(pval: torch.Tensor, pblk: torch.Tensor, n_kept: torch.Tensor) -> 
     return value, pblk.gather(1, at).squeeze(1)
 
 
-def _tie_weights(scores: torch.Tensor, blockmax: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _tie_weights(scores: torch.Tensor, blockmax: torch.Tensor, rows: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
     """(r, nb) float weights of the blocks of the given rows: b for a block of equal items, else 1.
 
     Every item of a block whose minimum equals its maximum equals the maximum, so it counts
     b items wherever its maximum counts (see :func:`_prune`); any other block holds at least
     one item equal to its maximum. The weights are exact integers (float64 beyond 2**24
-    columns, so that their sums stay exact). One ``amin`` pass over these rows of the
-    (c, Gp) score block (as fast as the block maxima; exact counts of the items equal to
-    each maximum measured several times slower), in slices of at most 1/16 of it.
+    columns, so that their sums stay exact). Only the blocks in ``reach`` (r, nb) are read:
+    every sum the weights enter is over blocks whose maximum reaches the row's worst kept
+    positive, and on untied scores these are a few percent of a row (a minimum over whole
+    rows was 7 % of the suite's time at SOP scale). The blocks go in slices of at most 1/16
+    of the score block; the rest keep weight 1.
     """
     c, nb = blockmax.shape
     b = scores.shape[1] // nb
     dtype = torch.float32 if scores.shape[1] < 2**24 else torch.float64
     out = torch.ones(rows.numel(), nb, dtype=dtype, device=scores.device)
-    step = max(1, c // 16)
-    for start in range(0, rows.numel(), step):
-        r = rows[start : start + step]
-        if rows.numel() == c:  # every row: slices of the block itself, no copy
-            blockmin = scores[start : start + step].view(r.numel(), nb, b).amin(dim=2)  # (s, nb)
-        else:
-            blockmin = scores.index_select(0, r).view(r.numel(), nb, b).amin(dim=2)
-        out[start : start + step].masked_fill_(blockmin == blockmax[r], float(b))
+    cand = reach.nonzero()  # (P, 2) (index into rows, block)
+    blocks = scores.view(c * nb, b)
+    step = max(1, scores.numel() // (16 * b))
+    for start in range(0, cand.shape[0], step):
+        r, blk = cand[start : start + step].unbind(1)
+        flat = rows[r] * nb + blk  # (p,) blocks in the (c * nb, b) view
+        tied = blocks.index_select(0, flat).amin(dim=1) == blockmax.view(-1)[flat]  # (p,)
+        out[r[tied], blk[tied]] = float(b)
     return out
 
 
@@ -446,13 +449,15 @@ def _chunk_ranks(
     self_col: torch.Tensor,
     num_pos: torch.Tensor,
     cap: torch.Tensor,
+    pool: ThreadPoolExecutor | None = None,
 ) -> torch.Tensor:
     """Exact ranks (c, K) of the positives of c queries whose ranks can be below ``cap``.
 
     ``scores`` is the (c, Gp) score block (padding and self already at -inf; positives are
     overwritten with -inf here). ``lo``/``hi`` delimit each query's class in
     ``gallery.members``, ``self_col`` is its own column or -1, ``num_pos`` (R) is at least 1.
-    Ranks are ascending per row, padded with ``_NO_RANK``.
+    Ranks are ascending per row, padded with ``_NO_RANK``. With a ``pool`` (CPU), steps 3
+    and 4 run on row slices in parallel (see :func:`_ranks_in_parts`).
     """
     c = scores.shape[0]
     dev = scores.device
@@ -478,8 +483,60 @@ def _chunk_ranks(
         blockmax = scores.view(c, nb, b).amax(dim=2)  # (c, nb)
     else:
         blockmax = F.max_pool1d(scores.view(c, 1, nb * b), b).view(c, nb)
-    with _one_cpu_thread(dev):
-        return _ranks_from_blocks(scores, blockmax, pval, pcol, num_pos, cap)
+    return _ranks_in_parts(pool, scores, blockmax, pval, pcol, num_pos, cap)
+
+
+# Rows per part below which splitting a chunk across threads costs more than it saves.
+_MIN_ROWS_PER_PART = 128
+
+
+def _single_thread_worker() -> None:
+    """Initializer of the rank pool's threads: each runs its ops on one thread (see below)."""
+    torch.set_num_threads(1)
+
+
+def _rank_pool(device: torch.device) -> ThreadPoolExecutor | None:
+    """Threads for :func:`_ranks_in_parts` on CPU: one per intra-op thread beyond the caller's."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return None
+    return ThreadPoolExecutor(threads - 1, thread_name_prefix="ranks", initializer=_single_thread_worker)
+
+
+def _ranks_in_parts(
+    pool: ThreadPoolExecutor | None,
+    scores: torch.Tensor,
+    blockmax: torch.Tensor,
+    pval: torch.Tensor,
+    pcol: torch.Tensor,
+    num_pos: torch.Tensor,
+    cap: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_ranks_from_blocks` of one chunk, on row slices in parallel on CPU.
+
+    Steps 3 and 4 are many mid-sized ops, each too short to gain from an intra-op thread team
+    (the team's synchronisation dominates them): they run on one thread, which left the other
+    cores idle for ~15 % of the suite at SOP scale (2 cores). Rows are independent, so the
+    chunk is cut into one slice per thread, each searched single-threaded (torch releases the
+    GIL inside its ops; the calling thread takes the first slice). The ranks are the same as
+    one call's, padded to a common width.
+    """
+    c = scores.shape[0]
+    parts = 1 if pool is None else min(torch.get_num_threads(), c // _MIN_ROWS_PER_PART)  # pool: threads - 1
+    if parts <= 1:
+        with _one_cpu_thread(scores.device):
+            return _ranks_from_blocks(scores, blockmax, pval, pcol, num_pos, cap)
+    edges = [c * i // parts for i in range(parts + 1)]
+    slices = [slice(edges[i], edges[i + 1]) for i in range(parts)]
+
+    def run(sl: slice) -> torch.Tensor:
+        return _ranks_from_blocks(scores[sl], blockmax[sl], pval[sl], pcol[sl], num_pos[sl], cap[sl])
+
+    with _one_cpu_thread(scores.device):
+        futures = [pool.submit(run, sl) for sl in slices[1:]]
+        pieces = [run(slices[0])] + [f.result() for f in futures]  # (c_i, K_i) each
+    width = max(p.shape[1] for p in pieces)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=_NO_RANK) for p in pieces])
 
 
 def _negative_slots(
@@ -541,7 +598,7 @@ def _ranks_from_blocks(
     # the positives whose rank is provably >= cap, counting blocks of tied items in full.
     wide = (reach.sum(1) * b > cap).nonzero().flatten()
     if wide.numel():
-        weight = _tie_weights(scores, blockmax, wide)  # (w, nb)
+        weight = _tie_weights(scores, blockmax, wide, reach[wide])  # (w, nb)
         # The bound counts reaching blocks only: rows where even all of them make less than
         # cap cannot drop anything (e.g. untied scores with fewer than cap blocks).
         can_drop = ((weight * reach[wide]).sum(1) >= cap[wide]).nonzero().flatten()
@@ -655,7 +712,8 @@ def retrieval_metrics(
     gp = gallery.num_blocks * gallery.block
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(gp)
     buffer = torch.empty(min(chunk, max(q, 1)), gp, device=dev)  # (c, Gp) reused for every chunk
-    with torch.no_grad(), _exact_fp32_matmul(dev):
+    pool = _rank_pool(dev)
+    with torch.no_grad(), _exact_fp32_matmul(dev), pool or contextlib.nullcontext():
         for a in range(0, q, chunk):
             sl = slice(a, min(a + chunk, q))
             c = sl.stop - sl.start
@@ -665,7 +723,7 @@ def retrieval_metrics(
                 scores[:, gallery.size :] = float("-inf")
             in_gallery = (self_col[sl] >= 0).nonzero().flatten()
             scores[in_gallery, self_col[sl][in_gallery]] = float("-inf")
-            ranks = _chunk_ranks(scores, gallery, lo[sl], hi[sl], self_col[sl], num_pos[sl], cap[sl])
+            ranks = _chunk_ranks(scores, gallery, lo[sl], hi[sl], self_col[sl], num_pos[sl], cap[sl], pool)
             sums += _metric_sums(ranks, num_pos[sl], ks, int(map_at_k))
     return _finish(sums.cpu(), q, gallery.size, without_positive, ks, int(map_at_k))
 

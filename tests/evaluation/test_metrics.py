@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 
 import numpy as np
@@ -204,6 +205,41 @@ def test_pruning_of_deep_positives_matches_naive(monkeypatch: pytest.MonkeyPatch
     got = retrieval_metrics(**split, recall_ks=ks, map_at_k=map_at_k, chunk_size=64, block_size=8)
     assert any(calls), "the pruning path was not exercised"
     assert_metrics_equal(got, _naive(split, ks, map_at_k))
+
+
+@pytest.mark.parametrize("separate_gallery", [False, True])
+def test_parallel_row_slices_match_naive(monkeypatch: pytest.MonkeyPatch, separate_gallery: bool) -> None:
+    """On CPU a chunk's rows are searched in slices on several threads; the metrics stay exact.
+
+    Three intra-op threads: chunks of ~600 queries go in three slices (two on the pool),
+    chunks of 300 in two; the slices' ranks have different widths and are padded to a common
+    one.
+    """
+    split = make_tied_split(1500 if separate_gallery else 600, 12, 5, separate_gallery)
+    calls = []
+    original = metrics_module._ranks_from_blocks
+
+    def spy(scores, *args):
+        calls.append((threading.current_thread().name, scores.shape[0], torch.get_num_threads()))
+        return original(scores, *args)
+
+    monkeypatch.setattr(metrics_module, "_ranks_from_blocks", spy)
+    ks, map_at_k = (1, 2, 5, 20), 10
+    expected = _naive(split, ks, map_at_k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for chunk, parts in [(600, 3), (300, 2)]:
+            calls.clear()
+            got = retrieval_metrics(**split, recall_ks=ks, map_at_k=map_at_k, chunk_size=chunk)
+            assert_metrics_equal(got, expected)
+            q = int(split["is_query"].sum())
+            assert sum(rows for _, rows, _ in calls) == q
+            assert len(calls) >= parts and len({name for name, _, _ in calls}) == parts
+            assert {n for _, _, n in calls} == {1}, "each slice must run on a single thread"
+        assert torch.get_num_threads() == 3, "the caller's thread count must be restored"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_default_map_at_k_key_and_recall_beyond_gallery() -> None:
