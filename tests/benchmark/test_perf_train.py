@@ -71,6 +71,30 @@ def test_perf_train_runs_and_writes_its_table(tmp_path: Path, capsys) -> None:
         assert r["overhead"] == r["framework_mean_s"] / r["bare_mean_s"] - 1
 
 
+def test_a_step_without_images_is_timed_with_a_tiny_bank_encoder_and_the_recipes_trained_model(tmp_path: Path) -> None:
+    """Context-Refine trains on a bank of embeddings made before the first step: perf train embeds
+    it with a tiny encoder (seconds, not minutes) but keeps the recipe's embedding size, so the
+    step trains the same parameters as the recipe's model with its own backbone."""
+    out = tmp_path / "train.json"
+    small = ["--model.embedding_dim", "24", "--data.image_size", "16", "--data.num_workers", "0", "--data.decoder", "pil"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert perf_train.main(["--methods", "context_refine", "--sources", "memory", "--steps", "1", "--warmup", "0",
+                                "--rounds", "1", "--logger", "none", "--out", str(out), *small]) == 0
+        recipe = build_cli("fit", ["--method", "context_refine", "--data", "synthetic", "--backbone.pretrained", "false",
+                                   "--run_dir", str(tmp_path / "recipe"), "--logger", "none", *small], run=False)
+    (result,) = json.loads(out.read_text())["results"]
+    assert "tiny encoder" in result["note"] and len(result["bare"]) == 1
+    assert recipe.model.backbone_config.name != "resnet_tiny_test"
+    # The swap keeps the model's embedding size (without --model.embedding_dim, the backbone's:
+    # 2048 for the recipe's ResNet-50), which sizes the refiner the step trains.
+    assert perf_train.bank_encoder_args(recipe.model)[-2:] == ["--model.embedding_dim", "24"]
+    optimizer = recipe.model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    trained = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    assert result["trained_params"] == trained > 0
+
+
 def test_perf_train_rejects_unknown_methods_and_sources() -> None:
     import pytest
 
