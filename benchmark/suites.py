@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import ctypes
 import difflib
+import fcntl
 import fnmatch
 import io
 import itertools
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ PLACEHOLDERS = ("output", "method", "dataset", "backbone", "variant", "seed", "c
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _OPTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 RECORD = "suite.json"  # the suite's record of a cell's attempts, in the cell's run directory
+RUN_LOCK = ".suite-run.lock"  # held by the `suite run` that is using an output folder
 LOG = "fit.log"  # the cell's output (every attempt, appended)
 
 USAGE = """usage: python -m benchmark suite <command> FILE [options]
@@ -651,6 +653,38 @@ def check_output(folder: Path, create: bool) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise SuiteError(f"Cannot write into the suite's output folder {folder} ({existing} is not a writable folder). "
                          "Pass --output DIR (or output: in the file) with a writable folder.")
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``<folder>/.suite-run.lock`` while a ``suite run`` uses the output folder.
+
+    Without it, two runs of one suite plan the same pending cell and both start a fit into its
+    folder: a fit says it is running only once its interpreter has started (seconds), so the
+    second run cannot see the first one's cell yet. The lock is an OS file lock (``flock``),
+    released when the process ends however it ends, so a killed run leaves nothing stale; the
+    file names its holder for the message a second run gets.
+    """
+    path = folder / RUN_LOCK
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SuiteError(
+                f"Another `suite run` is using the output folder {folder} ({holder}). Wait for it to finish "
+                f"(`python -m benchmark suite status FILE` shows its progress), stop it, or run into another "
+                f"folder with --output DIR."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 # ---------------------------------------------------------------------------- cell states
@@ -1580,9 +1614,10 @@ def _cmd_run(argv: list[str]) -> int:
     validate_cells(suite, cells)
     if args.dry_run:
         return dry_run(suite, cells, args.retry_failed)
-    if args.launcher == "serial":
-        return run_serial(suite, cells, args.retry_failed)
-    return run_submitit(suite, cells, args.retry_failed, args.launcher, args.wait, args.max_parallel)
+    with run_lock(suite.output):
+        if args.launcher == "serial":
+            return run_serial(suite, cells, args.retry_failed)
+        return run_submitit(suite, cells, args.retry_failed, args.launcher, args.wait, args.max_parallel)
 
 
 def _cmd_run_cell(argv: list[str]) -> int:

@@ -205,6 +205,26 @@ def test_an_unwritable_output_folder_fails_before_any_run(tmp_path: Path, capsys
         assert "Cannot write into the suite's output folder" in err and "--output DIR" in err
 
 
+def test_a_second_run_of_the_same_output_folder_is_refused_while_the_first_holds_it(
+    cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs of one suite would both start its pending cells (a fit says it is running only
+    once its interpreter is up): the second is refused before it plans anything, naming the first."""
+    out = tmp_path / "out"
+    path = tiny_suite(tmp_path / "s.yaml", cub_root, out)
+    out.mkdir()
+    with suites.run_lock(out):  # what a first `suite run` holds (a second open file: flock conflicts)
+        assert main(["suite", "run", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"Another `suite run` is using the output folder {out} (pid {os.getpid()} on" in err
+        assert "--output DIR" in err
+        assert main(["suite", "run", str(path), "--dry-run"]) == 0  # a dry run changes nothing: allowed
+        capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == [suites.RUN_LOCK]  # no cell was started
+    with suites.run_lock(out):  # released with the first run: free again
+        pass
+
+
 def test_unknown_commands_cells_and_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["suite", "rnu", "smoke"]) == 2
     assert "Unknown suite command 'rnu'. Did you mean run?" in capsys.readouterr().err
