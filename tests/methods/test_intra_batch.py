@@ -3,8 +3,8 @@
 References are written independently of the implementation: the MPN layer and its attention
 weights are checked against float64 loops over nodes and heads, the neighbour graph against a
 full stable sort, and the reciprocal k-NN batches against :class:`ReferenceReciprocalBatches`,
-a literal per-query transcription (``tests/methods/reference_intra_batch.py``). The training
-loss is checked to couple the samples of a batch (a per-sample loss fails those tests), and
+a literal per-query transcription (in ``methods/intra_batch_perf.py``, which times the
+vectorised construction against it: one copy, tested here). The training loss is checked to couple the samples of a batch (a per-sample loss fails those tests), and
 the refined metrics of a fit against ``retrieval_metrics`` of the MPN applied by hand.
 """
 
@@ -35,7 +35,7 @@ from methods.intra_batch import (
     knn_graph,
     reciprocal_knn_batches,
 )
-from tests.methods.reference_intra_batch import ReferenceReciprocalBatches, synthetic_sop_embeddings
+from methods.intra_batch_perf import ReferenceReciprocalBatches, synthetic_sop_embeddings
 
 
 # ---------------------------------------------------------------------------- MPN layer
