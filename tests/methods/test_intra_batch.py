@@ -4,8 +4,9 @@ References are written independently of the implementation: the MPN layer and it
 weights are checked against float64 loops over nodes and heads, the neighbour graph against a
 full stable sort, and the reciprocal k-NN batches against :class:`ReferenceReciprocalBatches`,
 a literal per-query transcription (in ``methods/intra_batch_perf.py``, which times the
-vectorised construction against it: one copy, tested here). The training loss is checked to couple the samples of a batch (a per-sample loss fails those tests), and
-the refined metrics of a fit against ``retrieval_metrics`` of the MPN applied by hand.
+vectorised construction against it: one copy, tested here). The training loss is checked to
+couple the samples of a batch (a per-sample loss fails those tests), and the refined metrics
+of a fit against ``retrieval_metrics`` of the MPN applied by hand.
 """
 
 from __future__ import annotations
