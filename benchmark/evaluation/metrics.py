@@ -503,36 +503,29 @@ def _rank_pool(device: torch.device) -> ThreadPoolExecutor | None:
     return ThreadPoolExecutor(threads - 1, thread_name_prefix="ranks", initializer=_single_thread_worker)
 
 
-def _ranks_in_parts(
-    pool: ThreadPoolExecutor | None,
-    scores: torch.Tensor,
-    blockmax: torch.Tensor,
-    pval: torch.Tensor,
-    pcol: torch.Tensor,
-    num_pos: torch.Tensor,
-    cap: torch.Tensor,
-) -> torch.Tensor:
+def _ranks_in_parts(pool: ThreadPoolExecutor | None, *per_row: torch.Tensor) -> torch.Tensor:
     """:func:`_ranks_from_blocks` of one chunk, on row slices in parallel on CPU.
 
-    Steps 3 and 4 are many mid-sized ops, each too short to gain from an intra-op thread team
-    (the team's synchronisation dominates them): they run on one thread, which left the other
-    cores idle for ~15 % of the suite at SOP scale (2 cores). Rows are independent, so the
-    chunk is cut into one slice per thread, each searched single-threaded (torch releases the
-    GIL inside its ops; the calling thread takes the first slice). The ranks are the same as
-    one call's, padded to a common width.
+    ``per_row`` are that function's arguments (scores, blockmax, pval, pcol, num_pos, cap),
+    each with one row per query. Steps 3 and 4 are many mid-sized ops, each too short to gain
+    from an intra-op thread team (the team's synchronisation dominates them): they run on one
+    thread, which left the other cores idle for ~15 % of the suite at SOP scale (2 cores).
+    Rows are independent, so the chunk is cut into one slice per thread, each searched
+    single-threaded (torch releases the GIL inside its ops; the calling thread takes the first
+    slice). The ranks are the same as one call's, padded to a common width.
     """
-    c = scores.shape[0]
+    c = per_row[0].shape[0]
     parts = 1 if pool is None else min(torch.get_num_threads(), c // _MIN_ROWS_PER_PART)  # pool: threads - 1
     if parts <= 1:
-        with _one_cpu_thread(scores.device):
-            return _ranks_from_blocks(scores, blockmax, pval, pcol, num_pos, cap)
+        with _one_cpu_thread(per_row[0].device):
+            return _ranks_from_blocks(*per_row)
     edges = [c * i // parts for i in range(parts + 1)]
     slices = [slice(edges[i], edges[i + 1]) for i in range(parts)]
 
     def run(sl: slice) -> torch.Tensor:
-        return _ranks_from_blocks(scores[sl], blockmax[sl], pval[sl], pcol[sl], num_pos[sl], cap[sl])
+        return _ranks_from_blocks(*(t[sl] for t in per_row))
 
-    with _one_cpu_thread(scores.device):
+    with _one_cpu_thread(per_row[0].device):
         futures = [pool.submit(run, sl) for sl in slices[1:]]
         pieces = [run(slices[0])] + [f.result() for f in futures]  # (c_i, K_i) each
     width = max(p.shape[1] for p in pieces)
