@@ -3,7 +3,8 @@
 The layers, bottom to top (docs/architecture.md); a module may import its own layer and the
 layers below it, never above, and project modules form no cycle:
 
-0. contracts: ``benchmark.errors``, ``benchmark.io``, ``benchmark.validation``, ``benchmark.core``
+0. contracts: ``benchmark.errors``, ``benchmark.io``, ``benchmark.validation``, ``benchmark.core``,
+   ``benchmark.results`` (the one reading of a run's records)
 1. registry lookup, data, backbones, shared blocks: ``benchmark.registry`` (it imports the
    packages above it by name, at run time), ``datamodules.*``, ``benchmark.backbones``,
    ``benchmark.distributed``, ``benchmark.layers.*``, ``benchmark.neighbours``
@@ -40,10 +41,10 @@ MODULES = {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / pa
 
 
 def layer(module: str) -> int:
-    if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core"):
+    if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core", "benchmark.results"):
         return 0
     if module.endswith(TOOL_SUFFIXES) or module.startswith("benchmark.perf") or module in (
-        "benchmark.cli", "benchmark.suites", "benchmark.leaderboard", "benchmark.wandb_report", "benchmark.analysis",
+        "benchmark.cli", "benchmark.suites", "benchmark.leaderboard", "benchmark.leaderboard_figures", "benchmark.wandb_report", "benchmark.analysis",
         "benchmark.__main__", "benchmark",
     ):
         return 4

@@ -15,7 +15,7 @@ from benchmark.cli import main
 TINY = [
     "--backbone", "resnet_tiny_test", "--backbone.pretrained", "false", "--model.embedding_dim", "16",
     "--model.num_blocks", "2", "--data.num_workers", "0", "--logger", "none",
-    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
 ]  # fmt: skip
 
 

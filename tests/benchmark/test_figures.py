@@ -24,7 +24,7 @@ from tests.datamodules import fixtures
 
 TINY = ["--backbone", "resnet_tiny_test", "--backbone.pretrained", "false", "--model.embedding_dim", "8",
         "--data.image_size", "16", "--data.num_workers", "0", "--data.eval_batch_size", "128",
-        "--trainer.enable_progress_bar", "false"]  # fmt: skip
+        "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- a toy evaluation

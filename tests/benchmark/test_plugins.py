@@ -68,6 +68,7 @@ def test_entry_point_plugin_trains_through_the_cli(installed_plugin, tmp_path: P
             "--data.image_size", "16", "--data.classes_per_batch", "4", "--data.samples_per_class", "2",
             "--data.batches_per_epoch", "2", "--data.num_workers", "0", "--trainer.max_epochs", "1",
             "--logger", "none", "--run_dir", str(run), "--trainer.enable_progress_bar", "false",
+            "--trainer.precision", "32-true",
         ])
     assert code == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -43,6 +43,7 @@ args:
   data.verify_images: none
   trainer.max_epochs: 1
   trainer.enable_progress_bar: false
+  trainer.precision: 32-true
   logger: csv
 """
 

@@ -132,7 +132,7 @@ def test_per_step_terms_are_logged_only_when_written_and_the_loggers_get_the_sam
             "--data.image_size", "16", "--data.num_workers", "0", "--data.classes_per_batch", "4",
             "--data.samples_per_class", "2", "--data.batches_per_epoch", "5", "--trainer.max_epochs", "2",
             "--trainer.log_every_n_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
-            "false", "--figures", "false", "--logger", "csv", "--run_dir", str(run)]
+            "false", "--figures", "false", "--logger", "csv", "--run_dir", str(run), "--trainer.precision", "32-true"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(args) == 0

@@ -572,7 +572,8 @@ def test_embedded_default_two_stage_run(
     """
     from benchmark.cli import main
 
-    common = ["--logger", "none", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0"]
+    common = ["--logger", "none", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0",
+              "--trainer.precision", "32-true"]
     # fmt: off
     stage1 = [
         "fit", "--method", "ms", "--backbone", "resnet_tiny_test", "--backbone.pretrained", "false",

@@ -558,7 +558,7 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
         "fit", "--method", "cross_image_attention", "--backbone", "resnet_tiny_test", "--backbone.pretrained", "false",
         "--model.embedding_dim", "64", "--model.lr", "1e-3", "--trainer.max_epochs", "2",
         "--data.batches_per_epoch", "40", "--data.num_workers", "0", "--trainer.check_val_every_n_epoch", "10",
-        "--logger", "csv", "--run_dir", str(run), "--trainer.enable_progress_bar", "false",
+        "--logger", "csv", "--run_dir", str(run), "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
     ]  # validation before training and the test after it; none in between (3,000 images each)
     assert main(args) == 0
     val = json.loads((run / "metrics_val.json").read_text())["evaluations"]

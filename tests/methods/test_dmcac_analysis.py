@@ -16,7 +16,7 @@ from methods.dmcac_analysis import summarize
 
 TINY = [
     "--backbone", "vit_tiny_test", "--backbone.pretrained", "false", "--data.num_workers", "0", "--logger", "none",
-    "--trainer.enable_progress_bar", "false", "--data.classes_per_batch", "16",
+    "--trainer.enable_progress_bar", "false", "--data.classes_per_batch", "16", "--trainer.precision", "32-true",
 ]  # fmt: skip
 
 
