@@ -45,6 +45,7 @@ from benchmark import registry, wandb_report
 from benchmark.errors import UserError
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
+from benchmark.results import epochs_trained
 from benchmark.leaderboard_figures import write_figures
 
 REFERENCE = Path(__file__).with_name("reference") / "paper_results.csv"
@@ -68,7 +69,7 @@ class RunRecord:
     name: str
     meta: dict[str, Any]
     test: dict[str, float]  # the last test evaluation, flat: "R@1", "refined/R@1", ...
-    val_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (epoch, flat metrics)
+    val_curve: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (epochs trained, flat metrics)
     source: str = "local"
     url: str | None = None  # the W&B run page
 
@@ -124,7 +125,7 @@ def local_runs(root: Path) -> list[RunRecord]:
         if val_path.is_file():
             try:
                 val = json.loads(val_path.read_text())
-                curve = [(int(e.get("epoch", 0)), _flat_metrics(e)) for e in val.get("evaluations", [])
+                curve = [(epochs_trained(e), _flat_metrics(e)) for e in val.get("evaluations", [])
                          if e.get("global_step", 1) > 0]  # fmt: skip  (the untrained pre-fit check is not a result)
             except (OSError, json.JSONDecodeError, ValueError):
                 curve = []
@@ -188,6 +189,12 @@ class Group:
     @property
     def seeds(self) -> list[Any]:
         return sorted({r.seed for r in self.runs}, key=str)
+
+    @property
+    def label(self) -> str:
+        """How figures and legends name the group: method (backbone) and what sets it apart."""
+        differs = ", ".join(f"{k}={v}" for k, v in self.differs.items())
+        return f"{self.settings.get('method')} ({self.settings.get('backbone')})" + (f" [{differs}]" if differs else "")
 
 
 def group_runs(records: Iterable[RunRecord]) -> list[Group]:
@@ -261,6 +268,7 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
     for g in groups:
         row: dict[str, Any] = {k: g.settings.get(k) for k in ROW_FIELDS}
         row["differs"] = ", ".join(f"{k}={v}" for k, v in g.differs.items())
+        row["label"] = g.label
         row["n_seeds"] = len(g.seeds)
         row["runs"] = len(g.runs)
         row["seeds"] = g.seeds
