@@ -45,8 +45,8 @@ from benchmark import registry, wandb_report
 from benchmark.errors import UserError
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
-from benchmark.results import epochs_trained
 from benchmark.leaderboard_figures import write_figures
+from benchmark.results import epochs_trained
 
 REFERENCE = Path(__file__).with_name("reference") / "paper_results.csv"
 SELECTIONS = ("final", "test-best")
