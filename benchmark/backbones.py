@@ -10,6 +10,7 @@ offline-weights policy (never fall back to random weights silently).
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,31 @@ def load_weights_strict(model: nn.Module, path: Path, backbone: str) -> str:
     return file_sha256(path)
 
 
+def patch_size(preset: BackbonePreset) -> int | None:
+    """A ViT preset's patch size: its ``patch_size`` option, else the ``patchN`` of its timm name."""
+    if "patch_size" in preset.model_kwargs:
+        return int(preset.model_kwargs["patch_size"])
+    match = re.search(r"patch(\d+)", preset.timm_name)
+    return int(match.group(1)) if match else None
+
+
+def check_patch_grid(name: str, preset: BackbonePreset, image_size: int) -> None:
+    """Refuse an image size that is not a multiple of a ViT's patch size.
+
+    The patch embedding is a convolution with stride = patch size: on a 230-px image ViT-S/16 sees
+    14 x 14 patches and silently drops the last 6 rows and columns. A benchmark must not change what
+    the model sees without saying so, so the user picks the size.
+    """
+    patch = patch_size(preset)
+    if patch and image_size % patch:
+        lower, upper = image_size - image_size % patch, image_size - image_size % patch + patch
+        raise ConfigError(
+            f"Image size {image_size} is not a multiple of the patch size {patch} of backbone '{name}': the patch "
+            f"grid would drop the last {image_size % patch} pixel rows and columns of every image. Pass "
+            f"--data.image_size {upper}" + (f" or {lower}" if lower else "") + "."
+        )
+
+
 class Encoder(nn.Module):
     """A timm model wrapped to return pooled and spatial features."""
 
@@ -211,6 +237,7 @@ class Encoder(nn.Module):
         self.config, self.preset = config, preset
         kwargs = dict(preset.model_kwargs)
         if preset.kind == "vit":
+            check_patch_grid(config.name, preset, image_size)
             kwargs["img_size"] = image_size
         if config.drop_path_rate:
             kwargs["drop_path_rate"] = config.drop_path_rate

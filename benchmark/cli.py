@@ -32,18 +32,31 @@ from benchmark.errors import ConfigError, UserError
 from benchmark.evaluation import RetrievalEvaluator
 from benchmark.figures import FigureWriter
 from benchmark.io import console as make_console
+from benchmark.io import remove_stale_temporaries
 from benchmark.leaderboard import main as leaderboard_main
+from benchmark.results import (
+    BOOKKEEPING,
+    ROLE_FINAL,
+    comparison_config,
+    comparison_key,
+    flatten_config,
+    identity,
+)
 from benchmark.training import (
+    CONFIG_KEY,
     EXIT_INTERNAL,
     EXIT_USER,
     AtomicCheckpointIO,
     BenchmarkTrainer,
     CheckpointSettings,
+    ConfigInCheckpoint,
     RunStatus,
     resolve_precision,
     run_metadata,
+    training_length,
+    truncate_records,
 )
-from benchmark.wandb_logger import WandbResults, build_wandb_logger, finish_wandb_run
+from benchmark.wandb_logger import WandbResults, build_wandb_logger, finish_wandb_run, update_wandb_config
 from datamodules.base import RetrievalDataModule
 from methods.base import NonFiniteLossError, RetrievalMethod
 
@@ -133,20 +146,40 @@ def _option_value(argv: list[str], name: str) -> str | None:
     return value
 
 
+RUN_RECORDS = ("config.yaml", "status.json", "metrics_val.json", "metrics_test.json")
+
+
 def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
-    """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` with ``<run>/config.yaml``)."""
+    """The run directory a checkpoint belongs to: ``<run>/checkpoints/x.ckpt`` where ``<run>`` holds a
+    run's records (its config.yaml, status.json or metrics files)."""
     if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
         return None
     path = Path(ckpt_path).expanduser()
     run = path.parent.parent
-    return run if path.parent.name == "checkpoints" and (run / "config.yaml").is_file() else None
+    return run if path.parent.name == "checkpoints" and any((run / name).is_file() for name in RUN_RECORDS) else None
+
+
+def checkpoint_contents(path: Path) -> dict[str, Any]:
+    """What a checkpoint says about itself without loading its weights into memory (torch memory-maps
+    the tensors): ``global_step``, ``epoch``, the model's ``hyper_parameters`` and the run's stored
+    configuration (``benchmark_config``, absent in checkpoints written before it was recorded)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a file check_checkpoint_file let through but torch cannot read
+        raise CLIError(f"Checkpoint {path} cannot be read by torch ({type(err).__name__}: {err}).") from None
+    if not isinstance(checkpoint, dict):
+        raise CLIError(f"Checkpoint {path} is not a Lightning checkpoint (a {type(checkpoint).__name__}).")
+    return {k: checkpoint.get(k) for k in ("global_step", "epoch", "hyper_parameters", CONFIG_KEY)}
 
 
 def check_checkpoint_file(path: Path) -> None:
-    """Fail fast, naming the file, if a checkpoint is missing or truncated.
+    """Fail fast, naming the file, if a checkpoint is missing, truncated or corrupted.
 
-    torch checkpoints are zip archives whose directory sits at the end of the file, so a
-    truncated copy is found by opening the archive, without reading (or unpickling) the weights.
+    torch checkpoints are zip archives whose directory sits at the end of the file (a truncated copy
+    does not open) and which record a CRC-32 of every member (a corrupted byte is found by checking
+    them), all without unpickling anything.
     """
     import zipfile
 
@@ -155,7 +188,12 @@ def check_checkpoint_file(path: Path) -> None:
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                archive.namelist()
+                # Every member's CRC-32 against its bytes (torch.save records them): a flipped byte inside
+                # a tensor loads without complaint and evaluates as different weights. It reads the file
+                # once (about 1 s per GB from a local disk).
+                bad = archive.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f"the bytes of {bad} do not match their CRC-32: the file is corrupted")
         else:
             with open(path, "rb") as f:
                 if f.read(1) != b"\x80":  # not a zip archive, not a legacy pickle either
@@ -165,6 +203,61 @@ def check_checkpoint_file(path: Path) -> None:
             f"Checkpoint {path} (--ckpt_path) is damaged or truncated ({err}). Use another checkpoint of the run "
             "(checkpoints/best-*.ckpt or last.ckpt) or copy it again."
         ) from None
+
+
+def _stored_config_file(text: str) -> Path:
+    """The configuration stored in a checkpoint, as a YAML file LightningCLI can read (removed at exit)."""
+    import atexit
+    import tempfile
+
+    handle, name = tempfile.mkstemp(prefix="dml-benchmark-ckpt-config-", suffix=".yaml")
+    with os.fdopen(handle, "w") as f:
+        f.write(text)
+    atexit.register(lambda: Path(name).unlink(missing_ok=True))
+    return Path(name)
+
+
+#: Model options whose value a checkpoint's weights replace or the data fills in: they may differ.
+_NOT_COMPARED = {"model.num_classes", "model.image_size", "model.backbone.weights", "model.backbone.pretrained"}
+
+
+def _same(a: Any, b: Any) -> bool:
+    import json
+
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str) or a == b
+
+
+def check_checkpoint_settings(config: dict[str, Any], stored: dict[str, Any], ckpt_path: str, own_run_dir: bool) -> None:
+    """Refuse to evaluate a checkpoint under settings it was not trained with (exit 2).
+
+    The model's options must be the checkpoint's own (its ``hyper_parameters``): other options build
+    another model, into which the weights load partly or not at all. With the run's configuration
+    stored in the checkpoint, the data settings that change a result must match as well, unless the
+    evaluation is recorded in a run folder of its own (``--run_dir``): it would otherwise be appended to
+    the checkpoint's run as if that run had produced it.
+    """
+    given = flatten_config(config)
+    hparams = dict(stored.get("hyper_parameters") or {})
+    trained = flatten_config({"model": {"init_args": {k: v for k, v in hparams.items() if not str(k).startswith("_")}}})
+    if hparams.get("_class_path"):
+        trained["model.class_path"] = hparams["_class_path"]
+    differences = [(k, v, given[k]) for k, v in sorted(trained.items())
+                   if k in given and k not in _NOT_COMPARED and not _same(v, given[k])]  # fmt: skip
+    if stored.get(CONFIG_KEY) and own_run_dir:
+        with contextlib.suppress(yaml.YAMLError, AttributeError):
+            run = comparison_config(yaml.safe_load(str(stored[CONFIG_KEY])) or {})
+            mine = comparison_config(config)
+            differences += [(k, run[k], mine.get(k)) for k in sorted(run) if k.startswith("data.")
+                            and not _same(run[k], mine.get(k)) and k not in BOOKKEEPING]  # fmt: skip
+    if differences:
+        shown = "; ".join(f"{k}: trained with {v!r}, given {g!r}" for k, v, g in differences[:6])
+        more = f" (and {len(differences) - 6} more)" if len(differences) > 6 else ""
+        raise CLIError(
+            f"{ckpt_path} was trained with other settings than this command gives: {shown}{more}. A checkpoint "
+            "is evaluated with the settings it was trained with: leave --config and the options out to use its "
+            "run's config.yaml (or the configuration stored in the checkpoint), or, for a deliberate evaluation "
+            "under other data settings, record it in a folder of its own with --run_dir NEW."
+        )
 
 
 def _config_class(config_path: Path, section: str) -> str | None:
@@ -243,10 +336,18 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     if ckpt_path not in (None, "best", "last", "hpc", "registry"):
         check_checkpoint_file(Path(ckpt_path).expanduser())
     run_config = None
-    if subcommand in ("test", "validate") and not user_config:
+    stored = None  # what the checkpoint says about itself: its step, model hyper-parameters, configuration
+    if subcommand in ("test", "validate") and ckpt_path not in (None, "best", "last", "hpc", "registry"):
+        stored = checkpoint_contents(Path(ckpt_path).expanduser())
+    if stored is not None and not user_config:
+        # The settings the checkpoint was trained with: its run's config.yaml, else the configuration
+        # stored inside the checkpoint (a run folder that lost its config.yaml, a copied checkpoint).
         source = run_dir_of_checkpoint(ckpt_path)
-        if source is not None:
+        if source is not None and (source / "config.yaml").is_file():
             run_config = source / "config.yaml"
+        elif stored.get(CONFIG_KEY):
+            run_config = _stored_config_file(str(stored[CONFIG_KEY]))
+        if run_config is not None:
             _check_against_run(run_config, ckpt_path, methods, datas)
             methods, datas, user_config = [], [], True
             if recipe not in (None, "auto", "none"):
@@ -290,6 +391,7 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     info = {
         "method": method, "data": data, "recipe": recipe_path, "logger": logger, "run_dir": run_dir,
         "run_config": run_config, "ckpt_path": ckpt_path, "command": subcommand, "logger_default": not loggers,
+        "checkpoint": stored,
     }
     return prefix + argv, info
 
@@ -357,6 +459,18 @@ def _make_cli_class():
             parser = super().init_parser(**kwargs)
             parser.error_handler = _short_parse_error
             return parser
+
+        def resolved_config(self) -> dict[str, Any]:
+            """This command's resolved configuration as a plain dict (what config.yaml holds)."""
+            config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+            return config.as_dict() if hasattr(config, "as_dict") else dict(config)
+
+        def before_instantiate_classes(self) -> None:
+            stored = self.run_info.get("checkpoint")
+            if stored is not None:  # test/validate of a checkpoint: with the settings it was trained with
+                own = self.run_info.get("run_dir") is not None and run_dir_of_checkpoint(self.run_info.get("ckpt_path")) != \
+                    Path(self.run_info["run_dir"]).expanduser()  # fmt: skip
+                check_checkpoint_settings(self.resolved_config(), stored, str(self.run_info.get("ckpt_path")), not own)
 
         def instantiate_classes(self) -> None:
             """Build model, data and trainer; a constructor's ValueError about an option is the user's."""
@@ -443,6 +557,10 @@ def _make_cli_class():
                 self.datamodule.training_batches(self.model.data_request())
             run_dir = self._run_dir()
             command = self.run_info.get("command") or "fit"
+            if hasattr(self.datamodule, "apply_request"):
+                # What the method asks of the data (sampler, views, normalisation) before anything
+                # records the run: the results and the W&B config describe the data as it is used.
+                self.datamodule.apply_request(self.model.data_request())
             meta = {**self.datamodule.describe(), **self.model.describe()}
             seed = self._get(self.config, "seed_everything")
             meta["seed"] = seed
@@ -487,7 +605,22 @@ def _make_cli_class():
             precision, reason = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
             meta["precision"] = str(precision)
             extra = run_metadata(self.run_info, trainer_cfg, self.datamodule)
+            # What makes runs comparable: the whole resolved configuration minus seeds and bookkeeping,
+            # plus what the configuration cannot carry (resolved precision, weights' hash, data found).
+            config = self.resolved_config()
+            settings = comparison_config(config, getattr(type(self.model), "per_run_options", ()))
+            extra["config"] = settings
+            extra["comparison_key"] = comparison_key({**settings, **identity({**meta, **extra})})
+            for key, variable in (("suite", "DML_BENCHMARK_SUITE"), ("cell", "DML_BENCHMARK_CELL"),
+                                  ("variant", "DML_BENCHMARK_VARIANT")):  # fmt: skip
+                if os.environ.get(variable):
+                    extra[key] = os.environ[variable]
             meta.update(extra)
+            if command == "fit":
+                with contextlib.suppress(Exception):  # a config jsonargparse cannot dump: config.yaml says why
+                    text = self._parser(self.subcommand).dump(self.config.get(str(self.subcommand), self.config),
+                                                              skip_none=False)  # fmt: skip
+                    callbacks.append(ConfigInCheckpoint(text))
             logger_name = self.run_info.get("logger") or "wandb"
             if command != "fit" and self.run_info.get("run_config") and self.run_info.get("logger_default", True):
                 logger_name = "none"  # evaluating a run's checkpoint: its results go into its folder
@@ -524,30 +657,63 @@ def _make_cli_class():
             return trainer
 
         def before_fit(self) -> None:
-            if self.run_info.get("ckpt_path"):
+            ckpt = self.run_info.get("ckpt_path")
+            if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
+                self._prepare_resume(Path(ckpt).expanduser())
                 return  # resuming: the run's pre-training evaluation is already recorded
+            if ckpt:
+                return
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
+        def _prepare_resume(self, ckpt: Path) -> None:
+            """Before continuing from ``ckpt``: drop what the run recorded after the checkpoint's step (a
+            kill between a validation and its checkpoint leaves the lost weights' evaluation behind) and
+            the temporaries of checkpoints whose writer was killed."""
+            if not self.trainer.is_global_zero:
+                return
+            run_dir = Path(self.trainer.default_root_dir)
+            step = int(checkpoint_contents(ckpt).get("global_step") or 0)
+            notes = truncate_records(run_dir, step)
+            for folder in (run_dir, run_dir / "checkpoints"):
+                notes += [f"removed {p.name}: a temporary of a write that was killed"
+                          for p in remove_stale_temporaries(folder)] if folder.is_dir() else []  # fmt: skip
+            for note in notes:
+                print(f"[benchmark] resuming at step {step}: {note}", file=sys.stderr)
 
         def after_fit(self) -> None:
             if self.trainer.interrupted:
                 return
-            self._note_time_budget()
+            stopped_by = self._note_time_budget()
+            length = training_length(self.trainer, self.datamodule, self.run_info.get("recipe"), stopped_by)
+            self.trainer.run_metadata.update(length)
+            if length["short"] and self.trainer.is_global_zero:
+                print(f"[benchmark] shorter than asked: {length['short']}; the leaderboard shows this run apart "
+                      "from complete ones", file=sys.stderr)  # fmt: skip
+            update_wandb_config(self.trainer, length)
             ckpt = "best" if getattr(self.datamodule, "protocol", "paper") == "holdout" else None
             if ckpt == "best" and not self.trainer.checkpoint_callback.best_model_path:
                 ckpt = None
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+            evaluators = [c for c in self.trainer.callbacks if isinstance(c, RetrievalEvaluator)]
+            for evaluator in evaluators:
+                evaluator.test_role = ROLE_FINAL  # the end-of-training result, whatever checkpoint it loads
+            try:
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+            finally:
+                for evaluator in evaluators:
+                    evaluator.test_role = None
 
-        def _note_time_budget(self) -> None:
-            """Say so when ``trainer.max_time`` ended training before its epochs or steps."""
+        def _note_time_budget(self) -> str:
+            """Say so when ``trainer.max_time`` ended training before its epochs or steps; returns
+            ``"max_time"`` then, else ``""``."""
             from lightning.pytorch.callbacks import Timer
 
             trainer = self.trainer
             timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
             if timer is None or timer.time_remaining("train") > 0:
-                return
+                return ""
             planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.max_epochs * trainer.num_training_batches
             if trainer.global_step >= planned:
-                return
+                return ""
             note = (
                 f"training stopped by the time budget (trainer.max_time) after {trainer.global_step} of {planned} "
                 "steps: this machine is slower than the recipe assumes, and the results are those of the shorter run"
@@ -556,6 +722,7 @@ def _make_cli_class():
                 print(f"[benchmark] {note}", file=sys.stderr)
             if self.status is not None:
                 self.status.note = note
+            return "max_time"
 
     return BenchmarkCLI
 

@@ -36,6 +36,7 @@ import io
 import json
 import math
 import statistics
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +44,23 @@ from typing import Any
 
 from benchmark import registry, wandb_report
 from benchmark.errors import UserError
-from benchmark.io import atomic_write_text
+from benchmark.io import atomic_write_text, check_writable
 from benchmark.io import console as make_console
 from benchmark.leaderboard_figures import write_figures
-from benchmark.results import epochs_trained
+from benchmark.results import (
+    OPTIMISTIC,
+    RecordError,
+    epochs_trained,
+    final_evaluation,
+    flat_metrics,
+    read_record,
+    run_state,
+    test_selected_evaluations,
+)
+from benchmark.wandb_logger import wandb_logged_in
 
 REFERENCE = Path(__file__).with_name("reference") / "paper_results.csv"
 SELECTIONS = ("final", "test-best")
-OPTIMISTIC = "selected on test, optimistic"
 # Recorded per run but not a setting: a seed sweep differs only in these.
 PER_RUN = {"seed", "data_seed", "checkpoint", "versions", "stage", "split", "evaluations", "metrics", "refined",
            "recall_ks", "nmi", "weights", "run", "selection_metric", "num_train_images", "num_test_images",
@@ -64,41 +74,48 @@ DEFAULT_METRICS = ("R@1", "MAP@R", "R-Precision", "NMI")
 # ---------------------------------------------------------------------------- runs
 @dataclass
 class RunRecord:
-    """One run: its recorded settings, its test metrics and its validation curve."""
+    """One run: its recorded settings, state, final test metrics and validation curve."""
 
     name: str
     meta: dict[str, Any]
-    test: dict[str, float]  # the last test evaluation, flat: "R@1", "refined/R@1", ...
+    test: dict[str, float]  # the final test evaluation (results.final_evaluation), flat: "R@1", "refined/R@1", ...
     val_curve: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (epochs trained, flat metrics)
     source: str = "local"
     url: str | None = None  # the W&B run page
+    state: str = "completed"  # benchmark.results.STATES, or "unknown"
+    reason: str = ""  # why a run is not counted (its status, a missing final evaluation)
+    test_selected: list[dict[str, float]] = field(default_factory=list)  # evaluations chosen on the test split
 
     @property
     def seed(self) -> Any:
         return self.meta.get("seed")
 
+    @property
+    def steps(self) -> Any:
+        return self.meta.get("steps_trained")
+
+    @property
+    def counted(self) -> bool:
+        """A result: a completed run with its end-of-training evaluation."""
+        return self.state == "completed" and bool(self.test)
+
     def value(self, metric: str, select: str) -> float | None:
         """The number this run contributes for ``metric`` under the ``select`` rule."""
         if select == "final":
             return self.test.get(metric)
-        if self.meta.get("protocol") != "paper":
-            return None  # test-best needs validations on the test split
-        values = [m[metric] for _, m in self.val_curve if metric in m]
+        values = [m[metric] for m in self.test_selected if metric in m]
         return max(values) if values else None
 
 
-def _flat_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
-    """An evaluation entry -> {"R@1": .., "refined/R@1": .., "refined/level1/R@1": ..}."""
-    flat = {k: float(v) for k, v in (evaluation.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    for group, metrics in (evaluation.get("refined") or {}).items():
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                flat[f"{group}/{k}"] = float(v)
-    return flat
+_flat_metrics = flat_metrics
 
 
 def settings(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The comparability fields of a run's recorded metadata (everything but per-run values)."""
+    """What groups a run: its recorded comparison key and number of trained steps; for runs recorded
+    before the key existed, every recorded field but the per-run ones (seeds, versions, results)."""
+    if meta.get("comparison_key"):
+        return {"comparison_key": meta["comparison_key"], "steps_trained": meta.get("steps_trained"),
+                **{k: meta.get(k) for k in ROW_FIELDS}}  # fmt: skip
     return {
         k: (tuple(v) if isinstance(v, list) else v)
         for k, v in meta.items()
@@ -106,38 +123,56 @@ def settings(meta: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _warn(message: str) -> None:
+    print(f"[leaderboard] warning: {message}", file=sys.stderr)
+
+
 def local_runs(root: Path) -> list[RunRecord]:
-    """Every run directory under ``root`` (any depth) with a test evaluation."""
+    """Every run directory under ``root`` (any depth) with a ``metrics_test.json`` or a ``status.json``.
+
+    A results file that cannot be read is skipped with a warning naming it: one bad file never loses
+    the whole table.
+    """
+    root = Path(root)
+    folders = sorted({p.parent for name in ("metrics_test.json", "status.json") for p in root.rglob(name)})
     records = []
-    for path in sorted(Path(root).rglob("metrics_test.json")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts[:-1]):
+    for folder in folders:
+        if any(part.startswith(".") for part in folder.relative_to(root).parts):
             continue  # hidden folders: a suite's earlier failed attempts (.attempts/), caches
+        name = str(folder.relative_to(root)) if folder != root else folder.name
+        state = run_state(folder)
+        test_path, val_path = folder / "metrics_test.json", folder / "metrics_val.json"
+        test_record = val_record = None
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a run being written or a foreign file: skip, never crash the table
-        evaluations = data.get("evaluations") or []
-        if not evaluations:
+            test_record = read_record(test_path) if test_path.is_file() else None
+            val_record = read_record(val_path) if val_path.is_file() else None
+        except RecordError as err:
+            _warn(f"skipped {name}: {err}")
             continue
-        meta = {k: v for k, v in data.items() if k not in ("evaluations", "metrics", "refined")}
-        curve = []
-        val_path = path.with_name("metrics_val.json")
-        if val_path.is_file():
-            try:
-                val = json.loads(val_path.read_text())
-                curve = [(epochs_trained(e), _flat_metrics(e)) for e in val.get("evaluations", [])
-                         if e.get("global_step", 1) > 0]  # fmt: skip  (the untrained pre-fit check is not a result)
-            except (OSError, json.JSONDecodeError, ValueError):
-                curve = []
-        records.append(RunRecord(str(path.parent.relative_to(root)) or path.parent.name, meta,
-                                 _flat_metrics(evaluations[-1]), curve))  # fmt: skip
+        if test_record is None and val_record is None:
+            continue  # a run that never evaluated: `python -m benchmark status` lists it
+        source = test_record or val_record
+        meta = {k: v for k, v in source.items() if k not in ("evaluations", "metrics", "refined")}
+        final = final_evaluation(test_record) if test_record is not None else None
+        curve = [(epochs_trained(e), flat_metrics(e)) for e in (val_record or {}).get("evaluations", [])
+                 if int(e.get("global_step") or 0) > 0]  # fmt: skip  (the untrained pre-fit check is not a result)
+        selected = [flat_metrics(e) for e in test_selected_evaluations(test_record, val_record)]
+        reason = state.reason if state.state != "completed" else ("" if final else "no end-of-training test evaluation")
+        records.append(RunRecord(name, meta, flat_metrics(final) if final else {}, curve, state=state.state,
+                                 reason=reason, test_selected=selected))  # fmt: skip
     return records
+
+
+#: W&B run states -> the benchmark's (a run finished with a non-zero exit code is "failed" in W&B too).
+WANDB_STATES = {"finished": "completed", "running": "running", "failed": "failed", "crashed": "killed",
+                "killed": "killed", "preempted": "interrupted", "preempting": "interrupted"}  # fmt: skip
 
 
 def wandb_runs(project: str, filters: Mapping[str, Any] | None = None, api: Any = None) -> list[RunRecord]:
     """The same records from a W&B project: flat config keys, ``test/*`` summary, ``val/*`` history.
 
-    ``api`` stands in for ``wandb.Api()`` (tests pass recorded run objects).
+    Only ``fit`` runs (job type) are results; their W&B state gives the run's state. ``api`` stands in
+    for ``wandb.Api()`` (tests pass recorded run objects).
     """
     if api is None:
         import wandb
@@ -145,19 +180,31 @@ def wandb_runs(project: str, filters: Mapping[str, Any] | None = None, api: Any 
         api = wandb.Api()
     records = []
     for run in api.runs(project, filters=dict(filters or {})):
+        if (getattr(run, "job_type", None) or "fit") != "fit":
+            continue  # a `test` / `validate` command's own run is not a training result
         summary = dict(run.summary)
         test = {k[len("test/"):]: float(v) for k, v in summary.items()
-                if k.startswith("test/") and isinstance(v, (int, float))}  # fmt: skip
-        if not test:
-            continue
+                if k.startswith("test/") and k != "test/epochs_trained" and isinstance(v, (int, float))
+                and not isinstance(v, bool)}  # fmt: skip
         meta = {k: v for k, v in dict(run.config).items() if not str(k).startswith("_")}
+        config = {k[len("config."):]: v for k, v in meta.items() if str(k).startswith("config.")}
+        meta = {k: v for k, v in meta.items() if not str(k).startswith("config.")}
+        if config:
+            meta["config"] = config
         curve = []
         for row in run.history(pandas=False):
             metrics = {k[len("val/"):]: float(v) for k, v in row.items()
-                       if k.startswith("val/") and isinstance(v, (int, float))}  # fmt: skip
+                       if k.startswith("val/") and k != "val/epochs_trained" and isinstance(v, (int, float))}  # fmt: skip
             if metrics and int(row.get("trainer/global_step", row.get("_step", 1)) or 0) > 0:
-                curve.append((int(row.get("epoch", 0)), metrics))
-        records.append(RunRecord(run.name, meta, test, curve, source="wandb", url=getattr(run, "url", None)))
+                x = row.get("val/epochs_trained", row.get("epochs_trained"))
+                curve.append((float(x) if isinstance(x, (int, float)) else float(row.get("epoch", 0)) + 1.0, metrics))
+        state = WANDB_STATES.get(str(getattr(run, "state", "finished")), str(getattr(run, "state", "unknown")))
+        selected = [m for _, m in curve] if meta.get("val_split") == "test" else []
+        reason = "" if state == "completed" else f"W&B state {getattr(run, 'state', '?')}"
+        if state == "completed" and not test:
+            reason = "no test/* metrics in its summary"
+        records.append(RunRecord(run.name, meta, test, curve, source="wandb", url=getattr(run, "url", None),
+                                 state=state, reason=reason, test_selected=selected))  # fmt: skip
     return records
 
 
@@ -191,18 +238,56 @@ class Group:
         return sorted({r.seed for r in self.runs}, key=str)
 
     @property
+    def short(self) -> str:
+        """Why the group's runs are shorter than asked (``""`` for complete runs)."""
+        return next((str(r.meta.get("short")) for r in self.runs if r.meta.get("short")), "")
+
+    @property
+    def incomplete(self) -> str:
+        """The states of its runs when they are not completed results (``--include-incomplete``)."""
+        states = sorted({r.state for r in self.runs if not r.counted})
+        return ", ".join(states)
+
+    @property
     def label(self) -> str:
         """How figures and legends name the group: method (backbone) and what sets it apart."""
         differs = ", ".join(f"{k}={v}" for k, v in self.differs.items())
-        return f"{self.settings.get('method')} ({self.settings.get('backbone')})" + (f" [{differs}]" if differs else "")
+        text = f"{self.settings.get('method')} ({self.settings.get('backbone')})" + (f" [{differs}]" if differs else "")
+        return text + (f" [{self.incomplete}]" if self.incomplete else "")
+
+
+def _config_of(group: Group) -> dict[str, Any]:
+    """The group's comparison config (every run in it has the same one) plus its trained steps."""
+    config = dict(group.runs[0].meta.get("config") or {})
+    config["steps_trained"] = group.runs[0].steps
+    return config
+
+
+def _short_name(key: str) -> str:
+    return key.split(".", 1)[1] if key.startswith(("model.", "data.")) else key
+
+
+def check_duplicate_seeds(records: Sequence[RunRecord]) -> None:
+    """Refuse two completed runs of one setting with the same seed: a seed must count once, and the
+    table cannot choose between them (rerun on purpose? keep one; two settings? they would differ)."""
+    seen: dict[tuple, RunRecord] = {}
+    for record in records:
+        key = (tuple(sorted((k, repr(v)) for k, v in settings(record.meta).items())), repr(record.seed))
+        other = seen.setdefault(key, record)
+        if other is not record:
+            raise UserError(
+                f"Runs {other.name} and {record.name} have the same settings and the same seed ({record.seed}): a "
+                "seed counts once in a mean over seeds. Move or delete one of them, or select runs with --filter."
+            )
 
 
 def group_runs(records: Iterable[RunRecord]) -> list[Group]:
-    """Group by every comparability field; name the fields that separate sibling groups."""
+    """Group by the comparison key and trained steps (or, for older records, every recorded setting);
+    name the settings that separate sibling groups (same dataset, method and backbone)."""
     groups: dict[tuple, Group] = {}
     for record in records:
         key_settings = settings(record.meta)
-        key = tuple(sorted((k, repr(v)) for k, v in key_settings.items()))
+        key = tuple(sorted((k, repr(v)) for k, v in key_settings.items())) + (("_counted", record.counted),)
         groups.setdefault(key, Group(key_settings, [])).runs.append(record)
     result = list(groups.values())
     families: dict[tuple, list[Group]] = {}
@@ -211,10 +296,11 @@ def group_runs(records: Iterable[RunRecord]) -> list[Group]:
     for family in families.values():
         if len(family) < 2:
             continue
-        keys = set().union(*(g.settings for g in family))
-        varying = sorted(k for k in keys if len({repr(g.settings.get(k)) for g in family}) > 1)
-        for g in family:
-            g.differs = {k: g.settings.get(k) for k in varying if k not in ROW_FIELDS}
+        configs = [_config_of(g) if g.settings.get("comparison_key") else g.settings for g in family]
+        keys = set().union(*configs)
+        varying = sorted(k for k in keys if len({repr(c.get(k)) for c in configs}) > 1)
+        for g, config in zip(family, configs):
+            g.differs = {_short_name(k): config.get(k) for k in varying if k not in ROW_FIELDS}
     return result
 
 
@@ -249,7 +335,7 @@ def _reference_names(meta: Mapping[str, Any], refined: bool) -> list[str]:
 
 def paper_match(group: Group, metric: str, numbers: Sequence[PaperNumber]) -> PaperNumber | None:
     """The paper's number for this group's setting (dataset, backbone, embedding size, method name)."""
-    s = group.settings
+    s = {**group.runs[0].meta, **group.settings} if group.runs else group.settings
     refined = metric.startswith("refined/")
     base_metric = metric.split("/")[-1]
     names = _reference_names(s, refined)
@@ -272,6 +358,11 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
         row["n_seeds"] = len(g.seeds)
         row["runs"] = len(g.runs)
         row["seeds"] = g.seeds
+        row["steps"] = g.runs[0].steps
+        row["short"] = g.short  # why the runs are shorter than asked, or ""
+        row["incomplete"] = g.incomplete  # the runs' states when --include-incomplete lets them in, or ""
+        row["comparison_key"] = g.settings.get("comparison_key")
+        row["run_names"] = sorted(r.name for r in g.runs)
         row["select"] = select if select == "final" else f"{select} ({OPTIMISTIC})"
         for m in metrics:
             n, mean, std = g.stats(m, select)
@@ -329,8 +420,20 @@ def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: 
 
 def csv_columns(metrics: Sequence[str], rank_by: str) -> list[str]:
     """The columns of one group's row in the CSV output and the W&B Table."""
-    return [*ROW_FIELDS, "n_seeds", *[c for m in metrics for c in (f"{m}_mean", f"{m}_std")],
-            f"paper_{rank_by}", f"delta_{rank_by}", "select", "differs"]  # fmt: skip
+    return [*ROW_FIELDS, "n_seeds", "seeds", "steps", *[c for m in metrics for c in (f"{m}_mean", f"{m}_std")],
+            f"paper_{rank_by}", f"delta_{rank_by}", "select", "short", "incomplete", "differs", "comparison_key",
+            "run_names"]  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: floats to 4 decimals, lists joined by ";", None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    return str(value)
 
 
 def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> str:
@@ -339,8 +442,7 @@ def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> 
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]))
-                         for k in columns})  # fmt: skip
+        writer.writerow({k: _cell(r.get(k)) for k in columns})
     return out.getvalue()
 
 
@@ -408,7 +510,8 @@ def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, re
 # ---------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmark leaderboard", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder searched for run directories (any depth)")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="folder searched for run directories (any depth; default runs/)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of a W&B project instead")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                         help="keep runs whose recorded KEY equals VALUE (repeatable; W&B: config.KEY)")
@@ -419,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the number each run contributes: final (default) or test-best (selected on test, optimistic)")
     parser.add_argument("--dataset", help="only this dataset")
     parser.add_argument("--per-seed", action="store_true", help="also show every seed's value")
+    parser.add_argument("--include-incomplete", action="store_true",
+                        help="also show runs that are not completed results (running, interrupted, failed, killed), "
+                        "in rows of their own labelled with their state")
     parser.add_argument("--format", choices=("console", "md", "csv", "html", "json"), default="console")
     parser.add_argument("--out", type=Path, help="file for --format md|csv|html|json (default: stdout)")
     parser.add_argument("--figures", type=Path, help="folder for the PNG figures (html: embedded)")
@@ -439,26 +545,69 @@ def _parse_filters(items: Sequence[str]) -> dict[str, str]:
     return filters
 
 
+def _read_records(args: argparse.Namespace, filters: Mapping[str, str]) -> list[RunRecord]:
+    """The runs of ``--runs`` (local folders) or ``--wandb`` (a W&B project), filtered."""
+    if args.wandb and args.runs is None:
+        if not wandb_logged_in():
+            raise UserError(
+                f"--wandb {args.wandb} reads the project through W&B's API, which needs a login: run `wandb login` "
+                "(or set WANDB_API_KEY), or read local run folders with --runs DIR."
+            )
+        try:
+            return wandb_runs(args.wandb, {f"config.{k}": v for k, v in filters.items()})
+        except UserError:
+            raise
+        except Exception as err:  # the API's own errors: a wrong entity or project, no network
+            raise UserError(f"Cannot read the W&B project {args.wandb}: {type(err).__name__}: {err}") from None
+    runs = args.runs if args.runs is not None else Path("runs")
+    if not runs.is_dir():
+        raise UserError(f"--runs {runs} is not a folder; pass the folder that holds your run directories.")
+    return [r for r in local_runs(runs) if all(str(r.meta.get(k)) == v for k, v in filters.items())]
+
+
+def _not_counted(records: Sequence[RunRecord]) -> None:
+    """List the runs that are not results (not completed, or without a final evaluation), with why."""
+    if not records:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Not counted: {len(records)} run(s) that are not completed results (--include-incomplete "
+                        "shows them, labelled)")  # fmt: skip
+    for col in ("run", "state", "steps", "why"):
+        table.add_column(col)
+    for r in sorted(records, key=lambda r: r.name):
+        table.add_row(r.name, r.state, str(r.steps if r.steps is not None else ""), r.reason)
+    make_console(stderr=True).print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     filters = _parse_filters(args.filter)
     if args.format == "console" and args.out:
         raise UserError("--out needs --format md, csv, html or json.")
     if args.publish and not args.wandb:
-        raise UserError("--publish builds a W&B Report from a W&B project: add --wandb ENTITY/PROJECT.")
+        raise UserError("--publish builds a W&B Report in a W&B project: add --wandb ENTITY/PROJECT.")
     if args.wandb and args.wandb.count("/") != 1:
         raise UserError(f"--wandb takes ENTITY/PROJECT (e.g. my-team/dml-benchmark); got {args.wandb!r}.")
-    if args.wandb:
-        records = wandb_runs(args.wandb, {f"config.{k}": v for k, v in filters.items()})
-    else:
-        if not args.runs.is_dir():
-            raise UserError(f"--runs {args.runs} is not a folder; pass the folder that holds your run directories.")
-        records = [r for r in local_runs(args.runs) if all(str(r.meta.get(k)) == v for k, v in filters.items())]
+    if args.runs is not None and args.wandb and not (args.publish and args.dry_run):
+        raise UserError("--runs and --wandb name two sources; give one (with --publish --dry-run, --runs gives the "
+                        "rows and --wandb the report's project).")  # fmt: skip
+    if args.out is not None:
+        check_writable(args.out, "--out")
+    if args.figures is not None:
+        check_writable(args.figures / ".write-test", "--figures")
+    records = _read_records(args, filters)
     if args.dataset:
         records = [r for r in records if r.meta.get("dataset") == args.dataset]
+    left_out = [r for r in records if not r.counted]
+    if not args.include_incomplete:
+        records = [r for r in records if r.counted]
+    check_duplicate_seeds([r for r in records if r.counted])
+    if args.format == "console" or args.out is not None:
+        _not_counted(left_out if not args.include_incomplete else [])
     if not records:
-        make_console().print(f"No results found in {args.wandb or args.runs} (runs write metrics_test.json "
-                             "at the end of fit/test).")  # fmt: skip
+        make_console().print(f"No completed results in {args.wandb or args.runs or 'runs'} (a run counts once its fit "
+                             "has completed and written metrics_test.json).")  # fmt: skip
         return 0
     registry.discover()  # the methods' paper names
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else \
@@ -495,7 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps({"select": args.select, "rank_by": args.metric, "rows": rows,
                            "paper": [n.__dict__ for n in refs]}, indent=1, default=str)  # fmt: skip
     if args.out:
-        atomic_write_text(args.out, text)
+        try:
+            atomic_write_text(args.out, text)
+        except OSError as err:
+            raise UserError(f"Cannot write --out {args.out}: {err.strerror or err}. Pass a writable path.") from None
         print(f"wrote {args.out}")
     else:
         print(text)

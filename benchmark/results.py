@@ -23,19 +23,20 @@ W&B report all read them through this module, so they cannot disagree on
   configuration minus seeds and bookkeeping, hashed; two runs are aggregated only when their keys
   and their numbers of trained steps agree.
 
-A leaf module: the standard library only.
+A contract module: the standard library and :mod:`benchmark.io` only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmark.io import pid_alive
 
 STATUS_FILE = "status.json"
 STATES = ("completed", "running", "interrupted", "failed", "killed")
@@ -68,19 +69,6 @@ class RunState:
     @property
     def completed(self) -> bool:
         return self.state == "completed"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def run_state(run_dir: Path) -> RunState:
@@ -216,6 +204,8 @@ BOOKKEEPING = frozenset({
     "checkpoint.save_top_k", "checkpoint.last_every_n_epochs",
     "model.backbone.weights",  # a local path; the weights' content hash is recorded instead (weights_sha256)
 })
+#: Filled in from the data by the command line's links (the datamodule's values are recorded instead).
+DERIVED = frozenset({"config", "model.num_classes", "model.image_size"})
 #: Whole sections that are bookkeeping.
 BOOKKEEPING_PREFIXES = ("figures.",)
 #: Seeds: what a seed sweep varies. Never part of the key; each is recorded per run.
@@ -234,6 +224,8 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
         if key.startswith("_") or key == "__path__":
             continue
         name = prefix if key == "init_args" else (f"{prefix}.{key}" if prefix else key)
+        if is_dataclass(value) and not isinstance(value, type):
+            value = asdict(value)
         if isinstance(value, Mapping):
             flat.update(flatten_config(value, name))
         elif isinstance(value, (list, tuple)):
@@ -250,7 +242,7 @@ def comparison_config(config: Mapping[str, Any], per_run: Iterable[str] = ()) ->
     ``per_run`` options (a method's options whose values name one run's own inputs, e.g. a stage-1
     checkpoint path: their meaning is recorded by the method's ``describe()`` instead)."""
     flat = flatten_config(config) if any(isinstance(v, Mapping) for v in config.values()) else dict(config)
-    drop = set(BOOKKEEPING) | set(SEEDS) | {f"model.{name}" for name in per_run}
+    drop = set(BOOKKEEPING) | set(SEEDS) | set(DERIVED) | {f"model.{name}" for name in per_run}
     return {k: v for k, v in sorted(flat.items()) if k not in drop and not k.startswith(BOOKKEEPING_PREFIXES)}
 
 

@@ -333,3 +333,98 @@ def run_metadata(run_info: dict[str, Any], trainer_cfg: dict[str, Any], datamodu
         except PackageNotFoundError:
             continue
     return meta
+
+
+# ---------------------------------------------------------------------------- what a run records
+CONFIG_KEY = "benchmark_config"  # the run's resolved configuration (YAML) inside every checkpoint
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the run's resolved configuration (the YAML of ``config.yaml``) in every checkpoint, so that
+    ``test --ckpt_path`` evaluates a checkpoint with the settings it was trained with even when its run
+    folder is gone, and can refuse a ``--config`` that does not match them."""
+
+    def __init__(self, config_yaml: str) -> None:
+        self.config_yaml = config_yaml
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.config_yaml
+
+
+def optimizer_steps_per_epoch(trainer: L.Trainer, datamodule: Any) -> int | None:
+    """Optimizer steps in one training epoch: the trainer's batch count (limits applied) when it has
+    loaded the training data, else the datamodule's batch sampler, over gradient accumulation."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:
+        sampler = getattr(datamodule, "training_batches", None)
+        try:
+            batches = len(sampler()) if callable(sampler) else None
+        except Exception:  # a datamodule that cannot say before its data is set up
+            batches = None
+        if batches and isinstance(trainer.limit_train_batches, int):
+            batches = min(batches, trainer.limit_train_batches)
+    if not batches:
+        return None
+    accumulate = max(1, int(trainer.accumulate_grad_batches or 1))
+    return -(-int(batches) // accumulate)
+
+
+def _planned_steps(max_epochs: Any, max_steps: Any, per_epoch: int | None) -> int | None:
+    """Lightning's rule: training stops at whichever of max_steps / max_epochs comes first."""
+    limits = []
+    if isinstance(max_steps, int) and max_steps >= 0:
+        limits.append(max_steps)
+    if isinstance(max_epochs, int) and max_epochs >= 0 and per_epoch:
+        limits.append(max_epochs * per_epoch)
+    return min(limits) if limits else None
+
+
+def training_length(trainer: L.Trainer, datamodule: Any, recipe: Path | None, stopped_by: str = "") -> dict[str, Any]:
+    """How long the run trained against what it and its recipe asked for, as flat result keys.
+
+    ``steps_trained`` (optimizer steps, the trainer's global step), ``steps_planned`` (this run's
+    ``max_epochs`` / ``max_steps``), ``steps_recipe`` (the recipe's, when it sets a length) and
+    ``short``: a one-line reason when the run trained fewer steps than either (``max_time``,
+    ``--trainer.max_epochs 0`` ...), else ``""``. The leaderboard groups by ``steps_trained`` and marks
+    short runs, so a cut-short run is never averaged with complete ones.
+    """
+    per_epoch = optimizer_steps_per_epoch(trainer, datamodule)
+    trained = int(trainer.global_step)
+    planned = _planned_steps(trainer.max_epochs, trainer.max_steps if trainer.max_steps != -1 else None, per_epoch)
+    recipe_steps = None
+    if recipe is not None and Path(recipe).is_file():
+        import yaml
+
+        with contextlib.suppress(Exception):
+            section = (yaml.safe_load(Path(recipe).read_text()) or {}).get("trainer") or {}
+            if "max_epochs" in section or "max_steps" in section:
+                recipe_steps = _planned_steps(section.get("max_epochs"), section.get("max_steps"), per_epoch)
+    short = ""
+    if planned is not None and trained < planned:
+        short = f"trained {trained} of {planned} planned steps" + (f" ({stopped_by})" if stopped_by else "")
+    elif recipe_steps is not None and trained < recipe_steps:
+        short = f"trained {trained} steps; the recipe trains {recipe_steps}"
+    return {"steps_trained": trained, "steps_planned": planned, "steps_recipe": recipe_steps,
+            "steps_per_epoch": per_epoch, "short": short}  # fmt: skip
+
+
+def truncate_records(run_dir: Path, step: int) -> list[str]:
+    """Drop the evaluations recorded after ``step`` from a run's ``metrics_*.json`` (a resume from a
+    checkpoint at ``step``: what came later belonged to weights that are lost, e.g. a validation whose
+    checkpoint a ``kill -9`` never wrote). Returns one line per file changed."""
+    changed = []
+    for path in sorted(Path(run_dir).glob("metrics_*.json")):
+        try:
+            data = json.loads(path.read_text())
+            evaluations = data["evaluations"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a record of ours: the evaluation callback will say so if it matters
+        kept = [e for e in evaluations if int(e.get("global_step") or 0) <= step]
+        if len(kept) == len(evaluations):
+            continue
+        data["evaluations"] = kept
+        if kept:
+            data["metrics"] = kept[-1].get("metrics", {})
+        atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+        changed.append(f"{path.name}: dropped {len(evaluations) - len(kept)} evaluation(s) after step {step}")
+    return changed

@@ -180,3 +180,11 @@ def finish_wandb_run(exit_code: int) -> None:
     wandb = sys.modules.get("wandb")  # never import wandb just to find nothing to close
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.run.finish(exit_code=exit_code)
+
+
+def update_wandb_config(trainer: L.Trainer, values: Mapping[str, Any]) -> None:
+    """Add what is known only after training (steps trained, why it stopped) to the run's W&B config, so
+    W&B holds every field the local leaderboard groups and labels runs by."""
+    logger = WandbResults._logger(trainer)
+    if logger is not None and trainer.is_global_zero:
+        logger.experiment.config.update(flatten(values), allow_val_change=True)

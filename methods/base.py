@@ -98,6 +98,10 @@ class RetrievalMethod(L.LightningModule):
     #: is refined (or otherwise derived) names that metric, e.g. ``val/refined/R@1``.
     selection_metric: ClassVar[str] = "val/R@1"
     selection_mode: ClassVar[Literal["max", "min"]] = "max"
+    #: Constructor options whose values name one run's own inputs (e.g. the path of a stage-1
+    #: checkpoint that differs per seed): left out of the comparison key that groups runs on the
+    #: leaderboard (``benchmark.results.comparison_config``); ``describe()`` records what they stand for.
+    per_run_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

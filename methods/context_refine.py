@@ -385,6 +385,9 @@ class ContextRefine(RetrievalMethod):
     description = "Context-Refine CA: cross-attention over k-NN context refines frozen embeddings"
     # The frozen initial embeddings never change: the method is judged by its refined output.
     selection_metric = "val/refined/R@1"
+    # The stage-1 checkpoint's path differs per seed in a suite ({output}/ms-...-seed{seed}); the runs
+    # are compared by what it is (describe(): source_method) not by where it lies.
+    per_run_options = ("source",)
 
     def __init__(
         self,

@@ -43,6 +43,13 @@ from benchmark.core import RankedLists
 from benchmark.distributed import all_gather_uneven, gather_by_index, is_distributed
 from benchmark.evaluation.metrics import count_duplicate_rows, nmi, ranked_list_metrics, retrieval_metrics
 from benchmark.io import atomic_write_text, console
+from benchmark.results import (
+    ROLE_CHECKPOINT,
+    ROLE_FINAL,
+    SELECTED_ON_HOLDOUT,
+    SELECTED_ON_TEST,
+    final_evaluation,
+)
 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
 
@@ -170,6 +177,11 @@ class RetrievalEvaluator(Callback):
         self.last_embed_seconds = 0.0  # the last evaluation's loop over its split (embedding), seconds
         self.last_evaluation: Evaluation | None = None
         self._collapse_warned = False
+        #: What the next test evaluation is: ``"final"`` (the end of training; the command line sets it
+        #: before the test that ``fit`` runs), ``"checkpoint"`` (a given checkpoint), or None to decide by
+        #: whether a checkpoint file was loaded (weights in memory after training are the final ones).
+        self.test_role: str | None = None
+        self._previous_meta: dict[str, Any] = {}  # the top-level record of a finished run being tested again
 
     # ------------------------------------------------------------------ configuration
     def resolved_recall_ks(self, trainer: L.Trainer | None) -> tuple[int, ...]:
@@ -383,6 +395,9 @@ class RetrievalEvaluator(Callback):
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             for name, value in flat.items():
                 pl_module.log(name, value, sync_dist=False, prog_bar=name == f"{stage}/R@1")
+            # The x-axis every chart shares (benchmark.results.epochs_trained): 0 before training.
+            checkpoint = self._evaluated_checkpoint(trainer) if stage == "test" else None
+            pl_module.log(f"{stage}/epochs_trained", self._epochs_trained(trainer, checkpoint), sync_dist=False)
         if trainer.is_global_zero:
             if self.write_results:
                 self._write(trainer, pl_module, run_dir / f"metrics_{stage}.json", stage, results, time.perf_counter() - start)
@@ -472,38 +487,91 @@ class RetrievalEvaluator(Callback):
         history = self._history.setdefault(stage, [])
         if not history and path.exists():  # continue the record of an earlier process in this run
             with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
-                history.extend(json.loads(path.read_text())["evaluations"])
-        history.append(
-            {
-                "stage": stage,
-                "epoch": int(trainer.current_epoch),
-                "global_step": int(trainer.global_step),
-                "seconds": round(seconds, 3),  # gather, refine, metrics
-                "embed_seconds": round(self.last_embed_seconds, 3),  # the loop that embedded the split
-                **({"checkpoint": self._evaluated_checkpoint(trainer)} if stage == "test" else {}),
-                "metrics": results[""],
-                **({"refined": {k: v for k, v in results.items() if k}} if len(results) > 1 else {}),
-            }
-        )
-        meta = {**self._describe(getattr(trainer, "datamodule", None)), **self._describe(pl_module)}
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        payload = {
+                previous = json.loads(path.read_text())
+                history.extend(previous["evaluations"])
+                if final_evaluation(previous) is not None:
+                    self._previous_meta = {k: v for k, v in previous.items() if k not in ("evaluations", "metrics", "refined")}
+        checkpoint = self._evaluated_checkpoint(trainer) if stage == "test" else None
+        role = self._role(checkpoint) if stage == "test" else None
+        entry = {
             "stage": stage,
-            "split": meta.pop(f"{stage}_split", None) or meta.pop("split", None) or stage,
-            **meta,
-            "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed,
-            "precision": str(trainer.precision),
-            **getattr(trainer, "run_metadata", {}),  # recipe, its hash, training length, augmentation (the CLI's)
-            **({"checkpoint": self._evaluated_checkpoint(trainer)} if stage == "test" else {}),
-            "recall_ks": list(self.resolved_recall_ks(trainer)),
-            "map_at_k": self.map_at_k,
-            "nmi": self.resolved_nmi(trainer),
-            "versions": library_versions(),
+            "epoch": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "epochs_trained": self._epochs_trained(trainer, checkpoint),
+            "seconds": round(seconds, 3),  # gather, refine, metrics
+            "embed_seconds": round(self.last_embed_seconds, 3),  # the loop that embedded the split
+            **({"checkpoint": checkpoint, "role": role, "selected_on": self._selected_on(trainer, checkpoint)}
+               if stage == "test" else {}),  # fmt: skip
             "metrics": results[""],
             **({"refined": {k: v for k, v in results.items() if k}} if len(results) > 1 else {}),
-            "evaluations": history,
         }
+        history.append(entry)
+        if stage == "test" and role != ROLE_FINAL and self._previous_meta:
+            # A later test of some checkpoint adds its entry; the run's description and its headline
+            # numbers stay those of the end of training (the final evaluation).
+            payload = dict(self._previous_meta)
+        else:
+            meta = {**self._describe(getattr(trainer, "datamodule", None)), **self._describe(pl_module)}
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            payload = {
+                "stage": stage,
+                "split": meta.pop(f"{stage}_split", None) or meta.pop("split", None) or stage,
+                **meta,
+                "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed,
+                "precision": str(trainer.precision),
+                **getattr(trainer, "run_metadata", {}),  # configuration, comparison key, training length (the CLI's)
+                **({"checkpoint": checkpoint} if stage == "test" else {}),
+                "recall_ks": list(self.resolved_recall_ks(trainer)),
+                "map_at_k": self.map_at_k,
+                "nmi": self.resolved_nmi(trainer),
+                "versions": library_versions(),
+            }
+        # The headline numbers (top-level "metrics"): the final evaluation's, once there is one.
+        final = final_evaluation({"evaluations": history}) if stage == "test" else None
+        headline = final if final is not None else entry
+        payload["metrics"] = headline["metrics"]
+        if "refined" in headline:
+            payload["refined"] = headline["refined"]
+        payload["evaluations"] = history
         _write_json_atomic(path, payload)
+
+    def _role(self, checkpoint: Mapping[str, Any] | None) -> str:
+        """``final`` for the end-of-training test, ``checkpoint`` for a test of a given checkpoint."""
+        if self.test_role is not None:
+            return self.test_role
+        return ROLE_CHECKPOINT if checkpoint and checkpoint.get("path") else ROLE_FINAL
+
+    @staticmethod
+    def _selected_on(trainer: L.Trainer, checkpoint: Mapping[str, Any] | None) -> str | None:
+        """The split whose metric chose the evaluated weights: ``test`` when a best checkpoint was kept by
+        a validation on the test split (the paper protocol), ``holdout`` under the holdout protocol, None
+        for weights that were not chosen by any metric (the end of training, ``last.ckpt``)."""
+        if not checkpoint or not str(checkpoint.get("selected_by", "")).startswith("best"):
+            return None
+        dm = getattr(trainer, "datamodule", None)
+        split = (dm.describe() if callable(getattr(dm, "describe", None)) else {}).get("val_split")
+        return SELECTED_ON_TEST if split == "test" else SELECTED_ON_HOLDOUT if split == "holdout" else None
+
+    @staticmethod
+    def _epochs_trained(trainer: L.Trainer, checkpoint: Mapping[str, Any] | None) -> float:
+        """Training epochs completed by the evaluated weights (``benchmark.results.epochs_trained``):
+        0 before training, ``e + 1`` after the 0-based epoch ``e``, a fraction inside an epoch."""
+        if checkpoint is not None and checkpoint.get("path"):  # a checkpoint file: its own step and epoch
+            step, epoch = int(checkpoint.get("global_step") or 0), int(checkpoint.get("epoch") or 0)
+            per_epoch = checkpoint.get("steps_per_epoch")
+            if step <= 0:
+                return 0.0
+            return round(step / per_epoch, 4) if per_epoch else float(epoch + 1)
+        if int(trainer.global_step) <= 0:
+            return 0.0
+        loop = trainer.fit_loop
+        batches = trainer.num_training_batches
+        if trainer.training or trainer.state.fn == "fit":
+            done = loop.epoch_loop.batch_progress.current.completed
+            if isinstance(batches, int) and batches > 0 and 0 < done < batches:
+                return round(trainer.current_epoch + done / batches, 4)
+            return float(trainer.current_epoch + 1)
+        return float(trainer.current_epoch)  # after fit: the fit loop counted every finished epoch
 
 
 def print_metrics_table(results: Mapping[str, Mapping[str, float]], title: str = "Test metrics") -> None:

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from benchmark.cli import main as cli_main
-from benchmark.leaderboard import OPTIMISTIC, group_runs, local_runs, main, paper_numbers, wandb_runs
+from benchmark.leaderboard import group_runs, local_runs, main, paper_numbers, wandb_runs
+from benchmark.results import OPTIMISTIC
 from tests.benchmark.test_run_lifecycle import _args
+from tests.benchmark.wandb_capture import RecordedApi, RecordedRun, capture_wandb
 from tests.datamodules import fixtures
 
 METHODS = ("ms", "proxy_anchor")
@@ -24,16 +26,34 @@ SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cub = fixtures.make_cub(tmp_path_factory.mktemp("cub"), classes=200, per_class=3).parent
+def cub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_cub(tmp_path_factory.mktemp("cub"), classes=200, per_class=3).parent
+
+
+def _fit(cub: Path, run_dir: Path, method: str, seed: int, *extra: str, logger: str = "none") -> None:
+    code = cli_main(["fit", *_args(cub, method=method), "--data.batches_per_epoch", "2", "--trainer.max_epochs", "2",
+                     "--seed_everything", str(seed), "--logger", logger, "--run_dir", str(run_dir), *extra])  # fmt: skip
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def project(cub: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RecordedRun]]:
+    """Four completed runs (2 methods x 2 seeds) logged to W&B (offline) and to their folders."""
     root = tmp_path_factory.mktemp("suite")
-    for method in METHODS:
-        for seed in SEEDS:
-            code = cli_main(["fit", *_args(cub, method=method), "--data.batches_per_epoch", "2",
-                             "--trainer.max_epochs", "2", "--seed_everything", str(seed), "--logger", "none",
-                             "--run_dir", str(root / "grid" / f"{method}-s{seed}")])  # fmt: skip
-            assert code == 0
-    return root
+    with pytest.MonkeyPatch.context() as mp, capture_wandb(mp) as recorded:
+        mp.setenv("WANDB_DIR", str(root / "wandb-dir"))
+        for method in METHODS:
+            for seed in SEEDS:
+                _fit(cub, root / "grid" / f"{method}-s{seed}", method, seed, logger="wandb")
+    shutil.rmtree(root / "wandb-dir", ignore_errors=True)
+    for run in (root / "grid").iterdir():
+        shutil.rmtree(run / "wandb", ignore_errors=True)  # W&B's own files are not results
+    return root, [r for r in recorded if r.job_type == "fit"]
+
+
+@pytest.fixture(scope="module")
+def runs(project: tuple[Path, list[RecordedRun]]) -> Path:
+    return project[0]
 
 
 def _test_value(run_dir: Path, metric: str = "R@1") -> float:
@@ -41,6 +61,7 @@ def _test_value(run_dir: Path, metric: str = "R@1") -> float:
 
 
 def _csv(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, str]]:
+    capsys.readouterr()  # what came before (a fit's table) is not the table
     assert main([*args, "--format", "csv"]) == 0
     return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
 
@@ -60,21 +81,23 @@ def test_one_row_per_method_with_mean_and_sample_std_over_seeds(runs: Path, caps
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_runs_that_differ_in_a_setting_are_separate_rows_naming_it(runs: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    shutil.copytree(runs / "grid", tmp_path / "grid")
-    other = tmp_path / "grid" / "ms-s1" / "metrics_test.json"
-    data = json.loads(other.read_text())
-    data["image_size"] = 32  # as if trained at another resolution
-    other.write_text(json.dumps(data))
-    rows = [r for r in _csv(capsys, "--runs", str(tmp_path)) if r["method"] == "ms"]
-    assert sorted((r["image_size"], r["n_seeds"]) for r in rows) == [("16", "1"), ("32", "1")]
-    groups = [g for g in group_runs(local_runs(tmp_path)) if g.settings["method"] == "ms"]
-    assert all(g.differs == {} for g in groups)  # image_size is a row column, not repeated in "differs"
-    data["image_size"], data["precision"] = 16, "bf16-mixed"
-    other.write_text(json.dumps(data))
-    rows = [r for r in _csv(capsys, "--runs", str(tmp_path)) if r["method"] == "ms"]
-    assert sorted(r["differs"] for r in rows) == ["precision=32-true", "precision=bf16-mixed"]
+def test_runs_that_differ_in_any_option_are_separate_rows_naming_it(runs: Path, cub: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Issue #25 case 3: the learning rate and a loss option are not in describe(), and such runs were
+    merged into one row. The grouping key is the whole resolved configuration."""
+    for seed in SEEDS:
+        shutil.copytree(runs / "grid" / f"ms-s{seed}", tmp_path / f"ms-s{seed}")
+        _fit(cub, tmp_path / f"ms-lr-s{seed}", "ms", seed, "--model.lr", "0.001")
+    _fit(cub, tmp_path / "ms-beta-s0", "ms", 0, "--model.beta", "20")
+    rows = _csv(capsys, "--runs", str(tmp_path))
+    assert sorted((r["differs"], r["n_seeds"]) for r in rows) == [
+        ("beta=20.0, lr=0.0001", "1"), ("beta=40.0, lr=0.0001", "2"), ("beta=40.0, lr=0.001", "2")]
+    for row in rows:  # every row's mean is over its own runs only
+        names = row["run_names"].split(";")
+        values = [100 * _test_value(tmp_path / n) for n in names]
+        assert float(row["R@1_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-4)
+    groups = [g for g in group_runs(local_runs(tmp_path))]
+    assert all("image_size" not in g.differs for g in groups)  # a row column is not repeated in "differs"
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -97,6 +120,7 @@ def test_paper_rows_and_delta_match_dataset_backbone_and_dimension(tmp_path: Pat
         data = {"dataset": "cub", "method": "ms", "backbone": "resnet50", "embedding_dim": dim, "protocol": "paper",
                 "image_size": 224, "seed": 0, "evaluations": [{"stage": "test", "metrics": {"R@1": r1}}]}  # fmt: skip
         (run / "metrics_test.json").write_text(json.dumps(data))
+        (run / "status.json").write_text(json.dumps({"status": "completed", "exit_code": 0}))
 
     fake("a", 512, 0.70)
     fake("b", 128, 0.60)
@@ -109,56 +133,33 @@ def test_paper_rows_and_delta_match_dataset_backbone_and_dimension(tmp_path: Pat
     assert "ms_baseline (paper: context_refine)" in md and "+2.50" in md
 
 
-class RecordedRun:
-    """A W&B public-API run as recorded from a project: name, config, summary, history."""
+def _wandb_source(monkeypatch: pytest.MonkeyPatch, recorded: list[RecordedRun]) -> RecordedApi:
+    """``leaderboard --wandb`` reads the recorded runs (logged in, as far as the command can tell)."""
+    import benchmark.leaderboard as lb
 
-    def __init__(self, name: str, config: dict[str, Any], summary: dict[str, Any], history: list[dict[str, Any]]):
-        self.name, self.config, self.summary, self._history = name, config, summary, history
-        self.url: str | None = None
-
-    def history(self, pandas: bool = True) -> list[dict[str, Any]]:
-        return self._history
-
-
-class RecordedApi:
-    def __init__(self, runs: list[RecordedRun]) -> None:
-        self._runs, self.calls = runs, []
-
-    def runs(self, path: str, filters: dict[str, Any] | None = None) -> list[RecordedRun]:
-        self.calls.append((path, filters))
-        return [r for r in self._runs if all(str(r.config.get(k.split(".", 1)[1])) == v for k, v in (filters or {}).items())]
-
-
-def _as_wandb(run_dir: Path) -> RecordedRun:
-    """What the W&B logger records for a run: flat config (+ hparams/, version.*), test/* summary, val/* history."""
-    test = json.loads((run_dir / "metrics_test.json").read_text())
-    val = json.loads((run_dir / "metrics_val.json").read_text())
-    config = {k: v for k, v in test.items() if k not in ("evaluations", "metrics", "checkpoint", "stage", "split",
-                                                         "recall_ks", "nmi", "map_at_k", "versions")}  # fmt: skip
-    config.update({"hparams/lr": 1e-4, "hparams/backbone.name": "resnet_tiny_test", "version.torch": "2.x", "_wandb": {}})
-    summary = {f"test/{k}": v for k, v in test["evaluations"][-1]["metrics"].items()}
-    summary["best/val/R@1"] = 0.5
-    history = [{"epoch": e["epoch"], "trainer/global_step": e["global_step"], **{f"val/{k}": v for k, v in e["metrics"].items()}}
-               for e in val["evaluations"]]  # fmt: skip
-    return RecordedRun(run_dir.name, config, summary, history)
+    api = RecordedApi(recorded)
+    monkeypatch.setattr(lb, "wandb_runs", lambda project, filters=None: wandb_runs(project, filters, api=api))
+    monkeypatch.setattr(lb, "wandb_logged_in", lambda: True)
+    return api
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_a_recorded_wandb_project_gives_the_same_table(runs: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    api = RecordedApi([_as_wandb(p) for p in sorted((runs / "grid").iterdir())])
+def test_wandb_and_the_run_folders_give_the_same_rows(project: tuple[Path, list[RecordedRun]],
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """What the runs logged to W&B (captured from the real offline runs) gives the table the folders give,
+    cell for cell, under both selection rules."""
+    runs, recorded = project
+    assert len(recorded) == 4 and all(r.config.get("comparison_key") and r.config.get("steps_trained") == 4
+                                      for r in recorded)  # fmt: skip
+    api = _wandb_source(monkeypatch, recorded)
     records = wandb_runs("me/dml", api=api)
-    assert len(records) == 4 and all(r.source == "wandb" for r in records)
-    import benchmark.leaderboard as lb
-
-    monkeypatch.setattr(lb, "wandb_runs", lambda project, filters=None: wandb_runs(project, filters, api=api))
-    keep = ("method", "n_seeds", "R@1_mean", "R@1_std", "MAP@R_mean", "NMI_mean")
-    local = sorted(tuple(r[k] for k in keep) for r in _csv(capsys, "--runs", str(runs)))
-    remote = sorted(tuple(r[k] for k in keep) for r in _csv(capsys, "--wandb", "me/dml"))
-    assert remote == local
-    best_local = _csv(capsys, "--runs", str(runs), "--select", "test-best")
-    best_remote = _csv(capsys, "--wandb", "me/dml", "--select", "test-best")
-    assert sorted(r["R@1_mean"] for r in best_remote) == sorted(r["R@1_mean"] for r in best_local)
+    assert len(records) == 4 and all(r.source == "wandb" and r.counted for r in records)
+    drop = ("run_names",)  # folder paths locally, run names in W&B
+    for select in ("final", "test-best"):
+        local = [{k: v for k, v in r.items() if k not in drop} for r in _csv(capsys, "--runs", str(runs), "--select", select)]
+        remote = [{k: v for k, v in r.items() if k not in drop} for r in _csv(capsys, "--wandb", "me/dml", "--select", select)]
+        assert remote == local and len(local) == 2
     assert [r["method"] for r in _csv(capsys, "--wandb", "me/dml", "--filter", "method=ms")] == ["ms"]
     assert api.calls[-1] == ("me/dml", {"config.method": "ms"})
 
@@ -187,16 +188,15 @@ def test_bad_input_names_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_the_wandb_report_is_built_from_a_recorded_project(runs: Path, capsys: pytest.CaptureFixture[str],
+def test_the_wandb_report_is_built_from_a_recorded_project(project: tuple[Path, list[RecordedRun]],
+                                                           capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
     import wandb_workspaces.reports.v2 as wr
 
-    import benchmark.leaderboard as lb
-    recorded = [_as_wandb(p) for p in sorted((runs / "grid").iterdir())]
+    recorded = project[1]
     for r in recorded:
         r.url = f"https://wandb.example.com/me/dml/runs/{r.name}"
-    api = RecordedApi(recorded)
-    monkeypatch.setattr(lb, "wandb_runs", lambda project, filters=None: wandb_runs(project, filters, api=api))
+    _wandb_source(monkeypatch, recorded)
     assert main(["--wandb", "me/dml", "--publish", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "W&B Report 'DML benchmark leaderboard' in me/dml" in text and "H2: cub" in text

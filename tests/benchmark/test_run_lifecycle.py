@@ -164,10 +164,13 @@ def test_test_of_a_checkpoint_uses_the_runs_own_settings(cub_root: Path, tmp_pat
     assert "R@1" in out.out and "DataLoader 0" not in out.out + out.err  # one table: the evaluator's
     tested = _json(run / "metrics_test.json")
     assert tested["image_size"] == 32 and tested["protocol"] == "holdout"
-    assert tested["metrics"] == trained["metrics"]  # the same model on the same data
-    assert tested["checkpoint"]["path"] == str(last) and tested["checkpoint"]["global_step"] == 2
-    assert tested["checkpoint"]["selected_by"] == "last checkpoint"
+    later = tested["evaluations"][-1]
+    assert later["metrics"] == trained["metrics"]  # the same model on the same data
+    assert later["checkpoint"]["path"] == str(last) and later["checkpoint"]["global_step"] == 2
+    assert later["checkpoint"]["selected_by"] == "last checkpoint" and later["role"] == "checkpoint"
     assert len(tested["evaluations"]) == 2  # recorded in the run, after the fit's own test
+    # The run's headline stays its end-of-training evaluation (here: the checkpoint selected on the holdout split).
+    assert tested["checkpoint"] == trained["checkpoint"] and tested["evaluations"][0]["role"] == "final"
     assert (run / "config_test.yaml").is_file() and "image_size: 32" in (run / "config.yaml").read_text()
     # An explicit option still wins over the run's config.
     assert main(["test", "--ckpt_path", str(last), "--data.eval_batch_size", "7",
