@@ -37,10 +37,15 @@ from benchmark.leaderboard import main as leaderboard_main
 from benchmark.results import (
     BOOKKEEPING,
     ROLE_FINAL,
+    STATES,
+    RecordError,
     comparison_config,
     comparison_key,
+    final_evaluation,
     flatten_config,
     identity,
+    read_record,
+    run_state,
 )
 from benchmark.training import (
     CONFIG_KEY,
@@ -82,6 +87,7 @@ commands:
   validate     evaluate a checkpoint on the validation split (--ckpt_path)
   test         evaluate a checkpoint on the test split (--ckpt_path)
   list         registered methods, backbones and datasets
+  status       run directories and their states (running, completed, interrupted, failed, killed)
   leaderboard  results of local runs (runs/*/metrics_test.json) next to the papers' numbers
   suite        a grid of fit runs as one command: suite run|status|export-sweep FILE (suite --help)
   perf NAME    performance benchmarks (python -m benchmark perf --help)
@@ -347,6 +353,12 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
             run_config = source / "config.yaml"
         elif stored.get(CONFIG_KEY):
             run_config = _stored_config_file(str(stored[CONFIG_KEY]))
+        elif not datas:
+            raise CLIError(
+                f"{ckpt_path} does not carry its run's configuration (a checkpoint written before it was stored) "
+                "and no config.yaml lies in its run folder, so the data and evaluation settings it was trained with "
+                "are unknown. Pass its run's config.yaml with --config, or name the data with --data NAME and its options."
+            )
         if run_config is not None:
             _check_against_run(run_config, ckpt_path, methods, datas)
             methods, datas, user_config = [], [], True
@@ -887,6 +899,49 @@ def cmd_suite(argv: list[str]) -> int:
     return importlib.import_module("benchmark.suites").main(argv)
 
 
+def cmd_status(argv: list[str]) -> int:
+    """``status [FOLDER ...]``: every run directory under the folders (default ``runs``) with its state.
+
+    The state is the run's ``status.json`` checked against its process: a run whose status says
+    running but whose process is gone on this host (``kill -9``, out of memory, a lost node) is shown
+    as ``killed``, not running for ever.
+    """
+    import argparse
+
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="python -m benchmark status", description=cmd_status.__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", type=Path, default=[Path("runs")], help="run directories or folders of them")
+    parser.add_argument("--state", choices=(*STATES, "unknown"), help="only runs in this state")
+    args = parser.parse_args(argv)
+    runs: list[tuple[Path, str]] = []  # (folder, name shown: relative to the folder given)
+    for folder in args.folders:
+        if not folder.is_dir():
+            raise CLIError(f"{folder} is not a folder; pass run directories or the folder that holds them (default runs/).")
+        found = sorted({p.parent for name in RUN_RECORDS for p in folder.rglob(name)
+                        if not any(part.startswith(".") for part in p.parent.relative_to(folder).parts)})  # fmt: skip
+        runs += [(run, str(run.relative_to(folder)) if run != folder else str(folder)) for run in found]
+    table = Table(title=f"{len(runs)} run(s) in {', '.join(map(str, args.folders))}")
+    for col in ("run", "state", "command", "exit", "steps", "final R@1", "updated", "reason"):
+        table.add_column(col, overflow="fold")
+    for run, name in runs:
+        state = run_state(run)
+        if args.state and state.state != args.state:
+            continue
+        steps, r1 = "", ""
+        with contextlib.suppress(RecordError):
+            record = read_record(run / "metrics_test.json") if (run / "metrics_test.json").is_file() else None
+            final = final_evaluation(record) if record else None
+            if final is not None:
+                steps = str(final.get("global_step", ""))
+                value = final["metrics"].get("R@1")
+                r1 = f"{100 * value:.2f}" if isinstance(value, (int, float)) else ""
+        table.add_row(name, state.state, state.command, "" if state.exit_code is None else str(state.exit_code),
+                      steps, r1, state.updated, state.reason)  # fmt: skip
+    make_console().print(table)
+    return 0
+
+
 def cmd_leaderboard(argv: list[str]) -> int:
 
     return leaderboard_main(argv)
@@ -986,7 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard,
-                "suite": cmd_suite}
+                "suite": cmd_suite, "status": cmd_status}
     try:
         if command in ("fit", "validate", "test"):
             if "-h" in rest or "--help" in rest:  # the short flags first, then LightningCLI's options
@@ -996,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in commands:
             return commands[command](rest)
         raise CLIError(
-            f"Unknown command {command!r}. Choose one of: fit, validate, test, list, leaderboard, suite, perf, analyze."
+            f"Unknown command {command!r}. Choose one of: fit, validate, test, list, status, leaderboard, suite, perf, "
+            "analyze."
         )
     except CLIError as err:
         print(f"error: {err}", file=sys.stderr)

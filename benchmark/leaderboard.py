@@ -603,8 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.include_incomplete:
         records = [r for r in records if r.counted]
     check_duplicate_seeds([r for r in records if r.counted])
-    if args.format == "console" or args.out is not None:
-        _not_counted(left_out if not args.include_incomplete else [])
+    _not_counted(left_out if not args.include_incomplete else [])  # on stderr: the table's output stays clean
     if not records:
         make_console().print(f"No completed results in {args.wandb or args.runs or 'runs'} (a run counts once its fit "
                              "has completed and written metrics_test.json).")  # fmt: skip

@@ -400,7 +400,9 @@ def training_length(trainer: L.Trainer, datamodule: Any, recipe: Path | None, st
             if "max_epochs" in section or "max_steps" in section:
                 recipe_steps = _planned_steps(section.get("max_epochs"), section.get("max_steps"), per_epoch)
     short = ""
-    if planned is not None and trained < planned:
+    if trained == 0:
+        short = "trained 0 steps: the weights are the initial ones"
+    elif planned is not None and trained < planned:
         short = f"trained {trained} of {planned} planned steps" + (f" ({stopped_by})" if stopped_by else "")
     elif recipe_steps is not None and trained < recipe_steps:
         short = f"trained {trained} steps; the recipe trains {recipe_steps}"
