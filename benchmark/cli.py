@@ -143,16 +143,22 @@ def _has_option(argv: list[str], name: str) -> bool:
 
 def _option_value(argv: list[str], name: str) -> str | None:
     """The value of ``--name VALUE`` / ``--name=VALUE`` in argv (the last one), without removing it."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
+    values = _option_values(argv, name)
+    return values[-1] if values else None
 
 
 RUN_RECORDS = ("config.yaml", "status.json", "metrics_val.json", "metrics_test.json")
+
+
+def _option_values(argv: list[str], name: str) -> list[str]:
+    """Every value of ``--name VALUE`` / ``--name=VALUE`` in argv, in order."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith(name + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
 
 
 def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
@@ -209,6 +215,28 @@ def check_checkpoint_file(path: Path) -> None:
             f"Checkpoint {path} (--ckpt_path) is damaged or truncated ({err}). Use another checkpoint of the run "
             "(checkpoints/best-*.ckpt or last.ckpt) or copy it again."
         ) from None
+
+
+def check_config_file(path: Path) -> None:
+    """A ``--config`` file must be YAML whose top level maps sections (``trainer:``, ``model:`` ...): say
+    which file and line is wrong before the parser reports "<unicode string>" or a bare "Unexpected config"."""
+    if not path.is_file():
+        raise CLIError(f"--config {path} does not exist.")
+    text = path.read_text(errors="replace")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        hint = " YAML indents with spaces; this line holds a tab." if "\t" in line else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise CLIError(f"--config {path}{where}: not valid YAML ({problem}).{hint}") from None
+    if config is not None and not isinstance(config, dict):
+        raise CLIError(
+            f"--config {path}: the top level is a {type(config).__name__}; a config maps sections to options "
+            "(trainer:, model:, data:, ...), as `fit --print_config` prints it."
+        )
 
 
 def _stored_config_file(text: str) -> Path:
@@ -338,6 +366,8 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     backbone = _pop_option(argv, "--backbone")
     argv = [a.replace("--backbone.", "--model.backbone.", 1) if a.startswith("--backbone.") else a for a in argv]
     user_config = _has_option(argv, "--config")
+    for value in _option_values(argv, "--config"):
+        check_config_file(Path(value).expanduser())
     ckpt_path = _option_value(argv, "--ckpt_path")
     if ckpt_path not in (None, "best", "last", "hpc", "registry"):
         check_checkpoint_file(Path(ckpt_path).expanduser())

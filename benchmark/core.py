@@ -245,7 +245,8 @@ class DataRequest:
     augmented views (DMCAC); ``train_indices`` restricts training batches to a subset of the
     training split (DMCAC's query set); ``sampler`` picks class-balanced or shuffled batches;
     ``load_images=False`` gives training batches without images (label and index only) for
-    methods that train on cached embeddings (Context-Refine).
+    methods that train on cached embeddings (Context-Refine); ``min_samples_per_class`` is what
+    a loss on positive pairs needs of ``samples_per_class``.
     """
 
     normalization: Normalization = field(default_factory=Normalization)
@@ -253,6 +254,9 @@ class DataRequest:
     train_indices: np.ndarray | None = None
     sampler: Literal["balanced", "shuffle"] = "balanced"
     load_images: bool = True
+    #: Images of one class a class-balanced batch must hold: 2 for losses on positive pairs (with 1 a
+    #: batch has no positive pair and such a loss is 0 at every step).
+    min_samples_per_class: int = 1
 
 
 # ---------------------------------------------------------------------------- evaluation batch

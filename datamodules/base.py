@@ -417,6 +417,13 @@ class RetrievalDataModule(L.LightningDataModule):
         records = self.train_records
         positions = np.arange(len(records)) if request.train_indices is None else np.asarray(request.train_indices)
         world, rank = self._world()
+        if request.sampler == "balanced" and self.samples_per_class < request.min_samples_per_class:
+            raise ConfigError(
+                f"--data.samples_per_class {self.samples_per_class}: this method's loss learns from pairs of images of "
+                f"one class, and a batch with fewer than {request.min_samples_per_class} images per class holds no such "
+                f"pair (the loss would be 0 at every step). Pass --data.samples_per_class "
+                f"{request.min_samples_per_class} or more."
+            )
         try:
             if request.sampler == "balanced":
                 return ClassBalancedBatchSampler(

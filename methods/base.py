@@ -102,6 +102,9 @@ class RetrievalMethod(L.LightningModule):
     #: checkpoint that differs per seed): left out of the comparison key that groups runs on the
     #: leaderboard (``benchmark.results.comparison_config``); ``describe()`` records what they stand for.
     per_run_options: ClassVar[tuple[str, ...]] = ()
+    #: Images of one class per training batch the loss needs: 2 for losses on positive pairs
+    #: (multi-similarity, margin), 1 for proxy and classification losses.
+    min_samples_per_class: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -336,7 +339,7 @@ class RetrievalMethod(L.LightningModule):
 
     def data_request(self) -> DataRequest:
         """What this method needs from the training data (normalisation, views, ...)."""
-        return DataRequest(normalization=self.encoder.normalization)
+        return DataRequest(normalization=self.encoder.normalization, min_samples_per_class=self.min_samples_per_class)
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer

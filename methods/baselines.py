@@ -39,6 +39,7 @@ class MultiSimilarity(PMLMethod):
     """Multi-Similarity loss with its pair miner (Wang et al., CVPR 2019)."""
 
     description = "Multi-Similarity loss + MS miner (Wang et al. 2019)"
+    min_samples_per_class = 2  # a loss on positive pairs
 
     def __init__(
         self, alpha: float = 2.0, beta: float = 40.0, base: float = 0.5, miner_epsilon: float = 0.1, **kwargs: Any
@@ -83,6 +84,7 @@ class Margin(PMLMethod):
     """Margin loss with distance-weighted sampling (Wu et al., ICCV 2017), learnable beta."""
 
     description = "Margin loss + distance-weighted miner (Wu et al. 2017)"
+    min_samples_per_class = 2  # a loss on positive pairs
 
     def __init__(
         self,

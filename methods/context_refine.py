@@ -388,6 +388,7 @@ class ContextRefine(RetrievalMethod):
     # The stage-1 checkpoint's path differs per seed in a suite ({output}/ms-...-seed{seed}); the runs
     # are compared by what it is (describe(): source_method) not by where it lies.
     per_run_options = ("source",)
+    min_samples_per_class = 2  # the multi-similarity loss on refined embeddings needs positive pairs
 
     def __init__(
         self,
@@ -478,7 +479,8 @@ class ContextRefine(RetrievalMethod):
 
     def data_request(self) -> DataRequest:
         """Training batches carry labels and dataset indices only: e0 comes from the cache."""
-        return DataRequest(normalization=self.encoder.normalization, load_images=False)
+        return DataRequest(normalization=self.encoder.normalization, load_images=False,
+                           min_samples_per_class=self.min_samples_per_class)
 
     def source_id(self) -> dict[str, Any] | str:
         """What identifies the stage-1 model in cache keys (file identity, or a content hash)."""

@@ -241,6 +241,7 @@ class CrossImageAttentionMethod(RetrievalMethod):
     """
 
     description = "Cross-Image-Attention: conditional embeddings in training, unconditional at test (Kotovenko et al. 2023)"
+    min_samples_per_class = 2  # the multi-similarity loss on conditional similarities needs positive pairs
 
     def __init__(
         self,

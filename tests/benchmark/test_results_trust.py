@@ -294,3 +294,68 @@ def test_runs_shorter_than_asked_record_their_steps_and_stand_apart(grid: Path, 
     assert by_steps[("ms", "4")]["n_seeds"] == "2" and by_steps[("ms", "4")]["short"] == ""
     assert by_steps[("ms", "0")]["n_seeds"] == "1" and "0 steps" in by_steps[("ms", "0")]["short"]
     assert "max_time" in by_steps[("step_marker", str(timed["steps_trained"]))]["short"]
+
+
+# ---------------------------------------------------------------------------- errors, not tracebacks
+def test_bad_results_files_are_skipped_with_a_warning_naming_them(grid: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    for name in ("ms-s0", "ms-s1"):
+        shutil.copytree(grid / name, tmp_path / name)
+    for name, text in (("not-json", "{ this is not json"), ("a-list", "[1, 2]"),
+                       ("wrong-shape", json.dumps({"evaluations": [{"metrics": {"R@1": "high"}}]}))):  # fmt: skip
+        shutil.copytree(grid / "ms-s0", tmp_path / name)
+        (tmp_path / name / "metrics_test.json").write_text(text)
+    rows, err = _board(capsys, "--runs", str(tmp_path))
+    assert len(rows) == 1 and rows[0]["n_seeds"] == "2"  # the good runs still make the table
+    for name, what in (("not-json", "not valid JSON"), ("a-list", "expected a JSON object"), ("wrong-shape", "non-numeric")):
+        assert any(f"skipped {name}" in line and what in line for line in err.splitlines()), (name, err)
+
+
+def test_bad_output_and_sources_are_one_paragraph_with_exit_2(grid: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import benchmark.leaderboard as lb
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder is needed")
+    cases = [
+        (["leaderboard", "--runs", str(grid), "--format", "md", "--out", str(blocked / "board.md")], "Cannot write --out"),
+        (["leaderboard", "--runs", str(grid), "--format", "md", "--out", str(tmp_path)], "is a folder"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    monkeypatch.setattr(lb, "wandb_logged_in", lambda: False)
+    assert main(["leaderboard", "--wandb", "me/dml"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a login" in err and "wandb login" in err and "Traceback" not in err
+
+
+def test_bad_config_files_name_the_file_and_line(cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tab, listed = tmp_path / "tab.yaml", tmp_path / "list.yaml"
+    tab.write_text("trainer:\n  max_epochs: 1\n\tlog_every_n_steps: 5\n")
+    listed.write_text("- trainer\n- model\n")
+    for path, message in ((tab, f"{tab}, line 3, column 1"), (listed, "the top level is a list")):
+        capsys.readouterr()
+        assert main(["fit", *_args(cub), "--config", str(path), "--logger", "none", "--run_dir", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert "holds a tab" in main_err(["fit", "--config", str(tab)], capsys)
+
+
+def main_err(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    main(argv)
+    return capsys.readouterr().err
+
+
+def test_one_image_per_class_with_a_pair_loss_is_refused(cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert _fit(cub, tmp_path / "run", "--data.samples_per_class", "1", "--data.classes_per_batch", "8") == 2
+    err = capsys.readouterr().err
+    assert "--data.samples_per_class 1" in err and "pairs" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    # A proxy loss learns from one image per class: accepted.
+    assert _fit(cub, tmp_path / "proxy", "--data.samples_per_class", "1", "--data.classes_per_batch", "8",
+                method="proxy_anchor", epochs=1) == 0  # fmt: skip
