@@ -11,10 +11,13 @@ others down, and the run directory's ``status.json`` is the cell's state:
   after another with a progress view and a summary table. Run again, it skips the completed
   cells, resumes the interrupted ones from ``last.ckpt`` and reports the failed ones
   (``--retry-failed`` starts them again; the failed attempt is kept under ``.attempts/``).
+  A cell whose options in the file differ from those it ran with (``suite.json``) is never
+  resumed: the run is refused, or ``--restart-changed`` starts it again from scratch.
   ``--launcher local|slurm`` hands the cells to submitit (this machine, or one SLURM job
   array per stage and resource set) instead.
 * ``suite run-cell FILE --cell ID``: one cell, same rules (what a W&B sweep agent and a
-  submitit job run).
+  submitit job run); a cell that needs another cell's run waits while that one is pending or
+  running, and is skipped (recorded as blocked, exit 0) when it cannot complete.
 * ``suite status FILE``: the cells and their states; ``suite export-sweep FILE``: a W&B
   sweep whose agents run the same cells; ``suite list``: the suites that ship with the package.
 
@@ -53,10 +56,11 @@ import yaml
 
 from benchmark import registry
 from benchmark.backbones import BACKBONES
-from benchmark.cli import DEFAULT_DATA, DEFAULT_METHOD, build_cli, recipe_dir
+from benchmark.cli import build_cli, recipe_dir
 from benchmark.errors import UserError
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
+from benchmark.results import RecordError, final_evaluation, read_record, run_state
 
 try:  # POSIX file locks (run_lock); Windows has none and runs without the lock
     import fcntl
@@ -83,6 +87,7 @@ RESOURCE_FLAGS = {"devices": "trainer.devices", "num_nodes": "trainer.num_nodes"
 PLACEHOLDERS = ("output", "method", "dataset", "backbone", "variant", "seed", "cell")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _OPTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+GRID_EXAMPLE = "grid: {methods: [ms], datasets: [cub], seeds: [0, 1, 2]}"
 RECORD = "suite.json"  # the suite's record of a cell's attempts, in the cell's run directory
 RUN_LOCK = ".suite-run.lock"  # held by the `suite run` that is using an output folder
 LOG = "fit.log"  # the cell's output (every attempt, appended)
@@ -95,12 +100,16 @@ commands:
   run FILE          run every cell as its own `fit` (skips completed cells, resumes interrupted ones)
       --dry-run         list the cells and their exact commands; run nothing
       --retry-failed    start failed cells again (the failed attempt moves to <output>/.attempts/)
+      --restart-changed start cells whose options changed since they ran again from scratch (an
+                        interrupted one is otherwise refused, not resumed; the old attempt moves to .attempts/)
       --only SELECTOR   only the cells that match, e.g. --only dataset=cub --only method=ms,seed=0
       --output DIR      the suite's output folder (default: output: in the file, or runs/suites/<name>)
       --launcher NAME   serial (default: one cell after another here), local (submitit, in parallel
                         on this machine: --max-parallel N), slurm (submitit: one job array per stage)
       --wait            slurm: wait for the jobs and print the summary (default: submit and return)
-  run-cell FILE --cell ID   run one cell (what a W&B sweep agent or a submitit job runs)
+  run-cell FILE --cell ID   run one cell (what a W&B sweep agent or a submitit job runs); a cell that
+                    needs another waits while that one is pending or running (--wait-needs, default
+                    24h), and is skipped (exit 0, recorded as blocked) when that one cannot complete
   status FILE       the cells, their states, times and test R@1
   export-sweep FILE [--out sweep.yaml]   a W&B sweep config whose agents run the cells
   list              the suites shipped with the package
@@ -415,11 +424,11 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
 
     grids = raw.get("grid")
     if grids is None:
-        problems.add("no grid: section. Add one, e.g. grid: {methods: [ms], datasets: [cub], seeds: [0, 1, 2]}.")
+        problems.add(f"no grid: section. Add one, e.g. {GRID_EXAMPLE}.")
         grids = []
     grids = grids if isinstance(grids, list) else [grids]
     if raw.get("grid") is not None and not grids:
-        problems.add("grid is an empty list: give at least one grid.")
+        problems.add(f"grid is an empty list, so the suite has no cell: give at least one grid, e.g. {GRID_EXAMPLE}.")
     cells: list[Cell] = []
     for g, grid in enumerate(grids):
         where = "grid" if len(grids) == 1 else f"grid[{g}]"
@@ -486,12 +495,18 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
 
 def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resources, plugins: tuple[str, ...],
                  problems: _Problems) -> list[Cell]:
+    if isinstance(grid, dict):
+        # A cell's method and dataset are what the table compares: never a silent default (`fit`'s
+        # defaults would turn `grid: {}` into one cell of the default method on the synthetic data).
+        absent = [key for key in ("methods", "datasets") if grid.get(key) is None]
+        if absent:
+            what = "is empty" if not grid else f"names no {' and no '.join(absent)}"
+            problems.add(f"{where} {what}: every grid lists its methods: and datasets: (registered names: python -m "
+                         f"benchmark list), e.g. {GRID_EXAMPLE}; the embedded default is datasets: [synthetic].")
     grid = _mapping(grid, where, problems)
     _unknown_keys(where, grid, GRID_KEYS, problems)
-    methods = _list(grid.get("methods"), f"{where}.methods", problems, "list at least one method") or (
-        [] if "methods" in grid else [DEFAULT_METHOD])
-    datasets = _list(grid.get("datasets"), f"{where}.datasets", problems, "list at least one dataset") or (
-        [] if "datasets" in grid else [DEFAULT_DATA])
+    methods = _list(grid.get("methods"), f"{where}.methods", problems, "list at least one method") or []
+    datasets = _list(grid.get("datasets"), f"{where}.datasets", problems, "list at least one dataset") or []
     backbones = _list(grid.get("backbones"), f"{where}.backbones", problems,
                       "list at least one backbone, or leave the key out for each recipe's") or (
         [] if "backbones" in grid else [None])
@@ -697,7 +712,11 @@ def run_lock(folder: Path) -> Iterator[None]:
 # ---------------------------------------------------------------------------- cell states
 @dataclass
 class CellState:
-    """A cell's state on disk: pending, running, completed, interrupted, failed."""
+    """A cell's state on disk: pending, running, completed, interrupted, failed, or blocked (a
+    ``run-cell`` found that a cell it needs cannot complete and did not start it).
+
+    ``changes`` lists the options that differ between the arguments the cell's folder was made
+    with (``suite.json``'s ``argv``) and what the suite file gives now, as ``--opt old -> new``."""
 
     state: str
     exit_code: int | None = None
@@ -706,7 +725,11 @@ class CellState:
     attempts: int = 0
     seconds: float | None = None
     r_at_1: str = ""
-    changed: bool = False
+    changes: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -716,51 +739,76 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _argv_options(argv: list[str]) -> dict[str, list[str]]:
+    """``fit`` arguments as the suite writes them (``--option value`` pairs) -> {option: [values]}
+    (``--config`` and ``--plugin`` may repeat; their order counts)."""
+    options: dict[str, list[str]] = {}
+    for flag, value in zip(argv[0::2], argv[1::2]):
+        options.setdefault(flag.removeprefix("--"), []).append(value)
+    return options
+
+
+def argv_changes(recorded: list[str], now: list[str]) -> list[str]:
+    """The options that differ between the ``fit`` arguments a cell ran with and those the suite
+    file gives now, each ``--option old -> new`` (``(not set)`` where one side lacks it). Only
+    values count: options written in another order in the file are the same configuration."""
+    before, after = _argv_options(list(recorded)), _argv_options(list(now))
+
+    def shown(values: list[str] | None) -> str:
+        return "(not set)" if values is None else " ".join(values)
+
+    keys = [*before, *(key for key in after if key not in before)]
+    return [f"--{key} {shown(before.get(key))} -> {shown(after.get(key))}"
+            for key in keys if before.get(key) != after.get(key)]
 
 
 def cell_state(suite: Suite, cell: Cell) -> CellState:
+    """The cell's state: its run's ``status.json`` as :func:`benchmark.results.run_state` reads it
+    (a run whose process died without a final status, "killed" there, is interrupted here:
+    resumable from ``last.ckpt``), else what ``suite.json`` recorded (an attempt that ended before
+    ``fit`` wrote a status; a cell that ``run-cell`` did not start because a cell it needs cannot
+    complete), else pending."""
     run = suite.run_dir(cell)
     record = _read_json(run / RECORD)
     attempts = record.get("attempts", [])
     seconds = sum(a.get("seconds", 0.0) for a in attempts) if attempts else None
     last = run / "checkpoints" / "last.ckpt"
     checkpoint = last if last.is_file() else None
-    changed = bool(record.get("argv")) and record.get("argv") != cell.argv
-    status = _read_json(run / "status.json")
-    state = status.get("status")
-    common = {"attempts": len(attempts), "seconds": seconds, "checkpoint": checkpoint, "changed": changed}
-    if state == "completed":
-        return CellState("completed", 0, status.get("reason", ""), r_at_1=_test_r1(run), **common)
-    if state == "interrupted":
-        return CellState("interrupted", status.get("exit_code"), status.get("reason", ""), **common)
-    if state == "failed":
-        return CellState("failed", status.get("exit_code"), status.get("reason", ""), **common)
-    if state == "running":
-        if status.get("host") == socket.gethostname() and not _alive(int(status.get("pid") or 0)):
-            return CellState("interrupted", None, "the process ended without a final status (killed)", **common)
-        return CellState("running", None, f"on {status.get('host')} (pid {status.get('pid')})", **common)
+    changes = tuple(argv_changes(record["argv"], cell.argv)) if record.get("argv") else ()
+    common = {"attempts": len(attempts), "seconds": seconds, "checkpoint": checkpoint, "changes": changes}
+    status = run_state(run)
+    if status.state == "completed":
+        return CellState("completed", 0, status.reason, r_at_1=_test_r1(run), **common)
+    if status.state in ("interrupted", "failed"):
+        return CellState(status.state, status.exit_code, status.reason, **common)
+    if status.state == "killed":
+        return CellState("interrupted", None, status.reason, **common)
+    if status.state == "running":
+        return CellState("running", None, f"on {status.host} (pid {status.pid})", **common)
     if attempts and attempts[-1].get("exit_code") not in (None, 0):
         code = attempts[-1]["exit_code"]
         if code in (EXIT_SIGINT, EXIT_SIGTERM):
             return CellState("interrupted", code, "stopped before the run started", **common)
         return CellState("failed", code, attempts[-1].get("reason") or f"exit {code}", **common)
+    blocked = record.get("blocked")
+    if isinstance(blocked, dict):
+        return CellState("blocked", None, str(blocked.get("reason") or ""), **common)
     return CellState("pending", **common)
 
 
 def _test_r1(run: Path) -> str:
-    metrics = _read_json(run / "metrics_test.json")
-    value = (metrics.get("metrics") or {}).get("R@1")
+    """The run's final test R@1 in percent (:func:`benchmark.results.final_evaluation`, not a later
+    ``test --ckpt_path``), with the first refined R@1 after an arrow."""
+    try:
+        final = final_evaluation(read_record(run / "metrics_test.json"))
+    except RecordError:
+        return ""
+    if final is None:
+        return ""
+    value = final["metrics"].get("R@1")
     text = f"{100 * value:.2f}" if isinstance(value, (int, float)) else ""
-    for key, refined in (metrics.get("refined") or {}).items():
-        if isinstance(refined, dict) and isinstance(refined.get("R@1"), (int, float)):
+    for key, refined in (final.get("refined") or {}).items():
+        if isinstance(refined.get("R@1"), (int, float)):
             text += f" → {100 * refined['R@1']:.2f} ({key})"
             break
     return text
@@ -768,7 +816,10 @@ def _test_r1(run: Path) -> str:
 
 @dataclass
 class Plan:
-    """What running a cell now does: skip, run (fresh), resume (--ckpt_path), retry, report, wait."""
+    """What running a cell now does: skip, run (fresh), resume (--ckpt_path), retry (fresh, the
+    failed attempt kept), restart (fresh because its options changed, the old attempt kept),
+    report (failed), wait (running elsewhere), blocked (a cell it needs has not completed), or
+    refuse (interrupted, but its options changed: resuming would mix two configurations)."""
 
     action: str
     state: CellState
@@ -776,28 +827,66 @@ class Plan:
     note: str = ""
 
 
-def plan_cell(suite: Suite, cell: Cell, retry_failed: bool, states: dict[str, CellState] | None = None) -> Plan:
+STARTS = ("run", "resume", "retry", "restart")  # the plans that start a fit
+
+
+def plan_cell(suite: Suite, cell: Cell, retry_failed: bool, states: dict[str, CellState] | None = None,
+              restart_changed: bool = False) -> Plan:
+    """What running ``cell`` now does, from its state and its needs' states (``states``: already
+    read, else read now). A cell whose options changed since it ran is never resumed: it is
+    refused, or with ``restart_changed`` started again from scratch (completed ones too)."""
     state = (states or {}).get(cell.id) or cell_state(suite, cell)
-    if state.state == "completed":
-        return Plan("skip", state, note="completed" + (" (with other arguments than the suite's now)" if state.changed else ""))
+    changes = "; ".join(state.changes)
+    changed = f"options changed: {changes}" if changes else ""
+
+    def note(*parts: str) -> str:
+        return "; ".join(p for p in parts if p)
+
     if state.state == "running":
-        return Plan("wait", state, note=f"running {state.reason}")
+        return Plan("wait", state, note=note(f"running {state.reason}", changed))
+    if state.state == "completed" and not (state.changes and restart_changed):
+        return Plan("skip", state, note=f"completed with other options: {changes} (--restart-changed runs it again)"
+                    if changes else "completed")
     for need in cell.needs:
         need_state = (states or {}).get(need) or cell_state(suite, suite.cell(need))
         if need_state.state != "completed":
-            return Plan("blocked", state, note=f"needs {need} ({need_state.state})")
+            return Plan("blocked", state, note=note(f"needs {need} ({need_state.state})", changed))
+    if state.changes and restart_changed:
+        return Plan("restart", state, note=f"start again from scratch: {changed}")
     if state.state == "interrupted":
-        if state.checkpoint is not None:
-            return Plan("resume", state, ckpt=state.checkpoint, note=f"resume from {state.checkpoint.name}")
-        return Plan("retry", state, note="interrupted before its first checkpoint: start again")
+        if state.checkpoint is None:
+            return Plan("retry", state, note=note("interrupted before its first checkpoint: start again", changed))
+        if state.changes:
+            return Plan("refuse", state, note=f"not resumed: {changed}; --restart-changed starts it again from scratch")
+        return Plan("resume", state, ckpt=state.checkpoint, note=f"resume from {state.checkpoint.name}")
     if state.state == "failed":
+        failed = f"failed: {state.reason or f'exit {state.exit_code}'}"
         if retry_failed:
-            return Plan("retry", state, note=f"retry (failed: {state.reason or f'exit {state.exit_code}'})")
-        return Plan("report", state, note=f"failed: {state.reason or f'exit {state.exit_code}'}")
+            return Plan("retry", state, note=note(f"retry ({failed})", changed))
+        return Plan("report", state, note=note(failed, changed))
     return Plan("run", state)
 
 
+def refuse_changed(suite: Suite, plans: dict[str, Plan]) -> None:
+    """Raise when a cell would resume under options other than those it ran with.
+
+    Resuming continues the checkpoint under the new options while the run's ``config.yaml``
+    keeps the old ones: a result of neither configuration. The message names every such cell,
+    what changed, and the two ways out."""
+    refused = [(cell_id, plan) for cell_id, plan in plans.items() if plan.action == "refuse"]
+    if not refused:
+        return
+    cells = "; ".join(f"{cell_id}: {', '.join(plan.state.changes)}" for cell_id, plan in refused)
+    raise SuiteError(
+        f"{suite.path}: the suite file's options changed since {_plural(len(refused), 'interrupted cell')} ran "
+        f"({cells}). Resuming would continue their checkpoints under the new options while their config.yaml keeps "
+        f"the old ones, so nothing was started. Pass --restart-changed to start them again from scratch (the old "
+        f"attempt is kept under {suite.output / '.attempts'}), or restore the old values in the file to resume them."
+    )
+
+
 def fit_command(suite: Suite, cell: Cell, plan: Plan) -> list[str]:
+    """The cell's ``fit`` command for ``plan`` (``--ckpt_path`` when it resumes)."""
     command = [sys.executable, "-m", "benchmark", "fit", *cell.argv, "--run_dir", str(suite.run_dir(cell))]
     if plan.action == "resume" and plan.ckpt is not None:
         command += ["--ckpt_path", str(plan.ckpt)]
@@ -841,7 +930,9 @@ class CellRun:
         self.attempts: list[dict[str, Any]] = []
 
     def start(self) -> None:
-        if self.plan.action == "retry" or (self.plan.action == "run" and (self.run_dir / "config.yaml").exists()):
+        if self.plan.action in ("retry", "restart") or (
+            self.plan.action == "run" and (self.run_dir / "config.yaml").exists()
+        ):
             self.attempts = _move_aside(self.suite, self.cell)
         else:
             self.attempts = _read_json(self.run_dir / RECORD).get("attempts", [])
@@ -1062,26 +1153,43 @@ class Progress:
 
 
 def status_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], plans: dict[str, Plan] | None = None):
+    """The cells as a table: state (``(changed)`` when the file's options differ from those the
+    cell ran with), exit code, attempts, time, test R@1 and a note."""
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"suite {suite.name} ({suite.output})")
     for column in ("cell", "state", "exit", "tries", "time", "test R@1 %", "note"):
         table.add_column(column, justify="right" if column in ("exit", "tries", "time") else "left")
-    colours = {"completed": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "pending": "dim"}
+    colours = {"completed": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "pending": "dim",
+               "blocked": "magenta"}
     for cell in cells:
         state = states[cell.id]
         note = state.reason
-        if plans and cell.id in plans and plans[cell.id].action in ("blocked", "report"):
+        if plans and cell.id in plans and plans[cell.id].action in ("blocked", "report", "refuse"):
             note = plans[cell.id].note
-        if state.state == "interrupted" and state.checkpoint is not None:
+        if state.state == "interrupted" and state.checkpoint is not None and not state.changed:
             note = f"{note}; resumes from last.ckpt".strip("; ")
-        if state.changed:
-            note = f"{note}; ran with other arguments".strip("; ")
-        table.add_row(cell.id, f"[{colours.get(state.state, 'white')}]{state.state}[/]",
-                      "" if state.exit_code is None else str(state.exit_code), str(state.attempts or ""),
+        if state.changed and "options changed" not in note:
+            note = f"options changed: {'; '.join(state.changes)}; {note}".strip("; ")
+        shown = f"[{colours.get(state.state, 'white')}]{state.state}[/]" + (" [magenta](changed)[/]" if state.changed else "")
+        table.add_row(cell.id, shown, "" if state.exit_code is None else str(state.exit_code), str(state.attempts or ""),
                       _duration(state.seconds), state.r_at_1, escape(note[:100]))
     return table
+
+
+def changed_lines(suite: Suite, cells: list[Cell], states: dict[str, CellState]) -> list[str]:
+    """Every cell whose options changed since it ran, with what changed in full (the table's note
+    is cut short), and what to do about it; no lines when none changed."""
+    changed = [c for c in cells if states[c.id].changed]
+    if not changed:
+        return []
+    lines = [f"changed since they ran ({RECORD}'s arguments -> the suite file's now):"]
+    lines += [f"  {c.id} ({states[c.id].state}): {'; '.join(states[c.id].changes)}" for c in changed]
+    lines.append(f"completed cells keep the results of their old options and interrupted ones are not resumed: "
+                 f"`python -m benchmark suite run {suite.path} --restart-changed` starts them again from scratch "
+                 f"(the old attempts are kept under {suite.output / '.attempts'}).")
+    return lines
 
 
 def _plural(n: int, word: str) -> str:
@@ -1090,10 +1198,12 @@ def _plural(n: int, word: str) -> str:
 
 def _counts(states: Iterable[CellState]) -> str:
     counts: dict[str, int] = {}
+    changed = 0
     for state in states:
         counts[state.state] = counts.get(state.state, 0) + 1
-    order = ("completed", "running", "interrupted", "failed", "pending")
-    return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
+        changed += state.changed
+    order = ("completed", "running", "interrupted", "failed", "blocked", "pending")
+    return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)) + (f" ({changed} changed)" if changed else "")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -1109,13 +1219,14 @@ def _selected(suite: Suite, only: list[str]) -> list[Cell]:
     return chosen
 
 
-def run_serial(suite: Suite, cells: list[Cell], retry_failed: bool, live: bool | None = None) -> int:
+def run_serial(suite: Suite, cells: list[Cell], retry_failed: bool, live: bool | None = None,
+               restart_changed: bool = False) -> int:
     """Run the cells one after another, each a fit subprocess; the exit code of the suite."""
     states = {c.id: cell_state(suite, c) for c in suite.cells}
-    plans = {c.id: plan_cell(suite, c, retry_failed, states) for c in cells}
-    todo = [c for c in cells if plans[c.id].action in ("run", "resume", "retry", "blocked")]
+    plans = {c.id: plan_cell(suite, c, retry_failed, states, restart_changed) for c in cells}
+    todo = [c for c in cells if plans[c.id].action in (*STARTS, "blocked")]
     skipped = [c for c in cells if plans[c.id].action == "skip"]
-    reported = [c for c in cells if plans[c.id].action in ("report", "wait")]
+    reported = [c for c in cells if plans[c.id].action in ("report", "wait", "refuse")]
     print(f"[suite] {suite.name}: {_plural(len(cells), 'cell')} in {suite.output}: {len(skipped)} completed (skipped), "
           f"{len(todo)} to run, {len(reported)} failed or running elsewhere (not started)", flush=True)
     progress = Progress(suite, len(todo), live=live)
@@ -1124,9 +1235,9 @@ def run_serial(suite: Suite, cells: list[Cell], retry_failed: bool, live: bool |
             for cell in todo:
                 if signals.received is not None:
                     break
-                plan = plan_cell(suite, cell, retry_failed)  # its dependencies may have finished since
+                plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)  # needs may have finished
                 plans[cell.id] = plan
-                if plan.action not in ("run", "resume", "retry"):
+                if plan.action not in STARTS:
                     states[cell.id] = plan.state
                     progress.not_started(cell, plan.note)
                     continue
@@ -1162,20 +1273,100 @@ def _summary(suite: Suite, cells: list[Cell], states: dict[str, CellState], plan
     if failed:
         console.print(f"failed cells keep their folder and log ({LOG}); start them again with "
                       f"`python -m benchmark suite run {suite.path} --retry-failed`.", highlight=False)
-    if any(states[c.id].state == "interrupted" for c in cells):
+    if any(states[c.id].state == "interrupted" and not states[c.id].changed for c in cells):
         console.print(f"interrupted cells resume from last.ckpt with `python -m benchmark suite run {suite.path}`.",
                       highlight=False)
+    for line in changed_lines(suite, cells, states):
+        console.print(line, highlight=False, markup=False)
     if any(states[c.id].state == "completed" for c in cells):
         console.print(f"results over the seeds: `python -m benchmark leaderboard --runs {suite.output}`", highlight=False)
 
 
-def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False) -> int:
-    """``suite run-cell``: one cell with the suite's rules; the fit's exit code."""
-    plan = plan_cell(suite, cell, retry_failed)
+WAIT_NEEDS_MINUTES = 24 * 60  # run-cell: how long a cell waits for the cells it needs (--wait-needs)
+WAITABLE = ("pending", "running")  # states of a needed cell that may still complete without anyone's action
+
+
+def record_blocked(suite: Suite, cell: Cell, reason: str) -> None:
+    """Note in the cell's ``suite.json`` that it was not started, and why (``suite status`` shows the
+    cell as blocked). The arguments are not recorded: the cell has not run with any."""
+    run = suite.run_dir(cell)
+    record = _read_json(run / RECORD)
+    payload = {"suite": str(suite.path), "cell": cell.id, **({"argv": record["argv"]} if record.get("argv") else {}),
+               "attempts": record.get("attempts", []),
+               "blocked": {"reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()}}
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / RECORD, json.dumps(payload, indent=2) + "\n")
+
+
+def wait_for_needs(suite: Suite, cell: Cell, retry_failed: bool, restart_changed: bool,
+                   wait_s: float) -> Plan | int:
+    """``run-cell`` of a cell whose needs have not completed (W&B agents run the cells of a sweep
+    at once): wait while every unfinished need is pending or running, polling their states, at
+    most ``wait_s`` seconds. Returns the cell's plan once its needs have completed, or an exit code:
+
+    * 0 when a need cannot complete by itself (failed, interrupted, blocked): the cell is not
+      started and is recorded as blocked with the reason. Not an error of this cell (the need's
+      own run carries the failure), and a W&B agent counts every non-zero exit as a failed run and
+      stops after a few quick ones, which would end the sweep on that machine;
+    * 1 when the wait runs out (recorded as blocked too): something is holding the sweep up;
+    * 130 on Ctrl-C.
+    """
+    deadline = time.monotonic() + wait_s
+    poll = min(30.0, max(1.0, wait_s / 60))  # 24 h: every 30 s; a minute: every second
+    said = ""
+    try:
+        while True:
+            plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)
+            if plan.action != "blocked":
+                return plan
+            unfinished = {n: cell_state(suite, suite.cell(n)) for n in cell.needs}
+            unfinished = {n: s for n, s in unfinished.items() if s.state != "completed"}
+            if not unfinished:
+                continue  # completed between the two reads
+            stuck = {n: s for n, s in unfinished.items() if s.state not in WAITABLE}
+            if stuck:
+                reason = "; ".join(f"needs {n}, which is {s.state}" + (f" ({s.reason})" if s.reason else "")
+                                   for n, s in stuck.items())
+                record_blocked(suite, cell, reason)
+                print(f"[suite] {cell.id}: skipped, not started: {reason}. Recorded as blocked in "
+                      f"{suite.run_dir(cell) / RECORD} (exit 0: not a failure of this cell). Once the cell it needs "
+                      f"has completed (`python -m benchmark suite run {suite.path} --retry-failed` retries failed cells "
+                      "and resumes interrupted ones), run this cell again.", file=sys.stderr, flush=True)
+                return EXIT_OK
+            waiting = ", ".join(f"{n} ({s.state}{' ' + s.reason if s.reason else ''})" for n, s in unfinished.items())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reason = f"waited {_duration(wait_s)} for {waiting}"
+                record_blocked(suite, cell, reason)
+                print(f"[suite] {cell.id}: not started: {reason}, which did not complete. Start the cells it needs "
+                      f"(`python -m benchmark suite run {suite.path}`), or wait longer with --wait-needs.",
+                      file=sys.stderr, flush=True)
+                return EXIT_FAILED
+            if waiting != said:
+                print(f"[suite] {cell.id}: waiting for the cells it needs: {waiting}; up to {_duration(left)} more, "
+                      f"checking every {poll:g} s (--wait-needs sets the limit).", flush=True)
+                said = waiting
+            time.sleep(min(poll, left))
+    except KeyboardInterrupt:
+        print(f"\n[suite] {cell.id}: Ctrl-C while waiting for the cells it needs; not started.", file=sys.stderr)
+        return EXIT_SIGINT
+
+
+def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False, restart_changed: bool = False,
+            wait_needs_s: float = WAIT_NEEDS_MINUTES * 60) -> int:
+    """``suite run-cell``: one cell with the suite's rules; the fit's exit code (see
+    :func:`wait_for_needs` for a cell whose needs have not completed)."""
+    plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)
+    if plan.action == "blocked":
+        waited = wait_for_needs(suite, cell, retry_failed, restart_changed, wait_needs_s)
+        if isinstance(waited, int):
+            return waited
+        plan = waited
+    refuse_changed(suite, {cell.id: plan})
     if plan.action == "skip":
         print(f"[suite] {cell.id}: {plan.note}; nothing to do.", flush=True)
         return EXIT_OK
-    if plan.action in ("report", "wait", "blocked"):
+    if plan.action in ("report", "wait"):
         print(f"[suite] {cell.id}: not started: {plan.note}"
               + (" (--retry-failed starts it again)" if plan.action == "report" else ""), file=sys.stderr, flush=True)
         return EXIT_FAILED
@@ -1200,25 +1391,32 @@ def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False) -
     return code
 
 
-def dry_run(suite: Suite, cells: list[Cell], retry_failed: bool) -> int:
+def dry_run(suite: Suite, cells: list[Cell], retry_failed: bool, restart_changed: bool = False) -> int:
+    """List the cells, their states, what a run would do (and why) and their exact ``fit`` commands."""
     states = {c.id: cell_state(suite, c) for c in suite.cells}
     print(f"suite {suite.name} ({suite.path}): {len(cells)} cells, output {suite.output}")
     for i, cell in enumerate(cells, 1):
-        plan = plan_cell(suite, cell, retry_failed, states)
-        label = {"skip": "skip", "run": "run", "resume": "resume", "retry": "retry", "report": "not started",
-                 "wait": "not started", "blocked": "after its dependencies"}[plan.action]
+        plan = plan_cell(suite, cell, retry_failed, states, restart_changed)
+        label = {"skip": "skip", "run": "run", "resume": "resume", "retry": "retry", "restart": "restart",
+                 "report": "not started", "wait": "not started", "refuse": "not started",
+                 "blocked": "after its dependencies"}[plan.action]
         note = f" ({plan.note})" if plan.note else ""
-        print(f"[{i}/{len(cells)}] {cell.id}: {states[cell.id].state} -> {label}{note}")
+        shown = states[cell.id].state + (", changed" if states[cell.id].changed else "")
+        print(f"[{i}/{len(cells)}] {cell.id}: {shown} -> {label}{note}")
         if "config" not in cell.options and "recipe" not in cell.options:
             recipe = recipe_dir() / cell.method / f"{cell.dataset}.yaml"
             print(f"    recipe: {recipe if recipe.is_file() else 'none (the constructors defaults apply)'}")
         if cell.needs:
             print(f"    needs: {', '.join(cell.needs)}")
-        print(f"    {shlex.join(fit_command(suite, cell, plan if plan.action != 'blocked' else Plan('run', plan.state)))}")
+        command_plan = plan if plan.action in STARTS else Plan("run", plan.state)
+        print(f"    {shlex.join(fit_command(suite, cell, command_plan))}")
+    for line in changed_lines(suite, cells, states):
+        print(line)
     return EXIT_OK
 
 
 def show_status(suite: Suite, cells: list[Cell]) -> int:
+    """``suite status``: the table of cells (with SLURM's view of submitted ones) and what changed."""
     states = {c.id: cell_state(suite, c) for c in suite.cells}
     jobs = submitted_jobs(suite.output / ".submitit")
     queued = queued_on_slurm(jobs)
@@ -1230,6 +1428,8 @@ def show_status(suite: Suite, cells: list[Cell]) -> int:
     console = make_console()
     console.print(status_table(suite, cells, states))
     console.print(f"{_plural(len(cells), 'cell')}: {_counts(states[c.id] for c in cells)}", highlight=False)
+    for line in changed_lines(suite, cells, states):
+        console.print(line, highlight=False, markup=False)
     return EXIT_OK
 
 
@@ -1237,25 +1437,60 @@ def show_status(suite: Suite, cells: list[Cell]) -> int:
 SWEEP_COMMAND = ["${env}", "${interpreter}", "-m", "benchmark", "suite", "run-cell", "${program}", "${args}"]
 
 
+FALLBACK_METRIC = ("test/R@1", "max")  # the leaderboard's default ranking, logged by every method
+
+
+def sweep_metric(cells: list[Cell]) -> tuple[dict[str, str], str]:
+    """The ``metric:`` of the sweep: what the cells are judged by, as logged to W&B, and why.
+
+    Each cell's checkpoints are selected by ``--checkpoint.monitor`` when the suite file sets it,
+    else by its method's ``selection_metric`` (``val/R@1``; Context-Refine ``val/refined/R@1``),
+    in the direction of ``--checkpoint.mode`` or the method's ``selection_mode``; the sweep's metric
+    is its test-split counterpart (``test/...``, the end-of-training test, in every run's summary).
+    When the cells disagree (a two-stage suite), or a metric has no test counterpart, it is
+    ``test/R@1`` (maximize), which every method logs and the leaderboard ranks by by default."""
+    chosen: set[tuple[str, str]] = set()
+    for cell in cells:
+        method = registry.METHODS.get(cell.method)
+        monitor = str(cell.options.get("checkpoint.monitor") or getattr(method, "selection_metric", "val/R@1"))
+        mode = str(cell.options.get("checkpoint.mode") or getattr(method, "selection_mode", "max"))
+        chosen.add(("test/" + monitor.removeprefix("val/"), mode) if monitor.startswith("val/") else FALLBACK_METRIC)
+    if len(chosen) == 1:
+        (name, mode), = chosen
+        why = "the metric every cell's checkpoints are selected by, on the test split"
+    else:
+        name, mode = FALLBACK_METRIC
+        why = (f"the cells are selected by different metrics ({', '.join(sorted(n for n, _ in chosen))}): "
+               "test/R@1, which every method logs")
+    return {"name": name, "goal": "maximize" if mode == "max" else "minimize"}, why
+
+
 def sweep_config(suite: Suite, cells: list[Cell], program: str) -> dict[str, Any]:
-    """A W&B sweep (grid over one ``cell`` parameter) whose agents run ``suite run-cell``."""
+    """A W&B sweep (grid over one ``cell`` parameter) whose agents run ``suite run-cell``, with the
+    metric the cells are judged by (:func:`sweep_metric`)."""
     return {
         "name": f"suite-{suite.name}",
         "description": suite.description or f"benchmark suite {suite.name}",
         "project": os.environ.get("WANDB_PROJECT", "dml-benchmark"),  # where the cells' W&B runs log
         "program": program,
         "method": "grid",
+        "metric": sweep_metric(cells)[0],
         "parameters": {"cell": {"values": [c.id for c in cells]}},
         "command": list(SWEEP_COMMAND),
     }
 
 
 def export_sweep(suite: Suite, cells: list[Cell], program: str, out: str | None) -> int:
+    """Write (or print) the sweep config of ``cells``, with a header on how to start it."""
     config = sweep_config(suite, cells, program)
+    metric, why = sweep_metric(cells)
     header = (
         f"# W&B sweep for the suite {suite.name} ({len(cells)} cells): each agent run is one cell,\n"
         f"#   python -m benchmark suite run-cell {program} --cell=<id>\n"
-        "# with the suite's rules (completed cells are skipped, interrupted ones resume). Start it with\n"
+        "# with the suite's rules (completed cells are skipped, interrupted ones resume; a cell that needs\n"
+        "# another cell's run waits for it while it is pending or running, and is skipped, exit 0, if it failed).\n"
+        f"# metric: {metric['name']} ({metric['goal']}): {why}.\n"
+        "# Start it with\n"
         f"#   wandb sweep {out or 'sweep.yaml'}      then, on each machine, from this folder and this venv:\n"
         "#   wandb agent <entity>/<project>/<sweep id>\n"
     )
@@ -1264,6 +1499,12 @@ def export_sweep(suite: Suite, cells: list[Cell], program: str, out: str | None)
     if others:
         print(f"[suite] note: cells log with --logger {', '.join(others)}; the sweep's runs show their metrics in W&B "
               "only with the wandb logger (logger: wandb in the suite's args).", file=sys.stderr)
+    chosen = {c.id for c in cells}
+    outside = sorted({n for c in cells for n in c.needs if n not in chosen
+                      and cell_state(suite, suite.cell(n)).state != "completed"})
+    if outside:
+        print(f"[suite] note: cells of the sweep need {', '.join(outside)}, which the sweep does not run and which "
+              "have not completed: their agents wait for them (--wait-needs), then give up.", file=sys.stderr)
     if out:
         try:
             atomic_write_text(Path(out), text)
@@ -1286,8 +1527,9 @@ class CellJob(submitit.helpers.Checkpointable):
     the ranks).
     """
 
-    def __init__(self, enforce_time: bool = True) -> None:
+    def __init__(self, enforce_time: bool = True, restart_changed: bool = False) -> None:
         self.enforce_time = enforce_time  # resources.time: SIGTERM the fit (SLURM enforces it itself)
+        self.restart_changed = restart_changed  # suite run --restart-changed
         self.run: CellRun | None = None
 
     def __call__(self, suite: Suite, cell_id: str, retry_failed: bool) -> dict[str, Any]:
@@ -1295,10 +1537,10 @@ class CellJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         if env.num_tasks > 1 and env.global_rank != 0:
             return self._follow(suite, cell, env)
-        plan = plan_cell(suite, cell, retry_failed)
+        plan = plan_cell(suite, cell, retry_failed, restart_changed=self.restart_changed)
         if plan.action == "skip":
             return {"cell": cell_id, "state": "completed", "exit_code": 0, "skipped": True}
-        if plan.action in ("report", "wait", "blocked"):
+        if plan.action not in STARTS:
             raise RuntimeError(f"{cell_id}: not started: {plan.note}")
         self.run = CellRun(suite, cell, plan)
         self.run.start()
@@ -1335,7 +1577,7 @@ class CellJob(submitit.helpers.Checkpointable):
                 self.run.proc.wait(timeout=300)
             self.run.finish()
         self.run = None
-        return submitit.helpers.DelayedSubmission(CellJob(self.enforce_time), *args, **kwargs)
+        return submitit.helpers.DelayedSubmission(CellJob(self.enforce_time, self.restart_changed), *args, **kwargs)
 
 
 def _executor(suite: Suite, launcher: str, resources: Resources, folder: Path):
@@ -1452,13 +1694,13 @@ def queued_on_slurm(jobs: dict[str, str]) -> dict[str, str]:
 
 
 def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: str, wait: bool,
-                 max_parallel: int | None) -> int:
+                 max_parallel: int | None, restart_changed: bool = False) -> int:
     """Hand the cells to submitit: one job array per stage and resource set (SLURM; a later
     stage's arrays depend on the earlier ones), or local jobs (at most ``max_parallel`` at once,
     a stage after the previous one has finished). Each job runs :class:`CellJob`."""
     states = {c.id: cell_state(suite, c) for c in suite.cells}
-    plans = {c.id: plan_cell(suite, c, retry_failed, states) for c in cells}
-    todo = [c for c in cells if plans[c.id].action in ("run", "resume", "retry", "blocked")]
+    plans = {c.id: plan_cell(suite, c, retry_failed, states, restart_changed) for c in cells}
+    todo = [c for c in cells if plans[c.id].action in (*STARTS, "blocked")]
     folder = suite.output / ".submitit"
     queued = queued_on_slurm(submitted_jobs(folder)) if launcher == "slurm" else {}
     for cell in [c for c in todo if c.id in queued]:
@@ -1477,7 +1719,7 @@ def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: 
             stage_ids = []
             for resources, group in groups.items():
                 executor = _executor(suite, launcher, resources, folder)
-                job = CellJob(enforce_time=launcher != "slurm")  # SLURM enforces the time limit itself
+                job = CellJob(enforce_time=launcher != "slurm", restart_changed=restart_changed)  # SLURM: its own limit
                 if launcher == "local":
                     _local_jobs(executor, job, group, retry_failed, max_parallel, resources, jobs)
                     continue
@@ -1550,6 +1792,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--only", action="append", default=[], help="selector, e.g. dataset=cub,seed=0")
     if command in ("run", "run-cell"):
         parser.add_argument("--retry-failed", action="store_true", help="start failed cells again")
+        parser.add_argument("--restart-changed", action="store_true",
+                            help="start cells whose options changed since they ran again from scratch")
     if command == "run":
         parser.add_argument("--dry-run", action="store_true", help="list the cells and their commands")
         parser.add_argument("--launcher", choices=("serial", "local", "slurm"), default="serial")
@@ -1557,6 +1801,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--wait", action="store_true", help="slurm: wait for the jobs")
     if command == "run-cell":
         parser.add_argument("--cell", required=True, help="the cell id (suite run --dry-run lists them)")
+        parser.add_argument("--wait-needs", default=f"{WAIT_NEEDS_MINUTES // 60}h",
+                            help="how long to wait for the cells this one needs (90, '90m', '4h'; 0: not at all)")
     if command == "export-sweep":
         parser.add_argument("--out", help="write the sweep config here (default: stdout)")
     return parser
@@ -1620,20 +1866,30 @@ def _cmd_run(argv: list[str]) -> int:
     check_output(suite.output, create=not args.dry_run)
     validate_cells(suite, cells)
     if args.dry_run:
-        return dry_run(suite, cells, args.retry_failed)
+        return dry_run(suite, cells, args.retry_failed, args.restart_changed)
     with run_lock(suite.output):
+        states = {c.id: cell_state(suite, c) for c in suite.cells}
+        refuse_changed(suite, {c.id: plan_cell(suite, c, args.retry_failed, states, args.restart_changed) for c in cells})
         if args.launcher == "serial":
-            return run_serial(suite, cells, args.retry_failed)
-        return run_submitit(suite, cells, args.retry_failed, args.launcher, args.wait, args.max_parallel)
+            return run_serial(suite, cells, args.retry_failed, restart_changed=args.restart_changed)
+        return run_submitit(suite, cells, args.retry_failed, args.launcher, args.wait, args.max_parallel,
+                            restart_changed=args.restart_changed)
 
 
 def _cmd_run_cell(argv: list[str]) -> int:
     args = _parse_args("run-cell", argv)
     suite = load_suite(args.file, args.output)
     cell = suite.cell(args.cell)
+    text = str(args.wait_needs).strip()
+    given: Any = float(text) if re.fullmatch(r"\d+(\.\d+)?", text) else text  # minutes, or 90m / 4h / D-HH:MM:SS
+    problems = _Problems(suite.path)
+    minutes = 0.0 if given == 0 else _minutes(given, "--wait-needs", problems)
+    if problems.items:
+        raise SuiteError(f"suite run-cell: {problems.items[0]}")
+    wait = (minutes or 0.0) * 60
     check_output(suite.output, create=True)
     validate_cells(suite, [cell])
-    return run_one(suite, cell, args.retry_failed)
+    return run_one(suite, cell, args.retry_failed, restart_changed=args.restart_changed, wait_needs_s=wait)
 
 
 def _cmd_status(argv: list[str]) -> int:

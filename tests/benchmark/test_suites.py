@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import yaml
 
 from benchmark import suites
 from benchmark.cli import main
+from benchmark.results import flatten_config
 from tests.datamodules import fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,35 +141,46 @@ def test_every_shipped_suite_loads_and_the_smoke_suite_is_tiny() -> None:
     suites.validate_cells(smoke)  # every cell's configuration parses, as fit --print_config would
 
 
+MS = "methods: [ms], datasets: [synthetic]"  # a grid of one method on the embedded default
 BAD = {
     "unknown-key": ("grids: {methods: [ms]}\n", ["unknown key 'grids'", "Did you mean 'grid'"]),
-    "unknown-grid-key": ("grid: {methods: [ms], seed: [0]}\n", ["unknown key 'seed' in grid", "'seeds'"]),
+    "unknown-grid-key": (f"grid: {{{MS}, seed: [0]}}\n", ["unknown key 'seed' in grid", "'seeds'"]),
     "unknown-method": ("grid: {methods: [mss], datasets: [cub]}\n", ["unknown method 'mss'", "Did you mean ms"]),
     "unknown-dataset": ("grid: {methods: [ms], datasets: [cubb]}\n", ["unknown dataset 'cubb'", "cub"]),
-    "unknown-backbone": ("grid: {methods: [ms], backbones: [resnet5]}\n", ["unknown backbone 'resnet5'", "resnet50"]),
+    "unknown-backbone": (f"grid: {{{MS}, backbones: [resnet5]}}\n", ["unknown backbone 'resnet5'", "resnet50"]),
     "unknown-option": (
         "grid: {methods: [ms, margin], datasets: [cub], backbones: [resnet50]}\ncells:\n  method=margin: {model.lrr: 1}\n",
         ["cell margin-cub-resnet50-seed0", "--model.lrr", "Did you mean --model.lr", "cells['method=margin']"],
     ),
     "unknown-trainer-option": (
-        "args: {trainer.max_epoch: 3}\ngrid: {methods: [ms]}\n",
+        f"args: {{trainer.max_epoch: 3}}\ngrid: {{{MS}}}\n",
         ["--trainer.max_epoch", "Did you mean --trainer.max_epochs", "Set in the suite file: --trainer.max_epoch (args)"],
     ),
-    "empty-list": ("grid: {methods: [ms], seeds: []}\n", ["grid.seeds is an empty list"]),
-    "duplicate-seed": ("grid: {methods: [ms], seeds: [0, 0]}\n", ["duplicate cells", "grid.seeds lists 0"]),
+    "empty-list": (f"grid: {{{MS}, seeds: []}}\n", ["grid.seeds is an empty list"]),
+    "duplicate-seed": (f"grid: {{{MS}, seeds: [0, 0]}}\n", ["duplicate cells", "grid.seeds lists 0"]),
     "duplicate-cell": (
         "grid:\n  - {methods: [ms], datasets: [cub]}\n  - {methods: [ms], datasets: [cub]}\n",
         ["duplicate cell ms-cub-seed0"],
     ),
-    "reserved-option": ("args: {seed_everything: 3}\ngrid: {methods: [ms]}\n", ["--seed_everything is set by grid.seeds"]),
-    "selector-matches-nothing": ("grid: {methods: [ms]}\ncells:\n  method=margin: {model.lr: 1}\n",
+    "reserved-option": (f"args: {{seed_everything: 3}}\ngrid: {{{MS}}}\n", ["--seed_everything is set by grid.seeds"]),
+    "selector-matches-nothing": (f"grid: {{{MS}}}\ncells:\n  method=margin: {{model.lr: 1}}\n",
                                  ["cells['method=margin'] matches no cell"]),
-    "bad-selector-axis": ("grid: {methods: [ms]}\nexclude: [methd=ms]\n", ["unknown axis 'methd'", "method"]),
-    "bad-time": ("grid: {methods: [ms]}\nresources: {time: soon}\n", ["resources.time", "not a duration"]),
-    "resource-twice": ("args: {trainer.devices: 2}\ngrid: {methods: [ms]}\nresources: {devices: 1}\n",
+    "bad-selector-axis": (f"grid: {{{MS}}}\nexclude: [methd=ms]\n", ["unknown axis 'methd'", "method"]),
+    "bad-time": (f"grid: {{{MS}}}\nresources: {{time: soon}}\n", ["resources.time", "not a duration"]),
+    "resource-twice": (f"args: {{trainer.devices: 2}}\ngrid: {{{MS}}}\nresources: {{devices: 1}}\n",
                        ["--trainer.devices is given both", "give it once"]),
     "no-grid": ("name: x\n", ["no grid: section"]),
     "not-yaml": ("grid: [methods: ms\n", ["not valid YAML"]),
+    # A grid that names no method or no dataset planned a cell of fit's defaults (dmcac on the
+    # synthetic data) instead of being refused.
+    "empty-grid": ("grid: {}\n", ["grid is empty: every grid lists its methods: and datasets:",
+                                   "e.g. grid: {methods: [ms], datasets: [cub]"]),
+    "empty-grid-list": ("grid: []\n", ["grid is an empty list, so the suite has no cell",
+                                        "e.g. grid: {methods: [ms], datasets: [cub]"]),
+    "empty-grid-in-a-list": ("grid:\n  - {methods: [ms], datasets: [cub]}\n  - {}\n", ["grid[1] is empty"]),
+    "grid-without-methods": ("grid: {datasets: [cub], seeds: [0]}\n", ["grid names no methods:", "python -m benchmark list"]),
+    "grid-without-datasets": ("grid: {methods: [ms]}\n", ["grid names no datasets:", "datasets: [synthetic]"]),
+    "grid-with-neither": ("grid: {seeds: [0, 1]}\n", ["grid names no methods and no datasets:"]),
 }
 
 
@@ -199,7 +212,7 @@ def test_several_problems_are_reported_together(tmp_path: Path, capsys: pytest.C
 def test_an_unwritable_output_folder_fails_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a_file").write_text("")
     path = tmp_path / "s.yaml"
-    path.write_text(f"output: {tmp_path / 'a_file' / 'out'}\ngrid: {{methods: [ms]}}\n")
+    path.write_text(f"output: {tmp_path / 'a_file' / 'out'}\ngrid: {{{MS}}}\n")
     for extra in ([], ["--dry-run"]):
         assert main(["suite", "run", str(path), *extra]) == 2
         err = capsys.readouterr().err
@@ -356,7 +369,7 @@ def test_the_wandb_sweep_export_and_the_command_its_agent_runs(
     config = yaml.safe_load(sweep_file.read_text())
     assert config["method"] == "grid" and config["program"] == str(path)
     assert config["parameters"] == {"cell": {"values": list(CELLS)}}
-    assert set(config) == {"name", "description", "project", "program", "method", "parameters", "command"}
+    assert set(config) == {"name", "description", "project", "program", "method", "metric", "parameters", "command"}
     assert config["command"][0] == "${env}" and "${args}" in config["command"] and "${program}" in config["command"]
 
     # The agent's command for one run, built as wandb's agent builds it (wandb_agent.Agent._command_run).
@@ -477,7 +490,7 @@ slurm: {{partition: gpu, account: acc, array_parallelism: 8, setup: ["source .ve
 def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(tmp_path: Path) -> None:
     """resources.time: the serial runner sends SIGTERM to the fit's process group (here a stand-in process)."""
     path = tmp_path / "s.yaml"
-    path.write_text(f"output: {tmp_path / 'out'}\ngrid: {{methods: [ms]}}\nresources: {{time: 1m}}\n")
+    path.write_text(f"output: {tmp_path / 'out'}\ngrid: {{{MS}}}\nresources: {{time: 1m}}\n")
     suite = suites.load_suite(path)
     cell = suite.cells[0]
     run = suites.CellRun(suite, cell, suites.Plan("run", suites.CellState("pending")))
@@ -493,3 +506,253 @@ def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(tmp_path: Path
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
+
+
+# ---------------------------------------------------------------------------- changed options
+def _fake_attempt(suite: suites.Suite, cell: suites.Cell, status: str | None, exit_code: int | None = None,
+                  pid: int | None = None, checkpoint: bool = False) -> Path:
+    """A cell's folder as one attempt of ``suite``'s arguments leaves it: suite.json, status.json
+    (written by its fit; ``pid``: the fit's process) and, with ``checkpoint``, a last.ckpt."""
+    run = suite.run_dir(cell)
+    run.mkdir(parents=True)
+    attempt = {"action": "run", "command": ["python", "-m", "benchmark", "fit", *cell.argv], "exit_code": exit_code,
+               "seconds": 1.0, "reason": ""}
+    (run / suites.RECORD).write_text(json.dumps({"suite": str(suite.path), "cell": cell.id, "argv": cell.argv,
+                                                 "attempts": [attempt]}))
+    if status is not None:
+        (run / "status.json").write_text(json.dumps({
+            "status": status, "exit_code": exit_code, "reason": f"{status} here", "host": socket.gethostname(),
+            "pid": pid or os.getpid()}))
+    if checkpoint:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint: a resume would fail")
+    return run
+
+
+def test_a_cell_whose_options_changed_is_not_resumed_and_status_and_dry_run_say_what_changed(
+    cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The suite file changed after its cells ran. Resuming the interrupted cell would continue its
+    checkpoint under the new options while its config.yaml keeps the old ones (a result of neither):
+    `suite run` and `run-cell` refuse before starting anything (exit 2, naming the options old -> new
+    and the fix); `suite status` and the dry run show "changed" for the cells in every state."""
+    out = tmp_path / "out"
+    path = tiny_suite(tmp_path / "s.yaml", cub_root, out, seeds="[0, 1, 2]")
+    old = suites.load_suite(path)
+    completed, interrupted, failed = old.cells
+    _fake_attempt(old, completed, "completed", 0)
+    _fake_attempt(old, interrupted, "interrupted", 143, checkpoint=True)
+    _fake_attempt(old, failed, "failed", 1)
+    tiny_suite(path, cub_root, out, batches=3, seeds="[0, 1, 2]")  # edited: 2 -> 3 batches per epoch
+    change = "--data.batches_per_epoch 2 -> 3"
+
+    assert main(["suite", "status", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "3 cells: 1 completed, 1 interrupted, 1 failed (3 changed)" in shown
+    for cell, state in ((completed, "completed"), (interrupted, "interrupted"), (failed, "failed")):
+        assert f"  {cell.id} ({state}): {change}" in shown
+    assert "--restart-changed" in shown
+
+    assert main(["suite", "run", str(path), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert f"{completed.id}: completed, changed -> skip (completed with other options: {change}" in listing
+    assert (f"{interrupted.id}: interrupted, changed -> not started (not resumed: options changed: {change}; "
+            "--restart-changed starts it again from scratch)") in listing
+    assert f"{failed.id}: failed, changed -> not started (failed: failed here; options changed: {change})" in listing
+    assert "--ckpt_path" not in listing
+    assert main(["suite", "run", str(path), "--dry-run", "--restart-changed"]) == 0
+    assert capsys.readouterr().out.count(f", changed -> restart (start again from scratch: options changed: {change})") == 3
+
+    for command in (["run", str(path)], ["run-cell", str(path), "--cell", interrupted.id]):
+        assert main(["suite", *command]) == 2
+        message = next(line for line in capsys.readouterr().err.splitlines() if "--restart-changed" in line)
+        assert f"({interrupted.id}: {change})" in message and "config.yaml keeps the old ones" in message
+        assert str(out / ".attempts") in message and "restore the old values" in message
+    for cell in old.cells:  # nothing was started
+        assert len(_record(out / cell.id)["attempts"]) == 1 and not (out / cell.id / suites.LOG).exists()
+    # Options written in another order in the file are the same configuration.
+    argv = interrupted.argv
+    assert suites.argv_changes(argv, [*argv[4:6], *argv[:4], *argv[6:]]) == []
+    assert suites.argv_changes(["--a", "1"], ["--b", "2"]) == ["--a 1 -> (not set)", "--b (not set) -> 2"]
+
+
+def test_restart_changed_starts_a_changed_cell_again_from_scratch_and_keeps_the_old_attempt(
+    cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    path = tiny_suite(tmp_path / "s.yaml", cub_root, out, seeds="[0]")
+    old = suites.load_suite(path)
+    cell = old.cells[0]
+    _fake_attempt(old, cell, "interrupted", 143, checkpoint=True)
+    tiny_suite(path, cub_root, out, batches=3, seeds="[0]")
+    new = suites.load_suite(path).cells[0]
+    assert main(["suite", "run", str(path), "--restart-changed"]) == 0
+    run, kept = out / cell.id, out / ".attempts" / f"{cell.id}.1"
+    assert flatten_config(yaml.safe_load((run / "config.yaml").read_text()))["data.batches_per_epoch"] == 3
+    assert _status(run)["status"] == "completed"
+    record = _record(run)
+    assert record["argv"] == new.argv and [a["action"] for a in record["attempts"]] == ["run", "restart"]
+    assert "--ckpt_path" not in record["attempts"][-1]["command"]  # from scratch, not from the old checkpoint
+    assert _status(kept)["status"] == "interrupted" and _record(kept)["argv"] == cell.argv
+    assert (kept / "checkpoints" / "last.ckpt").is_file()
+    capsys.readouterr()
+    assert main(["suite", "status", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "1 cell: 1 completed\n" in shown and "(changed)" not in shown and "changed since" not in shown
+
+
+# ---------------------------------------------------------------------------- W&B sweeps and stage-2 cells
+def test_the_sweep_names_the_metric_the_cells_are_judged_by(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """metric: the test counterpart of what the cells' checkpoints are selected by; test/R@1 when they differ."""
+    refine = ("  - methods: [context_refine]\n    datasets: [cub]\n    seeds: [0]\n"
+              "    args: {model.source: \"{output}/ms-cub-seed0/checkpoints/last.ckpt\"}\n")
+    cases = {
+        "ms": ("grid: [{methods: [ms], datasets: [cub]}]\n", "test/R@1", "maximize", "every cell's checkpoints"),
+        "refine": ("grid:\n" + refine, "test/refined/R@1", "maximize", "every cell's checkpoints"),
+        "both": ("grid:\n  - {methods: [ms], datasets: [cub]}\n" + refine, "test/R@1", "maximize",
+                 "selected by different metrics (test/R@1, test/refined/R@1)"),
+        "monitor": ("args: {checkpoint.monitor: val/MAP@R, checkpoint.mode: min}\ngrid: {methods: [ms], datasets: [cub]}\n",
+                    "test/MAP@R", "minimize", "every cell's checkpoints"),
+    }
+    for name, (grid, metric, goal, why) in cases.items():
+        path, sweep = tmp_path / f"{name}.yaml", tmp_path / f"{name}.sweep.yaml"
+        path.write_text(f"output: {tmp_path / name}\nargs: {{logger: wandb}}\n" + grid)
+        assert main(["suite", "export-sweep", str(path), "--out", str(sweep)]) == 0, capsys.readouterr().err
+        text = sweep.read_text()
+        assert yaml.safe_load(text)["metric"] == {"name": metric, "goal": goal}, name
+        assert f"# metric: {metric} ({goal}): " in text and why in text, text
+    capsys.readouterr()
+
+
+TWO_STAGES = (STAGE1, STAGE2) = ("ms-cub-resnet50-seed0", "context_refine-cub-seed0")
+
+
+def two_stage_suite(path: Path, output: Path) -> suites.Suite:
+    """Stage 2 (Context-Refine) names stage 1's checkpoint: it needs that cell."""
+    path.write_text(f"""output: {output}
+grid:
+  - {{methods: [ms], datasets: [cub], backbones: [resnet50], seeds: [0]}}
+  - methods: [context_refine]
+    datasets: [cub]
+    seeds: [0]
+    args: {{model.source: "{{output}}/{STAGE1}/checkpoints/last.ckpt"}}
+""")
+    suite = suites.load_suite(path)
+    assert suite.cell(STAGE2).needs == (STAGE1,)
+    return suite
+
+
+def test_run_cell_of_a_cell_whose_need_failed_skips_it_records_why_and_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Agents run a sweep's cells at once. A stage-2 cell whose stage-1 cell failed is not started
+    (its fit would fail on the missing checkpoint), is recorded as blocked with the reason, and
+    exits 0: not a failure of its own (the stage-1 run carries it), and a W&B agent stops after a
+    few quick non-zero exits, which would end the sweep on that machine."""
+    out = tmp_path / "out"
+    suite = two_stage_suite(tmp_path / "s.yaml", out)
+    _fake_attempt(suite, suite.cell(STAGE1), "failed", 1)
+    assert main(["suite", "run-cell", str(suite.path), "--cell", STAGE2]) == 0
+    err = capsys.readouterr().err
+    assert f"{STAGE2}: skipped, not started: needs {STAGE1}, which is failed (failed here)" in err
+    assert "exit 0" in err and "--retry-failed" in err
+    run = out / STAGE2
+    assert _record(run)["blocked"]["reason"] == f"needs {STAGE1}, which is failed (failed here)"
+    assert _record(run)["attempts"] == [] and "argv" not in _record(run)
+    assert not (run / suites.LOG).exists() and not (run / "status.json").exists()  # no fit was started
+    assert main(["suite", "status", str(suite.path)]) == 0
+    shown = capsys.readouterr().out
+    assert "2 cells: 1 failed, 1 blocked" in shown and "blocked" in shown.split(STAGE2)[1].splitlines()[0]
+
+
+def test_run_cell_waits_while_a_need_runs_and_gives_up_after_its_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    suite = two_stage_suite(tmp_path / "s.yaml", out)
+    # A need that is pending (nobody started it) past --wait-needs: not started, exit 1.
+    start = time.monotonic()
+    assert main(["suite", "run-cell", str(suite.path), "--cell", STAGE2, "--wait-needs", "2s"]) == 1
+    assert time.monotonic() - start >= 2
+    output = capsys.readouterr()
+    assert f"{STAGE2}: waiting for the cells it needs: {STAGE1} (pending); up to 0:02 more" in output.out
+    assert f"not started: waited 0:02 for {STAGE1} (pending), which did not complete" in output.err
+    assert _record(out / STAGE2)["blocked"]["reason"] == f"waited 0:02 for {STAGE1} (pending)"
+    # A need whose fit runs (its process is alive on this host), then fails: the cell waits, then is skipped.
+    fit = subprocess.Popen(["sleep", "60"])
+    try:
+        stage1 = _fake_attempt(suite, suite.cell(STAGE1), "running", pid=fit.pid)
+
+        def fail_later() -> None:
+            time.sleep(2.5)
+            _set_status(stage1, "failed", 1, reason="RuntimeError: boom")
+
+        failer = threading.Thread(target=fail_later)
+        failer.start()
+        start = time.monotonic()
+        assert main(["suite", "run-cell", str(suite.path), "--cell", STAGE2, "--wait-needs", "1m"]) == 0
+        waited = time.monotonic() - start
+        failer.join()
+    finally:
+        fit.kill()
+        fit.wait()
+    output = capsys.readouterr()
+    assert f"waiting for the cells it needs: {STAGE1} (running on {socket.gethostname()} (pid {fit.pid}))" in output.out
+    assert 2.5 <= waited < 30, waited
+    assert f"skipped, not started: needs {STAGE1}, which is failed (RuntimeError: boom)" in output.err
+    assert not (out / STAGE2 / suites.LOG).exists()
+
+
+@pytest.mark.slow  # two run-cell processes, each with a real fit, one after the other: about 60 s on 2 cores
+def test_two_agents_at_once_the_stage2_cell_waits_for_its_stage1_cell_then_runs(cub_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        f"name: two\noutput: {out}\n" + TINY_ARGS.format(cub=cub_root, batches=2).replace("  backbone.pretrained: false\n", "")
+        .replace("  model.embedding_dim: 8\n", "")
+        + "grid:\n  - methods: [ms]\n    datasets: [cub]\n    backbones: [resnet_tiny_test]\n    seeds: [0]\n"
+        "    args: {backbone.pretrained: false, model.embedding_dim: 8}\n"
+        "  - methods: [context_refine]\n    datasets: [cub]\n    seeds: [0]\n"
+        "    args: {model.source: \"{output}/ms-cub-resnet_tiny_test-seed0/checkpoints/last.ckpt\", "
+        "model.refiner.num_blocks: 2, model.refiner.num_neighbours: 3, model.inference.cache_dir: \"{output}/cache\"}\n"
+    )
+    stage1, stage2 = "ms-cub-resnet_tiny_test-seed0", "context_refine-cub-seed0"
+    command = [sys.executable, "-m", "benchmark", "suite", "run-cell", str(path), "--wait-needs", "5m", "--cell"]
+    second = subprocess.Popen([*command, stage2], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.run([*command, stage1], cwd=REPO, capture_output=True, text=True, timeout=300)
+    text = second.communicate(timeout=300)[0]
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert second.returncode == 0, text[-3000:]
+    assert f"{stage2}: waiting for the cells it needs: {stage1}" in text and f"{stage2}: run;" in text
+    assert _status(out / stage2)["status"] == "completed"
+    assert json.loads((out / stage2 / "metrics_test.json").read_text())["source"] == str(
+        out / stage1 / "checkpoints" / "last.ckpt")
+
+
+# ---------------------------------------------------------------------------- reading run records
+def test_status_reads_the_run_state_and_the_final_number_as_benchmark_results_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fit killed without a final status (its pid is gone on this host) is interrupted and resumes;
+    the R@1 shown is the end-of-training test's, not that of a later `test --ckpt_path`."""
+    out = tmp_path / "out"
+    path = tmp_path / "s.yaml"
+    path.write_text(f"output: {out}\ngrid: {{{MS}, seeds: [0, 1]}}\n")
+    suite = suites.load_suite(path)
+    killed, tested = suite.cells
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    _fake_attempt(suite, killed, "running", pid=gone.pid, checkpoint=True)
+    run = _fake_attempt(suite, tested, "completed", 0)
+    final = {"stage": "test", "global_step": 4, "role": "final", "metrics": {"R@1": 0.5}}
+    later = {"stage": "test", "global_step": 4, "role": "checkpoint", "metrics": {"R@1": 0.9},
+             "checkpoint": {"path": "best.ckpt", "selected_by": "best val/R@1"}}
+    (run / "metrics_test.json").write_text(json.dumps({"metrics": {"R@1": 0.9}, "evaluations": [final, later]}))
+    assert main(["suite", "status", str(path)]) == 0
+    shown = capsys.readouterr().out
+    row = next(line for line in shown.splitlines() if killed.id in line)
+    assert "interrupted" in row and f"status says running, but its process (pid {gone.pid} on" in row
+    row = next(line for line in shown.splitlines() if tested.id in line)
+    assert "50.00" in row and "90.00" not in row
+    assert main(["suite", "run", str(path), "--dry-run"]) == 0
+    assert f"{killed.id}: interrupted -> resume (resume from last.ckpt)" in capsys.readouterr().out
