@@ -40,6 +40,7 @@ from benchmark.results import (
     STATES,
     RecordError,
     comparison_config,
+    comparison_group,
     comparison_key,
     final_evaluation,
     flatten_config,
@@ -61,7 +62,13 @@ from benchmark.training import (
     training_length,
     truncate_records,
 )
-from benchmark.wandb_logger import WandbResults, build_wandb_logger, finish_wandb_run, update_wandb_config
+from benchmark.wandb_logger import (
+    WandbResults,
+    build_wandb_logger,
+    finish_wandb_run,
+    log_results_artifact,
+    update_wandb_config,
+)
 from datamodules.base import RetrievalDataModule
 from methods.base import NonFiniteLossError, RetrievalMethod
 
@@ -596,7 +603,12 @@ def _make_cli_class():
         def instantiate_trainer(self, **kwargs: Any):
             if (self.run_info.get("command") or "fit") == "fit" and hasattr(self.datamodule, "training_batches"):
                 # The batch settings against the data, before any folder or data pass.
-                self.datamodule.training_batches(self.model.data_request())
+                batches = len(self.datamodule.training_batches(self.model.data_request()))
+                every = self._get(self.config_init, "trainer", default={}).get("log_every_n_steps") or 50
+                if 0 < batches < every:
+                    # Lightning writes step metrics every log_every_n_steps steps: an epoch shorter than
+                    # that would leave train/loss out of every logger. Write once an epoch then.
+                    kwargs["log_every_n_steps"] = batches
             run_dir = self._run_dir()
             command = self.run_info.get("command") or "fit"
             if hasattr(self.datamodule, "apply_request"):
@@ -727,6 +739,8 @@ def _make_cli_class():
                 return
             stopped_by = self._note_time_budget()
             length = training_length(self.trainer, self.datamodule, self.run_info.get("recipe"), stopped_by)
+            key = self.trainer.run_metadata.get("comparison_key")
+            length["comparison_group"] = comparison_group(key, length["steps_trained"]) if key else None
             self.trainer.run_metadata.update(length)
             if length["short"] and self.trainer.is_global_zero:
                 print(f"[benchmark] shorter than asked: {length['short']}; the leaderboard shows this run apart "
@@ -1023,6 +1037,9 @@ def _run_training_command(command: str, argv: list[str]) -> int:
         return 0
     finally:
         status.restore_signal_handlers()
+        if status.run_dir is not None and status.is_rank_zero:
+            with contextlib.suppress(Exception):  # a results snapshot must never turn a run into a failure
+                log_results_artifact(status.run_dir)
         finish_wandb_run(status.exit_code or 0)
         if status.run_dir is not None and status.state not in ("", "running") and status.is_rank_zero:
             print(f"[benchmark] run directory: {status.run_dir} ({status.state})", file=sys.stderr)

@@ -362,6 +362,7 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
         row["short"] = g.short  # why the runs are shorter than asked, or ""
         row["incomplete"] = g.incomplete  # the runs' states when --include-incomplete lets them in, or ""
         row["comparison_key"] = g.settings.get("comparison_key")
+        row["comparison_group"] = g.runs[0].meta.get("comparison_group")
         row["run_names"] = sorted(r.name for r in g.runs)
         row["select"] = select if select == "final" else f"{select} ({OPTIMISTIC})"
         for m in metrics:
@@ -421,7 +422,7 @@ def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: 
 def csv_columns(metrics: Sequence[str], rank_by: str) -> list[str]:
     """The columns of one group's row in the CSV output and the W&B Table."""
     return [*ROW_FIELDS, "n_seeds", "seeds", "steps", *[c for m in metrics for c in (f"{m}_mean", f"{m}_std")],
-            f"paper_{rank_by}", f"delta_{rank_by}", "select", "short", "incomplete", "differs", "comparison_key",
+            f"paper_{rank_by}", f"delta_{rank_by}", "select", "short", "incomplete", "differs", "comparison_group",
             "run_names"]  # fmt: skip
 
 
@@ -621,13 +622,18 @@ def main(argv: list[str] | None = None) -> int:
             args.out.stem + "_figures"))  # fmt: skip
     if args.publish:
         entity, project = args.wandb.split("/")
-        tables = {d: to_markdown([r for r in rows if str(r["dataset"]) == d], metrics, args.metric,
-                                 [n for n in refs if n.dataset == d]) for d in {str(r["dataset"]) for r in rows}}  # fmt: skip
-        report = wandb_report.build_report(entity, project, rows, tables, args.metric, records, args.title)
+        papers = [{**n.__dict__, "source": "paper"} for n in refs]
+        report = wandb_report.build_report(entity, project, rows, args.metric, records, args.title,
+                                           suite=filters.get("suite"), paper_rows=papers)  # fmt: skip
         if args.dry_run:
             print(wandb_report.outline(report))
             return 0
-        url = wandb_report.publish(report, csv_columns(metrics, args.metric), rows, entity, project)
+        # The W&B Table: the leaderboard's rows, then the papers' numbers as rows of their own.
+        columns = [*csv_columns(metrics, args.metric), "source", "paper", "metric", "value"]
+        table = [{**r, "source": "benchmark"} for r in rows] + [
+            {"dataset": p["dataset"], "method": p["method"], "backbone": p["backbone"], "embedding_dim": p["dim"],
+             "source": "paper", "paper": p["paper"], "metric": p["metric"], "value": p["value"]} for p in papers]  # fmt: skip
+        url = wandb_report.publish(report, columns, table, entity, project)
         print(f"published {url}")
         return 0
     if args.format == "console":

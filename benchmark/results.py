@@ -271,3 +271,9 @@ def comparison_key(settings: Mapping[str, Any]) -> str:
 
     text = json.dumps({k: canonical(v) for k, v in sorted(settings.items())}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def comparison_group(key: str, steps_trained: Any) -> str:
+    """The one field that names a leaderboard row: the comparison key and the steps trained (what W&B's
+    charts group by, so that they pool exactly the runs the leaderboard pools)."""
+    return f"{key}-{steps_trained}steps"

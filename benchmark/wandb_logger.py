@@ -12,7 +12,8 @@ not give:
 * **Grouping and job type**: ``group`` = ``$WANDB_RUN_GROUP`` (a suite sets it) or
   ``dataset/method/backbone``; ``job_type`` = the command (``fit``, ``test``, ``validate``).
 * **The summary** keeps the last value of every metric (W&B's rule); the number the run is
-  judged by is added as ``best/<selection metric>`` and ``best/epoch`` (:class:`WandbResults`).
+  judged by is added as ``best/<selection metric>``, ``best/epochs_trained`` and ``best/selected_on``
+  (:class:`WandbResults`; test-selected under the paper protocol, and labelled so).
 * **Artifacts**: the run's results JSON files after testing, and (opt-in, ``$DML_BENCHMARK_WANDB_CHECKPOINT=best``)
   its best checkpoint.
 * **Credentials** are W&B's own: the API key, identity-token file or ``.netrc`` entry for the
@@ -29,6 +30,15 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+
+from benchmark.results import (
+    OPTIMISTIC,
+    RecordError,
+    best_validation,
+    epochs_trained,
+    flat_metrics,
+    read_record,
+)
 
 ENV_CHECKPOINT = "DML_BENCHMARK_WANDB_CHECKPOINT"
 RESULT_FILES = ("metrics_val.json", "metrics_test.json", "status.json", "config.yaml")
@@ -125,9 +135,14 @@ def build_wandb_logger(run_dir: Path, meta: dict[str, Any], job_type: str) -> Be
 
 
 class WandbResults(L.Callback):
-    """Adds to the W&B run what a finished run is judged by: ``best/<metric>`` and ``best/epoch``
-    in the summary after ``fit``, the results files as an artifact after ``test``, and (opt-in)
-    the best checkpoint as a model artifact."""
+    """Adds to the W&B run what a finished run is judged by: the best validation after ``fit``
+    (``best/<selection metric>``, ``best/epochs_trained``, ``best/global_step`` and ``best/selected_on``:
+    under the paper protocol validation runs on the test split, so that value is test-selected and
+    optimistic, and says so), and (opt-in) the best checkpoint as a model artifact.
+
+    "Best" is :func:`benchmark.results.best_validation` over the run's ``metrics_val.json``: the
+    definition the figures and the leaderboard use (the untrained pre-fit evaluation is never best).
+    """
 
     def __init__(self, run_dir: Path, selection_metric: str) -> None:
         self.run_dir, self.selection_metric = Path(run_dir), selection_metric
@@ -138,37 +153,47 @@ class WandbResults(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = self._logger(trainer)
-        callback = trainer.checkpoint_callback
-        if logger is None or not trainer.is_global_zero or callback is None:
+        if logger is None or not trainer.is_global_zero:
             return
-        score = getattr(callback, "best_model_score", None)
-        if score is not None:
-            logger.experiment.summary[f"best/{self.selection_metric}"] = float(score)
-            stem = Path(str(getattr(callback, "best_model_path", ""))).stem  # best-{epoch}-{step}
-            epoch = stem.split("best-", 1)[-1].split("-", 1)[0] if stem.startswith("best-") else ""
-            if epoch.isdigit():
-                logger.experiment.summary["best/epoch"] = int(epoch)
+        try:
+            record = read_record(self.run_dir / "metrics_val.json")
+        except RecordError:
+            record = None
+        callback = trainer.checkpoint_callback
+        mode = getattr(callback, "mode", None) or getattr(pl_module, "selection_mode", "max")
+        metric = self.selection_metric.removeprefix("val/")
+        best = best_validation(record["evaluations"], metric, mode) if record else None
+        if best is not None:
+            summary = logger.experiment.summary
+            summary[f"best/{self.selection_metric}"] = flat_metrics(best)[metric]
+            summary["best/epochs_trained"] = epochs_trained(best)
+            summary["best/global_step"] = int(best.get("global_step") or 0)
+            summary["best/selected_on"] = (f"test split ({OPTIMISTIC})" if record.get("split") == "test"
+                                           else f"{record.get('split')} split")  # fmt: skip
         if os.environ.get(ENV_CHECKPOINT, "").lower() == "best" and getattr(callback, "best_model_path", ""):
             import wandb
 
+            score = getattr(callback, "best_model_score", None)
             artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model",
                                       metadata={self.selection_metric: None if score is None else float(score)})
             artifact.add_file(str(callback.best_model_path))
             logger.experiment.log_artifact(artifact, aliases=["best"])
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logger = self._logger(trainer)
-        if logger is None or not trainer.is_global_zero:
-            return
-        files = [self.run_dir / name for name in RESULT_FILES if (self.run_dir / name).is_file()]
-        if not files:
-            return
-        import wandb
 
-        artifact = wandb.Artifact(f"results-{logger.experiment.id}", type="results")
-        for path in files:
-            artifact.add_file(str(path))
-        logger.experiment.log_artifact(artifact)
+def log_results_artifact(run_dir: Path) -> None:
+    """The run's results files as a W&B artifact, once the command has ended and ``status.json`` holds
+    its final state (completed, failed, interrupted): the snapshot never says "running"."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never import wandb just to find no run
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    files = [Path(run_dir) / name for name in RESULT_FILES if (Path(run_dir) / name).is_file()]
+    if run is None or not files or not (Path(run_dir) / "metrics_test.json").is_file():
+        return
+    artifact = wandb.Artifact(f"results-{run.id}", type="results")
+    for path in files:
+        artifact.add_file(str(path))
+    run.log_artifact(artifact)
 
 
 def finish_wandb_run(exit_code: int) -> None:

@@ -193,18 +193,32 @@ def test_the_wandb_report_is_built_from_a_recorded_project(project: tuple[Path, 
                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
     import wandb_workspaces.reports.v2 as wr
 
-    recorded = project[1]
+    import benchmark.wandb_report as report_module
+
+    runs, recorded = project
     for r in recorded:
         r.url = f"https://wandb.example.com/me/dml/runs/{r.name}"
     _wandb_source(monkeypatch, recorded)
+    capsys.readouterr()
     assert main(["--wandb", "me/dml", "--publish", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "W&B Report 'DML benchmark leaderboard' in me/dml" in text and "H2: cub" in text
-    assert "BarPlot('test/R@1: mean ± std over seeds')" in text and "Config('dataset') == 'cub'" in text
+    assert "table: leaderboard-dml:latest/leaderboard.table.json" in text
+    assert ("Config('dataset') == 'cub' and Metric('State') == 'finished' and Metric('JobType') == 'fit'" in text
+            and "grouped by config.comparison_group" in text)  # fmt: skip
+    assert "ParallelCoordinatesPlot" in text and "MediaBrowser" in text and "ms_baseline (context_refine)" in text
+    # --dry-run from local folders: no W&B project is read (the leaderboard is offline), same outline.
+    monkeypatch.setattr(report_module, "existing_report", None)
+    capsys.readouterr()
+    assert main(["--runs", str(runs), "--wandb", "me/dml", "--publish", "--dry-run"]) == 0
+    offline = capsys.readouterr().out
+    assert [line for line in offline.splitlines() if "runs/" not in line] == \
+        [line for line in text.splitlines() if "runs/" not in line and "H3: Runs" not in line]  # fmt: skip
 
     saved: list[Any] = []
     monkeypatch.setattr(wr.Report, "save", lambda self, *a, **k: saved.append(self) or self)
-    monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.example.com/report"), raising=False)
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: f"https://wandb.example.com/report/{self.id or 'new'}"),
+                        raising=False)  # fmt: skip
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     from wandb.sdk.wandb_run import Run
@@ -212,16 +226,27 @@ def test_the_wandb_report_is_built_from_a_recorded_project(project: tuple[Path, 
     logged: list[Any] = []
     log_artifact = Run.log_artifact
     monkeypatch.setattr(Run, "log_artifact", lambda self, a, *x, **k: logged.append(a) or log_artifact(self, a, *x, **k))
+    previous: list[Any] = []  # the project's reports, as W&B would list them
+    monkeypatch.setattr(report_module, "existing_report", lambda entity, project, title: previous[0] if previous else None)
+    capsys.readouterr()
     assert main(["--wandb", "me/dml", "--publish"]) == 0
-    assert "published https://wandb.example.com/report" in capsys.readouterr().out
+    assert "published https://wandb.example.com/report/new" in capsys.readouterr().out
     report = saved[0]
     kinds = [type(b).__name__ for b in report.blocks]
     assert kinds[:3] == ["H1", "P", "TableOfContents"] and kinds.count("H2") == 1
-    table = next(b for b in report.blocks if type(b).__name__ == "MarkdownBlock")
-    assert "| ms |" in table.text and "| proxy_anchor |" in table.text and " ± " in table.text
+    assert "MarkdownBlock" not in kinds[:kinds.index("PanelGrid")]  # the table is the logged W&B Table, not Markdown
     grid = next(b for b in report.blocks if type(b).__name__ == "PanelGrid")
-    bar, line = grid.panels
-    assert bar.metrics == ["test/R@1"] and bar.groupby_rangefunc == "stddev" and line.y == ["val/R@1"]
+    bar, line, parallel, media = grid.panels
+    assert bar.metrics == ["test/R@1"] and bar.groupby == wr.Config("comparison_group")
+    assert line.y == ["val/R@1"] and line.x == "val/epochs_trained" and line.groupby == wr.Config("comparison_group")
+    assert "figures/retrieval_grid" in media.media_keys and parallel.columns
     links = [b for b in report.blocks if type(b).__name__ == "MarkdownBlock"][-1].text
     assert links.count("https://wandb.example.com/me/dml/runs/") == 4
     assert logged and logged[0].type == "leaderboard" and "leaderboard.table.json" in logged[0].manifest.entries
+    # Published again: the same report (found by its title) is updated, not a second one made.
+    report.id = "report-1"
+    previous.append(report)
+    saved.clear()
+    assert main(["--wandb", "me/dml", "--publish"]) == 0
+    assert saved[0] is report and saved[0].id == "report-1"
+    assert "published https://wandb.example.com/report/report-1" in capsys.readouterr().out

@@ -3,6 +3,7 @@ job type, the best value in the summary, the results as an artifact, and W&B's o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import wandb
 from wandb.sdk.wandb_run import Run
 
 from benchmark.cli import main
+from benchmark.results import best_validation
 from benchmark.wandb_logger import flatten, wandb_logged_in
 from tests.benchmark.test_run_lifecycle import _args
 from tests.datamodules import fixtures
@@ -27,20 +29,27 @@ def test_an_offline_run_has_flat_config_group_summary_and_artifacts(
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
-    seen: dict[str, Any] = {"artifacts": []}
-    finish, log_artifact = Run.finish, Run.log_artifact
+    seen: dict[str, Any] = {"artifacts": [], "logged": []}
+    finish, log_artifact, log = Run.finish, Run.log_artifact, Run.log
+    run = tmp_path / "run"
 
     def recording_finish(self: Run, *args: Any, **kwargs: Any) -> Any:
         seen.update(config=dict(self.config), summary=dict(self.summary), group=self.group, job_type=self.job_type)
         return finish(self, *args, **kwargs)
 
     def recording_log_artifact(self: Run, artifact: Any, *args: Any, **kwargs: Any) -> Any:
-        seen["artifacts"].append((artifact.type, sorted(artifact.manifest.entries)))
+        # What status.json says when the snapshot is taken.
+        status = json.loads((run / "status.json").read_text())["status"]
+        seen["artifacts"].append((artifact.type, sorted(artifact.manifest.entries), status))
         return log_artifact(self, artifact, *args, **kwargs)
+
+    def recording_log(self: Run, data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        seen["logged"].append(dict(data))
+        return log(self, data, *args, **kwargs)
 
     monkeypatch.setattr(Run, "finish", recording_finish)
     monkeypatch.setattr(Run, "log_artifact", recording_log_artifact)
-    run = tmp_path / "run"
+    monkeypatch.setattr(Run, "log", recording_log)
     assert main(["fit", *_args(cub_root), "--data.batches_per_epoch", "2", "--trainer.max_epochs", "2",
                  "--logger", "wandb", "--run_dir", str(run)]) == 0  # fmt: skip
     if "config" not in seen:  # the CLI leaves finishing to the process exit: finish here
@@ -54,10 +63,22 @@ def test_an_offline_run_has_flat_config_group_summary_and_artifacts(
     assert config["version.torch"] and config["augment.crop"] == "random_resized"
     assert not any(k.startswith("_") or "/_" in k for k in config)
     assert seen["group"] == "cub/ms/resnet_tiny_test" and seen["job_type"] == "fit"
-    assert "best/val/R@1" in summary and 0.0 <= summary["best/val/R@1"] <= 1.0
+    # Every field the leaderboard groups by, with the data as the method used it (#25).
+    assert config["sampler"] == "balanced" and config["config.model.lr"] == 1e-4 and config["config.model.beta"] == 40.0
+    assert config["comparison_key"] and config["steps_trained"] == 4 and config["short"] == ""
+    assert config["comparison_group"] == f"{config['comparison_key']}-4steps"
+    # "Best" is the best validation after training started (the figures' definition), labelled test-selected.
+    val = json.loads((run / "metrics_val.json").read_text())
+    best = best_validation(val["evaluations"], "R@1")
+    assert summary["best/val/R@1"] == best["metrics"]["R@1"] and summary["best/global_step"] == best["global_step"] > 0
+    assert summary["best/epochs_trained"] == best["epochs_trained"] and "optimistic" in summary["best/selected_on"]
     assert "test/R@1" in summary
-    results = [files for kind, files in seen["artifacts"] if kind == "results"]
-    assert results and {"metrics_test.json", "metrics_val.json"} <= set(results[0])
+    # The epochs' x-axis and the training loss, though an epoch (2 steps) is shorter than log_every_n_steps (10).
+    assert [row["val/epochs_trained"] for row in seen["logged"] if "val/epochs_trained" in row] == [0.0, 1.0, 2.0]
+    assert sum("train/loss" in row for row in seen["logged"]) == 2
+    results = [(files, status) for kind, files, status in seen["artifacts"] if kind == "results"]
+    assert len(results) == 1 and {"metrics_test.json", "metrics_val.json", "status.json"} <= set(results[0][0])
+    assert results[0][1] == "completed"  # the snapshot is taken once the run has its final state
 
 
 def test_flatten_keeps_scalars_and_names_nested_fields() -> None:
