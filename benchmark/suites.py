@@ -946,6 +946,9 @@ class CellRun:
         self._record(None)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": os.environ.get("COLUMNS", "160")}
         env.setdefault("WANDB_RUN_GROUP", self.cell.group(self.suite.name))  # the W&B logger groups by it
+        # Recorded by the run (metrics JSON, W&B config): the report filters a suite's runs by them.
+        env.update(DML_BENCHMARK_SUITE=self.suite.name, DML_BENCHMARK_CELL=self.cell.id,
+                   DML_BENCHMARK_VARIANT=self.cell.variant or "")  # fmt: skip
         self.started = time.monotonic()
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             self.command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -308,6 +308,8 @@ def test_a_suite_runs_every_cell_as_its_own_fit_in_a_deterministic_folder(
         run = out / cell
         assert _status(run)["status"] == "completed"
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics_test.json").is_file()
+        record = json.loads((run / "metrics_test.json").read_text())
+        assert (record["suite"], record["cell"]) == ("tiny", cell)  # what the report filters a suite's runs by
         assert (run / "metrics.csv").is_file()  # logger: csv from the suite's args
         assert "===== exit 0" in (run / suites.LOG).read_text()
         record = _record(run)
