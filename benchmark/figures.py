@@ -24,14 +24,24 @@ Generic figures (``after_test``):
 * ``embedding_map``: a 2-D t-SNE map (openTSNE) of the test embeddings coloured by class
   (a seeded subset of classes and points); for a method whose refinement returns embeddings,
   before and after refinement on one projection fitted to both;
-* ``per_class_recall``: the distribution of per-class R@1 and the worst classes by name;
-* ``training_curves``: the loss terms and the validation metrics against epoch, from the run's
-  files (``figures/training_history.csv`` recorded by :class:`FigureWriter`, else the CSV
-  logger's ``metrics.csv``; ``metrics_val.json``, ``metrics_test.json``), with the metric the
-  checkpoint is selected by marked.
+* ``per_class_recall``: the distribution of per-class R@1 and the worst classes by name (or,
+  where they tie, how many share the value);
+* ``training_curves``: the loss terms and the validation metrics against epochs trained, from the
+  run's files (``figures/training_history.csv`` recorded by :class:`FigureWriter`, else the CSV
+  logger's ``metrics.csv``; ``metrics_val.json``, ``metrics_test.json``), with the best
+  validation by the checkpoint's selection metric marked (:func:`benchmark.results.best_validation`).
+
+Conventions shared by every figure: metrics in percent on axes and in captions (the JSON keeps the
+recorded fractions), epochs as :func:`benchmark.results.epochs_trained` counts them (0 = before
+training), short series drawn with markers, class names shortened at word boundaries. After a
+run's test the figures' time is bounded by a share of the run's evaluation time
+(``--figures.budget``, 10 %): a figure starts only while the time left covers one (else it is
+skipped and named), and the embedding map, drawn last, fits its t-SNE to what is left.
 
 Everything is headless (matplotlib's Agg backend, the DejaVu fonts matplotlib ships) and
-deterministic for a given checkpoint and seed (seeded samples, seeded t-SNE on one thread).
+deterministic for a given checkpoint and seed (seeded samples; a seeded t-SNE on one thread),
+the embedding map for a given t-SNE schedule, which its JSON records (``analyze`` always runs the
+full one).
 """
 
 from __future__ import annotations
@@ -39,12 +49,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import textwrap
 import time
 import traceback
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +69,21 @@ from benchmark.core import FIGURES, Figure, RankedLists, logs_this_step, registe
 from benchmark.evaluation.callback import Evaluation, RetrievalEvaluator
 from benchmark.evaluation.metrics import QueryRankings, query_rankings, ranked_list_rankings
 from benchmark.io import atomic_write_text
+from benchmark.results import OPTIMISTIC, RecordError, best_validation, epochs_trained, read_record
 
 FIGURES_DIR = "figures"
 HISTORY_FILE = "training_history.csv"  # in <run>/figures/: the training curves' data
 CORRECT, INCORRECT, QUERY = "#1a9850", "#d73027", "#2c7bb6"  # green, red, blue
 MARKS = {True: "\u2713", False: "\u2717"}  # ✓ ✗ (DejaVu Sans has both)
+ELLIPSIS = "\u2026"  # … (DejaVu Sans has it)
+WORD_SEPARATORS = " _-./"  # where a class name may be shortened: "001.Black_footed_Albatross" -> "001.Black_footed…"
+#: Figures whose cost adapts to the time left in the figures' budget; :class:`FigureWriter` draws them last.
+ADAPTIVE = ("embedding_map",)
+#: zlib level of the PNG files: 1 instead of Pillow's 6 (the main job's retrieval grid encodes in 0.06 s
+#: instead of 0.10 s and is 10 % larger, 1.2 MB; the matplotlib figures barely change).
+PNG_COMPRESSION = 1
+#: A series with at most this many points is drawn with markers: a line through one point draws nothing.
+FEW_POINTS = 30
 
 
 # ---------------------------------------------------------------------------- settings and results
@@ -77,6 +98,7 @@ class FigureSettings:
     max_points: int = 600
     seed: int = 0
     dpi: int = 100
+    budget: float | None = 0.1  # the after-test figures' share of the run's evaluation time (None: no limit)
 
 
 class FigureSkipped(Exception):
@@ -151,6 +173,50 @@ def fixed_layout(fig: Any, left: float, right: float, top: float, bottom: float,
                         wspace=wspace / panel_w, hspace=hspace / panel_h)
 
 
+def shorten(text: str, width: float, measure: Callable[[str], float] = len) -> str:
+    """``text`` if it fits in ``width``, else its longest prefix that ends at a word boundary
+    (:data:`WORD_SEPARATORS`), the separator dropped, followed by an ellipsis.
+
+    ``width`` is in ``measure``'s units: characters (``len``, the default) or pixels of a font
+    (``font.getlength``). Class names are shortened this way wherever they are drawn, so that a
+    label never ends in the middle of a word; only a first word longer than the whole room is cut
+    inside the word (there is no boundary to cut at).
+    """
+    if measure(text) <= width:
+        return text
+    for end in range(len(text) - 1, 0, -1):
+        if text[end] in WORD_SEPARATORS:
+            candidate = text[:end].rstrip(WORD_SEPARATORS) + ELLIPSIS
+            if candidate != ELLIPSIS and measure(candidate) <= width:
+                return candidate
+    for end in range(len(text) - 1, 0, -1):  # one long word
+        if measure(text[:end] + ELLIPSIS) <= width:
+            return text[:end] + ELLIPSIS
+    return ELLIPSIS
+
+
+def set_title(ax: Any, text: str, fontsize: float) -> None:
+    """``ax.set_title`` at a fixed height: matplotlib otherwise places a title above whatever tick labels
+    the axes has on top, measuring them at every draw (0.23 s of the four after-test figures' 2.0 s in
+    a profile of the main job's)."""
+    ax.set_title(text, fontsize=fontsize, y=1.0)
+
+
+def plain_log_labels(axis: Any) -> None:
+    """Tick labels of a log axis as plain numbers (``0.01``, ``10``): matplotlib's default writes
+    ``10^k`` in mathtext, whose parser took 0.11 s of the main job's training curves (profiled)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def point_markers(count: int, size: float = 3.0) -> dict[str, Any]:
+    """``plot`` keywords that keep a short series visible: markers on a series of at most
+    :data:`FEW_POINTS` points (a line through a single point draws nothing), none on a longer one."""
+    return {"marker": "o", "markersize": size} if count <= FEW_POINTS else {}
+
+
 # ---------------------------------------------------------------------------- context
 @dataclass
 class FigureContext:
@@ -164,6 +230,8 @@ class FigureContext:
         run_dir: the run directory (results files, training history), if any.
         settings: sample sizes and the seed.
         selection_metric: the metric the run's checkpoints are selected by.
+        deadline: a ``time.perf_counter()`` time by which the figures should be done (the budget
+            :class:`FigureWriter` sets after a run's test); None: no limit (``analyze``).
     """
 
     out_dir: Path
@@ -175,6 +243,9 @@ class FigureContext:
     selection_metric: str | None = None
     initial_model: Any = None
     trainer: Any = None
+    deadline: float | None = None
+    drawn_seconds: list[float] = field(default_factory=list)  # what each figure drawn so far took
+    skipped: list[str] = field(default_factory=list)  # the figures skipped for time
     _rankings: dict[str, QueryRankings] = field(default_factory=dict, repr=False)
     _thumbs: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
     _names: dict[int, str] | None = field(default=None, repr=False)
@@ -186,6 +257,24 @@ class FigureContext:
     @property
     def method(self) -> str:
         return str(getattr(self.model, "method_name", "") or type(self.model).__name__) if self.model is not None else ""
+
+    def seconds_left(self) -> float | None:
+        """Seconds left until :attr:`deadline` (at least 0), or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+
+    def checkpoint_hint(self) -> str:
+        """The checkpoint an ``analyze`` command would redraw these figures from: the one tested, else
+        the run's ``last.ckpt`` (a fit tests the weights in memory, which the paper protocol saves last)."""
+        tested = getattr(self.trainer, "ckpt_path", None) if self.trainer is not None else None
+        if tested:
+            return str(tested)
+        return str(self.run_dir / "checkpoints" / "last.ckpt") if self.run_dir is not None else "CKPT"
+
+    def expected_seconds(self) -> float | None:
+        """What a figure is expected to take here: the mean of those drawn so far (None before the
+        first). The after-test figures cost about the same (0.12-0.25 s each on the main job, the
+        embedding map's drawing without its projection 0.1 s)."""
+        return float(np.mean(self.drawn_seconds)) if self.drawn_seconds else None
 
     def require_evaluation(self) -> Evaluation:
         if self.evaluation is None:
@@ -209,7 +298,7 @@ class FigureContext:
         """Write a matplotlib figure as ``<out_dir>/<stem>.png`` and close it."""
         plt = pyplot()
         path = self.path(stem)
-        fig.savefig(path, dpi=self.settings.dpi, metadata={"Software": None})
+        fig.savefig(path, dpi=self.settings.dpi, metadata={"Software": None}, pil_kwargs={"compress_level": PNG_COMPRESSION})
         plt.close(fig)
         return path
 
@@ -260,8 +349,8 @@ class FigureContext:
             return names
         folders: dict[int, set[str]] = {}
         for idx, lab in zip(evaluation.indices.tolist(), labels.tolist()):
-            if 0 <= idx < len(paths):
-                folders.setdefault(int(lab), set()).add(Path(paths[idx]).parent.name)
+            if 0 <= idx < len(paths):  # os.path: a Path per sample was 0.03 s of 3,000 test images
+                folders.setdefault(int(lab), set()).add(os.path.basename(os.path.dirname(str(paths[idx]))))
         single = {lab: next(iter(f)) for lab, f in folders.items() if len(f) == 1}
         if len(single) == len(names) and len(set(single.values())) == len(single):
             names.update(single)
@@ -289,9 +378,20 @@ def draw_figures(
 
     ``strict=False`` (after a run's test) turns a failing figure into a warning, so that a
     figure never fails the run it illustrates.
+
+    Under a time budget (``context.deadline``) a figure starts only when the time left covers what
+    it is expected to take, the mean of the figures drawn so far (the first always starts); one that
+    does not is skipped and listed in ``context.skipped``, and its files from an earlier drawing
+    (those its ``<name>.json`` lists) are removed, so that ``figures/`` never shows a figure of other
+    weights next to this evaluation's.
     """
     results: dict[str, FigureResult] = {}
     for figure in figures:
+        left, expected = context.seconds_left(), context.expected_seconds()
+        if left is not None and expected is not None and left < expected:
+            context.skipped.append(figure.name)
+            _remove_drawing(context.out_dir, figure.name)
+            continue
         start = time.perf_counter()
         try:
             result = figure.draw(context)
@@ -308,11 +408,24 @@ def draw_figures(
         if result is None:
             continue
         seconds = round(time.perf_counter() - start, 3)
+        context.drawn_seconds.append(seconds)
         payload = {"figure": figure.name, "owner": figure.owner, "files": [p.name for p in result.paths],
                    "seconds": seconds, **result.data}
         atomic_write_text(context.out_dir / f"{figure.name}.json", json.dumps(payload, indent=1, default=_json_default) + "\n")
         results[figure.name] = result
     return results
+
+
+def _remove_drawing(out_dir: Path, name: str) -> None:
+    """Remove ``<name>.json`` and the files it lists (an earlier drawing of the figure ``name``)."""
+    record = out_dir / f"{name}.json"
+    try:
+        files = json.loads(record.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for file in [*files, record.name]:
+        if isinstance(file, str) and Path(file).name == file:  # a bare file name, inside out_dir
+            (out_dir / file).unlink(missing_ok=True)
 
 
 def _json_default(value: Any) -> Any:
@@ -386,42 +499,156 @@ def sample_points(labels: np.ndarray, max_classes: int, max_points: int, seed: i
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
-def project_2d(points: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
-    """(n, D) -> (n, 2) by t-SNE (openTSNE: Barnes-Hut, exact neighbours, PCA initialisation,
-    seeded: the same input gives the same map), and the method's name.
+#: t-SNE schedules (early-exaggeration + normal iterations), the full one first: under a time budget the
+#: longest that fits is run (each a fixed schedule, so a given one always gives the same map).
+TSNE_SCHEDULES = ((100, 200), (50, 100), (25, 50))
+_TSNE_CHUNK = 10  # iterations between clock checks (the first chunk also measures an iteration's cost)
 
-    It runs on torch's thread count: openTSNE's result does not depend on its ``n_jobs``
-    (tested), and 2 threads took 0.65 s where 1 took 1.0 s (600 points of the main job).
+
+@dataclass(frozen=True)
+class Projection:
+    """A 2-D projection and how it was made.
+
+    Attributes:
+        coords: (n, 2) positions.
+        method: its name as captions show it (``t-SNE (openTSNE)``, ``t-SNE (openTSNE, 50 + 100
+            iterations)``, ``PCA``).
+        iterations: the t-SNE's early-exaggeration and normal iterations run; None for PCA.
+        seconds: what it took, the openTSNE import included.
+        note: why it is not the full t-SNE (a time budget, too few points); "" when it is.
+    """
+
+    coords: np.ndarray
+    method: str
+    iterations: tuple[int, int] | None
+    seconds: float
+    note: str = ""
+
+
+def project_2d(points: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
+    """(n, D) -> (n, 2) by the full t-SNE schedule (see :func:`project`), and the method's name."""
+    projection = project(points, seed)
+    return projection.coords, projection.method
+
+
+def project(points: np.ndarray, seed: int, seconds: float | None = None) -> Projection:
+    """(n, D) -> 2-D by t-SNE (openTSNE: Barnes-Hut, exact neighbours, PCA initialisation, seeded:
+    the same input and schedule give the same map), within ``seconds`` when given.
+
+    It runs on one thread. Two threads were faster on an idle machine (0.65 s against 1.0 s for
+    the main job's 600 points), but under contention, on a machine that runs something else or
+    in the fit's process where the evaluation's threads may still hold the cores, openTSNE's
+    threads wait on each other: 290 iterations of 600 points took 6.3-7.9 s on 2 threads against
+    0.39 s on one (2-core AMD EPYC, load average 3.4). That was the smoke cells' 15-20 s map.
 
     A short schedule (100 early-exaggeration + 200 iterations; openTSNE's default is 250 + 500)
     keeps a 600-point map near half a second: on the main job's 600 test embeddings the final KL
     divergence is 0.529, against 0.519 with 125 + 300 and 0.520 with the default (2-core AMD
-    EPYC: 0.69 s, 0.99 s, 1.59 s). Fewer than 12 points, or without openTSNE, PCA is used and
-    named.
+    EPYC: 0.69 s, 0.99 s, 1.59 s).
+
+    The time budget: the first 10 iterations measure an iteration's cost on this machine, now;
+    the longest of :data:`TSNE_SCHEDULES` whose predicted time fits in ``seconds`` is run, and
+    when none fits, PCA (a few milliseconds) is used and the note says why. The optimisation also
+    stops at ``seconds`` should the machine slow down on the way (a loaded machine once took
+    15-20 s for this map), and says so. Fewer than 12 points, or without openTSNE, PCA is used
+    and named.
     """
+    start = time.perf_counter()
     x = np.asarray(points, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # the cosine geometry the metrics use
-    if len(x) >= 12:
-        try:
-            from openTSNE import TSNE
-        except ImportError:
-            TSNE = None
-        if TSNE is not None:
-            tsne = TSNE(
-                n_components=2, perplexity=float(min(30.0, (len(x) - 1) / 3.5)), n_iter=200, early_exaggeration_iter=100,
-                negative_gradient_method="bh", neighbors="exact", initialization="pca", random_state=int(seed), n_jobs=max(1, torch.get_num_threads()),
-                verbose=False,
-            )
-            return np.asarray(tsne.fit(x)), "t-SNE (openTSNE)"
-    centred = x - x.mean(axis=0)
+    if len(x) < 12:
+        return _pca(x, start, "")
+    if seconds is not None and seconds <= 0:
+        return _pca(x, start, "PCA: no time left in the figures' time budget for a t-SNE")
+    try:
+        from openTSNE import TSNE
+        from openTSNE.affinity import PerplexityBasedNN
+        from openTSNE.nearest_neighbors import PrecomputedNeighbors
+    except ImportError:
+        return _pca(x, start, "", name="PCA (openTSNE not installed)")
+    full = TSNE_SCHEDULES[0]
+    perplexity = float(min(30.0, (len(x) - 1) / 3.5))
+    tsne = TSNE(
+        n_components=2, perplexity=perplexity, n_iter=full[1], early_exaggeration_iter=full[0],
+        negative_gradient_method="bh", initialization="pca", random_state=int(seed), n_jobs=1, verbose=False,
+    )
+    # The exact neighbours openTSNE's "exact" option finds (3 x perplexity of them), from one matrix
+    # product: scikit-learn's search took 0.14 s of the main job's 0.17 s of preparation.
+    neighbours = PrecomputedNeighbors(*exact_neighbours(x, min(len(x) - 1, int(3 * perplexity))))
+    affinities = PerplexityBasedNN(knn_index=neighbours, perplexity=perplexity, verbose=False)
+    embedding = tsne.prepare_initial(x, affinities=affinities)
+    spent = time.perf_counter() - start
+    if seconds is not None and spent >= seconds:  # not even one chunk of iterations fits
+        return _pca(x, start, f"PCA: preparing a t-SNE (import, affinities) took {spent:.2f} s, the "
+                              f"{seconds:.2f} s left in the figures' time budget")
+    # openTSNE's own fit() runs these two phases in one call each; in chunks, the optimiser keeps its
+    # state between calls, so a schedule gives the same map however it is chunked (to 1e-9).
+    phases = ((tsne.early_exaggeration, tsne.initial_momentum), (tsne.exaggeration, tsne.final_momentum))
+
+    def step(phase: int, n_iter: int) -> None:
+        exaggeration, momentum = phases[phase]
+        embedding.optimize(n_iter=n_iter, exaggeration=exaggeration, momentum=momentum, inplace=True,
+                           propagate_exception=True)
+
+    chunk_start = time.perf_counter()
+    step(0, _TSNE_CHUNK)
+    per_iteration = (time.perf_counter() - chunk_start) / _TSNE_CHUNK
+    schedule = full if seconds is None else tsne_schedule(time.perf_counter() - start, per_iteration, seconds)
+    if schedule is None:
+        shortest = time.perf_counter() - start + per_iteration * (sum(TSNE_SCHEDULES[-1]) - _TSNE_CHUNK)
+        return _pca(x, start, f"PCA: the shortest t-SNE ({' + '.join(map(str, TSNE_SCHEDULES[-1]))} iterations) "
+                              f"would take {shortest:.2f} s, over the {seconds:.2f} s left in the figures' time budget")
+    done = [_TSNE_CHUNK, 0]
+    stopped = False
+    for phase in (0, 1):
+        while done[phase] < schedule[phase] and not stopped:
+            # every call ends with one more evaluation of the objective: longer chunks from here on
+            n_iter = min(2 * _TSNE_CHUNK + 5, schedule[phase] - done[phase])
+            step(phase, n_iter)
+            done[phase] += n_iter
+            stopped = seconds is not None and time.perf_counter() - start > seconds
+    ran = (done[0], done[1])
+    name = "t-SNE (openTSNE)" if ran == full else f"t-SNE (openTSNE, {ran[0]} + {ran[1]} iterations)"
+    if stopped and ran != schedule:
+        note = (f"t-SNE stopped at the figures' time budget ({seconds:.2f} s) after {ran[0]} + {ran[1]} of "
+                f"{schedule[0]} + {schedule[1]} iterations: the machine slowed down")
+    elif schedule != full:
+        note = (f"t-SNE shortened to {schedule[0]} + {schedule[1]} of {full[0]} + {full[1]} iterations to fit the "
+                f"figures' time budget ({seconds:.2f} s left); `analyze embedding_map` draws the full one")
+    else:
+        note = ""
+    return Projection(np.asarray(embedding), name, ran, time.perf_counter() - start, note)
+
+
+def exact_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest other rows of unit-length ``x`` by euclidean distance, (indices, distances),
+    nearest first, ties to the lower index (a stable sort of one distance matrix)."""
+    squared = np.maximum(2.0 - 2.0 * (x @ x.T), 0.0)  # |a - b|^2 of unit vectors
+    np.fill_diagonal(squared, np.inf)
+    order = np.argsort(squared, axis=1, kind="stable")[:, :k]
+    return order, np.sqrt(np.take_along_axis(squared, order, axis=1))
+
+
+def tsne_schedule(spent: float, per_iteration: float, seconds: float) -> tuple[int, int] | None:
+    """The longest of :data:`TSNE_SCHEDULES` that ends within ``seconds``, given the ``spent`` seconds
+    (import, affinities, the first 10 iterations) and an iteration's measured cost; None if none does."""
+    for schedule in TSNE_SCHEDULES:
+        if spent + per_iteration * (sum(schedule) - _TSNE_CHUNK) <= seconds:
+            return schedule
+    return None
+
+
+def _pca(x: np.ndarray, start: float, note: str, name: str = "PCA") -> Projection:
+    """The first two principal components of ``x``, in a deterministic orientation."""
     if len(x) < 2:
-        return np.zeros((len(x), 2)), "PCA"
+        return Projection(np.zeros((len(x), 2)), name, None, time.perf_counter() - start, note)
+    centred = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     proj = centred @ vt[:2].T
     if proj.shape[1] < 2:
         proj = np.pad(proj, ((0, 0), (0, 2 - proj.shape[1])))
-    signs = np.sign(proj[np.abs(proj).argmax(axis=0), range(2)])  # a deterministic orientation
-    return proj * np.where(signs == 0, 1, signs), "PCA" + ("" if len(x) < 12 else " (openTSNE not installed)")
+    signs = np.sign(proj[np.abs(proj).argmax(axis=0), range(2)])
+    return Projection(proj * np.where(signs == 0, 1, signs), name, None, time.perf_counter() - start, note)
 
 
 def class_colours(labels: Sequence[int]) -> dict[int, Any]:
@@ -479,6 +706,7 @@ def draw_retrieval_grid(
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     font, font_small, font_mark = _font(text_px), _font(small), _font(8.5 * dpi / 72, bold=True)
+    names = context.class_names()
     for i, line in enumerate(wrapped):
         draw.text((width / 2, gap / 2 + i * text_px * 1.3), line, fill="black", font=font, anchor="ma")
     panels: list[dict[str, Any]] = []
@@ -496,7 +724,9 @@ def draw_retrieval_grid(
         x = head_w + gap
         image.paste(Image.fromarray(context.thumbnail(int(indices[qpos]), cell)), (x, y))
         draw.rectangle((x - border, y - border, x + cell + border - 1, y + cell + border - 1), outline=QUERY, width=border)
-        draw.text((x + cell / 2, y + cell + border + 1), f"class {qlabel}", fill="black", font=font_small, anchor="ma")
+        # the query's class by name, shortened at a word boundary to the cell's width
+        query_caption = shorten(names.get(qlabel, f"class {qlabel}"), cell + gap, font_small.getlength)
+        draw.text((x + cell / 2, y + cell + border + 1), query_caption, fill="black", font=font_small, anchor="ma")
         neighbours = []
         for j in range(k):
             pos = int(rankings.top[row, j])
@@ -520,10 +750,11 @@ def draw_retrieval_grid(
                       font=font_small, anchor="ma")
             neighbours.append({"rank": j + 1, "index": int(indices[pos]), "label": int(labels[pos]), "correct": correct,
                                "score": score if math.isfinite(score) else None})
-        panels.append({"kind": kind, "query": int(indices[qpos]), "label": qlabel, "first_positive_rank": first + 1,
+        panels.append({"kind": kind, "query": int(indices[qpos]), "label": qlabel, "caption": query_caption,
+                       "first_positive_rank": first + 1,
                        "beyond_list": beyond, "neighbours": neighbours})
     path = context.path(stem)
-    image.save(path, dpi=(dpi, dpi))
+    image.save(path, dpi=(dpi, dpi), compress_level=PNG_COMPRESSION)
     return path, panels
 
 
@@ -576,7 +807,14 @@ def draw_maps(
     context: FigureContext, sets: list[tuple[str, torch.Tensor]], stem: str, title: str, trails: bool = False
 ) -> tuple[Path, dict[str, Any]]:
     """One panel per set of embeddings, the same seeded points in each, on one t-SNE fitted to
-    all sets together (sets of different sizes are projected separately, and say so)."""
+    all sets together (sets of different sizes are projected separately, and say so).
+
+    Under a time budget (``context.deadline``) the projection gets the time left less what drawing
+    the map is expected to take (:meth:`FigureContext.expected_seconds`: its scatter, legend and PNG
+    cost about what another figure does) and shortens its t-SNE, or falls back to PCA, to fit
+    (:func:`project`); the caption and the JSON (``projection``, ``iterations``,
+    ``projection_note``, ``time_budget_seconds``) say what ran.
+    """
     plt = pyplot()
     evaluation = context.require_evaluation()
     settings = context.settings
@@ -584,14 +822,19 @@ def draw_maps(
     per_set = max(10, settings.max_points // len(sets))
     picked = sample_points(labels, settings.max_classes, per_set, context.seed)
     dims = {int(v.shape[1]) for _, v in sets}
+    left = context.seconds_left()
+    budget = None if left is None else max(0.0, left - (context.expected_seconds() or 0.0))
     if len(dims) == 1:
-        joint, method = project_2d(np.concatenate([v[picked].numpy() for _, v in sets]), context.seed)
-        coords = np.split(joint, len(sets))
+        projections = [project(np.concatenate([v[picked].numpy() for _, v in sets]), context.seed, budget)]
+        coords = np.split(projections[0].coords, len(sets))
+        method = projections[0].method
         shared = f"one {method} map of all {len(sets)} sets" if len(sets) > 1 else method
     else:
-        projected = [project_2d(v[picked].numpy(), context.seed) for _, v in sets]
-        coords, method = [c for c, _ in projected], projected[0][1]
+        projections = [project(v[picked].numpy(), context.seed, None if budget is None else budget / len(sets))
+                       for _, v in sets]
+        coords, method = [p.coords for p in projections], projections[0].method
         shared = f"{method}, each set projected separately (dimensions differ)"
+    notes = list(dict.fromkeys(p.note for p in projections if p.note))
     colours = class_colours(labels[picked])
     names = context.class_names()
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets) + 1.6, 4.4), squeeze=False)
@@ -604,22 +847,27 @@ def draw_maps(
             for a, b in zip(coords[i - 1], xy):
                 ax.plot((a[0], b[0]), (a[1], b[1]), color="0.8", linewidth=0.4, zorder=1)
         ax.scatter(xy[:, 0], xy[:, 1], c=[colours[int(c)] for c in labels[picked]], s=9, linewidths=0, zorder=2)
-        ax.set_title(name, fontsize=9)
+        set_title(ax, name, 9)
         ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
         ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
         ax.set_xticks([])
         ax.set_yticks([])
     shown = sorted(colours)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[c], markersize=4, label=names.get(c, str(c))[:22])
-               for c in shown[:20]]
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[c], markersize=4,
+                          label=shorten(names.get(c, str(c)), 22)) for c in shown[:20]]
     axes[0][-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=6, frameon=False,
                        title=f"{len(shown)} classes" + (" (20 listed)" if len(shown) > 20 else ""), title_fontsize=7)
-    fig.suptitle(f"{title}\n{len(picked)} points of {len(shown)} of {len(np.unique(labels))} classes (seed {context.seed}); {shared}",
-                 fontsize=8)
-    fixed_layout(fig, left=0.15, right=1.45, top=0.75, bottom=0.15, wspace=0.25)
+    caption = "\n".join([title, f"{len(picked)} points of {len(shown)} of {len(np.unique(labels))} classes "
+                                 f"(seed {context.seed}); {shared}", *notes])
+    fig.suptitle(caption, fontsize=8)
+    fixed_layout(fig, left=0.15, right=1.45, top=0.75 + 0.14 * len(notes), bottom=0.15, wspace=0.25)
     path = context.save(fig, stem)
     data = {
         "projection": method, "shared_projection": len(dims) == 1, "seed": context.seed,
+        "iterations": [list(p.iterations) if p.iterations else None for p in projections],
+        "projection_seconds": round(sum(p.seconds for p in projections), 3),
+        "time_budget_seconds": None if budget is None else round(budget, 3),
+        "projection_note": "; ".join(notes),
         "indices": evaluation.indices.numpy()[picked], "labels": labels[picked],
         "sets": {name: np.round(xy, 4) for (name, _), xy in zip(sets, coords)},
     }
@@ -651,6 +899,24 @@ def per_class_recall_at_1(rankings: QueryRankings, labels: np.ndarray) -> dict[i
     return out
 
 
+def worst_classes(recall: Mapping[int, tuple[float, int]], count: int) -> tuple[list[tuple[int, float, int]], dict[str, Any] | None]:
+    """The worst classes that can be told apart from the rest, and the tie that ends the list.
+
+    Sorted by R@1, then by more queries (the surer number) and label. When the ``count``-th and the
+    next class have the same R@1, which of the tied classes make the list would be arbitrary: the
+    list then stops before the tie, and the tie is returned instead (``{"recall_at_1": value,
+    "classes": how many share it}``); when every class has the same R@1 the list is empty and the
+    tie holds all of them. Returns ``([(label, R@1, queries), ...], tie or None)``.
+    """
+    ranked = sorted(((c, v, n) for c, (v, n) in recall.items()), key=lambda item: (item[1], -item[2], item[0]))
+    if len(ranked) > 1 and ranked[0][1] == ranked[-1][1]:
+        return [], {"recall_at_1": ranked[0][1], "classes": len(ranked)}
+    if len(ranked) <= count or ranked[count][1] != ranked[count - 1][1]:
+        return ranked[:count], None
+    cut = ranked[count - 1][1]
+    return [r for r in ranked if r[1] < cut], {"recall_at_1": cut, "classes": sum(1 for r in ranked if r[1] == cut)}
+
+
 @register_figure("per_class_recall", "distribution of per-class R@1, the worst classes named", after_test=True)
 def per_class_recall(context: FigureContext) -> FigureResult:
     plt = pyplot()
@@ -668,27 +934,41 @@ def per_class_recall(context: FigureContext) -> FigureResult:
         values = np.array([v for v, _ in recall.values()])
         micro = rankings.recall_at_1()
         ax = axes[row][0]
-        ax.hist(values, bins=np.linspace(0, 1, 21), color="0.55", edgecolor="white")
-        ax.axvline(values.mean(), color="black", linestyle="--", linewidth=1, label=f"mean over classes {100 * values.mean():.1f} %")
-        ax.axvline(micro, color=QUERY, linestyle=":", linewidth=1.4, label=f"R@1 over queries {100 * micro:.1f} %")
-        ax.set_xlabel("per-class R@1")
+        ax.hist(100 * values, bins=np.linspace(0, 100, 21), color="0.55", edgecolor="white")
+        ax.axvline(100 * values.mean(), color="black", linestyle="--", linewidth=1,
+                   label=f"mean over classes {100 * values.mean():.1f} %")
+        ax.axvline(100 * micro, color=QUERY, linestyle=":", linewidth=1.4, label=f"R@1 over queries {100 * micro:.1f} %")
+        ax.set_xlabel("per-class R@1 (%)")
         ax.set_ylabel("classes")
-        ax.set_title(f"{_ranking_label(key)}: {len(values)} classes", fontsize=9)
+        set_title(ax, f"{_ranking_label(key)}: {len(values)} classes", 9)
         ax.legend(fontsize=7, frameon=False)
-        worst = sorted(recall.items(), key=lambda item: (item[1][0], -item[1][1], item[0]))[:worst_n]
+        worst, tie = worst_classes(recall, worst_n)
         ax = axes[row][1]
-        ys = np.arange(len(worst))[::-1]
-        ax.barh(ys, [v for _, (v, _) in worst], color=INCORRECT, alpha=0.75, hatch="//", edgecolor="white")
-        ax.set_yticks(ys, [f"{names.get(c, c)[:28]} ({n} q)" for c, (_, n) in worst], fontsize=7)
-        for y, (_, (v, _)) in zip(ys, worst):
-            ax.text(v + 0.01, y, f"{100 * v:.0f} %", va="center", fontsize=7)
-        ax.set_xlim(0, 1.1)
-        ax.set_xlabel("R@1")
-        ax.set_title(f"the {len(worst)} worst classes", fontsize=9)
+        bars = [(f"{shorten(names.get(c, str(c)), 28)} ({n} q)", v, False) for c, v, n in worst]
+        if tie is not None:  # the tied classes as one bar: listing some of them would be arbitrary
+            everyone = tie["classes"] == len(recall)
+            bars.append((f"all {tie['classes']} classes" if everyone else f"{tie['classes']} classes tied", tie["recall_at_1"], True))
+        ys = np.arange(len(bars))[::-1]
+        ax.barh(ys, [100 * v for _, v, _ in bars], color=[("0.6" if tied else INCORRECT) for _, _, tied in bars],
+                alpha=0.75, hatch="//", edgecolor="white")
+        ax.set_yticks(ys, [text for text, _, _ in bars], fontsize=7)
+        for y, (_, v, _) in zip(ys, bars):
+            ax.text(100 * v + 1, y, f"{100 * v:.1f} %", va="center", fontsize=7)
+        ax.set_xlim(0, 110)
+        ax.set_xlabel("R@1 (%)")
+        if tie is not None and not worst:
+            summary = (f"all {len(recall)} classes at {100 * tie['recall_at_1']:.1f} %" if tie["classes"] == len(recall)
+                       else f"the worst: {tie['classes']} of {len(recall)} classes tied at {100 * tie['recall_at_1']:.1f} %")
+        elif tie is not None:
+            summary = f"the {len(worst)} worst classes, then {tie['classes']} tied at {100 * tie['recall_at_1']:.1f} %"
+        else:
+            summary = f"the {len(worst)} worst classes"
+        set_title(ax, summary, 9)
         data[key or "plain"] = {
-            "recall_at_1": micro, "mean_over_classes": float(values.mean()),
+            "recall_at_1": micro, "mean_over_classes": float(values.mean()), "worst_summary": summary,
             "classes": {names.get(c, str(c)): {"label": c, "recall_at_1": v, "queries": n} for c, (v, n) in sorted(recall.items())},
-            "worst": [{"label": c, "name": names.get(c, str(c)), "recall_at_1": v, "queries": n} for c, (v, n) in worst],
+            "worst": [{"label": c, "name": names.get(c, str(c)), "recall_at_1": v, "queries": n} for c, v, n in worst],
+            "tied": tie,
         }
     fig.suptitle(f"{context.method}: per-class Recall@1 on the {evaluation.stage} split", fontsize=9)
     fixed_layout(fig, left=0.6, right=0.15, top=0.6, bottom=0.45, wspace=2.2, hspace=0.8)
@@ -775,12 +1055,46 @@ def read_training_history(run_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np
     return out, source
 
 
-def _evaluations(run_dir: Path, stage: str) -> list[dict[str, Any]]:
-    path = run_dir / f"metrics_{stage}.json"
+def _record(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The run's ``metrics_<stage>.json`` (:func:`benchmark.results.read_record`), None when it is
+    missing or unreadable (a figure never fails on a record it cannot read)."""
+    path = Path(run_dir) / f"metrics_{stage}.json"
+    if not path.is_file():
+        return None
     try:
-        return list(json.loads(path.read_text()).get("evaluations", []))
-    except (OSError, ValueError, AttributeError):
-        return []
+        return read_record(path)
+    except RecordError:
+        return None
+
+
+def evaluation_epochs(entry: Mapping[str, Any]) -> float:
+    """Epochs trained by the weights an evaluation entry scored: :func:`benchmark.results.epochs_trained`.
+
+    Entries written before ``epochs_trained`` was recorded need two corrections for tests, which the
+    shared rule reads from the trainer's counters: the test at the end of ``fit`` ran after the fit
+    loop had counted every finished epoch (``epoch`` is already the number trained), and a ``test
+    --ckpt_path`` ran at step 0 of a fresh trainer (its weights are the checkpoint's step and epoch).
+    """
+    if "epochs_trained" in entry or entry.get("stage") != "test":
+        return epochs_trained(entry)
+    checkpoint = entry.get("checkpoint") or {}
+    if checkpoint.get("path"):
+        return epochs_trained({"global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")})
+    return float(entry.get("epoch") or 0) if int(entry.get("global_step") or 0) > 0 else 0.0
+
+
+def run_evaluation_seconds(run_dir: Path) -> float:
+    """Every evaluation the run recorded (``metrics_val.json`` and ``metrics_test.json``): the sum of
+    their ``seconds`` (gather, refine, metrics) and ``embed_seconds`` (the loop over the split)."""
+    total = 0.0
+    for stage in ("val", "test"):
+        record = _record(run_dir, stage)
+        for entry in (record or {}).get("evaluations", []):
+            for key in ("seconds", "embed_seconds"):
+                value = entry.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    total += float(value)
+    return total
 
 
 def _metric_of(evaluation: Mapping[str, Any], group: str, metric: str) -> float | None:
@@ -796,36 +1110,40 @@ def _split_metric(name: str) -> tuple[str, str, str]:
     return stage, group, metric
 
 
+def _epochs_text(epochs: float) -> str:
+    return f"{epochs:g} epoch" + ("" if epochs == 1 else "s")
+
+
 @register_figure(
     "training_curves",
-    "loss terms and validation metrics against epoch, the checkpoint's selection metric marked",
+    "loss terms and validation metrics against epochs trained, the checkpoint's selection metric marked",
     after_test=True,
     evaluation=False,
 )
 def training_curves(context: FigureContext) -> FigureResult:
+    """Left: the loss terms; right: the validation metrics (percent) and the tests, against epochs
+    trained (:func:`evaluation_epochs`: 0 is the untrained model, 1 the end of the first epoch).
+
+    The star marks the best validation by the run's selection metric as
+    :func:`benchmark.results.best_validation` defines it (after training started, ties to the
+    earliest: the checkpoint callback's best), never the untrained pre-fit evaluation; under the paper
+    protocol (validation on the test split) its label says that it was selected on the test split.
+    """
     plt = pyplot()
     run_dir = context.run_dir
     if run_dir is None:
         raise ValueError("training_curves draws from a run directory (--ckpt of a run's checkpoints/).")
     history, source = read_training_history(run_dir)
-    vals, tests = _evaluations(run_dir, "val"), _evaluations(run_dir, "test")
+    val_record, test_record = _record(run_dir, "val"), _record(run_dir, "test")
+    vals = list((val_record or {}).get("evaluations", []))
+    tests = list((test_record or {}).get("evaluations", []))
     if not history and not vals and not tests:
         raise FigureSkipped(f"{run_dir} holds no training history and no evaluation")
     selection = context.selection_metric or "val/R@1"
     mode = str(getattr(context.model, "selection_mode", "max") or "max")
     _, sel_group, sel_metric = _split_metric(selection)
-    # global step -> epoch, from the training history (a validation after epoch e sits at e + 1)
-    steps = history.get("train/loss@step", (np.zeros(0), np.zeros(0)))[0]
-    epochs = history.get("train/loss", (np.zeros(0), np.zeros(0)))[0]
-
-    def epoch_of(evaluation: Mapping[str, Any]) -> float:
-        # a `test --ckpt_path` runs at step 0 of a fresh trainer: its weights are the checkpoint's step
-        step = float((evaluation.get("checkpoint") or {}).get("global_step") or evaluation.get("global_step") or 0)
-        if not len(steps):
-            return float(evaluation.get("epoch") or 0) + (1.0 if step > 0 else 0.0)
-        if step <= steps[-1]:
-            return float(np.interp(step, np.r_[0.0, steps], np.r_[0.0, epochs]))
-        return float(epochs[-1] + (step - steps[-1]) * epochs[-1] / max(steps[-1], 1.0))  # beyond the history
+    val_split = str((val_record or {}).get("split") or "validation")
+    on_test = val_split == "test"  # the paper protocol: the validation split is the test split
 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10.0, 3.8))
     terms = sorted(n for n in history if not n.endswith("@step") and n != "train/grad_norm")
@@ -835,58 +1153,68 @@ def training_curves(context: FigureContext) -> FigureResult:
             continue
         x, y = history[name]
         ax_loss.plot(x, y, linewidth=1.6 if name == "train/loss" else 0.9, label=name.removeprefix("train/"),
-                     color="black" if name == "train/loss" else None, alpha=1.0 if name == "train/loss" else 0.85)
+                     color="black" if name == "train/loss" else None, alpha=1.0 if name == "train/loss" else 0.85,
+                     **point_markers(len(x), 2.5))
         drawn_terms.append(name)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_title(f"training loss terms ({source})", fontsize=9)
+    ax_loss.set_xlabel("epochs trained")
+    set_title(ax_loss, f"training loss terms ({source})", 9)
     if drawn_terms:
         ax_loss.legend(fontsize=7, frameon=False)
         ys = np.concatenate([history[n][1] for n in drawn_terms])
         if np.all(ys > 0) and ys.max() / max(ys.min(), 1e-12) > 100:
             ax_loss.set_yscale("log")
+            plain_log_labels(ax_loss.yaxis)
     else:
         ax_loss.text(0.5, 0.5, "no training history in this run\n(figures off, or evaluated only)", ha="center",
                      va="center", transform=ax_loss.transAxes, fontsize=8)
     groups = [g for g in ["", "refined", sel_group] if g == "" or any(g in e.get("refined", {}) for e in vals)]
     groups = list(dict.fromkeys(groups))  # plain, refined, and the selection metric's group
-    best: dict[str, Any] = {}
     series_out: dict[str, Any] = {}
     for group in groups:
         for metric, style in (("R@1", "-"), ("MAP@R", "--")):
-            points = [(epoch_of(e), _metric_of(e, group, metric)) for e in vals]
+            points = [(evaluation_epochs(e), _metric_of(e, group, metric)) for e in vals]
             points = [(x, y) for x, y in points if y is not None]
             if not points:
                 continue
             name = f"val/{group + '/' if group else ''}{metric}"
             selected = group == sel_group and metric == sel_metric
             xs, ys = zip(*points)
-            ax_val.plot(xs, ys, style, marker="o", markersize=3.5 if not selected else 5.5,
+            ax_val.plot(xs, [100 * y for y in ys], style, marker="o", markersize=3.5 if not selected else 5.5,
                         linewidth=2.2 if selected else 1.0, label=name + ("  (selects the checkpoint)" if selected else ""),
                         color="black" if selected else None, zorder=3 if selected else 2)
-            series_out[name] = {"epochs": list(xs), "values": list(ys)}
-            if selected:
-                i = int(np.argmax(ys) if mode == "max" else np.argmin(ys))
-                best = {"metric": name, "value": ys[i], "epoch": xs[i], "mode": mode}
-                ax_val.scatter([xs[i]], [ys[i]], marker="*", s=180, color="gold", edgecolor="black", zorder=4,
-                               label=f"best {name} {100 * ys[i]:.1f} % at epoch {xs[i]:.2g}")
+            series_out[name] = {"epochs_trained": list(xs), "values": list(ys)}
+    best_entry = best_validation(vals, selection.split("/", 1)[1] if "/" in selection else selection, mode)
+    best: dict[str, Any] | None = None
+    if best_entry is not None and _metric_of(best_entry, sel_group, sel_metric) is not None:
+        value, at = float(_metric_of(best_entry, sel_group, sel_metric)), evaluation_epochs(best_entry)
+        name = f"val/{sel_group + '/' if sel_group else ''}{sel_metric}"
+        label = f"best {name} {100 * value:.1f} % after {_epochs_text(at)}" + (f" ({OPTIMISTIC})" if on_test else "")
+        ax_val.scatter([at], [100 * value], marker="*", s=180, color="gold", edgecolor="black", zorder=4, label=label)
+        best = {"metric": name, "value": value, "epochs_trained": at, "global_step": int(best_entry.get("global_step") or 0),
+                "mode": mode, "split": val_split, "optimistic": on_test, "label": label}
+    test_name = f"test/{sel_group + '/' if sel_group else ''}{sel_metric}"
     for e in tests:
         value = _metric_of(e, sel_group, sel_metric)
         if value is not None:
-            ax_val.scatter([epoch_of(e)], [value], marker="D", s=36, color=INCORRECT, edgecolor="black", zorder=4,
-                           label=f"test/{sel_group + '/' if sel_group else ''}{sel_metric}" if e is tests[0] else None)
-            series_out.setdefault(f"test/{sel_group + '/' if sel_group else ''}{sel_metric}", []).append(
-                {"epoch": epoch_of(e), "value": value, "checkpoint": (e.get("checkpoint") or {}).get("selected_by")})
+            ax_val.scatter([evaluation_epochs(e)], [100 * value], marker="D", s=36, color=INCORRECT, edgecolor="black",
+                           zorder=4, label=test_name if test_name not in series_out else None)
+            series_out.setdefault(test_name, []).append(
+                {"epochs_trained": evaluation_epochs(e), "value": value, "role": e.get("role"),
+                 "checkpoint": (e.get("checkpoint") or {}).get("selected_by")})
     if not vals and not tests:
         ax_val.text(0.5, 0.5, "no evaluation recorded yet", ha="center", va="center", transform=ax_val.transAxes, fontsize=8)
-    ax_val.set_xlabel("epoch")
-    ax_val.set_title(f"validation (checkpoint selected by {selection}, {mode})", fontsize=9)
+    ax_val.set_xlabel("epochs trained")
+    ax_val.set_ylabel("R@1, MAP@R (%)")
+    where = f"on the {val_split} split" + (" (paper protocol)" if on_test else "")
+    why_none = "\nno validation after training started: no best" if vals and best is None else ""
+    set_title(ax_val, f"validation {where}\ncheckpoint selected by {selection} ({mode}){why_none}", 8)
     if ax_val.get_legend_handles_labels()[0]:
         ax_val.legend(fontsize=6.5, frameon=False)
     fig.suptitle(f"{context.method}: {run_dir.name}", fontsize=9)
-    fixed_layout(fig, left=0.6, right=0.15, top=0.6, bottom=0.45, wspace=0.6)
+    fixed_layout(fig, left=0.6, right=0.15, top=0.75 + (0.12 if why_none else 0.0), bottom=0.45, wspace=0.8)
     data = {"source": source, "selection_metric": selection, "best": best, "validation": series_out,
             "training_terms": [n.removeprefix("train/") for n in drawn_terms],
-            "validations": len(vals), "tests": len(tests)}
+            "validations": len(vals), "tests": len(tests), "unit": "fractions, as recorded (the axes show percent)"}
     return FigureResult([context.save(fig, "training_curves")], data)
 
 
@@ -908,6 +1236,12 @@ class FigureWriter(Callback):
         max_points: points in the embedding map (split over the sets of a before/after map).
         seed: seed of every sample and of the t-SNE.
         dpi: resolution of the PNG files.
+        budget: the figures' time as a share of the run's evaluation time (every evaluation it
+            recorded: ``seconds`` + ``embed_seconds`` in ``metrics_val.json`` and
+            ``metrics_test.json``). A figure starts only while the time left covers what a
+            figure takes here, else it is skipped and named (``analyze`` draws it); the
+            embedding map, drawn last, shortens its t-SNE or falls back to PCA to fit and says
+            so. None: no limit.
     """
 
     def __init__(
@@ -921,18 +1255,23 @@ class FigureWriter(Callback):
         max_points: int = 600,
         seed: int = 0,
         dpi: int = 100,
+        budget: float | None = 0.1,
     ) -> None:
         super().__init__()
         bad = [f"{n}={v}" for n, v in (("top_k", top_k), ("max_classes", max_classes), ("max_points", max_points),
                                        ("dpi", dpi)) if v < 1]
         bad += [f"{n}={v}" for n, v in (("queries", queries), ("worst_queries", worst_queries)) if v < 0]
+        bad += [f"budget={budget}"] if budget is not None and not budget > 0 else []
         if bad:
-            raise ValueError(f"--figures: {', '.join(bad)} out of range (sizes >= 1, query counts >= 0).")
+            raise ValueError(f"--figures: {', '.join(bad)} out of range (sizes >= 1, query counts >= 0, budget > 0 "
+                             "or null).")
         self.enabled, self.names = bool(enabled), list(names) if names else None
-        self.settings = FigureSettings(top_k, queries, worst_queries, max_classes, max_points, seed, dpi)
+        self.settings = FigureSettings(top_k, queries, worst_queries, max_classes, max_points, seed, dpi, budget)
         self.run_dir: Path | None = None  # set by the CLI; else the trainer's default_root_dir
         self.results: dict[str, FigureResult] = {}
         self.seconds = 0.0
+        self.evaluation_seconds = 0.0  # the run's evaluations when the figures were last drawn
+        self.skipped: list[str] = []  # the figures the last drawing skipped for time
         self._history: TrainingHistory | None = None
 
     def _dir(self, trainer: L.Trainer) -> Path:
@@ -972,10 +1311,16 @@ class FigureWriter(Callback):
         if evaluation is None:
             return
         start = time.perf_counter()
+        # The budget is a share of every evaluation the run recorded (this test's included); a run
+        # whose records are not written (none found) counts this test's evaluation.
+        self.evaluation_seconds = run_evaluation_seconds(self._dir(trainer)) or (
+            evaluation.seconds + float(getattr(evaluator, "last_embed_seconds", 0.0) or 0.0))
+        budget = self.settings.budget
         context = FigureContext(
             out_dir=self._dir(trainer) / FIGURES_DIR, evaluation=evaluation, model=pl_module,
             datamodule=getattr(trainer, "datamodule", None), run_dir=self._dir(trainer), settings=self.settings,
             selection_metric=selection_metric(trainer, pl_module), trainer=trainer,
+            deadline=None if budget is None else start + budget * self.evaluation_seconds,
         )
         names = self.names
         if names:
@@ -988,6 +1333,7 @@ class FigureWriter(Callback):
             if not names:
                 return
         figures = applicable(context.method, names, after_test=None if names else True)
+        figures.sort(key=lambda f: f.name in ADAPTIVE)  # those that fit the time left go last (stable otherwise)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(tight_layout|Glyph).*")
             self.results = draw_figures(figures, context, strict=False)
@@ -995,9 +1341,14 @@ class FigureWriter(Callback):
         log_images(trainer, paths)
         self.seconds = time.perf_counter() - start
         if paths:
-            share = f", {100 * self.seconds / evaluation.seconds:.0f} % of the test's {evaluation.seconds:.1f}s" if evaluation.seconds else ""
-            print(f"[benchmark] figures: {', '.join(self.results)} -> {context.out_dir} ({self.seconds:.1f}s{share})",
-                  file=sys.stderr)
+            total = self.evaluation_seconds
+            share = f", {100 * self.seconds / total:.1f} % of the run's {total:.1f}s of evaluation" if total else ""
+            limit = f"; budget {100 * budget:g} %" if budget is not None else ""
+            skipped = (f"; skipped for time: {', '.join(context.skipped)}, which `python -m benchmark analyze figures "
+                       f"--ckpt {context.checkpoint_hint()}` draws" if context.skipped else "")
+            print(f"[benchmark] figures: {', '.join(self.results)} -> {context.out_dir} ({self.seconds:.2f}s{share}{limit}"
+                  f"{skipped})", file=sys.stderr)
+        self.skipped = list(context.skipped)
 
 
 def selection_metric(trainer: Any, pl_module: Any) -> str:

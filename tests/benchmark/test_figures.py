@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,9 +18,10 @@ import torch
 from benchmark import figures as fig
 from benchmark import registry
 from benchmark.cli import build_cli, main
-from benchmark.core import RankedLists
+from benchmark.core import Figure, RankedLists
 from benchmark.evaluation import Evaluation
 from benchmark.evaluation.metrics import query_rankings, retrieval_metrics
+from benchmark.results import OPTIMISTIC, best_validation, epochs_trained
 from tests.benchmark.test_analysis import png_size
 from tests.datamodules import fixtures
 
@@ -29,16 +32,17 @@ TINY = ["--backbone", "resnet_tiny_test", "--backbone.pretrained", "false", "--m
 
 # ---------------------------------------------------------------------------- a toy evaluation
 def toy_evaluation(tmp_path: Path, classes: int = 6, per_class: int = 6, dim: int = 12, seed: int = 0,
-                   refined: dict | None = None) -> tuple[Evaluation, SimpleNamespace]:
+                   refined: dict | None = None, folder: str = "{:03d}.Class_{}") -> tuple[Evaluation, SimpleNamespace]:
     """Overlapping classes (so the rankings have errors), every sample query and gallery, and
-    records with one small image per sample (the colour of its class)."""
+    records with one small image per sample (the colour of its class) in a folder per class
+    (``folder.format(label, label)``: the class's name)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(classes).repeat_interleave(per_class)
     emb = 1.2 * torch.randn(classes, dim, generator=g)[labels] + torch.randn(len(labels), dim, generator=g)
     n = len(labels)
     paths = []
     for i, lab in enumerate(labels.tolist()):
-        path = tmp_path / "images" / f"{lab:03d}.Class_{lab}" / f"{i}.jpg"
+        path = tmp_path / "images" / folder.format(lab, lab) / f"{i}.jpg"
         fixtures.write_jpeg(path, lab)
         paths.append(str(path))
     records = SimpleNamespace(paths=paths, labels=labels.numpy(), class_ids=np.arange(classes) + 100)
@@ -142,19 +146,12 @@ def test_embedding_map_before_and_after_refinement_on_one_projection(tmp_path: P
     assert min(png_size(result.paths[0])) > 200
 
 
-def test_the_map_keeps_classes_apart_and_does_not_depend_on_the_thread_count() -> None:
+def test_the_map_keeps_classes_apart() -> None:
     g = torch.Generator().manual_seed(3)
     labels = np.repeat(np.arange(8), 15)
     points = (3.0 * torch.randn(8, 32, generator=g)[labels] + torch.randn(len(labels), 32, generator=g)).numpy()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one, name = fig.project_2d(points, seed=0)
-        torch.set_num_threads(2)
-        two, _ = fig.project_2d(points, seed=0)
-    finally:
-        torch.set_num_threads(threads)
-    assert name == "t-SNE (openTSNE)" and np.array_equal(one, two)
+    one, name = fig.project_2d(points, seed=0)
+    assert name == "t-SNE (openTSNE)"
     d = ((one[:, None] - one[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
     assert (labels[d.argmin(1)] == labels).mean() >= 0.95  # separated classes stay separated in 2-D
@@ -175,6 +172,70 @@ def test_per_class_recall_names_the_worst_classes(tmp_path: Path) -> None:
     assert worst == sorted(worst) and worst[0] == min(np.mean(h) for h in hits.values())
 
 
+def keep_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The matplotlib figures the figure functions save, by file stem (to read what they drew)."""
+    kept: dict[str, Any] = {}
+    save = fig.FigureContext.save
+
+    def keeping(self: fig.FigureContext, figure: Any, stem: str) -> Path:
+        kept[stem] = figure
+        return save(self, figure, stem)
+
+    monkeypatch.setattr(fig.FigureContext, "save", keeping)
+    return kept
+
+
+def test_class_names_are_shortened_at_word_boundaries_wherever_they_are_drawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = "{:03d}.Black_footed_Albatross_variant_{}"
+    evaluation, dm = toy_evaluation(tmp_path, folder=folder)
+    full = {folder.format(c, c) for c in range(6)}
+    kept = keep_figures(monkeypatch)
+    ctx = context(tmp_path, evaluation, dm, max_points=40, queries=3, worst_queries=1)
+    fig.per_class_recall(ctx)
+    grid = fig.retrieval_grid(ctx)
+    fig.embedding_map(ctx)
+    bars = [t.get_text().rsplit(" (", 1)[0] for t in kept["per_class_recall"].axes[1].get_yticklabels()
+            if t.get_text().endswith(" q)")]
+    legend = [t.get_text() for t in kept["embedding_map"].axes[-1].get_legend().get_texts()]
+    captions = [row["caption"] for row in grid.data["rankings"]["plain"]["rows"]]
+    for text in bars + legend + captions:
+        if text not in full:  # shortened: a whole-word prefix of a name, then the ellipsis
+            assert text.endswith(fig.ELLIPSIS), text
+            prefix = text[: -len(fig.ELLIPSIS)]
+            assert any(name.startswith(prefix) and name[len(prefix)] in fig.WORD_SEPARATORS for name in full), text
+    assert bars and legend and captions and all(t.endswith(fig.ELLIPSIS) for t in bars + legend + captions)
+    assert fig.shorten("001.Black_footed_Albatross", 20) == "001.Black_footed\u2026"
+    assert fig.shorten("Albatross", 5) == "Alba\u2026"  # one word longer than the room: the only cut inside a word
+
+
+def test_the_worst_classes_stop_before_a_tie_they_cannot_order() -> None:
+    spread = {c: (c / 20, 3) for c in range(15)}
+    assert fig.worst_classes(spread, 10) == ([(c, c / 20, 3) for c in range(10)], None)
+    tied = {0: (0.1, 3), 1: (0.2, 4), **{c: (0.5, 3) for c in range(2, 14)}, 14: (0.9, 3)}
+    assert fig.worst_classes(tied, 10) == ([(0, 0.1, 3), (1, 0.2, 4)], {"recall_at_1": 0.5, "classes": 12})
+    assert fig.worst_classes({c: (0.25, 2) for c in range(4)}, 10) == ([], {"recall_at_1": 0.25, "classes": 4})
+
+
+def test_the_projection_fits_its_time_budget_and_says_how() -> None:
+    assert fig.tsne_schedule(0.1, 0.001, 10.0) == (100, 200)
+    assert fig.tsne_schedule(0.1, 0.001, 0.1 + 0.001 * 140) == (50, 100)  # 150 iterations, 10 of them run
+    assert fig.tsne_schedule(0.1, 0.001, 0.1 + 0.001 * 65) == (25, 50)
+    assert fig.tsne_schedule(0.1, 0.001, 0.16) is None
+    g = torch.Generator().manual_seed(0)
+    points = (3.0 * torch.randn(6, 16, generator=g)[torch.arange(6).repeat_interleave(20)]
+              + torch.randn(120, 16, generator=g)).numpy()
+    full = fig.project(points, seed=0)
+    assert (full.method, full.iterations, full.note) == ("t-SNE (openTSNE)", (100, 200), "")
+    roomy = fig.project(points, seed=0, seconds=1000.0)
+    assert roomy.iterations == (100, 200) and np.array_equal(roomy.coords, full.coords)  # one schedule, one map
+    for seconds in (0.0, 1e-4):  # no time: PCA, and the note says why
+        pca = fig.project(points, seed=0, seconds=seconds)
+        assert pca.method == "PCA" and pca.iterations is None and "figures' time budget" in pca.note
+        assert pca.coords.shape == (120, 2)
+
+
 def test_figures_go_to_wandb_as_images_only_through_a_wandb_logger(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -189,9 +250,10 @@ def test_figures_go_to_wandb_as_images_only_through_a_wandb_logger(monkeypatch: 
 
 # ---------------------------------------------------------------------------- commands and runs
 def drawn(path: Path) -> dict:
-    """What a figure drew (its JSON without the time it took)."""
+    """What a figure drew (its JSON without the times it took)."""
     data = json.loads(path.read_text())
     data.pop("seconds", None)
+    data.pop("projection_seconds", None)
     return data
 
 
@@ -206,7 +268,7 @@ def fitted_run(cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     args = ["fit", "--method", "ms", "--data", "cub", "--data.root", str(cub_root), "--recipe", "none", *TINY,
             "--data.classes_per_batch", "4", "--data.samples_per_class", "2", "--data.batches_per_epoch", "3",
             "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1", "--logger", "csv", "--run_dir", str(run),
-            "--figures.max_points", "60"]
+            "--figures.max_points", "60", "--figures.budget", "null"]  # the full t-SNE, as `analyze` draws it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(args) == 0
@@ -256,7 +318,131 @@ def test_a_later_test_of_the_checkpoint_is_drawn_at_the_checkpoints_epoch(fitted
         assert main(["test", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.enable_progress_bar",
                      "false", "--figures.names", "[training_curves]"]) == 0
     tests = json.loads((run / "figures" / "training_curves.json").read_text())["validation"]["test/R@1"]
-    assert len(tests) == 2 and tests[0]["epoch"] == pytest.approx(2.0) and tests[1]["epoch"] == pytest.approx(2.0)
+    assert [t["epochs_trained"] for t in tests] == pytest.approx([2.0, 2.0])  # both tested the weights after 2 epochs
+    recorded = json.loads((run / "metrics_test.json").read_text())["evaluations"]
+    assert [t["value"] for t in tests] == [e["metrics"]["R@1"] for e in recorded]
+
+
+def _val_entries(run: Path) -> list[dict]:
+    return json.loads((run / "metrics_val.json").read_text())["evaluations"]
+
+
+def test_training_curves_star_the_checkpoint_callbacks_best_never_the_untrained_model(
+    fitted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = json.loads((fitted_run / "metrics_val.json").read_text())
+    assert record["split"] == "test"  # the paper protocol: validation on the test split
+    best = best_validation(record["evaluations"], "R@1")
+    assert best is not None and best["global_step"] > 0
+    (kept_ckpt,) = (fitted_run / "checkpoints").glob("best-*.ckpt")  # best-<epoch>-<step>.ckpt
+    assert int(kept_ckpt.stem.rsplit("-", 1)[1]) == best["global_step"]
+    drawn_best = json.loads((fitted_run / "figures" / "training_curves.json").read_text())["best"]
+    assert drawn_best["global_step"] == best["global_step"] and drawn_best["value"] == best["metrics"]["R@1"]
+    assert drawn_best["epochs_trained"] == epochs_trained(best) and OPTIMISTIC in drawn_best["label"]
+    kept = keep_figures(monkeypatch)
+    fig.training_curves(fig.FigureContext(out_dir=tmp_path / "again", run_dir=fitted_run, selection_metric="val/R@1"))
+    star = next(c for c in kept["training_curves"].axes[1].collections if c.get_label() == drawn_best["label"])
+    assert star.get_offsets().tolist() == [[epochs_trained(best), 100 * best["metrics"]["R@1"]]]
+    holdout = tmp_path / "holdout"  # the same records under the holdout protocol: not optimistic
+    holdout.mkdir()
+    (holdout / "metrics_val.json").write_text(json.dumps({**record, "split": "holdout"}))
+    again = fig.training_curves(fig.FigureContext(out_dir=holdout / "figures", run_dir=holdout, selection_metric="val/R@1"))
+    assert again.data["best"]["global_step"] == best["global_step"] and OPTIMISTIC not in again.data["best"]["label"]
+
+
+def test_training_curves_are_percent_at_epochs_trained_with_short_series_visible(
+    fitted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = keep_figures(monkeypatch)
+    fig.training_curves(fig.FigureContext(out_dir=tmp_path, run_dir=fitted_run, selection_metric="val/R@1"))
+    ax_loss, ax_val = kept["training_curves"].axes
+    assert ax_loss.get_xlabel() == ax_val.get_xlabel() == "epochs trained"
+    vals = _val_entries(fitted_run)
+    lines = {line.get_label(): line for line in ax_val.get_lines()}
+    for label, metric in (("val/R@1  (selects the checkpoint)", "R@1"), ("val/MAP@R", "MAP@R")):
+        assert list(lines[label].get_xdata()) == [epochs_trained(e) for e in vals] == [0.0, 1.0, 2.0]
+        assert list(lines[label].get_ydata()) == pytest.approx([100 * e["metrics"][metric] for e in vals])
+    final = json.loads((fitted_run / "metrics_test.json").read_text())["evaluations"][-1]
+    (test_point,) = [c for c in ax_val.collections if c.get_label() == "test/R@1"]
+    assert test_point.get_offsets().tolist() == [[2.0, 100 * final["metrics"]["R@1"]]]  # after the fit's 2 epochs
+    short = [line for ax in (ax_loss, ax_val) for line in ax.get_lines() if len(line.get_xdata()) <= fig.FEW_POINTS]
+    assert short and all(line.get_marker() not in (None, "", " ", "None") for line in short)
+
+
+def test_records_without_epochs_trained_are_drawn_at_the_same_epochs(fitted_run: Path, tmp_path: Path) -> None:
+    """Runs recorded before ``epochs_trained`` was: the end-of-fit test and a later checkpoint test too."""
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["test", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.enable_progress_bar",
+                     "false", "--figures.names", "[training_curves]"]) == 0
+    now = json.loads((run / "figures" / "training_curves.json").read_text())
+    for stage in ("val", "test"):
+        record = json.loads((run / f"metrics_{stage}.json").read_text())
+        for entry in record["evaluations"]:
+            entry.pop("epochs_trained", None)
+        (run / f"metrics_{stage}.json").write_text(json.dumps(record))
+    legacy = fig.training_curves(fig.FigureContext(out_dir=tmp_path / "legacy", run_dir=run, selection_metric="val/R@1"))
+    assert legacy.data["validation"] == now["validation"] and legacy.data["best"] == now["best"]
+    assert [t["epochs_trained"] for t in now["validation"]["test/R@1"]] == [2.0, 2.0]
+
+
+def test_per_class_recall_says_that_all_classes_tie_instead_of_listing_some(fitted_run: Path) -> None:
+    data = json.loads((fitted_run / "figures" / "per_class_recall.json").read_text())["plain"]
+    final = json.loads((fitted_run / "metrics_test.json").read_text())["evaluations"][-1]["metrics"]
+    classes = data["classes"]
+    assert {c["recall_at_1"] for c in classes.values()} == {final["R@1"]}  # one colour per class: all told apart
+    assert data["worst"] == [] and data["tied"] == {"recall_at_1": final["R@1"], "classes": len(classes)}
+    assert data["worst_summary"] == f"all {len(classes)} classes at {100 * final['R@1']:.1f} %"
+
+
+def test_after_a_test_the_figures_keep_to_their_share_of_the_runs_evaluation_time(
+    fitted_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["test", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.enable_progress_bar",
+                     "false", "--figures.names", "[embedding_map, training_curves]", "--figures.budget", "0.1"]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("[benchmark] figures:"))
+    assert line.startswith("[benchmark] figures: training_curves")  # the adaptive map last (the first always starts)
+    total = sum(e["seconds"] + e["embed_seconds"] for stage in ("val", "test")
+                for e in json.loads((run / f"metrics_{stage}.json").read_text())["evaluations"])
+    assert f"of the run's {total:.1f}s of evaluation; budget 10 %" in line
+    if "skipped for time: embedding_map" in line:  # a tiny run's evaluation left no time for it
+        assert f"analyze figures --ckpt {run / 'checkpoints' / 'last.ckpt'}` draws" in line
+        assert not (run / "figures" / "embedding_map.json").exists()  # the fit's map (other weights) is gone
+        assert not (run / "figures" / "embedding_map.png").exists()
+        return
+    drawn_map = json.loads((run / "figures" / "embedding_map.json").read_text())
+    assert 0 <= drawn_map["time_budget_seconds"] <= 0.1 * total
+    if drawn_map["projection"] == "t-SNE (openTSNE)":  # the full schedule fitted
+        assert drawn_map["projection_seconds"] <= drawn_map["time_budget_seconds"] and not drawn_map["projection_note"]
+    else:  # a shorter t-SNE or PCA, and the note says why
+        assert "figures' time budget" in drawn_map["projection_note"]
+
+
+def test_under_a_budget_a_figure_starts_only_when_the_time_left_covers_one(tmp_path: Path) -> None:
+    def slow(context: fig.FigureContext) -> fig.FigureResult:
+        time.sleep(0.05)
+        return fig.FigureResult([], {})
+
+    figures = [Figure(name, slow, "", "tests") for name in ("first", "second", "third")]
+    unlimited = fig.FigureContext(out_dir=tmp_path / "all")
+    assert list(fig.draw_figures(figures, unlimited)) == ["first", "second", "third"] and unlimited.skipped == []
+    budgeted = fig.FigureContext(out_dir=tmp_path / "budget", deadline=time.perf_counter() + 0.08)
+    assert list(fig.draw_figures(figures, budgeted)) == ["first"]  # 0.03 s or less left: a figure takes 0.05 s
+    assert budgeted.skipped == ["second", "third"] and budgeted.drawn_seconds[0] >= 0.05
+    assert not (tmp_path / "budget" / "second.json").exists()
+    (tmp_path / "all" / "third.png").write_bytes(b"")  # a file of an earlier drawing, listed in its JSON
+    record = json.loads((tmp_path / "all" / "third.json").read_text())
+    (tmp_path / "all" / "third.json").write_text(json.dumps({**record, "files": ["third.png"]}))
+    fig.draw_figures(figures, fig.FigureContext(out_dir=tmp_path / "all", deadline=time.perf_counter() + 0.08))
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["first.json"]  # nothing stale is left
 
 
 def test_analyze_logs_the_figures_as_images_into_an_offline_wandb_run(
