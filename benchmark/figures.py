@@ -1067,22 +1067,6 @@ def _record(run_dir: Path, stage: str) -> dict[str, Any] | None:
         return None
 
 
-def evaluation_epochs(entry: Mapping[str, Any]) -> float:
-    """Epochs trained by the weights an evaluation entry scored: :func:`benchmark.results.epochs_trained`.
-
-    Entries written before ``epochs_trained`` was recorded need two corrections for tests, which the
-    shared rule reads from the trainer's counters: the test at the end of ``fit`` ran after the fit
-    loop had counted every finished epoch (``epoch`` is already the number trained), and a ``test
-    --ckpt_path`` ran at step 0 of a fresh trainer (its weights are the checkpoint's step and epoch).
-    """
-    if "epochs_trained" in entry or entry.get("stage") != "test":
-        return epochs_trained(entry)
-    checkpoint = entry.get("checkpoint") or {}
-    if checkpoint.get("path"):
-        return epochs_trained({"global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")})
-    return float(entry.get("epoch") or 0) if int(entry.get("global_step") or 0) > 0 else 0.0
-
-
 def run_evaluation_seconds(run_dir: Path) -> float:
     """Every evaluation the run recorded (``metrics_val.json`` and ``metrics_test.json``): the sum of
     their ``seconds`` (gather, refine, metrics) and ``embed_seconds`` (the loop over the split)."""
@@ -1122,7 +1106,7 @@ def _epochs_text(epochs: float) -> str:
 )
 def training_curves(context: FigureContext) -> FigureResult:
     """Left: the loss terms; right: the validation metrics (percent) and the tests, against epochs
-    trained (:func:`evaluation_epochs`: 0 is the untrained model, 1 the end of the first epoch).
+    trained (:func:`benchmark.results.epochs_trained`: 0 is the untrained model, 1 the end of the first epoch).
 
     The star marks the best validation by the run's selection metric as
     :func:`benchmark.results.best_validation` defines it (after training started, ties to the
@@ -1172,7 +1156,7 @@ def training_curves(context: FigureContext) -> FigureResult:
     series_out: dict[str, Any] = {}
     for group in groups:
         for metric, style in (("R@1", "-"), ("MAP@R", "--")):
-            points = [(evaluation_epochs(e), _metric_of(e, group, metric)) for e in vals]
+            points = [(epochs_trained(e), _metric_of(e, group, metric)) for e in vals]
             points = [(x, y) for x, y in points if y is not None]
             if not points:
                 continue
@@ -1186,7 +1170,7 @@ def training_curves(context: FigureContext) -> FigureResult:
     best_entry = best_validation(vals, selection.split("/", 1)[1] if "/" in selection else selection, mode)
     best: dict[str, Any] | None = None
     if best_entry is not None and _metric_of(best_entry, sel_group, sel_metric) is not None:
-        value, at = float(_metric_of(best_entry, sel_group, sel_metric)), evaluation_epochs(best_entry)
+        value, at = float(_metric_of(best_entry, sel_group, sel_metric)), epochs_trained(best_entry)
         name = f"val/{sel_group + '/' if sel_group else ''}{sel_metric}"
         label = f"best {name} {100 * value:.1f} % after {_epochs_text(at)}" + (f" ({OPTIMISTIC})" if on_test else "")
         ax_val.scatter([at], [100 * value], marker="*", s=180, color="gold", edgecolor="black", zorder=4, label=label)
@@ -1196,10 +1180,10 @@ def training_curves(context: FigureContext) -> FigureResult:
     for e in tests:
         value = _metric_of(e, sel_group, sel_metric)
         if value is not None:
-            ax_val.scatter([evaluation_epochs(e)], [100 * value], marker="D", s=36, color=INCORRECT, edgecolor="black",
+            ax_val.scatter([epochs_trained(e)], [100 * value], marker="D", s=36, color=INCORRECT, edgecolor="black",
                            zorder=4, label=test_name if test_name not in series_out else None)
             series_out.setdefault(test_name, []).append(
-                {"epochs_trained": evaluation_epochs(e), "value": value, "role": e.get("role"),
+                {"epochs_trained": epochs_trained(e), "value": value, "role": e.get("role"),
                  "checkpoint": (e.get("checkpoint") or {}).get("selected_by")})
     if not vals and not tests:
         ax_val.text(0.5, 0.5, "no evaluation recorded yet", ha="center", va="center", transform=ax_val.transAxes, fontsize=8)

@@ -182,9 +182,17 @@ def best_validation(evaluations: Sequence[Mapping[str, Any]], metric: str, mode:
 def epochs_trained(entry: Mapping[str, Any]) -> float:
     """Training epochs completed when ``entry`` was evaluated (one convention for every figure, table
     and W&B chart): the recorded ``epochs_trained``, or for older records 0 before training and
-    ``epoch + 1`` after it (validation runs at the end of the 0-based epoch ``epoch``)."""
+    ``epoch + 1`` after it (validation runs at the end of the 0-based epoch ``epoch``). Older test
+    entries: the test at the end of ``fit`` ran after the fit loop had counted every finished epoch
+    (``epoch`` is already the number trained); a ``test --ckpt_path`` ran at step 0 of a fresh trainer,
+    so its weights' epochs are the checkpoint's."""
     if isinstance(entry.get("epochs_trained"), (int, float)):
         return float(entry["epochs_trained"])
+    if entry.get("stage") == "test":
+        checkpoint = entry.get("checkpoint") or {}
+        if checkpoint.get("path"):
+            return epochs_trained({"global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")})
+        return float(entry.get("epoch") or 0) if int(entry.get("global_step") or 0) > 0 else 0.0
     if int(entry.get("global_step") or 0) <= 0:
         return 0.0
     return float(entry.get("epoch") or 0) + 1.0

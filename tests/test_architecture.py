@@ -156,6 +156,11 @@ def test_the_core_imports_only_leaf_modules() -> None:
             assert deps <= {"benchmark.errors"}, (leaf, deps)
 
 
+# The entry point checks the environment before the CLI's heavy import (matplotlib raises on import
+# with an invalid MPLBACKEND): its one deferred project import is the reason it exists.
+DEFERRED = {"benchmark.__main__.main: from benchmark.cli import main as cli_main"}
+
+
 def test_project_imports_sit_at_the_top_of_modules() -> None:
     nested = []
     for module in MODULES:
@@ -164,7 +169,7 @@ def test_project_imports_sit_at_the_top_of_modules() -> None:
                 for node in ast.walk(fn):
                     if isinstance(node, (ast.Import, ast.ImportFrom)) and _imported(module, node):
                         nested.append(f"{module}.{fn.name}: {ast.unparse(node)}")
-    assert nested == []
+    assert sorted(set(nested) - DEFERRED) == []
 
 
 @pytest.mark.parametrize("package", ["benchmark"])

@@ -359,3 +359,21 @@ def test_one_image_per_class_with_a_pair_loss_is_refused(cub: Path, tmp_path: Pa
     # A proxy loss learns from one image per class: accepted.
     assert _fit(cub, tmp_path / "proxy", "--data.samples_per_class", "1", "--data.classes_per_batch", "8",
                 method="proxy_anchor", epochs=1) == 0  # fmt: skip
+
+
+def test_an_invalid_mplbackend_is_one_paragraph_with_exit_2(tmp_path: Path) -> None:
+    """matplotlib raises on import with an invalid MPLBACKEND, and every command imports it (through
+    torchmetrics): the entry point says what is wrong before that import. A real subprocess: in this
+    process matplotlib is already imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MPLBACKEND": "nonsense"}
+    proc = subprocess.run([sys.executable, "-m", "benchmark", "status", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "MPLBACKEND='nonsense' is not a matplotlib backend" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    env["MPLBACKEND"] = "Agg"
+    assert subprocess.run([sys.executable, "-m", "benchmark", "status", str(tmp_path)], env=env, capture_output=True,
+                          timeout=120).returncode == 0  # fmt: skip
