@@ -157,17 +157,21 @@ def existing_report(entity: str, project: str, title: str, api: Any = None) -> A
 def publish(report: Any, columns: Sequence[str], rows: Sequence[Mapping[str, Any]], entity: str, project: str) -> str:
     """Log the rows (``columns`` of each) as a versioned W&B Table artifact, then save the report (the
     same report as before when one with its title exists: it is updated, not duplicated); returns its URL."""
+    import tempfile
+
     import wandb
 
     data = [[r.get(c) if not isinstance(r.get(c), (list, tuple, dict)) else str(r.get(c)) for c in columns]
             for r in rows]  # fmt: skip
-    run = wandb.init(entity=entity, project=project, job_type="leaderboard", name="leaderboard")
-    try:
-        artifact = wandb.Artifact(artifact_name(project), type="leaderboard")
-        artifact.add(wandb.Table(columns=list(columns), data=data), TABLE_FILE.removesuffix(".table.json"))
-        run.log_artifact(artifact)
-    finally:
-        run.finish()
+    # The run only carries the table: its local files go to a temporary folder, not ./wandb.
+    with tempfile.TemporaryDirectory(prefix="dml-benchmark-leaderboard-") as folder:
+        run = wandb.init(entity=entity, project=project, job_type="leaderboard", name="leaderboard", dir=folder)
+        try:
+            artifact = wandb.Artifact(artifact_name(project), type="leaderboard")
+            artifact.add(wandb.Table(columns=list(columns), data=data), TABLE_FILE.removesuffix(".table.json"))
+            run.log_artifact(artifact)
+        finally:
+            run.finish()
     previous = existing_report(entity, project, report.title)
     if previous is not None:
         previous.blocks = report.blocks
