@@ -19,7 +19,7 @@ chosen. The rules (docs/leaderboard.md):
   ``paper`` protocol (where validation is the test split), and labelled "selected on test,
   optimistic" everywhere it appears. Each seed contributes its own number; the table shows
   the mean and the sample standard deviation over seeds (never "the best of the mean curve").
-* **Paper numbers** (``benchmark/reference/paper_results.csv``) appear as reference rows, and a
+* **Paper numbers** (``benchmark/reference/<paper>.csv``, :mod:`benchmark.papers`) appear as reference rows, and a
   Δ column compares a group with the paper when dataset, backbone and embedding size match and
   the method declares the paper's name for it (:meth:`methods.base.RetrievalMethod.reference_names`).
 * **Outputs**: the console table, and ``--format md|csv|html|json --out FILE`` (written
@@ -47,6 +47,7 @@ from benchmark.errors import UserError
 from benchmark.io import atomic_write_text, check_writable
 from benchmark.io import console as make_console
 from benchmark.leaderboard_figures import write_figures
+from benchmark.papers import PaperNumber, paper_numbers
 from benchmark.results import (
     OPTIMISTIC,
     RecordError,
@@ -59,7 +60,6 @@ from benchmark.results import (
 )
 from benchmark.wandb_logger import wandb_logged_in
 
-REFERENCE = Path(__file__).with_name("reference") / "paper_results.csv"
 SELECTIONS = ("final", "test-best")
 # Recorded per run but not a setting: a seed sweep differs only in these.
 PER_RUN = {"seed", "data_seed", "checkpoint", "versions", "stage", "split", "evaluations", "metrics", "refined",
@@ -305,26 +305,6 @@ def group_runs(records: Iterable[RunRecord]) -> list[Group]:
 
 
 # ---------------------------------------------------------------------------- paper numbers
-@dataclass(frozen=True)
-class PaperNumber:
-    paper: str
-    method: str
-    backbone: str
-    dim: int
-    dataset: str
-    metric: str
-    value: float  # percent
-
-
-def paper_numbers(path: Path = REFERENCE) -> list[PaperNumber]:
-    """Every row of the reference CSV (percentages)."""
-    rows = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
-    return [
-        PaperNumber(r["paper"], r["method"], r["backbone"], int(r["dim"]), r["dataset"], r["metric"], float(r["value"]))
-        for r in csv.DictReader(rows)
-    ]
-
-
 def _reference_names(meta: Mapping[str, Any], refined: bool) -> list[str]:
     try:
         cls = registry.get_method(str(meta.get("method")))
@@ -372,10 +352,19 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
             row[f"{m}_n"] = n
             row[f"{m}_per_seed"] = {str(seed): 100 * v for seed, v in g.values(m, select)}
         paper = paper_match(g, rank_by, numbers)
-        row["paper"] = None if paper is None else f"{paper.paper}: {paper.method}"
+        row["paper"] = None if paper is None else f"{paper.paper} {paper.table}: {paper.row}"
         row[f"paper_{rank_by}"] = None if paper is None else paper.value
+        row["paper_statistic"] = None if paper is None else paper.statistic
         mean = row[f"{rank_by}_mean"]
         row[f"delta_{rank_by}"] = None if paper is None or mean is None else mean - paper.value
+        # The paper's own statistic beside ours: where it reports the best test epoch, our test-best
+        # (labelled optimistic) stands next to the honest final number.
+        matching = None
+        if paper is not None and paper.statistic == "test-best":
+            n, best_mean, best_std = g.stats(rank_by, "test-best")
+            matching = None if best_mean is None else (100 * best_mean, None if best_std is None else 100 * best_std)
+        row[f"{rank_by}_test_best_mean"] = None if matching is None else matching[0]
+        row[f"{rank_by}_test_best_std"] = None if matching is None else matching[1]
         rows.append(row)
     rows.sort(key=lambda r: (str(r["dataset"]), -(r[f"{rank_by}_mean"] if r[f"{rank_by}_mean"] is not None else -1e9)))
     return rows
@@ -401,29 +390,23 @@ def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: 
         subset = [r for r in rows if str(r["dataset"]) == dataset]
         title = f"{dataset}: mean ± sample std over seeds (%), ranked by {rank_by}; number per run: {subset[0]['select']}"
         table = Table(title=title)
-        for col in ("method", "backbone", "dim", "img", "protocol", "seeds", *metrics, f"paper {rank_by}", "Δ", "differs"):
+        for col in headers(metrics, rank_by):
             table.add_column(col)
         for r in subset:
-            table.add_row(
-                str(r["method"]), str(r["backbone"]), str(r["embedding_dim"]), str(r["image_size"]), str(r["protocol"]),
-                str(r["n_seeds"]), *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
-                "" if r[f"paper_{rank_by}"] is None else f"{r[f'paper_{rank_by}']:.1f}",
-                "" if r[f"delta_{rank_by}"] is None else f"{r[f'delta_{rank_by}']:+.2f}", r["differs"],
-            )
+            table.add_row(*_row_cells(r, metrics, rank_by))
             if per_seed:
                 for seed, v in r[f"{rank_by}_per_seed"].items():
                     table.add_row("", f"seed {seed}", "", "", "", "", f"{v:.2f}")
         for n in [n for n in refs if n.dataset == dataset]:
-            table.add_row(f"[paper] {n.method}", n.backbone, str(n.dim), "", n.paper, "", f"{n.value:.1f}",
-                          style="dim")  # fmt: skip
+            table.add_row(*_paper_cells(n, metrics), style="dim")
         console.print(table)
 
 
 def csv_columns(metrics: Sequence[str], rank_by: str) -> list[str]:
     """The columns of one group's row in the CSV output and the W&B Table."""
     return [*ROW_FIELDS, "n_seeds", "seeds", "steps", *[c for m in metrics for c in (f"{m}_mean", f"{m}_std")],
-            f"paper_{rank_by}", f"delta_{rank_by}", "select", "short", "incomplete", "differs", "comparison_group",
-            "run_names"]  # fmt: skip
+            f"paper_{rank_by}", "paper_statistic", f"{rank_by}_test_best_mean", f"{rank_by}_test_best_std", "paper",
+            f"delta_{rank_by}", "select", "short", "incomplete", "differs", "comparison_group", "run_names"]  # fmt: skip
 
 
 def _cell(value: Any) -> str:
@@ -447,12 +430,29 @@ def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> 
     return out.getvalue()
 
 
+def headers(metrics: Sequence[str], rank_by: str) -> list[str]:
+    """The columns every table format shows (one builder for console, Markdown and HTML)."""
+    return ["method", "backbone", "dim", "protocol", "seeds", "steps", *metrics, f"paper {rank_by} (statistic)",
+            f"ours {rank_by} test-best ({OPTIMISTIC})", "Δ (final − paper)", "differs"]  # fmt: skip
+
+
 def _row_cells(r: Mapping[str, Any], metrics: Sequence[str], rank_by: str) -> list[str]:
-    """A group's cells as the Markdown and HTML tables show them (method ... differs)."""
+    """A group's cells in :func:`headers` order."""
     paper, delta = r[f"paper_{rank_by}"], r[f"delta_{rank_by}"]
+    notes = ", ".join(x for x in (r.get("short") and f"short: {r['short']}", r.get("incomplete") and
+                                  f"incomplete: {r['incomplete']}", r["differs"]) if x)  # fmt: skip
     return [str(r["method"]), str(r["backbone"]), str(r["embedding_dim"]), str(r["protocol"]), str(r["n_seeds"]),
-            *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
-            "" if paper is None else f"{paper:.1f}", "" if delta is None else f"{delta:+.2f}", str(r["differs"])]  # fmt: skip
+            "" if r.get("steps") is None else str(r["steps"]), *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+            "" if paper is None else f"{paper:.1f} ({r['paper_statistic']})",
+            _fmt(r.get(f"{rank_by}_test_best_mean"), r.get(f"{rank_by}_test_best_std")),
+            "" if delta is None else f"{delta:+.2f}", notes]  # fmt: skip
+
+
+def _paper_cells(n: PaperNumber, metrics: Sequence[str]) -> list[str]:
+    """A paper's number as a reference row in :func:`headers` order (its value under the metric's column)."""
+    values = [f"{n.value:.1f}" if m.split("/")[-1] == n.metric else "" for m in metrics]
+    return [f"[paper] {n.method} ({n.paper} {n.table}: {n.row})", n.backbone, str(n.dim), "", "", "", *values,
+            n.statistic, "", "", ""]  # fmt: skip
 
 
 def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber]) -> str:
@@ -461,12 +461,12 @@ def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str
         subset = [r for r in rows if str(r["dataset"]) == dataset]
         lines += [f"### {dataset}", "",
                   f"Mean ± sample std over seeds (%), ranked by {rank_by}; number per run: {subset[0]['select']}.", "",
-                  "| method | backbone | dim | protocol | seeds | " + " | ".join(metrics) + f" | paper {rank_by} | Δ | differs |",
-                  "|" + "---|" * (8 + len(metrics))]  # fmt: skip
+                  "| " + " | ".join(headers(metrics, rank_by)) + " |",
+                  "|" + "---|" * len(headers(metrics, rank_by))]  # fmt: skip
         for r in subset:
             lines.append("| " + " | ".join(_row_cells(r, metrics, rank_by)) + " |")
         for n in [n for n in refs if n.dataset == dataset]:
-            lines.append(f"| *{n.method} (paper: {n.paper})* | {n.backbone} | {n.dim} | | | {n.value:.1f}" + " |" * (len(metrics) + 3))
+            lines.append("| " + " | ".join(f"*{c}*" if c else "" for c in _paper_cells(n, metrics)) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -486,19 +486,18 @@ def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, re
              "return isNaN(a)||isNaN(z)?x.cells[c].innerText.localeCompare(y.cells[c].innerText)*d:(a-z)*d});"
              "r.concat(p).forEach(x=>b.appendChild(x))}</script></head><body>",
              "<h1>Leaderboard</h1><p>Mean ± sample standard deviation over seeds, in percent.</p>"]  # fmt: skip
-    headers = ["method", "backbone", "dim", "protocol", "seeds", *metrics, f"paper {rank_by}", "Δ", "differs"]
+    columns = headers(metrics, rank_by)
     for dataset in sorted({str(r["dataset"]) for r in rows}):
         subset = [r for r in rows if str(r["dataset"]) == dataset]
         parts.append(f"<h2>{html.escape(dataset)}</h2><p>Number per run: {html.escape(subset[0]['select'])}.</p>")
         parts.append("<table><thead><tr>" + "".join(
-            f"<th onclick='sortTable(this.closest(\"table\"),{i})'>{html.escape(h)}</th>" for i, h in enumerate(headers))
+            f"<th onclick='sortTable(this.closest(\"table\"),{i})'>{html.escape(h)}</th>" for i, h in enumerate(columns))
             + "</tr></thead><tbody>")  # fmt: skip
         for r in subset:
             parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row_cells(r, metrics, rank_by)) + "</tr>")
         for n in [n for n in refs if n.dataset == dataset]:
-            cells = [f"{n.method} (paper: {n.paper})", n.backbone, n.dim, "", "", f"{n.value:.1f}"]
-            parts.append("<tr class='paper'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
-                         + "<td></td>" * (len(headers) - len(cells)) + "</tr>")  # fmt: skip
+            parts.append("<tr class='paper'>" + "".join(f"<td>{html.escape(c)}</td>" for c in _paper_cells(n, metrics))
+                         + "</tr>")  # fmt: skip
         parts.append("</tbody></table>")
     for path in figures:
         data = base64.b64encode(Path(path).read_bytes()).decode()

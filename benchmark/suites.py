@@ -54,12 +54,13 @@ import submitit
 import torch
 import yaml
 
-from benchmark import registry
+from benchmark import paper_tables, registry
 from benchmark.backbones import BACKBONES
 from benchmark.cli import build_cli, recipe_dir
 from benchmark.errors import UserError
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
+from benchmark.papers import known_papers, paper_numbers
 from benchmark.results import RecordError, final_evaluation, read_record, run_state
 
 try:  # POSIX file locks (run_lock); Windows has none and runs without the lock
@@ -69,7 +70,9 @@ except ImportError:  # pragma: no cover - not on the platforms CI runs
 
 EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
-SUITE_KEYS = ("name", "description", "output", "plugins", "args", "grid", "cells", "exclude", "resources", "slurm")
+SUITE_KEYS = ("name", "description", "output", "plugins", "args", "grid", "cells", "exclude", "resources", "slurm",
+              "paper", "reproduces")
+REPRODUCES_KEYS = ("cells", "table", "row")
 GRID_KEYS = ("methods", "datasets", "backbones", "seeds", "variants", "options", "args")
 RESOURCE_KEYS = ("devices", "num_nodes", "accelerator", "precision", "time", "cpus_per_task", "mem_gb")
 SLURM_KEYS = ("partition", "account", "qos", "constraint", "array_parallelism", "signal_delay_s", "setup", "additional")
@@ -111,6 +114,8 @@ commands:
                     needs another waits while that one is pending or running (--wait-needs, default
                     24h), and is skipped (exit 0, recorded as blocked) when that one cannot complete
   status FILE       the cells, their states, times and test R@1
+  paper-table FILE [--table T]   the paper's tables in its order: its numbers and statistics, ours
+                    (final; test-best where the paper reports it, labelled), cells NOT COVERED marked
   export-sweep FILE [--out sweep.yaml]   a W&B sweep config whose agents run the cells
   list              the suites shipped with the package
 """
@@ -152,6 +157,7 @@ class Cell:
     plugins: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()  # cells whose run directory this cell's options name
     template: tuple[str, ...] = ()  # the arguments before {placeholders} and the seed: one parse check each
+    reproduces: tuple[tuple[str, str], ...] = ()  # (table, row) of the suite's paper this cell reproduces
 
     def group(self, suite_name: str) -> str:
         """The W&B group of the cell's run: its configuration without the seed, so seeds group together."""
@@ -189,6 +195,7 @@ class Suite:
     cells: list[Cell]
     slurm: dict[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
+    paper: str | None = None  # the paper whose tables the suite reproduces (benchmark/reference/<paper>.csv)
 
     def cell(self, cell_id: str) -> Cell:
         for cell in self.cells:
@@ -486,11 +493,57 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
                          "variant and seed. Remove the repeated value, or give the variants different names.")
         seen.setdefault(cell.id, i)
     problems.raise_if_any()
+    paper = _paper_rows(raw, cells, problems)
+    problems.raise_if_any()
     suite = Suite(path=path, name=name, description=str(raw.get("description") or "").strip(), output=out,
-                  cells=cells, slurm=slurm, plugins=plugins)
+                  cells=cells, slurm=slurm, plugins=plugins, paper=paper)
     _find_dependencies(suite, problems)
     problems.raise_if_any()
     return suite
+
+
+def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> str | None:
+    """``paper:`` and ``reproduces:``: which cells reproduce which rows of the paper's tables.
+
+    Every entry names cells by selector and one (table, row) of ``benchmark/reference/<paper>.csv``;
+    both must exist, so a suite cannot claim a row the paper does not have or a cell it does not run.
+    """
+    entries = _list(raw.get("reproduces"), "reproduces", problems, "remove the key") or []
+    paper = raw.get("paper")
+    if paper is None:
+        if entries:
+            problems.add("reproduces: needs paper: NAME (the paper whose tables the cells reproduce).")
+        return None
+    known = known_papers()
+    if str(paper) not in known:
+        problems.add(f"paper {paper!r} has no reference numbers; known papers: {', '.join(known)} (benchmark/reference/).")
+        return None
+    rows = {(n.table, n.row) for n in paper_numbers(papers=[str(paper)])}
+    for i, entry in enumerate(entries):
+        where = f"reproduces[{i}]"
+        entry = _mapping(entry, where, problems)
+        _unknown_keys(where, entry, REPRODUCES_KEYS, problems)
+        missing = [k for k in REPRODUCES_KEYS if k not in entry]
+        if missing:
+            problems.add(f"{where} needs {', '.join(missing)} (e.g. {{cells: variant=base, table: Table 1, row: Ours}}).")
+            continue
+        key = (str(entry["table"]), str(entry["row"]))
+        if key not in rows:
+            in_table = sorted(r for t, r in rows if t == key[0])
+            hint = f" Rows of {key[0]}: {'; '.join(in_table)}." if in_table else \
+                f" Tables: {', '.join(sorted({t for t, _ in rows}))}."  # fmt: skip
+            problems.add(f"{where}: {paper} has no row {key[1]!r} in {key[0]!r}.{hint}")
+            continue
+        selector = parse_selector(entry["cells"], f"{where}.cells", problems)
+        if selector is None:
+            continue
+        chosen = [c for c in cells if matches(c, selector)]
+        if not chosen:
+            problems.add(f"{where}.cells {entry['cells']!r} matches no cell.")
+        for cell in chosen:
+            if key not in cell.reproduces:
+                cell.reproduces += (key,)
+    return str(paper)
 
 
 def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resources, plugins: tuple[str, ...],
@@ -1411,6 +1464,8 @@ def dry_run(suite: Suite, cells: list[Cell], retry_failed: bool, restart_changed
             print(f"    recipe: {recipe if recipe.is_file() else 'none (the constructors defaults apply)'}")
         if cell.needs:
             print(f"    needs: {', '.join(cell.needs)}")
+        for table, row in cell.reproduces:
+            print(f"    reproduces: {suite.paper} {table}, {row}")
         command_plan = plan if plan.action in STARTS else Plan("run", plan.state)
         print(f"    {shlex.join(fit_command(suite, cell, command_plan))}")
     for line in changed_lines(suite, cells, states):
@@ -1808,6 +1863,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
                             help="how long to wait for the cells this one needs (90, '90m', '4h'; 0: not at all)")
     if command == "export-sweep":
         parser.add_argument("--out", help="write the sweep config here (default: stdout)")
+    if command == "paper-table":
+        parser.add_argument("--output", help="the suite's output folder (default: output: in the file)")
+        parser.add_argument("--table", action="append", default=None,
+                            help="only this table of the paper (repeatable; default: every table the suite reproduces)")
     return parser
 
 
@@ -1829,6 +1888,7 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     commands: dict[str, Callable[[list[str]], int]] = {
         "run": _cmd_run, "run-cell": _cmd_run_cell, "status": _cmd_status, "export-sweep": _cmd_export, "list": _cmd_list,
+        "paper-table": _cmd_paper_table,
     }
     if command not in commands:
         raise SuiteError(f"Unknown suite command {command!r}.{_closest(command, commands)} "
@@ -1837,6 +1897,28 @@ def main(argv: list[str]) -> int:
         return commands[command](rest)
     except SystemExit as exit_:  # --help of a suite command
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+
+
+def cell_recipe(cell: Cell) -> Path | None:
+    """The recipe a cell's fit applies (its own --config/--recipe, else configs/<method>/<dataset>.yaml)."""
+    given = cell.options.get("recipe") or cell.options.get("config")
+    if given == "none":
+        return None
+    path = Path(str(given)) if given else recipe_dir() / cell.method / f"{cell.dataset}.yaml"
+    return path if path.is_file() else None
+
+
+def _cmd_paper_table(argv: list[str]) -> int:
+    """``suite paper-table FILE``: the paper's tables in its order, our numbers beside them, uncovered cells marked."""
+    args = _parse_args("paper-table", argv)
+    suite = load_suite(args.file, args.output)
+    if suite.paper is None:
+        raise SuiteError(f"{suite.path} names no paper: add paper: NAME and reproduces: entries (docs/leaderboard.md).")
+    found = paper_tables.lines(suite, cell_recipe, args.table)
+    if not found:
+        raise SuiteError(f"{suite.path}: no number of {suite.paper} in the tables asked for ({args.table}).")
+    paper_tables.render(suite, found, make_console())
+    return EXIT_OK
 
 
 def _cmd_list(argv: list[str]) -> int:

@@ -41,10 +41,11 @@ MODULES = {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / pa
 
 
 def layer(module: str) -> int:
-    if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core", "benchmark.results"):
+    if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core", "benchmark.results",
+                  "benchmark.papers"):
         return 0
     if module.endswith(TOOL_SUFFIXES) or module.startswith("benchmark.perf") or module in (
-        "benchmark.cli", "benchmark.suites", "benchmark.leaderboard", "benchmark.leaderboard_figures", "benchmark.wandb_report", "benchmark.analysis",
+        "benchmark.cli", "benchmark.suites", "benchmark.paper_tables", "benchmark.leaderboard", "benchmark.leaderboard_figures", "benchmark.wandb_report", "benchmark.analysis",
         "benchmark.__main__", "benchmark",
     ):
         return 4
