@@ -381,7 +381,7 @@ class RetrievalMethod(L.LightningModule):
 
     @classmethod
     def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
-        """The names under which the papers' reported numbers (``benchmark/reference/paper_results.csv``)
+        """The names under which the papers' reported numbers (``benchmark/reference/<paper>.csv``)
         list a run of this method described by ``meta`` (its recorded ``describe()`` fields);
         ``refined``: the numbers of its refined output (``refined/<metric>``). Default: the
         method's own name, or ``<name>_baseline`` as the papers' tables list baselines."""
