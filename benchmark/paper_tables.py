@@ -116,8 +116,10 @@ def lines(suite: Any, recipe: Callable[[Any], Path | None], tables: Iterable[str
         line = Line(number)
         for cell in suite.cells:
             setting = settings[cell.id]
+            # A setting the cell's options and recipe leave open (Context-Refine takes its stage-1
+            # checkpoint's backbone and size) is not held against it; a contradicting one is.
             if ((number.table, number.row) not in cell.reproduces or cell.dataset != number.dataset
-                    or setting["backbone"] != number.backbone
+                    or (setting["backbone"] is not None and setting["backbone"] != number.backbone)
                     or (setting["dim"] is not None and setting["dim"] != number.dim)):  # fmt: skip
                 continue
             line.cells.append(cell.id)
@@ -156,8 +158,12 @@ def render(suite: Any, found: Sequence[Line], console: Any) -> None:
         title = (f"{suite.paper} {table_name} — suite {suite.name}: {len(subset)} numbers"
                  + (f", {uncovered} NOT COVERED by any cell" if uncovered else ", every one covered"))  # fmt: skip
         table = Table(title=title)
-        for col in COLUMNS:
-            table.add_column(col, overflow="fold")
+        # Our test-best only where the paper reports its best test epoch: nothing to compare it with otherwise.
+        keep = [i for i, col in enumerate(COLUMNS)
+                if not col.startswith("ours: test-best") or any(x.number.statistic == "test-best" for x in subset)]  # fmt: skip
+        for i in keep:
+            table.add_column(COLUMNS[i], overflow="fold")
         for line in subset:
-            table.add_row(*cells_of(line), style="red" if not line.covered else None)
+            cells = cells_of(line)
+            table.add_row(*(cells[i] for i in keep), style="red" if not line.covered else None)
         console.print(table)

@@ -69,12 +69,14 @@ def read_paper(path: Path) -> list[PaperNumber]:
     return numbers
 
 
-def paper_numbers(folder: Path = REFERENCE_DIR, papers: Iterable[str] | None = None) -> list[PaperNumber]:
-    """Every paper's numbers (or those of ``papers``), each paper's rows in its order."""
+def paper_numbers(folder: Path | None = None, papers: Iterable[str] | None = None) -> list[PaperNumber]:
+    """Every paper's numbers (or those of ``papers``), each paper's rows in its order; ``folder``
+    defaults to :data:`REFERENCE_DIR` (read when called)."""
     wanted = set(papers) if papers is not None else None
-    return [n for path in sorted(Path(folder).glob("*.csv")) if wanted is None or path.stem in wanted
+    return [n for path in sorted(Path(folder or REFERENCE_DIR).glob("*.csv")) if wanted is None or path.stem in wanted
             for n in read_paper(path)]  # fmt: skip
 
 
-def known_papers(folder: Path = REFERENCE_DIR) -> list[str]:
-    return sorted(p.stem for p in Path(folder).glob("*.csv"))
+def known_papers(folder: Path | None = None) -> list[str]:
+    """The papers with reference numbers (the files' stems)."""
+    return sorted(p.stem for p in Path(folder or REFERENCE_DIR).glob("*.csv"))

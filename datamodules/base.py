@@ -35,7 +35,7 @@ from datamodules.samplers import (
     EpochLength,
     ShuffledBatchSampler,
 )
-from datamodules.transforms import AugmentConfig, eval_transform, train_transform
+from datamodules.transforms import AugmentConfig, EvalResize, eval_transform, train_transform
 
 Protocol = Literal["paper", "holdout"]
 Decoder = Literal["pil", "torchvision"]
@@ -175,6 +175,8 @@ class RetrievalDataModule(L.LightningDataModule):
             batch sequence across model seeds. The value used is recorded as ``data_seed``.
         augment: training augmentation strength.
         eval_crop_pct: evaluation resize = image_size / eval_crop_pct, then center crop.
+        eval_resize: ``shorter`` resizes the short side (aspect ratio kept; the usual protocol),
+            ``square`` squashes to a square before the crop (Context-Refine's stage 1).
         verify_images: ``header`` checks that every listed image exists, parses and is not
             truncated before training (cached); ``exists`` only checks existence; ``none``
             skips checks.
@@ -206,6 +208,7 @@ class RetrievalDataModule(L.LightningDataModule):
         seed: int | None = None,
         augment: AugmentConfig = AugmentConfig(),
         eval_crop_pct: float = 0.875,
+        eval_resize: EvalResize = "shorter",
         verify_images: Literal["header", "exists", "none"] = "header",
         decoder: Decoder = DEFAULT_DECODER,
     ) -> None:
@@ -240,6 +243,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.val_fraction, self.split_seed, self.seed = val_fraction, split_seed, seed
         self.augment, self.eval_crop_pct, self.verify_images = augment, eval_crop_pct, verify_images
         self.decoder: Decoder = check_choice("--data.decoder", decoder, Decoder)
+        self.eval_resize: EvalResize = check_choice("--data.eval_resize", eval_resize, EvalResize)
         self.request = DataRequest()
         self._splits: dict[str, SplitRecords] | None = None
         self._train_sampler: EpochBatchSampler | None = None
@@ -404,7 +408,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return train_transform(self.image_size, self.request.normalization, self.augment, self.request.views)
 
     def eval_transform(self):
-        return eval_transform(self.image_size, self.request.normalization, self.eval_crop_pct)
+        return eval_transform(self.image_size, self.request.normalization, self.eval_crop_pct, self.eval_resize)
 
     def training_batches(self, request: DataRequest | None = None) -> EpochBatchSampler:
         """The batch sampler of the training split under ``request`` (labels only, no images).

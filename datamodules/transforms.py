@@ -80,11 +80,21 @@ def _to_tensor(norm: Normalization) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(norm.mean, norm.std)]
 
 
-def eval_transform(image_size: int, norm: Normalization, crop_pct: float = 0.875) -> T.Compose:
-    """Resize the short side to ``image_size / crop_pct`` then center-crop ``image_size``."""
+EvalResize = Literal["shorter", "square"]
+
+
+def eval_transform(image_size: int, norm: Normalization, crop_pct: float = 0.875, resize: EvalResize = "shorter") -> T.Compose:
+    """Resize to ``s = image_size / crop_pct``, then center-crop ``image_size``.
+
+    ``shorter`` (the usual DML protocol) resizes the short side to ``s`` and keeps the aspect ratio;
+    ``square`` squashes the image to ``s x s`` (Context-Refine's stage-1 embeddings: "resized to
+    256 x 256 and then a central crop of 224 x 224", supplement A).
+    """
     interp = _INTERPOLATION[norm.interpolation]
-    resize = max(image_size, int(round(image_size / crop_pct)))
-    return T.Compose([T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(image_size), *_to_tensor(norm)])
+    size = max(image_size, int(round(image_size / crop_pct)))
+    resize_to = (size, size) if resize == "square" else size
+    return T.Compose([T.Resize(resize_to, interpolation=interp, antialias=True), T.CenterCrop(image_size),
+                      *_to_tensor(norm)])  # fmt: skip
 
 
 class MultiView:

@@ -715,12 +715,25 @@ class ContextRefine(RetrievalMethod):
 
     @classmethod
     def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
-        """The paper lists the refined numbers by stage-1 method (``context_refine(ms)``) and the
-        initial embeddings as that method's baseline (``ms_baseline``)."""
+        """The paper lists the refined numbers by stage-1 method (``context_refine(ms)``: its model of
+        8 blocks over 8 neighbours, Sec. 4.5), Table 4's ablations by what they leave out
+        (``context_refine(ms, no neighbours)``: the blocks attend to the query alone;
+        ``context_refine(ms, neighbour mean)``: the neighbours averaged, no cross-attention), and the
+        initial embeddings as the stage-1 method's baseline (``ms_baseline``). Other architectures
+        (the blocks x neighbours grid of the supplement's Fig. 1) have no number in a table."""
         source = meta.get("source_method")
         if not source:
             return []
-        return [f"context_refine({source})"] if refined else [f"{source}_baseline"]
+        if not refined:
+            return [f"{source}_baseline"]
+        blocks, neighbours = meta.get("num_blocks", 8), meta.get("num_neighbours", 8)
+        if meta.get("aggregation", "attention") == "mean":
+            return [f"context_refine({source}, neighbour mean)"] if neighbours == 8 else []
+        if neighbours == 0 and meta.get("include_self") and blocks == 8:
+            return [f"context_refine({source}, no neighbours)"]
+        if blocks == 8 and neighbours == 8 and not meta.get("include_self"):
+            return [f"context_refine({source})"]
+        return []
 
     def describe(self) -> dict[str, Any]:
         return {

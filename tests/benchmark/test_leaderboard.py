@@ -130,7 +130,7 @@ def test_paper_rows_and_delta_match_dataset_backbone_and_dimension(tmp_path: Pat
     assert rows["128"]["paper_R@1"] == "" and rows["128"]["delta_R@1"] == ""  # a 128-d run is not the 512-d paper setting
     assert main(["--runs", str(tmp_path), "--format", "md"]) == 0
     md = capsys.readouterr().out
-    assert "[paper] ms_baseline (context_refine Table 3: MS-Loss (stage 1))" in md and "+2.50" in md
+    assert "[paper] ms_baseline (context_refine Table 3: MS-Loss)" in md and "+2.50" in md
 
 
 def _wandb_source(monkeypatch: pytest.MonkeyPatch, recorded: list[RecordedRun]) -> RecordedApi:

@@ -56,3 +56,20 @@ def test_resize_random_default_size_and_errors() -> None:
 def test_random_resized_crop_stays_the_default() -> None:
     transform = train_transform(16, NORM, AugmentConfig())
     assert isinstance(transform.transforms[0], T.RandomResizedCrop)
+
+
+def test_square_eval_resize_squashes_before_the_crop() -> None:
+    """Context-Refine's stage 1 (supplement A): resize to 256 x 256, then a central 224 crop. On a wide
+    image it keeps the whole width (squashed), where the usual short-side resize crops the sides away."""
+    from datamodules.transforms import eval_transform
+
+    image = torch.zeros(3, 100, 300, dtype=torch.uint8)
+    image[:, :, :50] = 255  # a white band at the left edge
+    norm = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    square = eval_transform(224, norm, 0.875, "square")(image)
+    shorter = eval_transform(224, norm, 0.875, "shorter")(image)
+    assert square.shape == shorter.shape == (3, 224, 224)
+    # 256 x 256 squash: the band is 256 * 50 / 300 = 42.7 px wide, the crop removes 16: ~27 px remain.
+    white = (square[0, 112] > 0.5).sum().item()
+    assert 25 <= white <= 29
+    assert (shorter[0, 112] > 0.5).sum().item() == 0  # 768 x 256 then the central 224: the band is cut away

@@ -606,3 +606,15 @@ def test_embedded_default_two_stage_run(
         f"{name} {100 * value:.2f}" for name, value in zip([f"e{t}" for t in range(9)] + ["output"], curve)
     )
     assert expected_line in printed
+
+
+def test_reference_names_tell_the_papers_rows_apart() -> None:
+    """Table 2's model (8 blocks over 8 neighbours), Table 4's ablations and the supplement's grid map to
+    different paper numbers (or none): a no-neighbour run is never compared with the 73.2 of the full model."""
+    base = {"source_method": "ms", "num_blocks": 8, "num_neighbours": 8, "include_self": False, "aggregation": "attention"}
+    names = ContextRefine.reference_names
+    assert names(base, True) == ["context_refine(ms)"] and names(base, False) == ["ms_baseline"]
+    assert names({**base, "num_neighbours": 0, "include_self": True}, True) == ["context_refine(ms, no neighbours)"]
+    assert names({**base, "aggregation": "mean"}, True) == ["context_refine(ms, neighbour mean)"]
+    assert names({**base, "num_blocks": 4}, True) == [] and names({**base, "num_neighbours": 16}, True) == []
+    assert names({**base, "source_method": None}, True) == []
