@@ -103,3 +103,21 @@ def test_credentials_for_a_self_hosted_server_count_as_logged_in(tmp_path: Path,
     assert not wandb_logged_in()
     monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
     assert wandb_logged_in()
+
+
+def test_the_wandb_config_describes_the_data_as_the_method_uses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DMCAC asks for shuffled batches of its query set: W&B's config said "balanced" (the datamodule's
+    default, recorded before the method's request was applied) while the run used "shuffle" (#25)."""
+    import warnings
+
+    from benchmark.cli import build_cli
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = build_cli("fit", ["--method", "dmcac", "--backbone", "vit_tiny_test", "--backbone.pretrained", "false",
+                                "--data.image_size", "16", "--data.num_workers", "0", "--logger", "wandb",
+                                "--run_dir", str(tmp_path / "run")], run=False)  # fmt: skip
+    config = cli.trainer.logger._wandb_init["config"]
+    assert cli.model.sampler == "shuffle" and config["sampler"] == "shuffle"
+    assert config["comparison_key"] and config["config.model.loss.beta_frob"] == cli.model.loss_config.beta_frob
