@@ -1,13 +1,17 @@
-"""``python -m benchmark`` (and the ``dml-benchmark`` script): checks the environment, then runs the CLI.
+"""``python -m benchmark`` (and the ``dml-benchmark`` script): checks the environment, then dispatches.
 
-The check runs before the command line module is imported, because that import already imports
-matplotlib (through torchmetrics), which raises on an invalid ``MPLBACKEND`` with a traceback.
+Commands that read results (``--help``, ``status``, ``leaderboard``) run from light modules and never
+import torch, timm or Lightning (about 6 s of imports on a 2-core CPU); ``fit``/``test``/``suite``/``perf``
+and the rest go to :mod:`benchmark.cli`. The environment check runs first, because the CLI's import
+already imports matplotlib (through torchmetrics), which raises on an invalid ``MPLBACKEND`` with a
+traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 
 def check_mplbackend() -> str | None:
@@ -33,14 +37,41 @@ def check_mplbackend() -> str | None:
     return None
 
 
-def main() -> int:
+def _light(command: str) -> Callable[[list[str]], int] | None:
+    """The entry point of a command that needs no deep-learning stack, or None."""
+    if command in ("-h", "--help"):
+        from benchmark.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE
+
+        return lambda argv: print(USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA)) or 0
+    if command == "status":
+        from benchmark.status import main as status_main
+
+        return status_main
+    if command == "leaderboard":
+        from benchmark.leaderboard import main as leaderboard_main
+
+        return leaderboard_main
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     error = check_mplbackend()
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    light = _light(argv[0] if argv else "--help")
+    if light is not None:
+        from benchmark.errors import UserError
+
+        try:
+            return int(light(argv[1:]) or 0)
+        except UserError as err:  # the same one paragraph and exit code as the full CLI
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from benchmark.cli import main as cli_main  # heavy: torch, lightning, timm
 
-    return cli_main()
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import yaml
 
 from benchmark import registry
 from benchmark.backbones import BACKBONES
+from benchmark.defaults import CONFIG_DIR, DEFAULT_DATA, DEFAULT_METHOD, USAGE
 from benchmark.errors import ConfigError, UserError
 from benchmark.evaluation import RetrievalEvaluator
 from benchmark.figures import FigureWriter
@@ -37,17 +38,14 @@ from benchmark.leaderboard import main as leaderboard_main
 from benchmark.results import (
     BOOKKEEPING,
     ROLE_FINAL,
-    STATES,
-    RecordError,
+    RUN_RECORDS,
     comparison_config,
     comparison_group,
     comparison_key,
-    final_evaluation,
     flatten_config,
     identity,
-    read_record,
-    run_state,
 )
+from benchmark.status import main as status_main
 from benchmark.training import (
     CONFIG_KEY,
     EXIT_INTERNAL,
@@ -72,48 +70,9 @@ from benchmark.wandb_logger import (
 from datamodules.base import RetrievalDataModule
 from methods.base import NonFiniteLossError, RetrievalMethod
 
-
-def recipe_dir() -> Path:
-    """The installed recipes (``configs/`` of the repository, packaged as ``benchmark.recipes``)."""
-    return Path(str(importlib.resources.files("benchmark.recipes")))
-
-
-CONFIG_DIR = recipe_dir()
-# --method / --data when not given (the README's main job), from the recipes, not the code.
-_DEFAULTS = yaml.safe_load((CONFIG_DIR / "defaults.yaml").read_text())
-DEFAULT_METHOD: str = _DEFAULTS["method"]
-DEFAULT_DATA: str = _DEFAULTS["data"]
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 ENV_FIGURES = "DML_BENCHMARK_FIGURES"  # "false": no figures after a test unless --figures[.*] is given
 
-USAGE = """usage: python -m benchmark <command> [options]
-
-commands:
-  fit          train a method (evaluates before and after), e.g.
-               python -m benchmark fit --method {method} --backbone vit_small
-  validate     evaluate a checkpoint on the validation split (--ckpt_path)
-  test         evaluate a checkpoint on the test split (--ckpt_path)
-  list         registered methods, backbones and datasets
-  status       run directories and their states (running, completed, interrupted, failed, killed)
-  leaderboard  results of local runs (runs/*/metrics_test.json) next to the papers' numbers
-  suite        a grid of fit runs as one command: suite run|status|export-sweep FILE (suite --help)
-  perf NAME    performance benchmarks (python -m benchmark perf --help)
-  analyze NAME figure-writing analyses, e.g. analyze cross_image_attention gradients
-
-fit/validate/test options (plus every LightningCLI option, see `fit --help`):
-  --method NAME        method to train (default: {method})
-  --backbone NAME      encoder preset; --backbone.pretrained false, --backbone.weights PATH
-  --data NAME          dataset (default: {data}, generated on first use)
-  --data.root PATH     where the dataset lives
-  --config FILE        YAML recipe (repeatable); without it configs/<method>/<data>.yaml is used
-  --recipe none|PATH   switch the automatic recipe off, or name one
-  --logger NAME        wandb (default; offline unless logged in), csv, tensorboard, none
-  --run_dir PATH       where this run writes (default: runs/<method>-<data>-<time>)
-  --plugin MODULE      import a module that registers more methods/datasets (repeatable)
-  --evaluation.*       evaluation settings (recall_ks, nmi, map_at_k, backend ...)
-  --figures false      no figures in runs/<run>/figures/ after the test (--figures.* sets them)
-A method's own options: python -m benchmark fit --method NAME --print_config (or --help).
-"""
 
 
 class CLIError(UserError):
@@ -154,7 +113,6 @@ def _option_value(argv: list[str], name: str) -> str | None:
     return values[-1] if values else None
 
 
-RUN_RECORDS = ("config.yaml", "status.json", "metrics_val.json", "metrics_test.json")
 
 
 def _option_values(argv: list[str], name: str) -> list[str]:
@@ -665,6 +623,11 @@ def _make_cli_class():
             settings = comparison_config(config, getattr(type(self.model), "per_run_options", ()))
             extra["config"] = settings
             extra["comparison_key"] = comparison_key({**settings, **identity({**meta, **extra})})
+            # The papers' names for this setting (RetrievalMethod.reference_names), recorded so that the
+            # leaderboard and the paper tables match runs to paper numbers without importing the methods.
+            described = {**meta, **extra}
+            extra["reference_names"] = list(type(self.model).reference_names(described, False))
+            extra["reference_names_refined"] = list(type(self.model).reference_names(described, True))
             for key, variable in (("suite", "DML_BENCHMARK_SUITE"), ("cell", "DML_BENCHMARK_CELL"),
                                   ("variant", "DML_BENCHMARK_VARIANT")):  # fmt: skip
                 if os.environ.get(variable):
@@ -943,49 +906,6 @@ def cmd_suite(argv: list[str]) -> int:
     return importlib.import_module("benchmark.suites").main(argv)
 
 
-def cmd_status(argv: list[str]) -> int:
-    """``status [FOLDER ...]``: every run directory under the folders (default ``runs``) with its state.
-
-    The state is the run's ``status.json`` checked against its process: a run whose status says
-    running but whose process is gone on this host (``kill -9``, out of memory, a lost node) is shown
-    as ``killed``, not running for ever.
-    """
-    import argparse
-
-    from rich.table import Table
-
-    parser = argparse.ArgumentParser(prog="python -m benchmark status", description=cmd_status.__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="*", type=Path, default=[Path("runs")], help="run directories or folders of them")
-    parser.add_argument("--state", choices=(*STATES, "unknown"), help="only runs in this state")
-    args = parser.parse_args(argv)
-    runs: list[tuple[Path, str]] = []  # (folder, name shown: relative to the folder given)
-    for folder in args.folders:
-        if not folder.is_dir():
-            raise CLIError(f"{folder} is not a folder; pass run directories or the folder that holds them (default runs/).")
-        found = sorted({p.parent for name in RUN_RECORDS for p in folder.rglob(name)
-                        if not any(part.startswith(".") for part in p.parent.relative_to(folder).parts)})  # fmt: skip
-        runs += [(run, str(run.relative_to(folder)) if run != folder else str(folder)) for run in found]
-    table = Table(title=f"{len(runs)} run(s) in {', '.join(map(str, args.folders))}")
-    for col in ("run", "state", "command", "exit", "steps", "final R@1", "updated", "reason"):
-        table.add_column(col, overflow="fold")
-    for run, name in runs:
-        state = run_state(run)
-        if args.state and state.state != args.state:
-            continue
-        steps, r1 = "", ""
-        with contextlib.suppress(RecordError):
-            record = read_record(run / "metrics_test.json") if (run / "metrics_test.json").is_file() else None
-            final = final_evaluation(record) if record else None
-            if final is not None:
-                steps = str(final.get("global_step", ""))
-                value = final["metrics"].get("R@1")
-                r1 = f"{100 * value:.2f}" if isinstance(value, (int, float)) else ""
-        table.add_row(name, state.state, state.command, "" if state.exit_code is None else str(state.exit_code),
-                      steps, r1, state.updated, state.reason)  # fmt: skip
-    make_console().print(table)
-    return 0
-
-
 def cmd_leaderboard(argv: list[str]) -> int:
 
     return leaderboard_main(argv)
@@ -1088,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard,
-                "suite": cmd_suite, "status": cmd_status}
+                "suite": cmd_suite, "status": status_main}
     try:
         if command in ("fit", "validate", "test"):
             if "-h" in rest or "--help" in rest:  # the short flags first, then LightningCLI's options

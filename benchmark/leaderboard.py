@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark import registry, wandb_report
+from benchmark import wandb_report
 from benchmark.errors import UserError
 from benchmark.io import atomic_write_text, check_writable
 from benchmark.io import console as make_console
@@ -58,7 +58,7 @@ from benchmark.results import (
     run_state,
     test_selected_evaluations,
 )
-from benchmark.wandb_logger import wandb_logged_in
+from benchmark.wandb_auth import wandb_logged_in
 
 SELECTIONS = ("final", "test-best")
 # Recorded per run but not a setting: a seed sweep differs only in these.
@@ -306,11 +306,10 @@ def group_runs(records: Iterable[RunRecord]) -> list[Group]:
 
 # ---------------------------------------------------------------------------- paper numbers
 def _reference_names(meta: Mapping[str, Any], refined: bool) -> list[str]:
-    try:
-        cls = registry.get_method(str(meta.get("method")))
-    except Exception:  # a plugin method not installed here: no paper mapping
-        return []
-    return list(cls.reference_names(meta, refined))
+    """The papers' names for a run's setting, as the run recorded them (``RetrievalMethod.reference_names``
+    at fit time); runs recorded before that have none, and no paper row."""
+    names = meta.get("reference_names_refined" if refined else "reference_names") or []
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else []
 
 
 def paper_match(group: Group, metric: str, numbers: Sequence[PaperNumber]) -> PaperNumber | None:
@@ -608,7 +607,6 @@ def main(argv: list[str] | None = None) -> int:
         make_console().print(f"No completed results in {args.wandb or args.runs or 'runs'} (a run counts once its fit "
                              "has completed and written metrics_test.json).")  # fmt: skip
         return 0
-    registry.discover()  # the methods' paper names
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else \
         list(dict.fromkeys([args.metric, *DEFAULT_METRICS]))  # fmt: skip
     numbers = paper_numbers()

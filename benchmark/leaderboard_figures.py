@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.figures import point_markers, pyplot
 from benchmark.io import atomic_path
+from benchmark.plotting import point_markers, pyplot
 
 PAPER_LABEL = "the paper's number"  # the red tick on the ranking bars
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import yaml
 
-from benchmark import registry
 from benchmark.papers import PaperNumber, paper_numbers
 from benchmark.results import (
     OPTIMISTIC,
@@ -75,16 +74,13 @@ def cell_setting(cell: Any, recipe: Callable[[Any], Path | None]) -> dict[str, A
     return {"backbone": backbone, "dim": int(dim) if dim is not None else None}
 
 
-def _metric_key(number: PaperNumber, method: str, meta: Mapping[str, Any]) -> str:
-    """``refined/<metric>`` when the paper's number is the method's refined output, else the metric."""
-    try:
-        cls = registry.get_method(method)
-    except Exception:  # a plugin method not installed here
-        return number.metric
-    return f"refined/{number.metric}" if number.method in cls.reference_names(meta, True) else number.metric
+def _metric_key(number: PaperNumber, meta: Mapping[str, Any]) -> str:
+    """``refined/<metric>`` when the paper's number is the run's refined output (the names the run
+    recorded, ``reference_names_refined``), else the metric."""
+    return f"refined/{number.metric}" if number.method in (meta.get("reference_names_refined") or []) else number.metric
 
 
-def _cell_values(run: Path, number: PaperNumber, method: str) -> tuple[float | None, float | None] | None:
+def _cell_values(run: Path, number: PaperNumber) -> tuple[float | None, float | None] | None:
     """(final, test-best) of ``number``'s metric in a completed run, or None if it is not a result."""
     if not run_state(run).completed:
         return None
@@ -96,7 +92,7 @@ def _cell_values(run: Path, number: PaperNumber, method: str) -> tuple[float | N
     final = final_evaluation(test)
     if final is None:
         return None
-    key = _metric_key(number, method, test)
+    key = _metric_key(number, test)
     value = flat_metrics(final).get(key)
     selected = [m[key] for m in map(flat_metrics, test_selected_evaluations(test, val)) if key in m]
     return (None if value is None else 100 * value), (100 * max(selected) if selected else None)
@@ -123,7 +119,7 @@ def lines(suite: Any, recipe: Callable[[Any], Path | None], tables: Iterable[str
                     or (setting["dim"] is not None and setting["dim"] != number.dim)):  # fmt: skip
                 continue
             line.cells.append(cell.id)
-            values = _cell_values(suite.run_dir(cell), number, cell.method)
+            values = _cell_values(suite.run_dir(cell), number)
             if values is None:
                 continue
             line.completed += 1

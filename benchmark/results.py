@@ -39,6 +39,8 @@ from typing import Any
 from benchmark.io import pid_alive
 
 STATUS_FILE = "status.json"
+#: The files that make a folder a run directory (any one of them).
+RUN_RECORDS = ("config.yaml", "status.json", "metrics_val.json", "metrics_test.json")
 STATES = ("completed", "running", "interrupted", "failed", "killed")
 
 # ---------------------------------------------------------------------------- evaluation roles

@@ -56,7 +56,8 @@ import yaml
 
 from benchmark import paper_tables, registry
 from benchmark.backbones import BACKBONES
-from benchmark.cli import build_cli, recipe_dir
+from benchmark.cli import build_cli
+from benchmark.defaults import recipe_dir
 from benchmark.errors import UserError
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console

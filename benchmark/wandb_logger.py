@@ -39,6 +39,7 @@ from benchmark.results import (
     flat_metrics,
     read_record,
 )
+from benchmark.wandb_auth import wandb_logged_in
 
 ENV_CHECKPOINT = "DML_BENCHMARK_WANDB_CHECKPOINT"
 RESULT_FILES = ("metrics_val.json", "metrics_test.json", "status.json", "config.yaml")
@@ -75,43 +76,6 @@ class BenchmarkWandbLogger(WandbLogger):
         if not isinstance(params, Mapping):
             params = vars(params)
         super().log_hyperparams({f"hparams/{k}": v for k, v in flatten(params).items()})
-
-
-def wandb_logged_in() -> bool:
-    """Whether W&B has credentials for the server it is configured to use (SaaS or self-hosted).
-
-    W&B's own resolution: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or the ``.netrc``
-    entry for ``wandb.setup().settings.base_url`` (which ``WANDB_BASE_URL`` and ``wandb login
-    --host`` set). Older W&B releases without ``wbauth`` fall back to the ``.netrc`` entry of
-    the same host read with the standard library.
-    """
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    import wandb
-
-    host = os.environ.get("WANDB_BASE_URL")
-    if not host:
-        try:  # the server `wandb login --host` saved in W&B's settings file
-            host = str(wandb.setup().settings.base_url)
-        except Exception:  # a broken settings file: W&B itself would not know its server either
-            host = "https://api.wandb.ai"
-    try:
-        from wandb.sdk.lib.wbauth import read_netrc_auth  # optional: wandb >= 0.2x
-    except ImportError:
-        read_netrc_auth = None
-    if read_netrc_auth is not None:
-        try:
-            return read_netrc_auth(host=host) is not None
-        except Exception:  # a malformed key: W&B would refuse it too
-            return False
-    import netrc
-    from urllib.parse import urlparse
-
-    try:
-        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(host).hostname or host)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return entry is not None
 
 
 def build_wandb_logger(run_dir: Path, meta: dict[str, Any], job_type: str) -> BenchmarkWandbLogger:

@@ -42,10 +42,10 @@ MODULES = {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / pa
 
 def layer(module: str) -> int:
     if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core", "benchmark.results",
-                  "benchmark.papers"):
+                  "benchmark.papers", "benchmark.defaults"):
         return 0
     if module.endswith(TOOL_SUFFIXES) or module.startswith("benchmark.perf") or module in (
-        "benchmark.cli", "benchmark.suites", "benchmark.paper_tables", "benchmark.leaderboard", "benchmark.leaderboard_figures", "benchmark.wandb_report", "benchmark.analysis",
+        "benchmark.cli", "benchmark.status", "benchmark.suites", "benchmark.paper_tables", "benchmark.leaderboard", "benchmark.leaderboard_figures", "benchmark.wandb_report", "benchmark.analysis",
         "benchmark.__main__", "benchmark",
     ):
         return 4
@@ -54,7 +54,7 @@ def layer(module: str) -> int:
     if module.startswith("methods"):
         return 2
     if module.startswith(("datamodules", "benchmark.registry", "benchmark.backbones", "benchmark.distributed",
-                          "benchmark.layers", "benchmark.neighbours", "benchmark.recipes", "benchmark.embedding_cache")):
+                          "benchmark.layers", "benchmark.neighbours", "benchmark.plotting", "benchmark.wandb_auth", "benchmark.recipes", "benchmark.embedding_cache")):
         return 1
     raise AssertionError(f"{module} has no layer: add it to tests/test_architecture.py and docs/architecture.md")
 
@@ -158,8 +158,15 @@ def test_the_core_imports_only_leaf_modules() -> None:
 
 
 # The entry point checks the environment before the CLI's heavy import (matplotlib raises on import
-# with an invalid MPLBACKEND): its one deferred project import is the reason it exists.
-DEFERRED = {"benchmark.__main__.main: from benchmark.cli import main as cli_main"}
+# with an invalid MPLBACKEND) and imports only what a command uses (light commands start without torch):
+# its deferred imports are the reason it exists.
+DEFERRED = {
+    "benchmark.__main__.main: from benchmark.cli import main as cli_main",
+    "benchmark.__main__.main: from benchmark.errors import UserError",
+    "benchmark.__main__._light: from benchmark.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE",
+    "benchmark.__main__._light: from benchmark.status import main as status_main",
+    "benchmark.__main__._light: from benchmark.leaderboard import main as leaderboard_main",
+}
 
 
 def test_project_imports_sit_at_the_top_of_modules() -> None:

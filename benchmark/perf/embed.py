@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
-from benchmark.cli import DEFAULT_DATA, DEFAULT_METHOD, build_cli
+from benchmark.cli import build_cli
 from benchmark.core import perf_headline, register_perf
+from benchmark.defaults import DEFAULT_DATA, DEFAULT_METHOD
 from benchmark.evaluation import RetrievalEvaluator
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console

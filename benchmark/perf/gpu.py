@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from benchmark import registry
-from benchmark.cli import recipe_dir
 from benchmark.core import PERF_HEADLINES, register_perf
+from benchmark.defaults import recipe_dir
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from benchmark.cli import CONFIG_DIR, build_cli, main
+from benchmark.cli import build_cli, main
+from benchmark.defaults import CONFIG_DIR
 from tests.datamodules import fixtures
 
 # float32: tiny fits give the same numbers on every CPU (``auto`` is bf16 on CPUs with native bf16).
@@ -196,3 +197,19 @@ def test_checkpoint_options_come_from_the_command_line(cub_root: Path, tmp_path:
     assert len(list((two_best / "checkpoints").glob("best-*.ckpt"))) == 2
     assert yaml.safe_load((two_best / "config.yaml").read_text())["checkpoint"]["monitor"] == "val/R@2"
     assert main(_fit_args(cub_root, tmp_path / "bad", "--checkpoint.save_top_k", "-3")) == 2
+
+
+@pytest.mark.parametrize("command", [["--help"], ["status", "{tmp}"], ["leaderboard", "--runs", "{tmp}"]])
+def test_light_commands_start_without_the_deep_learning_stack(command: list[str], tmp_path: Path) -> None:
+    """``--help``, ``status`` and ``leaderboard`` read text and results: they import neither torch, timm nor
+    Lightning (about 6 s of imports on a 2-core CPU; #27). A real interpreter, as a user starts it."""
+    import subprocess
+    import sys
+
+    argv = [a.format(tmp=tmp_path) for a in command]
+    probe = ("import sys; import benchmark.__main__ as m; code = m.main(sys.argv[1:]); "
+             "heavy = sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'lightning', 'timm', 'torchvision'}); "
+             "print('HEAVY', heavy); sys.exit(code)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout

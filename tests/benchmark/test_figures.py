@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmark import figures as fig
-from benchmark import registry
+from benchmark import plotting, registry
 from benchmark.cli import build_cli, main
 from benchmark.core import Figure, RankedLists
 from benchmark.evaluation import Evaluation
@@ -365,7 +365,7 @@ def test_training_curves_are_percent_at_epochs_trained_with_short_series_visible
     final = json.loads((fitted_run / "metrics_test.json").read_text())["evaluations"][-1]
     (test_point,) = [c for c in ax_val.collections if c.get_label() == "test/R@1"]
     assert test_point.get_offsets().tolist() == [[2.0, 100 * final["metrics"]["R@1"]]]  # after the fit's 2 epochs
-    short = [line for ax in (ax_loss, ax_val) for line in ax.get_lines() if len(line.get_xdata()) <= fig.FEW_POINTS]
+    short = [line for ax in (ax_loss, ax_val) for line in ax.get_lines() if len(line.get_xdata()) <= plotting.FEW_POINTS]
     assert short and all(line.get_marker() not in (None, "", " ", "None") for line in short)
 
 

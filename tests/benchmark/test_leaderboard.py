@@ -118,7 +118,7 @@ def test_paper_rows_and_delta_match_dataset_backbone_and_dimension(tmp_path: Pat
         run = tmp_path / name
         run.mkdir()
         data = {"dataset": "cub", "method": "ms", "backbone": "resnet50", "embedding_dim": dim, "protocol": "paper",
-                "image_size": 224, "seed": 0, "evaluations": [{"stage": "test", "metrics": {"R@1": r1}}]}  # fmt: skip
+                "image_size": 224, "seed": 0, "reference_names": ["ms", "ms_baseline"], "evaluations": [{"stage": "test", "metrics": {"R@1": r1}}]}  # fmt: skip
         (run / "metrics_test.json").write_text(json.dumps(data))
         (run / "status.json").write_text(json.dumps({"status": "completed", "exit_code": 0}))
 
