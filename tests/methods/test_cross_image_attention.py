@@ -656,7 +656,8 @@ def test_gradients_command_writes_its_figure(cub_root: Path, tmp_path: Path) -> 
     assert main(["gradients", "--epochs", "0,1", "--out", str(tmp_path), *_analysis_fit_args(cub_root)]) == 0
     assert (tmp_path / "cia_gradients.png").stat().st_size > 0
     summary = json.loads((tmp_path / "cia_gradients.json").read_text())
-    assert set(summary) == {"0", "1"} and summary["1"]["cross_image_attention"]["values"] > 0
+    assert set(summary) == {"0", "1", "baseline"} and summary["1"]["cross_image_attention"]["values"] > 0
+    assert summary["baseline"]["kind"] == "matched"
 
 
 @pytest.mark.slow
