@@ -56,6 +56,12 @@ register_backbone("vit_small", BackbonePreset(
     "vit_small_patch16_224.augreg_in21k", "token", "ViT-S/16, ImageNet-21k (augreg), CLS token, 384-d", "vit"))
 register_backbone("deit_small", BackbonePreset(
     "deit_small_patch16_224.fb_in1k", "token", "DeiT-S/16, ImageNet-1k, CLS token, 384-d", "vit"))
+# The distilled DeiT-S (Touvron et al. 2021: a distillation token after the CLS token, trained against a
+# RegNetY teacher); the embedding is its CLS token, feats[:, 0], as for every ViT here (timm's own pre-logits
+# average the CLS and distillation tokens); num_prefix_tokens = 2 keeps both out of the patch tokens.
+register_backbone("deit_small_distilled", BackbonePreset(
+    "deit_small_distilled_patch16_224.fb_in1k", "token",
+    "DeiT-S/16 distilled (distillation token), ImageNet-1k, CLS token, 384-d", "vit"))
 register_backbone("dino_vits16", BackbonePreset(
     "vit_small_patch16_224.dino", "token", "ViT-S/16 self-supervised with DINO, CLS token, 384-d", "vit"))
 register_backbone("resnet50", BackbonePreset(

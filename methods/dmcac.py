@@ -918,7 +918,23 @@ class DMCAC(RetrievalMethod):
 
     @classmethod
     def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
-        """Table 1 is approximate retrieval; Table 4's full retrieval embeds the database with
-        gradient (``full_grad``); the fixed-database ``full`` variant has no paper number."""
+        """The paper's name for a run's setting (``benchmark/reference/dmcac.csv``): ``dmcac`` for
+        approximate retrieval with the paper's 6 views and all loss weights 1 (Table 1), Table 2's
+        loss-weight rows as ``dmcac(betas=[b_frob,b_ce,b_cac])`` and Table 3's view counts as
+        ``dmcac(views=N)`` (one change at a time, as in the paper), and Table 4's full retrieval,
+        which embeds the database with gradient (``full_grad``), as ``dmcac_full_retrieval``. The
+        fixed-database ``full`` variant and other combinations have no paper number."""
+        if refined:
+            return []
         mode = meta.get("retrieval", "approximate")
-        return [] if refined else {"approximate": ["dmcac"], "full_grad": ["dmcac_full_retrieval"]}.get(mode, [])
+        views = meta.get("num_views", 6)
+        config = meta.get("config") or {}
+        betas = [config.get(f"model.loss.beta_{term}", 1.0) for term in ("frob", "ce", "cac")]
+        default_betas = all(b == 1 for b in betas)
+        if mode == "full_grad":
+            return ["dmcac_full_retrieval"] if views == 6 and default_betas else []
+        if mode != "approximate":
+            return []
+        if views == 6:
+            return ["dmcac"] if default_betas else [f"dmcac(betas=[{','.join(f'{float(b):g}' for b in betas)}])"]
+        return [f"dmcac(views={views})"] if default_betas else []

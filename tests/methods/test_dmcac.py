@@ -594,16 +594,19 @@ def test_full_grad_trains_in_a_trainer_with_the_database_images_held(cub_root: P
 
 
 @pytest.mark.parametrize(
-    ("overrides", "betas"),
-    [([], (1.0, 1.0, 1.0)),
-     (["--model.loss", '{"beta_frob": 0, "beta_ce": 0.5}'], (0.0, 0.5, 1.0)),
-     (["--model.loss", '{"beta_ce": 0.5, "beta_cac": 0}'], (1.0, 0.5, 0.0))],
-    ids=["recipe", "no_frob", "no_cac"],
+    ("overrides", "betas", "names"),
+    [([], (1.0, 1.0, 1.0), ["dmcac"]),
+     (["--model.loss", '{"beta_frob": 0, "beta_ce": 0.5}'], (0.0, 0.5, 1.0), ["dmcac(betas=[0,0.5,1])"]),
+     (["--model.loss", '{"beta_ce": 0.5, "beta_cac": 0}'], (1.0, 0.5, 0.0), ["dmcac(betas=[1,0.5,0])"]),
+     (["--model.loss", '{"beta_frob": 0.5, "beta_ce": 0}'], (0.5, 0.0, 1.0), ["dmcac(betas=[0.5,0,1])"])],
+    ids=["recipe", "no_frob", "no_cac", "half_frob_no_ce"],
 )
 @pytest.mark.filterwarnings("ignore:.*differs from the published.*")
-def test_table_2_ablations_are_overrides_of_the_inshop_recipe(overrides: list[str], betas: tuple, tmp_path: Path) -> None:
+def test_table_2_ablations_are_overrides_of_the_inshop_recipe(overrides: list[str], betas: tuple, names: list[str],
+                                                              tmp_path: Path) -> None:  # fmt: skip
     """The In-Shop recipe's header gives the Table 2 rows as --model.loss overrides: the named
-    weights change, the recipe's other settings stay, and a removed term has no head."""
+    weights change, the recipe's other settings stay, a removed term has no head, and the run
+    records the paper's name of its row (what the leaderboard matches it to)."""
     from benchmark.cli import build_cli
     from tests.datamodules.fixtures import make_inshop
 
@@ -616,8 +619,10 @@ def test_table_2_ablations_are_overrides_of_the_inshop_recipe(overrides: list[st
     model = cli.model
     loss = model.loss_config
     assert (loss.beta_frob, loss.beta_ce, loss.beta_cac) == betas and loss.view_reduction == "sum"
-    assert (model.cac is None) == (betas[2] == 0) and model.classifier is not None
+    assert (model.cac is None) == (betas[2] == 0) and (model.classifier is None) == (betas[1] == 0)
     assert model.views_config.count == 6 and model.hparams.lr == 3e-5 and cli.datamodule.classes_per_batch == 256
+    assert cli.trainer.run_metadata["reference_names"] == names
+    assert cli.datamodule.augment.crop == "resize_random" and cli.datamodule.augment.hflip == 0  # no flip: paper 4.2
 
 
 # ---------------------------------------------------------------------------- a real training signal
@@ -645,3 +650,89 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
     assert loaded.views_config == ViewConfig(count=2, randaugment_ops=2, randaugment_magnitude=5)
     assert loaded.retrieval_config == RetrievalConfig(refresh_every=1)
     assert loaded.loss_config == LossConfig() and loaded.classifiers_config == ClassifierConfig(logit_scale=16.0)
+
+
+# ---------------------------------------------------------------------------- the paper's tables (#26)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _meta(views: int = 6, mode: str = "approximate", betas: tuple = (1.0, 1.0, 1.0)) -> dict:
+    """What a fit records for reference_names (describe() and the flat resolved config)."""
+    return {"retrieval": mode, "num_views": views,
+            "config": {f"model.loss.beta_{t}": b for t, b in zip(("frob", "ce", "cac"), betas)}}  # fmt: skip
+
+
+def test_reference_names_tell_the_papers_settings_apart() -> None:
+    assert DMCAC.reference_names(_meta(), False) == ["dmcac"]
+    assert DMCAC.reference_names(_meta(), True) == []
+    assert DMCAC.reference_names(_meta(betas=(0.5, 0.0, 1.0)), False) == ["dmcac(betas=[0.5,0,1])"]
+    assert DMCAC.reference_names(_meta(views=20), False) == ["dmcac(views=20)"]
+    assert DMCAC.reference_names(_meta(mode="full_grad"), False) == ["dmcac_full_retrieval"]
+    # The paper changes one thing at a time; combinations and the fixed-database `full` have no number.
+    assert DMCAC.reference_names(_meta(views=3, betas=(0.5, 0.0, 1.0)), False) == []
+    assert DMCAC.reference_names(_meta(mode="full_grad", views=3), False) == []
+    assert DMCAC.reference_names(_meta(mode="full"), False) == []
+
+
+def test_the_table_suite_runs_every_number_of_tables_1_to_4_with_the_rows_settings() -> None:
+    """Every number of benchmark/reference/dmcac.csv has a cell of dmcac_table, and each cell's settings
+    (its recipe with the suite's options) carry the reference name, backbone and split of the row it claims."""
+    import yaml
+
+    from benchmark import paper_tables, suites
+    from benchmark.papers import paper_numbers
+
+    numbers = paper_numbers(papers=["dmcac"])
+    assert [t for t in dict.fromkeys(n.table for n in numbers)] == ["Table 1", "Table 2", "Table 3", "Table 4"]
+    assert len(numbers) == 32 + 64 + 12 + 32
+    suite = suites.load_suite("dmcac_table")
+    assert suite.paper == "dmcac"
+    found = paper_tables.lines(suite, suites.cell_recipe)
+    assert len(found) == len(numbers) and all(line.covered for line in found)
+    method_of = {(n.table, n.row, n.backbone): n.method for n in numbers}
+    for cell in suite.cells:
+        assert cell.reproduces, cell.id
+        recipe = yaml.safe_load(suites.cell_recipe(cell).read_text())["model"]["init_args"]
+        setting = {**{f"model.{g}.{k}": v for g in ("views", "retrieval", "loss") for k, v in recipe[g].items()},
+                   **cell.options}  # fmt: skip
+        meta = _meta(int(setting["model.views.count"]), setting["model.retrieval.mode"],
+                     tuple(setting[f"model.loss.beta_{t}"] for t in ("frob", "ce", "cac")))
+        for table, row in cell.reproduces:
+            assert DMCAC.reference_names(meta, False) == [method_of[table, row, cell.backbone]], (cell.id, row)
+        assert setting["model.retrieval.database_fraction"] == {"full_grad": {"cub": 0.1, "cars": 0.05}}.get(
+            setting["model.retrieval.mode"], {}).get(cell.dataset, 0.2), cell.id  # Sec. 4.1, Table 4: 90-10 / 95-5
+    seeds = {(c.variant, c.dataset, c.backbone): set() for c in suite.cells}
+    for c in suite.cells:
+        seeds[c.variant, c.dataset, c.backbone].add(c.seed)
+    assert all(s == ({0, 1, 2} if v in ("base", "full_retrieval") else {0}) for (v, _, _), s in seeds.items())
+
+
+def test_the_distilled_deit_pools_its_cls_token_and_keeps_both_prefix_tokens_out_of_the_patches() -> None:
+    """DeiT-S distilled ([CLS, DIST, patches]) with random weights: the embedding is the CLS token (the
+    paper's z_cls), not the distillation token nor timm's pre-logits average of the two."""
+    import timm
+
+    from benchmark.backbones import BACKBONES, Encoder
+
+    preset = BACKBONES["deit_small_distilled"]
+    assert preset.timm_name in timm.list_models("deit_small_distilled*", pretrained=True)
+    torch.manual_seed(0)
+    encoder = Encoder(BackboneConfig("deit_small_distilled", pretrained=False), image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = encoder.model.forward_features(x)  # (2, 2 + 4, 384)
+        out = encoder(x)
+    assert encoder.num_prefix_tokens == 2 and feats.shape == (2, 6, 384) and encoder.feature_dim == 384
+    torch.testing.assert_close(out.pooled, feats[:, 0])
+    torch.testing.assert_close(out.tokens, feats[:, 2:])
+    assert out.hw == (2, 2)
+    assert not torch.allclose(out.pooled, feats[:, 1]) and not torch.allclose(out.pooled, encoder.model.forward_head(
+        feats, pre_logits=True))  # fmt: skip
+
+
+def test_the_real_recipes_crop_as_the_paper_says_without_a_flip() -> None:
+    import yaml
+
+    for name in ("cub", "cars", "sop", "inshop"):
+        augment = yaml.safe_load((REPO / "configs" / "dmcac" / f"{name}.yaml").read_text())["data"]["init_args"]["augment"]
+        assert augment == {"crop": "resize_random", "resize_size": 256, "hflip": 0.0}, name
