@@ -441,6 +441,13 @@ class IntraBatchMPN(RetrievalMethod):
         self.mpn_classifier = nn.Sequential(nn.BatchNorm1d(feature_dim), nn.Linear(feature_dim, num_classes, bias=False))
         if mpn.freeze_bn_bias:
             self.mpn_classifier[0].bias.requires_grad_(False)  # stays 0: a BNNeck without shift
+        # A loss of weight 0 never reaches its head (the SOP recipe, Table 3 rows 1-2): frozen, so that DDP,
+        # which expects a gradient for every trainable parameter, and the optimizer skip it.
+        if not loss.mpn_weight:
+            self.mpn.requires_grad_(False)
+            self.mpn_classifier.requires_grad_(False)
+        if not loss.backbone_weight:
+            self.backbone_classifier.requires_grad_(False)
 
     # ------------------------------------------------------------------ training
     def mpn_features(self, outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -314,6 +314,19 @@ def test_gradients_reach_the_backbone_through_both_losses() -> None:
     assert all(p.grad is None for p in only_backbone.mpn.parameters())
 
 
+def test_the_head_of_a_zero_weight_loss_is_frozen_and_left_out_of_the_optimizer() -> None:
+    """DDP fails on a trainable parameter without a gradient (the SOP recipe trains no MPN loss): the head
+    a zero-weight loss never reaches is frozen and out of the optimizer; its weights stay in the state dict."""
+    trained = {id(p) for g in _model().parameter_groups() for p in g["params"]}
+    for loss, idle in (({"mpn_weight": 0.0}, ("mpn", "mpn_classifier")), ({"backbone_weight": 0.0}, ("backbone_classifier",))):
+        model = _model(loss=loss)
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        assert frozen == {f"{head}.{n}" for head in idle for n, _ in getattr(model, head).named_parameters()}
+        in_optimizer = {id(p) for g in model.parameter_groups() for p in g["params"]}
+        assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+        assert len(in_optimizer) < len(trained) and set(model.state_dict()) == set(_model().state_dict())
+
+
 def test_official_dropouts_act_where_the_public_code_puts_them() -> None:
     """Dropout 1 on the attention weights leaves only W_o's bias as the message; dropout 1 inside
     FF leaves only its second Linear's bias; neither acts in eval mode."""
