@@ -73,3 +73,27 @@ def test_square_eval_resize_squashes_before_the_crop() -> None:
     white = (square[0, 112] > 0.5).sum().item()
     assert 25 <= white <= 29
     assert (shorter[0, 112] > 0.5).sum().item() == 0  # 768 x 256 then the central 224: the band is cut away
+
+
+def test_random_erasing_takes_the_public_intra_batch_settings() -> None:
+    """The Intra-Batch code erases 2-40 % of the area and fills it with the constants (0.4914, 0.4822,
+    0.4465) on the normalised tensor: every erased pixel holds them, and no rectangle exceeds 40 %."""
+    from datamodules.transforms import train_transform
+
+    torch.manual_seed(0)
+    fill = (0.4914, 0.4822, 0.4465)
+    augment = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, random_erasing=1.0,
+                            erasing_scale=(0.02, 0.4), erasing_ratio=(0.3, 3.33), erasing_value=fill)  # fmt: skip
+    transform = train_transform(32, Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), augment)
+    image = torch.full((3, 32, 32), 255, dtype=torch.uint8)  # 1.0 after normalisation: never a fill value
+    areas = []
+    for _ in range(50):
+        out = transform(image)
+        erased = (out != 1.0).all(dim=0)  # (32, 32)
+        assert erased.any()
+        for c, value in enumerate(fill):
+            assert torch.allclose(out[c][erased], torch.tensor(value))
+        areas.append(erased.float().mean().item())
+    assert 0.02 * 0.9 <= min(areas) and max(areas) <= 0.4 + 1e-6 and max(areas) > 0.33  # beyond torchvision's 1/3
+    with pytest.raises(ValueError, match="erasing_value"):
+        AugmentConfig(erasing_value=(0.1, 0.2))
