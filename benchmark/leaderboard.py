@@ -56,6 +56,8 @@ from benchmark.results import (
     flat_metrics,
     read_record,
     run_state,
+    selection_key,
+    test_best,
     test_selected_evaluations,
 )
 from benchmark.wandb_auth import wandb_logged_in
@@ -103,8 +105,8 @@ class RunRecord:
         """The number this run contributes for ``metric`` under the ``select`` rule."""
         if select == "final":
             return self.test.get(metric)
-        values = [m[metric] for m in self.test_selected if metric in m]
-        return max(values) if values else None
+        best = test_best(self.test_selected, selection_key(self.meta))
+        return None if best is None else best.get(metric)
 
 
 _flat_metrics = flat_metrics

@@ -33,6 +33,8 @@ from benchmark.results import (
     flat_metrics,
     read_record,
     run_state,
+    selection_key,
+    test_best,
     test_selected_evaluations,
 )
 
@@ -94,8 +96,10 @@ def _cell_values(run: Path, number: PaperNumber) -> tuple[float | None, float | 
         return None
     key = _metric_key(number, test)
     value = flat_metrics(final).get(key)
-    selected = [m[key] for m in map(flat_metrics, test_selected_evaluations(test, val)) if key in m]
-    return (None if value is None else 100 * value), (100 * max(selected) if selected else None)
+    # The paper's "best test epoch": the evaluation best by the run's selection metric, this metric there.
+    best = test_best([flat_metrics(e) for e in test_selected_evaluations(test, val)], selection_key(test))
+    selected = None if best is None else best.get(key)
+    return (None if value is None else 100 * value), (None if selected is None else 100 * selected)
 
 
 def lines(suite: Any, recipe: Callable[[Any], Path | None], tables: Iterable[str] | None = None) -> list[Line]:

@@ -166,6 +166,26 @@ def test_selected_evaluations(test_record: Mapping[str, Any] | None, val_record:
     return out
 
 
+def selection_key(meta: Mapping[str, Any]) -> str:
+    """The flat metric a run is selected by: its recorded ``selection_metric`` without ``val/``
+    (``R@1``; Context-Refine ``refined/R@1``)."""
+    return str(meta.get("selection_metric") or "val/R@1").removeprefix("val/")
+
+
+def test_best(evaluations: Sequence[Mapping[str, float]], key: str, mode: str = "max") -> Mapping[str, float] | None:
+    """Of flat test-selected evaluations, the one a paper's "best test epoch" means: the best by the
+    run's selection metric ``key`` (ties to the earliest), whose other metrics are reported as they
+    were at that evaluation (never each metric's own maximum over evaluations)."""
+    best, best_value = None, None
+    for metrics in evaluations:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        if best_value is None or (value > best_value if mode == "max" else value < best_value):
+            best, best_value = metrics, value
+    return best
+
+
 def best_validation(evaluations: Sequence[Mapping[str, Any]], metric: str, mode: str = "max") -> Mapping[str, Any] | None:
     """The best evaluation by ``metric`` (a flat name: ``R@1``, ``refined/R@1``) after training
     started (``global_step > 0``); ties keep the earliest, as the checkpoint callback does."""
