@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -114,6 +115,21 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[Any, s
     return "32-true", f"auto: the CPU has no native bfloat16 ({what}; emulated bfloat16 is ~8x slower than float32)"
 
 
+class _DropLitLoggerTip(logging.Filter):
+    """Lightning 2.6 logs an advertisement for its cloud logger ("Tip: ... try installing litlogger")
+    whenever a Trainer is built without it: on every run of this benchmark, which chooses its loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def _silence_litlogger_tip() -> None:
+    """Install the filter on the logger Lightning's rank-zero messages go through (once)."""
+    source = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitLoggerTip) for f in source.filters):
+        source.addFilter(_DropLitLoggerTip())
+
+
 class BenchmarkTrainer(L.Trainer):
     """``lightning.Trainer`` with ``precision="auto"`` (the default): see :func:`resolve_precision`.
 
@@ -122,6 +138,7 @@ class BenchmarkTrainer(L.Trainer):
     """
 
     def __init__(self, *args: Any, precision: PrecisionInput | None = "auto", **kwargs: Any) -> None:
+        _silence_litlogger_tip()
         resolved, reason = resolve_precision(precision, kwargs.get("accelerator", "auto"))
         self.precision_choice = {"requested": str(precision), "precision": str(resolved), "reason": reason}
         super().__init__(*args, precision=resolved, **kwargs)

@@ -70,7 +70,14 @@ class BenchmarkWandbLogger(WandbLogger):
 
     The run's own flat metadata is the ``config`` given at construction; Lightning's
     ``log_hyperparams`` (the model's and datamodule's init arguments) no longer overwrites it.
+    Lightning passes ``anonymous=None`` to ``wandb.init``, a setting W&B deprecated: any value
+    other than "unset" prints "The anonymous setting has no effect" on every run, so it is not passed.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
     def log_hyperparams(self, params: Any) -> None:
         if not isinstance(params, Mapping):

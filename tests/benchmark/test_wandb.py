@@ -121,3 +121,20 @@ def test_the_wandb_config_describes_the_data_as_the_method_uses_it(tmp_path: Pat
     config = cli.trainer.logger._wandb_init["config"]
     assert cli.model.sampler == "shuffle" and config["sampler"] == "shuffle"
     assert config["comparison_key"] and config["config.model.loss.beta_frob"] == cli.model.loss_config.beta_frob
+
+
+def test_a_run_prints_no_library_advertisement_or_deprecation(cub_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Lightning's litlogger tip and W&B's "anonymous setting has no effect" warning (caused by Lightning
+    passing anonymous=None) are silenced where they arise, not by hiding Lightning's or W&B's output (#27)."""
+    import logging
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", *_args(cub_root), "--data.batches_per_epoch", "2", "--trainer.max_epochs", "1",
+                     "--logger", "wandb", "--run_dir", str(tmp_path / "run")]) == 0  # fmt: skip
+    wandb.finish()
+    out = capfd.readouterr()
+    assert "anonymous" not in out.err + out.out and "litlogger" not in out.err + out.out + caplog.text
+    assert "precision" in out.err  # the run's own messages still come through
