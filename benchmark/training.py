@@ -45,9 +45,6 @@ from benchmark.io import atomic_path, atomic_write_text
 
 PrecisionInput = _PRECISION_INPUT | Literal["auto"]
 
-# Lightning 2.6 calls a torch pytree API that torch deprecated (lightning/pytorch/utilities/
-# _pytree.py); the warning is about the library stack, not about the user's run.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 EXIT_COMPLETED, EXIT_INTERNAL, EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
@@ -123,11 +120,16 @@ class _DropLitLoggerTip(logging.Filter):
         return "litlogger" not in str(record.msg)
 
 
-def _silence_litlogger_tip() -> None:
-    """Install the filter on the logger Lightning's rank-zero messages go through (once)."""
+def _quiet_library_messages() -> None:
+    """Install the filter on the logger Lightning's rank-zero messages go through (once), and the
+    warning filters for messages about the library stack rather than the user's run; installed when
+    a trainer is built, never at import (a library module leaves the process's filters alone)."""
     source = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLitLoggerTip) for f in source.filters):
         source.addFilter(_DropLitLoggerTip())
+    # Lightning 2.6 calls a torch pytree API that torch deprecated (lightning/pytorch/utilities/_pytree.py).
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
 
 
 class BenchmarkTrainer(L.Trainer):
@@ -138,7 +140,7 @@ class BenchmarkTrainer(L.Trainer):
     """
 
     def __init__(self, *args: Any, precision: PrecisionInput | None = "auto", **kwargs: Any) -> None:
-        _silence_litlogger_tip()
+        _quiet_library_messages()
         resolved, reason = resolve_precision(precision, kwargs.get("accelerator", "auto"))
         self.precision_choice = {"requested": str(precision), "precision": str(resolved), "reason": reason}
         super().__init__(*args, precision=resolved, **kwargs)

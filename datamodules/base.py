@@ -44,9 +44,9 @@ Decoder = Literal["pil", "torchvision"]
 DEFAULT_DECODER: Decoder = "torchvision"
 
 # torchvision 0.29 marks its image decoders deprecated in favour of torchcodec and warns on every
-# call; pyproject pins torchvision < 0.30, so the warning is noise a user cannot act on.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+# call; pyproject pins torchvision < 0.30, so the warning is noise a user cannot act on. Silenced
+# around the call (not at import: a library module leaves the process's warning filters alone).
+_DECODER_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 
 class ImageDataset(Dataset):
@@ -116,7 +116,9 @@ def decode_tensor(path: str) -> torch.Tensor | None:
     try:
         with open(path, "rb") as f:
             data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)  # (bytes,)
-        image = decode_image(data, mode=ImageReadMode.RGB)  # (3, H, W)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_DECODER_DEPRECATION, category=DeprecationWarning)
+            image = decode_image(data, mode=ImageReadMode.RGB)  # (3, H, W)
     except (OSError, RuntimeError, ValueError):
         return None
     if image.dtype != torch.uint8:  # 16-bit PNG

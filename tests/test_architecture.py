@@ -198,3 +198,18 @@ def test_the_framework_names_no_method(package: str) -> None:
             if f'"{name}"' in text or f"'{name}'" in text:
                 offenders.append(f"{module} names the method {name!r}")
     assert offenders == []
+
+
+def test_no_module_changes_global_state_at_import() -> None:
+    """Importing a library module must not change the process's warning filters or matplotlib's backend
+    (#27): filters are installed where they apply (a trainer being built, an evaluator set up, around a
+    call) and figures draw on their own Agg canvases."""
+    offenders = []
+    for module in MODULES:
+        for node in _parse(module).body:  # statements at module level only
+            call = node.value if isinstance(node, ast.Expr) else None
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and \
+                    call.func.attr in ("filterwarnings", "simplefilter", "use") and \
+                    ast.unparse(call.func.value) in ("warnings", "matplotlib"):  # fmt: skip
+                offenders.append(f"{module}: {ast.unparse(call)[:80]}")
+    assert offenders == []

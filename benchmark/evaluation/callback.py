@@ -53,12 +53,6 @@ from benchmark.results import (
 
 OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
 
-# The evaluator computes its metrics once on the full gathered set and broadcasts them, so the
-# values are identical on every rank; Lightning's advice to log them with sync_dist=True
-# (given at epoch end, under DDP) does not apply to them, nor to rank-zero timings.
-warnings.filterwarnings(
-    "ignore", message=r"It is recommended to use `self\.log\('(val|test|time)/", category=PossibleUserWarning
-)
 
 
 def library_versions() -> dict[str, str]:
@@ -229,6 +223,14 @@ class RetrievalEvaluator(Callback):
                 )
             batch[key] = value.to(device=emb.device, dtype=torch.bool if key.startswith("is_") else torch.int64)
         self._batches.append(batch)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The metrics are computed once on the full gathered set and broadcast, so they are identical on
+        # every rank: Lightning's advice (at epoch end, under DDP) to log them with sync_dist=True does
+        # not apply to them, nor to rank-zero timings. Installed when a trainer uses the evaluator, not at
+        # import (a library module leaves the process's warning filters alone).
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test|time)/",
+                                category=PossibleUserWarning)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
