@@ -472,40 +472,32 @@ def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str
     return "\n".join(lines)
 
 
-def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber],
-            figures: Sequence[Path]) -> str:  # fmt: skip
-    """A self-contained page: one sortable table per dataset (click a header) and the figures inline."""
-    import html
+HTML_TEMPLATE = Path(__file__).with_name("templates") / "leaderboard.html"
 
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>DML benchmark leaderboard</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{cursor:pointer;background:#f4f4f4}"
-             "td:first-child,th:first-child{text-align:left}tr.paper td{color:#888;font-style:italic}</style>",
-             "<script>function sortTable(t,c){const b=t.tBodies[0];const r=[...b.rows].filter(x=>!x.classList.contains('paper'));"
-             "const p=[...b.rows].filter(x=>x.classList.contains('paper'));const d=t.dataset.dir==c?-1:1;t.dataset.dir=d==1?c:'';"
-             "r.sort((x,y)=>{const a=parseFloat(x.cells[c].innerText),z=parseFloat(y.cells[c].innerText);"
-             "return isNaN(a)||isNaN(z)?x.cells[c].innerText.localeCompare(y.cells[c].innerText)*d:(a-z)*d});"
-             "r.concat(p).forEach(x=>b.appendChild(x))}</script></head><body>",
-             "<h1>Leaderboard</h1><p>Mean ± sample standard deviation over seeds, in percent.</p>"]  # fmt: skip
+
+def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber],
+            figures: Sequence[Path], title: str = "DML benchmark leaderboard") -> str:  # fmt: skip
+    """A self-contained page (``templates/leaderboard.html``): one sortable table per dataset (click a
+    header) and the figures inline."""
+    import html
+    from string import Template
+
     columns = headers(metrics, rank_by)
+    sections = []
     for dataset in sorted({str(r["dataset"]) for r in rows}):
         subset = [r for r in rows if str(r["dataset"]) == dataset]
-        parts.append(f"<h2>{html.escape(dataset)}</h2><p>Number per run: {html.escape(subset[0]['select'])}.</p>")
-        parts.append("<table><thead><tr>" + "".join(
-            f"<th onclick='sortTable(this.closest(\"table\"),{i})'>{html.escape(h)}</th>" for i, h in enumerate(columns))
-            + "</tr></thead><tbody>")  # fmt: skip
-        for r in subset:
-            parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row_cells(r, metrics, rank_by)) + "</tr>")
-        for n in [n for n in refs if n.dataset == dataset]:
-            parts.append("<tr class='paper'>" + "".join(f"<td>{html.escape(c)}</td>" for c in _paper_cells(n, metrics))
-                         + "</tr>")  # fmt: skip
-        parts.append("</tbody></table>")
-    for path in figures:
-        data = base64.b64encode(Path(path).read_bytes()).decode()
-        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(path.stem)}'>"
-                     f"<figcaption>{html.escape(path.stem)}</figcaption></figure>")  # fmt: skip
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        lines = [f"<h2>{html.escape(dataset)}</h2><p>Number per run: {html.escape(subset[0]['select'])}.</p>",
+                 "<table><thead><tr>" + "".join(f"<th onclick='sortTable(this.closest(\"table\"),{i})'>{html.escape(h)}</th>"
+                                                for i, h in enumerate(columns)) + "</tr></thead><tbody>"]  # fmt: skip
+        lines += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row_cells(r, metrics, rank_by)) + "</tr>"
+                  for r in subset]  # fmt: skip
+        lines += ["<tr class='paper'>" + "".join(f"<td>{html.escape(c)}</td>" for c in _paper_cells(n, metrics)) + "</tr>"
+                  for n in refs if n.dataset == dataset]  # fmt: skip
+        sections.append("\n".join([*lines, "</tbody></table>"]))
+    images = [f"<figure><img src='data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}' "
+              f"alt='{html.escape(p.stem)}'><figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in figures]  # fmt: skip
+    return Template(HTML_TEMPLATE.read_text()).substitute(title=html.escape(title), sections="\n".join(sections),
+                                                          figures="\n".join(images))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- command
@@ -643,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.format == "md":
         text = to_markdown(rows, metrics, args.metric, refs)
     elif args.format == "html":
-        text = to_html(rows, metrics, args.metric, refs, figures)
+        text = to_html(rows, metrics, args.metric, refs, figures, args.title)
     else:
         text = json.dumps({"select": args.select, "rank_by": args.metric, "rows": rows,
                            "paper": [n.__dict__ for n in refs]}, indent=1, default=str)  # fmt: skip

@@ -58,3 +58,23 @@ def test_the_wheel_carries_the_recipes_and_runs_outside_the_repository(installed
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert "logit_scale: 16.0" in shown.stdout and "image_size: 16" in shown.stdout  # configs/dmcac/synthetic.yaml
     assert "precision: auto" in shown.stdout
+
+
+def test_the_wheel_carries_the_papers_numbers_and_the_page_template(installed_wheel: Path, tmp_path: Path) -> None:
+    """The reference numbers (one file per paper) and the leaderboard's HTML template are package data: the
+    paper-table view and the HTML page work from an installed wheel, outside the repository."""
+    assert sorted(p.name for p in (installed_wheel / "benchmark" / "reference").glob("*.csv")) == sorted(
+        p.name for p in (REPO / "benchmark" / "reference").glob("*.csv"))
+    assert (installed_wheel / "benchmark" / "templates" / "leaderboard.html").is_file()
+    table = _run_installed(installed_wheel, tmp_path, "-m", "benchmark", "suite", "paper-table", "context_refine_table")
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "every one covered" in table.stdout and "NOT COVERED by" not in table.stdout
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text('{"status": "completed", "exit_code": 0}')
+    (run / "metrics_test.json").write_text('{"dataset": "cub", "method": "ms", "backbone": "resnet50", "embedding_dim": 512,'
+                                           ' "seed": 0, "evaluations": [{"stage": "test", "metrics": {"R@1": 0.6}}]}')
+    page = _run_installed(installed_wheel, tmp_path, "-m", "benchmark", "leaderboard", "--runs", "runs", "--format", "html",
+                          "--out", "board.html")  # fmt: skip
+    assert page.returncode == 0, page.stderr[-3000:]
+    assert "sortTable" in (tmp_path / "board.html").read_text() and "60.00" in (tmp_path / "board.html").read_text()
