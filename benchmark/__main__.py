@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from benchmark.errors import EXIT_USER, UserError  # a leaf module: nothing heavy
+
 
 def check_mplbackend() -> str | None:
     """The error for an ``MPLBACKEND`` that is not a matplotlib backend, or None.
@@ -59,16 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     error = check_mplbackend()
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     light = _light(argv[0] if argv else "--help")
     if light is not None:
-        from benchmark.errors import UserError
-
         try:
             return int(light(argv[1:]) or 0)
         except UserError as err:  # the same one paragraph and exit code as the full CLI
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return EXIT_USER
     from benchmark.cli import main as cli_main  # heavy: torch, lightning, timm
 
     return cli_main(argv)

@@ -29,7 +29,7 @@ import yaml
 from benchmark import registry
 from benchmark.backbones import BACKBONES
 from benchmark.defaults import CONFIG_DIR, DEFAULT_DATA, DEFAULT_METHOD, USAGE
-from benchmark.errors import ConfigError, UserError
+from benchmark.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USER, ConfigError, UserError
 from benchmark.evaluation import RetrievalEvaluator
 from benchmark.figures import FigureWriter
 from benchmark.io import console as make_console
@@ -48,8 +48,6 @@ from benchmark.results import (
 from benchmark.status import main as status_main
 from benchmark.training import (
     CONFIG_KEY,
-    EXIT_INTERNAL,
-    EXIT_USER,
     AtomicCheckpointIO,
     BenchmarkTrainer,
     CheckpointSettings,
@@ -930,7 +928,7 @@ def _run_training_command(command: str, argv: list[str]) -> int:
                 return 0
             status.write("failed", code, "exited during start-up" if code == EXIT_USER else f"exit {code}")
             return code
-        reason = f"stopped by {'SIGINT' if code == 130 else 'SIGTERM'}"
+        reason = f"stopped by {'SIGINT' if code == EXIT_SIGINT else 'SIGTERM'}"
         if status.checkpoint is not None:
             reason += f"; resume with --ckpt_path {status.checkpoint}"
         status.write("interrupted", code, reason)
@@ -940,13 +938,13 @@ def _run_training_command(command: str, argv: list[str]) -> int:
         status.write("interrupted", 130, "stopped by SIGINT")
         return 130
     except NonFiniteLossError as err:
-        status.write("failed", EXIT_INTERNAL, str(err))
+        status.write("failed", EXIT_FAILED, str(err))
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return EXIT_FAILED
     except BaseException as err:
         cause = _user_error(err)
         if cause is None:
-            status.write("failed", EXIT_INTERNAL, f"{type(err).__name__}: {err}")
+            status.write("failed", EXIT_FAILED, f"{type(err).__name__}: {err}")
             raise
         status.write("failed", EXIT_USER, str(cause))
         status.discard_unused_run_dir()  # a start-up error leaves no folder behind

@@ -261,6 +261,10 @@ class DataRequest:
 
 # ---------------------------------------------------------------------------- evaluation batch
 EVALUATION_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
+#: Where the evaluation computes (``RetrievalEvaluator(backend=...)``): the module's device, or one named.
+EVALUATION_BACKENDS = ("auto", "cpu", "cuda")
+#: Memory for one block of a chunked similarity computation (neighbour search, metrics, refinement).
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def evaluation_outputs(embeddings: torch.Tensor, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

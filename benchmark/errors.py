@@ -7,6 +7,11 @@ module (no project imports), so every layer can raise it.
 
 from __future__ import annotations
 
+#: Exit codes of every command (documented in docs/cli.md): completed, failed (an internal error or a
+#: diverged run), a user error (named in one paragraph), stopped by SIGINT (Ctrl-C) or SIGTERM as shells
+#: report them (128 + the signal).
+EXIT_COMPLETED, EXIT_FAILED, EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
 
 class UserError(Exception):
     """A problem with the user's input; the message names the cause and the fix."""

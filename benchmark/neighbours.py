@@ -31,12 +31,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from benchmark.core import DEFAULT_MEMORY_BUDGET
+
 __all__ = ["DEFAULT_MEMORY_BUDGET", "ExactIndex", "KnnFunc", "drop_self", "exact_knn", "faiss_available", "self_rows"]
 
 SearchBackend = Literal["torch", "faiss"]
 
-# Memory for one (chunk, M) block of scores of the torch backend.
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 class KnnFunc(Protocol):

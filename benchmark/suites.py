@@ -58,7 +58,7 @@ from benchmark import paper_tables, registry
 from benchmark.backbones import BACKBONES
 from benchmark.cli import build_cli
 from benchmark.defaults import recipe_dir
-from benchmark.errors import UserError
+from benchmark.errors import EXIT_COMPLETED, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, UserError
 from benchmark.io import atomic_write_text
 from benchmark.io import console as make_console
 from benchmark.papers import known_papers, paper_numbers
@@ -69,7 +69,7 @@ try:  # POSIX file locks (run_lock); Windows has none and runs without the lock
 except ImportError:  # pragma: no cover - not on the platforms CI runs
     fcntl = None  # type: ignore[assignment]
 
-EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_OK = EXIT_COMPLETED
 
 SUITE_KEYS = ("name", "description", "output", "plugins", "args", "grid", "cells", "exclude", "resources", "slurm",
               "paper", "reproduces")

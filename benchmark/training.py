@@ -41,12 +41,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from benchmark.errors import EXIT_SIGINT, EXIT_SIGTERM
 from benchmark.io import atomic_path, atomic_write_text
 
 PrecisionInput = _PRECISION_INPUT | Literal["auto"]
 
 
-EXIT_COMPLETED, EXIT_INTERNAL, EXIT_USER, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
 
 # ---------------------------------------------------------------------------- precision

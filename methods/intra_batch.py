@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.backbones import BACKBONES, BackboneConfig, Pool
-from benchmark.core import register_method
+from benchmark.core import DEFAULT_MEMORY_BUDGET, register_method
 from benchmark.errors import ConfigError
 from benchmark.layers import Attention
 from benchmark.neighbours import exact_knn
@@ -60,8 +60,6 @@ from methods.base import OptimizerName, RetrievalMethod, SchedulerName
 ClassifierInput = Literal["last", "concat"]
 RefineStages = Literal["test", "val_and_test", "never"]
 
-# Memory for the gathered batches of the refined forward pass.
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 # Datasets whose published "Ours" numbers the public code trained with the backbone's cross-entropy
 # alone (its SOP config: ``fns: lsce``, no MPN loss), so that a run of that setting is the paper's row.

@@ -162,7 +162,6 @@ def test_the_core_imports_only_leaf_modules() -> None:
 # its deferred imports are the reason it exists.
 DEFERRED = {
     "benchmark.__main__.main: from benchmark.cli import main as cli_main",
-    "benchmark.__main__.main: from benchmark.errors import UserError",
     "benchmark.__main__._light: from benchmark.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE",
     "benchmark.__main__._light: from benchmark.status import main as status_main",
     "benchmark.__main__._light: from benchmark.leaderboard import main as leaderboard_main",

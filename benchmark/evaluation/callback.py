@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from benchmark.core import RankedLists
+from benchmark.core import EVALUATION_BACKENDS, EVALUATION_KEYS, RankedLists
 from benchmark.distributed import all_gather_uneven, gather_by_index, is_distributed
 from benchmark.evaluation.metrics import count_duplicate_rows, nmi, ranked_list_metrics, retrieval_metrics
 from benchmark.io import atomic_write_text, console
@@ -51,7 +51,7 @@ from benchmark.results import (
     final_evaluation,
 )
 
-OUTPUT_KEYS = ("embeddings", "labels", "indices", "is_query", "is_gallery")
+OUTPUT_KEYS = EVALUATION_KEYS
 
 
 
@@ -152,7 +152,7 @@ class RetrievalEvaluator(Callback):
         nmi_seed: int = 0,
     ) -> None:
         super().__init__()
-        if backend not in ("auto", "cpu", "cuda"):
+        if backend not in EVALUATION_BACKENDS:
             raise ValueError(f"backend must be 'auto', 'cpu' or 'cuda'; got {backend!r}.")
         if recall_ks is not None and (not recall_ks or any(int(k) < 1 for k in recall_ks)):
             raise ValueError(f"recall_ks must be a non-empty list of positive integers; got {recall_ks!r}.")

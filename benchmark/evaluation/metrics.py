@@ -52,15 +52,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmark.core import RankedLists
+from benchmark.core import DEFAULT_MEMORY_BUDGET, RankedLists
 
 __all__ = [
     "retrieval_metrics", "ranked_list_metrics", "nmi", "default_chunk_size", "count_duplicate_rows",
     "QueryRankings", "query_rankings", "ranked_list_rankings",
 ]
 
-# Scores of the (c, G) block of one query chunk stay within this many bytes by default.
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
 _NO_RANK = 2**62  # rank of a positive that is not (or need not be) located
 
 
