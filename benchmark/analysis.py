@@ -33,7 +33,7 @@ import torch
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 
-from benchmark.cli import CLIError, build_cli, check_checkpoint_file, run_dir_of_checkpoint
+from benchmark.builder import CLIError, build_cli, check_checkpoint_file, run_dir_of_checkpoint
 from benchmark.core import FIGURES, register_analysis
 from benchmark.evaluation import RetrievalEvaluator
 from benchmark.figures import (

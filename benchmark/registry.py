@@ -7,7 +7,7 @@ this module has no static import of them, so it sits below the methods), then th
 points of the groups ``benchmark.methods`` / ``benchmark.datasets`` / ``benchmark.backbones``
 (installed plugins), then any module named with ``--plugin``. :func:`discover_tools` adds
 the perf commands, analyses and figures; every registered figure is also an ``analyze``
-command, drawn by :data:`FIGURE_RUNNER` (imported by name). A new method therefore never
+command, drawn by the runner the command line registers (benchmark/analysis.py). A new method therefore never
 edits the framework.
 """
 
@@ -42,7 +42,15 @@ TOOL_SUFFIXES = ("_perf", "_analysis")
 TOOL_PACKAGES = ("benchmark.perf",)
 # Draws a registered figure from a checkpoint (``analyze NAME``) and registers ``analyze figures``;
 # the top layer, so it is imported by name, like the tools.
-FIGURE_RUNNER = "benchmark.analysis"
+# How ``analyze NAME`` draws a registered figure: set by the command line (benchmark/analysis.py's
+# figure_main), so that this low layer names no upper one.
+_figure_runner: Callable[[str, list[str]], int] | None = None
+
+
+def set_figure_runner(runner: Callable[[str, list[str]], int]) -> None:
+    """Register what draws a figure for ``analyze NAME`` (``runner(name, argv)``)."""
+    global _figure_runner
+    _figure_runner = runner
 
 _builtins_loaded = False
 _tools_loaded = False
@@ -103,20 +111,21 @@ def discover_tools(plugins: list[str] | tuple[str, ...] = ()) -> None:
             _import_modules(package, lambda name: True)
         for package in ("datamodules", "methods"):
             _import_modules(package, lambda name: name.endswith(TOOL_SUFFIXES))
-        importlib.import_module(FIGURE_RUNNER)
         _tools_loaded = True
     _load_entry_points(("benchmark.perf", "benchmark.analysis"))
     _add_figure_commands()
 
 
 class FigureCommand:
-    """``analyze NAME`` for a registered figure: :data:`FIGURE_RUNNER`'s ``figure_main(NAME, argv)``."""
+    """``analyze NAME`` for a registered figure: the runner :func:`set_figure_runner` registered."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def __call__(self, argv: list[str]) -> int:
-        return importlib.import_module(FIGURE_RUNNER).figure_main(self.name, argv)
+        if _figure_runner is None:
+            raise RuntimeError("No figure runner is registered: import benchmark.analysis (the command line does).")
+        return _figure_runner(self.name, argv)
 
 
 def _add_figure_commands() -> None:

@@ -56,7 +56,7 @@ import yaml
 
 from benchmark import paper_tables, registry
 from benchmark.backbones import BACKBONES
-from benchmark.cli import build_cli
+from benchmark.builder import build_cli
 from benchmark.defaults import recipe_dir
 from benchmark.errors import EXIT_COMPLETED, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, UserError
 from benchmark.io import atomic_write_text

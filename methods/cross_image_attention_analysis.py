@@ -41,7 +41,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from benchmark.cli import build_cli
+from benchmark.builder import build_cli
 from benchmark.core import register_analysis, register_figure
 from benchmark.figures import FigureContext, FigureResult, log_images, pyplot
 from methods.base import load_method

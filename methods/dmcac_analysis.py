@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from benchmark.backbones import BackboneConfig
-from benchmark.cli import build_cli
+from benchmark.builder import build_cli
 from benchmark.core import register_analysis, register_figure
 from benchmark.figures import FigureContext, FigureResult, pyplot
 from benchmark.io import atomic_write_text

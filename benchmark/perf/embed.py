@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
-from benchmark.cli import build_cli
+from benchmark.builder import build_cli
 from benchmark.core import perf_headline, register_perf
 from benchmark.defaults import DEFAULT_DATA, DEFAULT_METHOD
 from benchmark.evaluation import RetrievalEvaluator

@@ -51,7 +51,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device
 
 from benchmark import registry
-from benchmark.cli import build_cli
+from benchmark.builder import build_cli
 from benchmark.core import perf_headline, register_perf
 from benchmark.defaults import recipe_dir
 from benchmark.io import atomic_write_text

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import cli
+from benchmark import builder
 from benchmark.cli import main
 from benchmark.evaluation import retrieval_metrics
 from tests.benchmark.plugin_methods import peak_refinement
@@ -83,7 +83,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(
     cub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20260101-000000")
+    monkeypatch.setattr(builder.time, "strftime", lambda fmt: "20260101-000000")
     monkeypatch.delenv("DML_BENCHMARK_RUN_DIR", raising=False)
     for seed in ("1", "2"):
         assert main(["fit", *_args(cub_root), "--data.batches_per_epoch", "1", "--trainer.max_epochs", "1",
