@@ -44,7 +44,7 @@ def layer(module: str) -> int:
     if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core", "benchmark.results",
                   "benchmark.papers", "benchmark.defaults"):
         return 0
-    if module.endswith(TOOL_SUFFIXES) or module.startswith("benchmark.perf") or module in (
+    if module.endswith(TOOL_SUFFIXES) or module.startswith(("benchmark.perf", "benchmark.suites")) or module in (
         "benchmark.cli", "benchmark.builder", "benchmark.status", "benchmark.suites", "benchmark.paper_tables", "benchmark.leaderboard", "benchmark.leaderboard_figures", "benchmark.wandb_report", "benchmark.analysis",
         "benchmark.__main__", "benchmark",
     ):
