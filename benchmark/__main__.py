@@ -2,7 +2,7 @@
 
 Commands that read results (``--help``, ``status``, ``leaderboard``) run from light modules and never
 import torch, timm or Lightning (about 6 s of imports on a 2-core CPU); ``fit``/``test``/``suite``/``perf``
-and the rest go to :mod:`benchmark.cli`. The environment check runs first, because the CLI's import
+and the rest go to :mod:`benchmark.app.cli`. The environment check runs first, because the CLI's import
 already imports matplotlib (through torchmetrics), which raises on an invalid ``MPLBACKEND`` with a
 traceback.
 """
@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from benchmark.errors import EXIT_USER, UserError  # a leaf module: nothing heavy
+from benchmark.core.errors import EXIT_USER, UserError  # a leaf module: nothing heavy
 
 
 def check_mplbackend() -> str | None:
@@ -42,15 +42,15 @@ def check_mplbackend() -> str | None:
 def _light(command: str) -> Callable[[list[str]], int] | None:
     """The entry point of a command that needs no deep-learning stack, or None."""
     if command in ("-h", "--help"):
-        from benchmark.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE
+        from benchmark.core.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE
 
         return lambda argv: print(USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA)) or 0
     if command == "status":
-        from benchmark.status import main as status_main
+        from benchmark.app.status import main as status_main
 
         return status_main
     if command == "leaderboard":
-        from benchmark.leaderboard import main as leaderboard_main
+        from benchmark.app.leaderboard import main as leaderboard_main
 
         return leaderboard_main
     return None
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as err:  # the same one paragraph and exit code as the full CLI
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USER
-    from benchmark.cli import main as cli_main  # heavy: torch, lightning, timm
+    from benchmark.app.cli import main as cli_main  # heavy: torch, lightning, timm
 
     return cli_main(argv)
 

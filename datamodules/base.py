@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
-from benchmark.core import DataRequest
-from benchmark.errors import ConfigError
-from benchmark.io import atomic_write_text, default_data_root
-from benchmark.validation import check_choice
+from benchmark.core.contracts import DataRequest
+from benchmark.core.errors import ConfigError
+from benchmark.core.io import atomic_write_text, default_data_root
+from benchmark.core.validation import check_choice
 from datamodules.records import DatasetError, DatasetRecords, SplitRecords
 from datamodules.samplers import (
     ClassBalancedBatchSampler,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmark.core import register_dataset
+from benchmark.core.contracts import register_dataset
 from datamodules.base import RetrievalDataModule
 from datamodules.cub import read_cub
 from datamodules.records import DatasetRecords

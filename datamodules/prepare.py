@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.io import default_data_root
+from benchmark.core.io import default_data_root
 from datamodules.cars import read_cars
 from datamodules.cub import read_cub
 from datamodules.inshop import read_inshop

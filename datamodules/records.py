@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.errors import UserError
+from benchmark.core.errors import UserError
 
 
 class DatasetError(UserError, RuntimeError):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.core import register_dataset
+from benchmark.core.contracts import register_dataset
 from datamodules.base import RetrievalDataModule
 from datamodules.records import (
     DatasetError,

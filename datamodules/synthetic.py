@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmark.io import default_data_root
+from benchmark.core.io import default_data_root
 
 __all__ = [
     "DATASET_DIRNAME",

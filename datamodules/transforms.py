@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2.functional import to_pil_image
 
-from benchmark.core import Normalization, ViewRequest
+from benchmark.core.contracts import Normalization, ViewRequest
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,

@@ -25,11 +25,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmark import registry
-from benchmark.backbones import BackboneConfig, Encoder, EncoderOutput
-from benchmark.core import DataRequest, evaluation_outputs, logs_this_step
-from benchmark.distributed import gather_by_index
-from benchmark.errors import ConfigError
+from benchmark.core import registry
+from benchmark.core.contracts import DataRequest, evaluation_outputs, logs_this_step
+from benchmark.core.errors import ConfigError
+from benchmark.nn.backbones import BackboneConfig, Encoder, EncoderOutput
+from benchmark.nn.distributed import gather_by_index
 
 # The recipes' short optimizer names -> torch.optim class and the defaults the papers' code
 # uses with it; any other torch.optim class is accepted by its class name ("NAdam", "Adagrad"),
@@ -100,7 +100,7 @@ class RetrievalMethod(L.LightningModule):
     selection_mode: ClassVar[Literal["max", "min"]] = "max"
     #: Constructor options whose values name one run's own inputs (e.g. the path of a stage-1
     #: checkpoint that differs per seed): left out of the comparison key that groups runs on the
-    #: leaderboard (``benchmark.results.comparison_config``); ``describe()`` records what they stand for.
+    #: leaderboard (``benchmark.core.results.comparison_config``); ``describe()`` records what they stand for.
     per_run_options: ClassVar[tuple[str, ...]] = ()
     #: Images of one class per training batch the loss needs: 2 for losses on positive pairs
     #: (multi-similarity, margin), 1 for proxy and classification losses.
@@ -381,7 +381,7 @@ class RetrievalMethod(L.LightningModule):
 
     @classmethod
     def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
-        """The names under which the papers' reported numbers (``benchmark/reference/<paper>.csv``)
+        """The names under which the papers' reported numbers (``benchmark/core/reference/<paper>.csv``)
         list a run of this method described by ``meta`` (its recorded ``describe()`` fields);
         ``refined``: the numbers of its refined output (``refined/<metric>``). Default: the
         method's own name, or ``<name>_baseline`` as the papers' tables list baselines."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
-from benchmark.core import register_method
+from benchmark.core.contracts import register_method
 from methods.base import RetrievalMethod
 
 

@@ -47,17 +47,18 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from torch import nn
 
-from benchmark.backbones import BackboneConfig
-from benchmark.core import DataRequest, register_method
-from benchmark.embedding_cache import (
+from benchmark.core.contracts import DataRequest, register_method
+from benchmark.core.validation import check_choice
+from benchmark.nn import fused
+from benchmark.nn.attention import Attention
+from benchmark.nn.backbones import BackboneConfig
+from benchmark.nn.embedding_cache import (
     EmbeddingCache,
     embedding_cache_key,
     file_fingerprint,
     module_fingerprint,
 )
-from benchmark.layers import Attention, fused
-from benchmark.neighbours import exact_knn
-from benchmark.validation import check_choice
+from benchmark.nn.neighbours import exact_knn
 from methods.base import OptimizerName, RetrievalMethod, evaluation_outputs, load_method
 
 KnnBackend = Literal["auto", "torch", "faiss"]
@@ -85,7 +86,7 @@ class ContextAttentionBlock(nn.Module):
 
     ``Q`` (with a skip connection, supplement A), ``K`` and ``V`` are :class:`ProjectionMLP`;
     with several heads the projections are split into ``num_heads`` slices of ``d / h``; the
-    attention itself is :class:`benchmark.layers.Attention`.
+    attention itself is :class:`benchmark.nn.Attention`.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_heads: int = 1, query_skip: bool = True) -> None:
@@ -769,7 +770,7 @@ def knn_search(
 ) -> torch.Tensor:
     """The ``k`` most similar database rows of every query (inner product), best first.
 
-    :func:`benchmark.neighbours.exact_knn` (exact; ties broken by the lower row).
+    :func:`benchmark.nn.neighbours.exact_knn` (exact; ties broken by the lower row).
 
     Args:
         queries: (Q, D) embeddings (L2-normalised: inner product = cosine similarity).

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from benchmark.core import RankedLists, register_method
-from benchmark.layers import attend, merge_heads, split_heads
-from benchmark.neighbours import exact_knn
-from benchmark.validation import check_choice
+from benchmark.core.contracts import RankedLists, register_method
+from benchmark.core.validation import check_choice
+from benchmark.nn.attention import attend, merge_heads, split_heads
+from benchmark.nn.neighbours import exact_knn
 from methods.base import RetrievalMethod
 
 PairSimilarity = Literal["mutual", "anchor"]

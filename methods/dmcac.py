@@ -49,12 +49,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmark.backbones import BackboneConfig
-from benchmark.core import DataRequest, ViewRequest, register_method
-from benchmark.errors import ConfigError
-from benchmark.layers import Attention
-from benchmark.neighbours import ExactIndex, exact_knn, faiss_available
-from benchmark.validation import check_choice
+from benchmark.core.contracts import DataRequest, ViewRequest, register_method
+from benchmark.core.errors import ConfigError
+from benchmark.core.validation import check_choice
+from benchmark.nn.attention import Attention
+from benchmark.nn.backbones import BackboneConfig
+from benchmark.nn.neighbours import ExactIndex, exact_knn, faiss_available
 from methods.base import RetrievalMethod
 
 Retrieval = Literal["approximate", "full", "full_grad"]
@@ -97,7 +97,7 @@ def stratified_split(labels: np.ndarray, database_fraction: float = 0.2, seed: i
 def topk_search(queries: torch.Tensor, database: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> torch.Tensor:
     """Exact inner-product top-``k``: (Q, F) x (N, F) -> (Q, k) database positions, best first.
 
-    :func:`benchmark.neighbours.exact_knn` (ties by the lower position), chunked over queries
+    :func:`benchmark.nn.neighbours.exact_knn` (ties by the lower position), chunked over queries
     so that at most about ``chunk_elements`` scores exist at a time.
     """
     rows, _ = exact_knn(queries, database, k, chunk_size=max(1, chunk_elements // max(1, database.shape[0])))
@@ -187,7 +187,7 @@ class CrossAttentionClassifier(nn.Module):
     ``z' = softmax((W_q z)(W_k Z_S)^T / (sqrt(F) t)) W_v Z_S`` and ``logits = W_c z'``; single
     head, ``W_q, W_k, W_v`` are F x F as in the paper (no bias unless ``attention_bias``); ``t``
     is ``attention_temperature`` (1: the paper's Eq. 17); the attention is
-    :class:`benchmark.layers.Attention`.
+    :class:`benchmark.nn.Attention`.
     """
 
     def __init__(
@@ -918,7 +918,7 @@ class DMCAC(RetrievalMethod):
 
     @classmethod
     def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
-        """The paper's name for a run's setting (``benchmark/reference/dmcac.csv``): ``dmcac`` for
+        """The paper's name for a run's setting (``benchmark/core/reference/dmcac.csv``): ``dmcac`` for
         approximate retrieval with the paper's 6 views and all loss weights 1 (Table 1), Table 2's
         loss-weight rows as ``dmcac(betas=[b_frob,b_ce,b_cac])`` and Table 3's view counts as
         ``dmcac(views=N)`` (one change at a time, as in the paper), and Table 4's full retrieval,

@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.backbones import BACKBONES, BackboneConfig, Pool
-from benchmark.core import DEFAULT_MEMORY_BUDGET, register_method
-from benchmark.errors import ConfigError
-from benchmark.layers import Attention
-from benchmark.neighbours import exact_knn
-from benchmark.validation import check_choice
+from benchmark.core.contracts import DEFAULT_MEMORY_BUDGET, register_method
+from benchmark.core.errors import ConfigError
+from benchmark.core.validation import check_choice
+from benchmark.nn.attention import Attention
+from benchmark.nn.backbones import BACKBONES, BackboneConfig, Pool
+from benchmark.nn.neighbours import exact_knn
 from methods.base import OptimizerName, RetrievalMethod, SchedulerName
 
 ClassifierInput = Literal["last", "concat"]
@@ -520,7 +520,7 @@ class IntraBatchMPN(RetrievalMethod):
 
     @classmethod
     def reference_names(cls, meta: Mapping[str, Any], refined: bool) -> list[str]:
-        """The paper's rows by the losses a run trains with (benchmark/reference/intra_batch.csv).
+        """The paper's rows by the losses a run trains with (benchmark/core/reference/intra_batch.csv).
 
         Both losses: ``intra_batch`` (Tables 1-2 and Table 3 row 3, backbone embeddings) and, for the
         refined output, ``intra_batch(reciprocal_knn_test)`` (Table 3 row 4). The backbone's
@@ -579,7 +579,7 @@ def knn_graph(
     Row i is ``[i, n_1, ..., n_k]``: the sample itself, then its k nearest *other* database
     samples ordered by (distance, index); a sample outside the database still comes first in
     its own list. Exact (ties broken by the lower index) without an N x N matrix and without
-    sorting rows: the shared exact search (:func:`benchmark.neighbours.exact_knn`, torch
+    sorting rows: the shared exact search (:func:`benchmark.nn.neighbours.exact_knn`, torch
     backend) on ``[a, 1] . [2 b, -||b||^2] = ||a||^2 - ||a - b||^2``.
 
     Args:
@@ -601,7 +601,7 @@ def _knn_graph(
     """:func:`knn_graph` on checked float32 embeddings and a bool database mask.
 
     ``||a - b||^2 = ||a||^2 - [a, 1] . [2 b, -||b||^2]``: the largest inner products of the
-    exact search (:func:`benchmark.neighbours.exact_knn`, ties by the lower database row, i.e.
+    exact search (:func:`benchmark.nn.neighbours.exact_knn`, ties by the lower database row, i.e.
     the lower sample index) are the smallest distances, and a sample is excluded from its own
     list by its index.
     """

@@ -1,19 +1,14 @@
 """Imports flow one way: parsed from the source (ast), not from what happens to be imported.
 
-The layers, bottom to top (docs/architecture.md); a module may import its own layer and the
-layers below it, never above, and project modules form no cycle:
+The layers are folders (docs/architecture.md), bottom to top; a module may import its own layer
+and the layers below it, never above, and project modules form no cycle:
 
-0. contracts: ``benchmark.errors``, ``benchmark.io``, ``benchmark.validation``, ``benchmark.core``,
-   ``benchmark.results`` (the one reading of a run's records)
-1. registry lookup, data, backbones, shared blocks: ``benchmark.registry`` (it imports the
-   packages above it by name, at run time), ``datamodules.*``, ``benchmark.backbones``,
-   ``benchmark.distributed``, ``benchmark.layers.*``, ``benchmark.neighbours``
-2. methods: ``methods.*``
-3. evaluation and training: ``benchmark.evaluation.*``, ``benchmark.training``, ``benchmark.wandb_logger``,
-   ``benchmark.figures`` (the figure layer: generic figures and the callback that draws them)
-4. command line and tools: ``benchmark.cli``, ``benchmark.suites``, ``benchmark.leaderboard``, ``benchmark.perf.*``,
-   ``benchmark.analysis`` (``analyze NAME`` for every registered figure), and the companion modules
-   ``*_perf`` / ``*_analysis`` beside a method or dataset.
+0. ``benchmark/core/``: contracts, registries and lookup, errors, I/O, validation, run records
+1. ``benchmark/nn/`` (backbones, attention, neighbour search, gathers) and ``datamodules/``
+2. ``methods/``: one method per file (and their shared base), nothing else
+3. ``benchmark/engine/``: evaluation, training lifecycle, figures, the W&B logger
+4. ``benchmark/app/`` (the commands) and ``companions/`` (the perf benchmarks and analyses of
+   one method or dataset); ``benchmark/__main__.py`` is the entry point above them all.
 
 Project imports sit at the top of a module: an import inside a function body hides an edge
 from readers (and from this test), so only third-party modules may be imported lazily.
@@ -28,8 +23,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("benchmark", "methods", "datamodules")
-TOOL_SUFFIXES = ("_perf", "_analysis")
+PACKAGES = ("benchmark", "methods", "datamodules", "companions")
+# The layer of each folder: a module's layer is its folder's, read from where the file lives.
+LAYERS = {"benchmark.core": 0, "benchmark.nn": 1, "datamodules": 1, "methods": 2, "benchmark.engine": 3,
+          "benchmark.app": 4, "companions": 4}
+ENTRY = {"benchmark": 5, "benchmark.__main__": 5}  # the package file and the entry point, above everything
 
 
 def _module_name(path: Path) -> str:
@@ -41,26 +39,29 @@ MODULES = {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / pa
 
 
 def layer(module: str) -> int:
-    if module in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core", "benchmark.results",
-                  "benchmark.papers", "benchmark.defaults"):
-        return 0
-    if module.endswith(TOOL_SUFFIXES) or module.startswith(("benchmark.perf", "benchmark.suites")) or module in (
-        "benchmark.cli", "benchmark.builder", "benchmark.status", "benchmark.suites", "benchmark.paper_tables", "benchmark.leaderboard", "benchmark.leaderboard_figures", "benchmark.wandb_report", "benchmark.analysis",
-        "benchmark.__main__", "benchmark",
-    ):
-        return 4
-    if module.startswith(("benchmark.evaluation", "benchmark.training", "benchmark.wandb_logger", "benchmark.figures")):
-        return 3
-    if module.startswith("methods"):
-        return 2
-    if module.startswith(("datamodules", "benchmark.registry", "benchmark.backbones", "benchmark.distributed",
-                          "benchmark.layers", "benchmark.neighbours", "benchmark.plotting", "benchmark.wandb_auth", "benchmark.recipes", "benchmark.embedding_cache")):
-        return 1
-    raise AssertionError(f"{module} has no layer: add it to tests/test_architecture.py and docs/architecture.md")
+    if module in ENTRY:
+        return ENTRY[module]
+    for folder, number in sorted(LAYERS.items(), key=lambda item: -len(item[0])):
+        if module == folder or module.startswith(folder + "."):
+            return number
+    raise AssertionError(f"{module} lives in no layer folder: move it into one of {sorted(LAYERS)} "
+                         "(tests/test_architecture.py, docs/architecture.md)")
+
+
+def test_every_module_lives_in_a_layer_folder() -> None:
+    assert sorted(m for m in MODULES if m not in ENTRY and not any(
+        m == f or m.startswith(f + ".") for f in LAYERS)) == []
+
+
+def test_methods_holds_methods_only() -> None:
+    """methods/ is one method per file (and their base): perf and analysis companions live in companions/."""
+    others = [m for m, path in MODULES.items() if m.startswith("methods.") and m != "methods.base"
+              and "@register_method(" not in path.read_text()]
+    assert others == []
 
 
 def _resolve(name: str) -> str | None:
-    """The project module an imported name lives in (``benchmark.core.METHODS`` -> ``benchmark.core``)."""
+    """The project module an imported name lives in (``benchmark.core.contracts.METHODS`` -> ``benchmark.core.contracts``)."""
     while name:
         if name in MODULES:
             return name
@@ -151,20 +152,19 @@ def test_imports_never_go_up_a_layer() -> None:
 
 
 def test_the_core_imports_only_leaf_modules() -> None:
-    for leaf in ("benchmark.errors", "benchmark.io", "benchmark.validation", "benchmark.core"):
-        if leaf in MODULES:
-            deps = import_graph()[leaf]
-            assert deps <= {"benchmark.errors"}, (leaf, deps)
+    for leaf in ("benchmark.core.errors", "benchmark.core.io", "benchmark.core.validation", "benchmark.core.contracts"):
+        deps = import_graph()[leaf]
+        assert deps <= {"benchmark.core.errors"}, (leaf, deps)
 
 
 # The entry point checks the environment before the CLI's heavy import (matplotlib raises on import
 # with an invalid MPLBACKEND) and imports only what a command uses (light commands start without torch):
 # its deferred imports are the reason it exists.
 DEFERRED = {
-    "benchmark.__main__.main: from benchmark.cli import main as cli_main",
-    "benchmark.__main__._light: from benchmark.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE",
-    "benchmark.__main__._light: from benchmark.status import main as status_main",
-    "benchmark.__main__._light: from benchmark.leaderboard import main as leaderboard_main",
+    "benchmark.__main__.main: from benchmark.app.cli import main as cli_main",
+    "benchmark.__main__._light: from benchmark.core.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE",
+    "benchmark.__main__._light: from benchmark.app.status import main as status_main",
+    "benchmark.__main__._light: from benchmark.app.leaderboard import main as leaderboard_main",
 }
 
 
@@ -182,8 +182,7 @@ def test_project_imports_sit_at_the_top_of_modules() -> None:
 @pytest.mark.parametrize("package", ["benchmark"])
 def test_the_framework_names_no_method(package: str) -> None:
     """No file under benchmark/ imports a method module or names a registered method."""
-    from benchmark import registry
-
+    from benchmark.core import registry
     registry.discover()
     builtin = {name for name, cls in registry.METHODS.items() if cls.__module__.startswith("methods.")}
     offenders = []
@@ -217,7 +216,7 @@ def test_no_module_changes_global_state_at_import() -> None:
 def test_no_cycle_is_dodged_by_importing_by_name() -> None:
     """A project module is imported with an import statement, not ``importlib.import_module("benchmark.x")``
     or ``__import__`` of a constant name (that hid the cli <-> suites cycle from this test), and no lower
-    layer names a module of a higher one in a string (the registry named benchmark.analysis). Discovery
+    layer names a module of a higher one in a string (the registry named benchmark.app.analysis). Discovery
     by package (the registry importing every module of ``methods``) goes through variables and stays."""
     offenders = []
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}

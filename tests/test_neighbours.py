@@ -1,11 +1,11 @@
-"""benchmark.neighbours: both backends against a naive float64 loop (ties by the lower row)."""
+"""benchmark.nn.neighbours: both backends against a naive float64 loop (ties by the lower row)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmark.neighbours import ExactIndex, drop_self, exact_knn, faiss_available, self_rows
+from benchmark.nn.neighbours import ExactIndex, drop_self, exact_knn, faiss_available, self_rows
 
 BACKENDS = ["torch", "faiss"] if faiss_available() else ["torch"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmark.core import register_method, register_perf
+from benchmark.core.contracts import register_method, register_perf
 from methods.base import RetrievalMethod
 from methods.baselines import MultiSimilarity
 

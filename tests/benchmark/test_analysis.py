@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.cli import main
+from benchmark.app.cli import main
 
 TINY = [
     "--backbone", "resnet_tiny_test", "--backbone.pretrained", "false", "--model.embedding_dim", "16",

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from benchmark.backbones import BACKBONES, BackboneConfig, Encoder
+from benchmark.nn.backbones import BACKBONES, BackboneConfig, Encoder
 
 
 def test_presets_resolve_to_timm_models() -> None:
@@ -93,8 +93,7 @@ def test_vit_position_embeddings_follow_image_size() -> None:
 @pytest.fixture()
 def local_presets():
     """Copies of the tiny presets that accept weights (the test presets have none published)."""
-    from benchmark import backbones
-
+    from benchmark.nn import backbones
     for name in ("resnet_tiny_test", "vit_tiny_test"):
         p = BACKBONES[name]
         backbones.register_backbone(f"{name}_local", backbones.BackbonePreset(
@@ -152,7 +151,7 @@ def _bad_weights(tmp_path, kind: str):
     ],
 )
 def test_weights_that_do_not_fit_fail_instead_of_training_from_random(local_presets, tmp_path, kind, message) -> None:
-    from benchmark.backbones import WeightsUnavailableError
+    from benchmark.nn.backbones import WeightsUnavailableError
 
     path = _bad_weights(tmp_path, kind)
     with pytest.raises(WeightsUnavailableError, match=message) as info:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from benchmark.cli import build_cli, main
-from benchmark.defaults import CONFIG_DIR
+from benchmark.app.cli import build_cli, main
+from benchmark.core.defaults import CONFIG_DIR
 from tests.datamodules import fixtures
 
 # float32: tiny fits give the same numbers on every CPU (``auto`` is bf16 on CPUs with native bf16).
@@ -165,8 +165,8 @@ def test_trainer_logger_and_default_root_dir_given_by_the_user_are_honoured(cub_
 def test_perf_commands_are_registered_by_their_owners_and_plugins(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["perf", "--help"]) == 0
     listing = capsys.readouterr().out
-    for name, owner in (("eval", "benchmark.perf.eval"), ("reciprocal", "methods.intra_batch_perf"),
-                        ("synthetic_baseline", "datamodules.synthetic_perf")):
+    for name, owner in (("eval", "benchmark.app.perf.eval"), ("reciprocal", "companions.intra_batch_perf"),
+                        ("synthetic_baseline", "companions.synthetic_perf")):
         assert name in listing and f"[{owner}]" in listing
     assert main(["perf", "--plugin", "tests.benchmark.plugin_methods", "plugin_echo", "a", "b"]) == 0
     assert "echo a b" in capsys.readouterr().out

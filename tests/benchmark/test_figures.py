@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import figures as fig
-from benchmark import plotting, registry
-from benchmark.cli import build_cli, main
-from benchmark.core import Figure, RankedLists
-from benchmark.evaluation import Evaluation
-from benchmark.evaluation.metrics import query_rankings, retrieval_metrics
-from benchmark.results import OPTIMISTIC, best_validation, epochs_trained
+from benchmark.app.cli import build_cli, main
+from benchmark.core import registry
+from benchmark.core.contracts import Figure, RankedLists
+from benchmark.core.results import OPTIMISTIC, best_validation, epochs_trained
+from benchmark.engine import figures as fig
+from benchmark.engine import plotting
+from benchmark.engine.evaluation import Evaluation
+from benchmark.engine.evaluation.metrics import query_rankings, retrieval_metrics
 from tests.benchmark.test_analysis import png_size
 from tests.datamodules import fixtures
 
@@ -461,12 +462,12 @@ def test_analyze_logs_the_figures_as_images_into_an_offline_wandb_run(
 def test_analyze_help_lists_every_figure_with_its_owner(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["analyze", "--help"]) == 0
     out = capsys.readouterr().out
-    for name, owner in (("retrieval_grid", "benchmark.figures"), ("training_curves", "benchmark.figures"),
-                        ("context_refine_drift", "methods.context_refine_analysis"),
-                        ("intra_batch_attention", "methods.intra_batch_analysis"),
-                        ("dmcac_view_similarity", "methods.dmcac_analysis"),
-                        ("cross_image_attention_maps", "methods.cross_image_attention_analysis"),
-                        ("figures", "benchmark.analysis"), ("cross_image_attention", "methods.cross_image_attention_analysis")):
+    for name, owner in (("retrieval_grid", "benchmark.engine.figures"), ("training_curves", "benchmark.engine.figures"),
+                        ("context_refine_drift", "companions.context_refine_analysis"),
+                        ("intra_batch_attention", "companions.intra_batch_analysis"),
+                        ("dmcac_view_similarity", "companions.dmcac_analysis"),
+                        ("cross_image_attention_maps", "companions.cross_image_attention_analysis"),
+                        ("figures", "benchmark.app.analysis"), ("cross_image_attention", "companions.cross_image_attention_analysis")):
         line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
         assert f"[{owner}]" in line
     assert isinstance(registry.ANALYSES["embedding_map"].run, registry.FigureCommand)

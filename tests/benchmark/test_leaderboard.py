@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from benchmark.cli import main as cli_main
-from benchmark.leaderboard import group_runs, local_runs, main, paper_numbers, wandb_runs
-from benchmark.results import OPTIMISTIC
+from benchmark.app.cli import main as cli_main
+from benchmark.app.leaderboard import group_runs, local_runs, main, paper_numbers, wandb_runs
+from benchmark.core.results import OPTIMISTIC
 from tests.benchmark.test_run_lifecycle import _args
 from tests.benchmark.wandb_capture import RecordedApi, RecordedRun, capture_wandb
 from tests.datamodules import fixtures
@@ -135,7 +135,7 @@ def test_paper_rows_and_delta_match_dataset_backbone_and_dimension(tmp_path: Pat
 
 def _wandb_source(monkeypatch: pytest.MonkeyPatch, recorded: list[RecordedRun]) -> RecordedApi:
     """``leaderboard --wandb`` reads the recorded runs (logged in, as far as the command can tell)."""
-    import benchmark.leaderboard as lb
+    import benchmark.app.leaderboard as lb
 
     api = RecordedApi(recorded)
     monkeypatch.setattr(lb, "wandb_runs", lambda project, filters=None: wandb_runs(project, filters, api=api))
@@ -193,7 +193,7 @@ def test_the_wandb_report_is_built_from_a_recorded_project(project: tuple[Path, 
                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
     import wandb_workspaces.reports.v2 as wr
 
-    import benchmark.wandb_report as report_module
+    import benchmark.app.wandb_report as report_module
 
     runs, recorded = project
     for r in recorded:

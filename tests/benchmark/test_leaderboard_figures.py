@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from benchmark.cli import main
-from benchmark.leaderboard import Group, group_runs, local_runs, table_rows
-from benchmark.leaderboard_figures import PAPER_LABEL, distinct_labels, leaderboard_figures, write_figures
-from benchmark.results import epochs_trained
+from benchmark.app.cli import main
+from benchmark.app.leaderboard import Group, group_runs, local_runs, table_rows
+from benchmark.app.leaderboard_figures import PAPER_LABEL, distinct_labels, leaderboard_figures, write_figures
+from benchmark.core.results import epochs_trained
 from tests.benchmark.test_run_lifecycle import _args
 from tests.datamodules import fixtures
 

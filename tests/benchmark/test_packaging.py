@@ -63,9 +63,9 @@ def test_the_wheel_carries_the_recipes_and_runs_outside_the_repository(installed
 def test_the_wheel_carries_the_papers_numbers_and_the_page_template(installed_wheel: Path, tmp_path: Path) -> None:
     """The reference numbers (one file per paper) and the leaderboard's HTML template are package data: the
     paper-table view and the HTML page work from an installed wheel, outside the repository."""
-    assert sorted(p.name for p in (installed_wheel / "benchmark" / "reference").glob("*.csv")) == sorted(
-        p.name for p in (REPO / "benchmark" / "reference").glob("*.csv"))
-    assert (installed_wheel / "benchmark" / "templates" / "leaderboard.html").is_file()
+    shipped = sorted(p.name for p in (REPO / "benchmark" / "core" / "reference").glob("*.csv"))
+    assert shipped and sorted(p.name for p in (installed_wheel / "benchmark" / "core" / "reference").glob("*.csv")) == shipped
+    assert (installed_wheel / "benchmark" / "app" / "templates" / "leaderboard.html").is_file()
     table = _run_installed(installed_wheel, tmp_path, "-m", "benchmark", "suite", "paper-table", "context_refine_table")
     assert table.returncode == 0, table.stderr[-3000:]
     assert "every one covered" in table.stdout and "NOT COVERED by" not in table.stdout

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import paper_tables, papers, suites
-from benchmark.cli import main
-from benchmark.papers import STATISTICS, known_papers, paper_numbers
+from benchmark.app import paper_tables, suites
+from benchmark.app.cli import main
+from benchmark.core import papers
+from benchmark.core.papers import STATISTICS, known_papers, paper_numbers
 from tests.benchmark.test_suites import tiny_suite
 from tests.datamodules import fixtures
 

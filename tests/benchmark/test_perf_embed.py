@@ -7,7 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
-from benchmark.cli import main
+from benchmark.app.cli import main
 
 
 def test_perf_embed_times_the_loop_and_its_parts(tmp_path: Path, capsys) -> None:

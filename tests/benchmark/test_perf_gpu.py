@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import registry
-from benchmark.cli import build_cli
-from benchmark.perf import embed as perf_embed
-from benchmark.perf import gpu as perf_gpu
-from benchmark.perf import train as perf_train
+from benchmark.app.cli import build_cli
+from benchmark.app.perf import embed as perf_embed
+from benchmark.app.perf import gpu as perf_gpu
+from benchmark.app.perf import train as perf_train
+from benchmark.core import registry
 
 
 class _Parsed(Exception):

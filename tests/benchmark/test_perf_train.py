@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark.cli import build_cli, main
-from benchmark.perf import train as perf_train
+from benchmark.app.cli import build_cli, main
+from benchmark.app.perf import train as perf_train
 
 
 def _build(method: str, run_dir: Path, steps: int):

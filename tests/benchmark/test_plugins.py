@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import registry
-from benchmark.cli import main
+from benchmark.app.cli import main
+from benchmark.core import registry
 from tests.datamodules import fixtures
 
 PLUGIN = '''
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses
 
-from benchmark.core import register_method
+from benchmark.core.contracts import register_method
 from methods.base import RetrievalMethod
 
 

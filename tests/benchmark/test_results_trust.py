@@ -1,4 +1,4 @@
-"""Issue #25, "results you can trust": each case through the real command line (``benchmark.cli.main``),
+"""Issue #25, "results you can trust": each case through the real command line (``benchmark.app.cli.main``),
 on runs a tiny fit wrote, checked against the runs' own records.
 
 1. only completed runs count; the others are listed apart (``--include-incomplete`` shows them, labelled);
@@ -29,9 +29,9 @@ import pytest
 import torch
 import yaml
 
-from benchmark import registry
-from benchmark.cli import main
-from benchmark.results import DERIVED, comparison_config
+from benchmark.app.cli import main
+from benchmark.core import registry
+from benchmark.core.results import DERIVED, comparison_config
 from tests.benchmark.test_run_lifecycle import _args
 from tests.datamodules import fixtures
 
@@ -317,7 +317,7 @@ def test_bad_results_files_are_skipped_with_a_warning_naming_them(grid: Path, tm
 
 def test_bad_output_and_sources_are_one_paragraph_with_exit_2(grid: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    import benchmark.leaderboard as lb
+    import benchmark.app.leaderboard as lb
 
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where a folder is needed")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import builder
-from benchmark.cli import main
-from benchmark.evaluation import retrieval_metrics
+from benchmark.app import builder
+from benchmark.app.cli import main
+from benchmark.engine.evaluation import retrieval_metrics
 from tests.benchmark.plugin_methods import peak_refinement
 from tests.datamodules import fixtures
 

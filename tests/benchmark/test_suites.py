@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmark import suites
-from benchmark.cli import main
-from benchmark.results import flatten_config
+from benchmark.app import suites
+from benchmark.app.cli import main
+from benchmark.core.results import flatten_config
 from tests.datamodules import fixtures
 
 REPO = Path(__file__).resolve().parents[2]

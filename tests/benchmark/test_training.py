@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import training
-from benchmark.cli import main
-from benchmark.training import AtomicCheckpointIO, BenchmarkTrainer, resolve_precision
+from benchmark.app.cli import main
+from benchmark.engine import training
+from benchmark.engine.training import AtomicCheckpointIO, BenchmarkTrainer, resolve_precision
 from tests.datamodules import fixtures
 
 
@@ -113,7 +113,7 @@ def test_per_step_terms_are_logged_only_when_written_and_the_loggers_get_the_sam
     import csv
     import warnings
 
-    from benchmark import core
+    from benchmark.core import contracts
     from methods.baselines import MultiSimilarity
 
     losses: list[float] = []
@@ -143,4 +143,4 @@ def test_per_step_terms_are_logged_only_when_written_and_the_loggers_get_the_sam
     for row in rows:
         assert float(row["train/loss"]) == pytest.approx(losses[int(row["step"])], rel=1e-6)
     assert all(row["train/grad_norm"] for row in rows)  # logged at the same steps
-    assert core.logs_this_step(None) is True
+    assert contracts.logs_this_step(None) is True

@@ -24,9 +24,9 @@ from pathlib import Path
 import lightning  # noqa: F401
 import pytest
 import torch
-
 import wandb  # noqa: F401
-from benchmark.cli import main
+
+from benchmark.app.cli import main
 from tests.datamodules import fixtures
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ import pytest
 import wandb
 from wandb.sdk.wandb_run import Run
 
-from benchmark.cli import main
-from benchmark.results import best_validation
-from benchmark.wandb_logger import flatten, wandb_logged_in
+from benchmark.app.cli import main
+from benchmark.core.results import best_validation
+from benchmark.engine.wandb_logger import flatten, wandb_logged_in
 from tests.benchmark.test_run_lifecycle import _args
 from tests.datamodules import fixtures
 
@@ -82,7 +82,7 @@ def test_an_offline_run_has_flat_config_group_summary_and_artifacts(
 
 
 def test_flatten_keeps_scalars_and_names_nested_fields() -> None:
-    from benchmark.backbones import BackboneConfig
+    from benchmark.nn.backbones import BackboneConfig
 
     flat = flatten({"backbone": BackboneConfig("x", pretrained=False), "ks": (1, 2), "_instantiator": "y", "n": None})
     assert flat["backbone.name"] == "x" and flat["backbone.pretrained"] is False
@@ -110,7 +110,7 @@ def test_the_wandb_config_describes_the_data_as_the_method_uses_it(tmp_path: Pat
     default, recorded before the method's request was applied) while the run used "shuffle" (#25)."""
     import warnings
 
-    from benchmark.cli import build_cli
+    from benchmark.app.cli import build_cli
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     with warnings.catch_warnings():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.core import DataRequest, ViewRequest
+from benchmark.core.contracts import DataRequest, ViewRequest
 from datamodules.cub import CUB200
 from datamodules.records import DatasetError
 from tests.datamodules.fixtures import make_cub

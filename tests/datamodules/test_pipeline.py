@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import datamodules.base as base
-from benchmark.cli import main
-from benchmark.core import Normalization, ViewRequest
+from benchmark.app.cli import main
+from benchmark.core.contracts import Normalization, ViewRequest
 from datamodules.base import DEFAULT_DECODER, ImageDataset, RetrievalDataModule
 from datamodules.cub import CUB200
 from datamodules.records import DatasetError, SplitRecords

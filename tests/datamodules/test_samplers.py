@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from benchmark.core import DataRequest
+from benchmark.core.contracts import DataRequest
 from datamodules.cub import CUB200
 from datamodules.samplers import (
     ClassBalancedBatchSampler,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from benchmark.core import Normalization
+from benchmark.core.contracts import Normalization
 from datamodules.transforms import AugmentConfig, train_transform
 
 NORM = Normalization(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear")

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from benchmark.evaluation import RetrievalEvaluator, nmi, ranked_list_metrics, retrieval_metrics
+from benchmark.engine.evaluation import RetrievalEvaluator, nmi, ranked_list_metrics, retrieval_metrics
 from tests.evaluation.toy import ToyDataModule, ToyMethod, negatives_first_lists, toy_split
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Subset
 
-from benchmark.evaluation import RetrievalEvaluator, nmi, retrieval_metrics
+from benchmark.engine.evaluation import RetrievalEvaluator, nmi, retrieval_metrics
 from tests.evaluation.toy import ToyDataModule, ToyDataset, ToyMethod, toy_split
 
 WORLD = 2

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import benchmark.evaluation.metrics as metrics_module
-from benchmark.core import RankedLists
-from benchmark.evaluation import nmi, ranked_list_metrics, retrieval_metrics
-from benchmark.evaluation.metrics import nmi_from_assignments
+import benchmark.engine.evaluation.metrics as metrics_module
+from benchmark.core.contracts import RankedLists
+from benchmark.engine.evaluation import nmi, ranked_list_metrics, retrieval_metrics
+from benchmark.engine.evaluation.metrics import nmi_from_assignments
 
 
 # ---------------------------------------------------------------------------- naive references

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-import benchmark.evaluation.metrics as metrics_module
-from benchmark.evaluation import RetrievalEvaluator, retrieval_metrics
-from benchmark.evaluation.metrics import count_duplicate_rows
+import benchmark.engine.evaluation.metrics as metrics_module
+from benchmark.engine.evaluation import RetrievalEvaluator, retrieval_metrics
+from benchmark.engine.evaluation.metrics import count_duplicate_rows
 from tests.evaluation.test_metrics import _naive, assert_metrics_equal
 
 
@@ -202,7 +202,7 @@ def test_random_embeddings_and_a_few_duplicates_do_not_warn() -> None:
 
 # ---------------------------------------------------------------------------- perf eval --ties
 def test_perf_eval_ties_runs_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmark.perf.eval import main
+    from benchmark.app.perf.eval import main
 
     assert main(["--ties", "--sizes", "300", "--dim", "16", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmark.core import RankedLists, evaluation_outputs
+from benchmark.core.contracts import RankedLists, evaluation_outputs
 
 
 def toy_split(n: int = 23, dim: int = 6, num_classes: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:

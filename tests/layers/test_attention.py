@@ -1,4 +1,4 @@
-"""benchmark.layers.attention against a float64 naive reference (explicit loops over heads/queries)."""
+"""benchmark.nn.attention against a float64 naive reference (explicit loops over heads/queries)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from benchmark.layers import Attention, attend, merge_heads, split_heads
+from benchmark.nn.attention import Attention, attend, merge_heads, split_heads
 
 B, L, S, H, E = 2, 5, 7, 3, 4  # batch, queries, keys, heads, per-head size
 

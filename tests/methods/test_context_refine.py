@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.backbones import BackboneConfig
-from benchmark.embedding_cache import EmbeddingCache, embedding_cache_key
-from benchmark.evaluation import RetrievalEvaluator, retrieval_metrics
-from benchmark.evaluation.metrics import nmi
-from benchmark.layers import fused
+from benchmark.engine.evaluation import RetrievalEvaluator, retrieval_metrics
+from benchmark.engine.evaluation.metrics import nmi
+from benchmark.nn import fused
+from benchmark.nn.backbones import BackboneConfig
+from benchmark.nn.embedding_cache import EmbeddingCache, embedding_cache_key
 from datamodules.cub import CUB200
 from methods import context_refine
 from methods.baselines import MultiSimilarity
@@ -533,7 +533,7 @@ def test_fit_reports_initial_refined_and_every_level(
     cub_root: Path, tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A CLI fit on the CUB fixture: every reported number is recomputed from the recorded test evaluation."""
-    from benchmark.cli import main
+    from benchmark.app.cli import main
 
     ckpt = tmp_path / "ms.ckpt"
     write_source_checkpoint(ckpt, seed=0)
@@ -570,7 +570,7 @@ def test_embedded_default_two_stage_run(
     stage 2 is recomputed from the recorded embeddings (:func:`check_reported_test_metrics`);
     the printed R@1-by-level line shows the reported values.
     """
-    from benchmark.cli import main
+    from benchmark.app.cli import main
 
     common = ["--logger", "none", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0",
               "--trainer.precision", "32-true"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.backbones import BackboneConfig
+from benchmark.nn.backbones import BackboneConfig
 from methods.cross_image_attention import (
     CrossImageAttention,
     CrossImageAttentionMethod,
@@ -520,9 +520,9 @@ def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("rerank_k", [0, 4])
 def test_refined_metrics_appear_only_with_reranking(rerank_k: int, cub_root: Path, tmp_path: Path) -> None:
-    evaluation = pytest.importorskip("benchmark.evaluation")
+    evaluation = pytest.importorskip("benchmark.engine.evaluation")
     if not hasattr(evaluation, "RetrievalEvaluator"):
-        pytest.skip("benchmark.evaluation has no RetrievalEvaluator yet")
+        pytest.skip("benchmark.engine.evaluation has no RetrievalEvaluator yet")
     import lightning as L
 
     from datamodules.cub import CUB200
@@ -551,7 +551,7 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
 
     The tiny CNN needs the recipe's 64 px (a 2x2 feature map); at 32 px its 1x1 map barely learns.
     """
-    from benchmark.cli import main
+    from benchmark.app.cli import main
 
     run = tmp_path / "run"
     args = [
@@ -571,7 +571,7 @@ def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None
 def test_gradient_recorder_logs_the_encoder_output_gradient(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from methods.cross_image_attention_analysis import FeatureGradientRecorder, plot_gradient_histograms
+    from companions.cross_image_attention_analysis import FeatureGradientRecorder, plot_gradient_histograms
 
     model = make(num_blocks=2)
     captured: list[torch.Tensor] = []
@@ -609,7 +609,7 @@ def test_attention_maps_and_triple_figure(tmp_path: Path) -> None:
     """
     import numpy as np
 
-    from methods.cross_image_attention_analysis import attention_maps, choose_triples, plot_triple
+    from companions.cross_image_attention_analysis import attention_maps, choose_triples, plot_triple
 
     model = make(num_blocks=4).double()
     randomise_blocks(model.cross_attention)
@@ -651,7 +651,7 @@ def _analysis_fit_args(cub_root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_gradients_command_writes_its_figure(cub_root: Path, tmp_path: Path) -> None:
-    from methods.cross_image_attention_analysis import main
+    from companions.cross_image_attention_analysis import main
 
     assert main(["gradients", "--epochs", "0,1", "--out", str(tmp_path), *_analysis_fit_args(cub_root)]) == 0
     assert (tmp_path / "cia_gradients.png").stat().st_size > 0
@@ -662,7 +662,7 @@ def test_gradients_command_writes_its_figure(cub_root: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_attention_command_writes_its_figures(cub_root: Path, tmp_path: Path) -> None:
-    from methods.cross_image_attention_analysis import main
+    from companions.cross_image_attention_analysis import main
 
     fit_args = [*_analysis_fit_args(cub_root), "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"]
     with pytest.raises(SystemExit, match="outside 1..6"):  # checked before any training

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.backbones import BackboneConfig
-from benchmark.errors import ConfigError
+from benchmark.core.errors import ConfigError
+from benchmark.nn.backbones import BackboneConfig
 from datamodules.cub import CUB200
 from methods.dmcac import (
     DMCAC,
@@ -607,7 +607,7 @@ def test_table_2_ablations_are_overrides_of_the_inshop_recipe(overrides: list[st
     """The In-Shop recipe's header gives the Table 2 rows as --model.loss overrides: the named
     weights change, the recipe's other settings stay, a removed term has no head, and the run
     records the paper's name of its row (what the leaderboard matches it to)."""
-    from benchmark.cli import build_cli
+    from benchmark.app.cli import build_cli
     from tests.datamodules.fixtures import make_inshop
 
     root = make_inshop(tmp_path / "inshop", train_items=64, train_per_item=4)
@@ -629,7 +629,7 @@ def test_table_2_ablations_are_overrides_of_the_inshop_recipe(overrides: list[st
 @pytest.mark.slow  # ~40-70 s on 2 cores (100 steps at 48 px)
 def test_cpu_fit_on_the_embedded_default_improves_recall(tmp_path: Path) -> None:
     """The CLI on the embedded default with a tiny ViT: R@1 after training > R@1 before."""
-    from benchmark.cli import main
+    from benchmark.app.cli import main
     from methods.base import load_method
 
     run = tmp_path / "run"
@@ -675,12 +675,12 @@ def test_reference_names_tell_the_papers_settings_apart() -> None:
 
 
 def test_the_table_suite_runs_every_number_of_tables_1_to_4_with_the_rows_settings() -> None:
-    """Every number of benchmark/reference/dmcac.csv has a cell of dmcac_table, and each cell's settings
+    """Every number of benchmark/core/reference/dmcac.csv has a cell of dmcac_table, and each cell's settings
     (its recipe with the suite's options) carry the reference name, backbone and split of the row it claims."""
     import yaml
 
-    from benchmark import paper_tables, suites
-    from benchmark.papers import paper_numbers
+    from benchmark.app import paper_tables, suites
+    from benchmark.core.papers import paper_numbers
 
     numbers = paper_numbers(papers=["dmcac"])
     assert [t for t in dict.fromkeys(n.table for n in numbers)] == ["Table 1", "Table 2", "Table 3", "Table 4"]
@@ -712,7 +712,7 @@ def test_the_distilled_deit_pools_its_cls_token_and_keeps_both_prefix_tokens_out
     paper's z_cls), not the distillation token nor timm's pre-logits average of the two."""
     import timm
 
-    from benchmark.backbones import BACKBONES, Encoder
+    from benchmark.nn.backbones import BACKBONES, Encoder
 
     preset = BACKBONES["deit_small_distilled"]
     assert preset.timm_name in timm.list_models("deit_small_distilled*", pretrained=True)

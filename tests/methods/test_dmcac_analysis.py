@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.cli import main
+from benchmark.app.cli import main
+from companions.dmcac_analysis import summarize
 from methods.dmcac import DMCAC
-from methods.dmcac_analysis import summarize
 
 TINY = [
     "--backbone", "vit_tiny_test", "--backbone.pretrained", "false", "--data.num_workers", "0", "--logger", "none",

@@ -3,7 +3,7 @@
 References are written independently of the implementation: the MPN layer and its attention
 weights are checked against float64 loops over nodes and heads, the neighbour graph against a
 full stable sort, and the reciprocal k-NN batches against :class:`ReferenceReciprocalBatches`,
-a literal per-query transcription (in ``methods/intra_batch_perf.py``, which times the
+a literal per-query transcription (in ``companions/intra_batch_perf.py``, which times the
 vectorised construction against it: one copy, tested here). The training loss is checked to
 couple the samples of a batch (a per-sample loss fails those tests), and the refined metrics
 of a fit against ``retrieval_metrics`` of the MPN applied by hand.
@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from benchmark.backbones import BackboneConfig
-from benchmark.evaluation import RetrievalEvaluator
-from benchmark.evaluation.metrics import nmi, retrieval_metrics
+from benchmark.engine.evaluation import RetrievalEvaluator
+from benchmark.engine.evaluation.metrics import nmi, retrieval_metrics
+from benchmark.nn.backbones import BackboneConfig
+from companions.intra_batch_perf import ReferenceReciprocalBatches, synthetic_sop_embeddings
 from methods.base import load_method
 from methods.intra_batch import (
     IntraBatchMPN,
@@ -36,7 +37,6 @@ from methods.intra_batch import (
     knn_graph,
     reciprocal_knn_batches,
 )
-from methods.intra_batch_perf import ReferenceReciprocalBatches, synthetic_sop_embeddings
 
 
 # ---------------------------------------------------------------------------- MPN layer
@@ -544,9 +544,9 @@ def _names(dataset: str, refined: bool, **loss: float) -> list[str]:
 
 
 def test_reference_names_tell_table_3_rows_apart() -> None:
-    """Every method name of benchmark/reference/intra_batch.csv is what a run of its setting records, and
+    """Every method name of benchmark/core/reference/intra_batch.csv is what a run of its setting records, and
     the settings of Table 3 never share one: a cross-entropy-only CUB run is compared with 67.5, not 70.3."""
-    from benchmark.papers import paper_numbers
+    from benchmark.core.papers import paper_numbers
 
     both, ce_only, mpn_only = {}, {"mpn_weight": 0.0}, {"backbone_weight": 0.0}
     assert _names("cub", False, **both) == ["intra_batch"]
@@ -596,7 +596,7 @@ def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path, mon
     and refined metrics in ``metrics_test.json`` must equal ``retrieval_metrics`` + NMI of the
     recorded embeddings.
     """
-    from benchmark.cli import main
+    from benchmark.app.cli import main
 
     refine_calls: list[tuple[IntraBatchMPN, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     evaluated: list[dict[str, torch.Tensor]] = []

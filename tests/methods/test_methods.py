@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from benchmark import registry
-from benchmark.backbones import BackboneConfig, WeightsUnavailableError
+from benchmark.core import registry
+from benchmark.nn.backbones import BackboneConfig, WeightsUnavailableError
 from datamodules.cub import CUB200
 from methods.base import RetrievalMethod
 from tests.datamodules.fixtures import make_cub
@@ -96,8 +96,7 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     # A tiny preset has no published weights; a local file still works through timm's loader.
     path = tmp_path / "weights.pth"
     torch.save(source.encoder.model.state_dict(), path)
-    from benchmark import backbones
-
+    from benchmark.nn import backbones
     preset = backbones.BACKBONES["resnet_tiny_test"]
     backbones.register_backbone("resnet_tiny_local", backbones.BackbonePreset(
         preset.timm_name, "avg", "test", "cnn", preset.model_kwargs, pretrained_available=True))
@@ -145,7 +144,7 @@ def test_warmup_scales_every_parameter_group_per_step() -> None:
 
 
 def test_optimizers_come_from_a_table_or_any_torch_optim_class() -> None:
-    from benchmark.errors import ConfigError
+    from benchmark.core.errors import ConfigError
 
     def build(**kw: Any):
         model = registry.get_method("ms")(backbone=BackboneConfig("resnet_tiny_test", pretrained=False), **kw)
@@ -212,7 +211,7 @@ class ReloadProbe(L.Callback):
 
 
 def test_reload_best_continues_from_the_best_validation_through_a_trainer(cub_fixture: Path, tmp_path: Path) -> None:
-    from benchmark.evaluation import RetrievalEvaluator
+    from benchmark.engine.evaluation import RetrievalEvaluator
 
     dm = CUB200(root=str(cub_fixture), image_size=16, classes_per_batch=4, samples_per_class=2, num_workers=0,
                 batches_per_epoch=3, eval_batch_size=128)  # fmt: skip
@@ -248,7 +247,7 @@ def test_reload_best_survives_a_resume(cub_fixture: Path, tmp_path: Path) -> Non
     the first run (they travel in the checkpoint), not the weights the resumed run started from."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from benchmark.evaluation import RetrievalEvaluator
+    from benchmark.engine.evaluation import RetrievalEvaluator
 
     def run(max_epochs: int, ckpt_path: str | None) -> ReloadProbe:
         dm = CUB200(root=str(cub_fixture), image_size=16, classes_per_batch=4, samples_per_class=2, num_workers=0,

@@ -1,0 +1,183 @@
+"""``python -m benchmark``: the command dispatcher.
+
+``fit`` / ``validate`` / ``test`` build a run with :mod:`benchmark.app.builder` (LightningCLI underneath)
+and record its status and exit code; ``list``, ``perf``, ``analyze``, ``suite``, ``status`` and
+``leaderboard`` run their own modules. The light commands (``--help``, ``status``, ``leaderboard``)
+are dispatched by :mod:`benchmark.__main__` before this module's heavy imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from benchmark.app import analysis, suites
+from benchmark.app.builder import CLIError, build_cli, pop_option, user_error
+from benchmark.app.leaderboard import main as leaderboard_main
+from benchmark.app.status import main as status_main
+from benchmark.core import registry
+from benchmark.core.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE
+from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USER
+from benchmark.core.io import console as make_console
+from benchmark.engine.training import (
+    RunStatus,
+)
+from benchmark.engine.wandb_logger import (
+    finish_wandb_run,
+    log_results_artifact,
+)
+from benchmark.nn.backbones import BACKBONES
+from methods.base import NonFiniteLossError
+
+
+def cmd_list(argv: list[str]) -> int:
+    from rich.table import Table
+
+
+    registry.discover(pop_option(argv, "--plugin", repeat=True))
+    console = make_console()
+    table = Table(title="methods (--method)")
+    table.add_column("name")
+    table.add_column("description")
+    table.add_column("class")
+    for name, cls in sorted(registry.METHODS.items()):
+        doc = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, doc, registry.class_path(cls))
+    console.print(table)
+    table = Table(title="backbones (--backbone)")
+    for col in ("name", "timm model", "pool", "description"):
+        table.add_column(col)
+    for name, preset in sorted(BACKBONES.items()):
+        table.add_row(name, preset.timm_name, preset.pool, preset.description)
+    console.print(table)
+    table = Table(title="datasets (--data)")
+    for col in ("name", "Recall@K", "description"):
+        table.add_column(col)
+    for name, cls in sorted(registry.DATASETS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table.add_row(name, ", ".join(map(str, cls.recall_ks)), doc)
+    console.print(table)
+    return 0
+
+
+def _dispatch(kind: str, argv: list[str]) -> int:
+    """Run the ``perf`` / ``analyze`` command that a module registered (``benchmark.core.contracts``).
+
+    ``--plugin MODULE`` before the name imports a module that registers more commands.
+    """
+    plugins: list[str] = []
+    while len(argv) >= 2 and argv[0] == "--plugin":
+        plugins.append(argv[1])
+        argv = argv[2:]
+    registry.discover_tools(plugins)
+    registry.set_figure_runner(analysis.figure_main)  # `analyze NAME` of a registered figure draws it here
+    table = registry.PERF_COMMANDS if kind == "perf" else registry.ANALYSES
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max((len(name) for name in table), default=0)
+        lines = [f"  {name:<{width}}  {cmd.summary}  [{cmd.owner}]" for name, cmd in sorted(table.items())]
+        print(f"usage: python -m benchmark {kind} [--plugin MODULE] NAME [options]\n\n" + "\n".join(lines))
+        return 0
+    return int(registry.get_command(kind, argv[0]).run(argv[1:]) or 0)
+
+
+def cmd_perf(argv: list[str]) -> int:
+    return _dispatch("perf", argv)
+
+
+def cmd_analyze(argv: list[str]) -> int:
+    return _dispatch("analyze", argv)
+
+
+def cmd_suite(argv: list[str]) -> int:
+    """``suite ...``: :mod:`benchmark.app.suites`."""
+    return suites.main(argv)
+
+
+def cmd_leaderboard(argv: list[str]) -> int:
+
+    return leaderboard_main(argv)
+
+
+def _run_training_command(command: str, argv: list[str]) -> int:
+    """fit / validate / test with the run's status recorded and exit codes as documented.
+
+    0 completed, 2 user error, 1 failure, 130 interrupted by SIGINT, 143 by SIGTERM.
+    """
+
+    status = RunStatus(command)
+    status.install_signal_handlers()
+    try:
+        build_cli(command, argv, status=status)
+    except SystemExit as exit_:  # argparse errors (2), Lightning's exits after a signal
+        code = status.exit_code_for_signal()
+        if code is None:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USER)
+            if code == 0:
+                status.write("completed", 0)
+                return 0
+            status.write("failed", code, "exited during start-up" if code == EXIT_USER else f"exit {code}")
+            return code
+        reason = f"stopped by {'SIGINT' if code == EXIT_SIGINT else 'SIGTERM'}"
+        if status.checkpoint is not None:
+            reason += f"; resume with --ckpt_path {status.checkpoint}"
+        status.write("interrupted", code, reason)
+        print(f"[benchmark] {reason}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        status.write("interrupted", 130, "stopped by SIGINT")
+        return 130
+    except NonFiniteLossError as err:
+        status.write("failed", EXIT_FAILED, str(err))
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except BaseException as err:
+        cause = user_error(err)
+        if cause is None:
+            status.write("failed", EXIT_FAILED, f"{type(err).__name__}: {err}")
+            raise
+        status.write("failed", EXIT_USER, str(cause))
+        status.discard_unused_run_dir()  # a start-up error leaves no folder behind
+        print(f"error: {cause}", file=sys.stderr)
+        return EXIT_USER
+    else:
+        status.write("completed", 0)
+        return 0
+    finally:
+        status.restore_signal_handlers()
+        if status.run_dir is not None and status.is_rank_zero:
+            with contextlib.suppress(Exception):  # a results snapshot must never turn a run into a failure
+                log_results_artifact(status.run_dir)
+        finish_wandb_run(status.exit_code or 0)
+        if status.run_dir is not None and status.state not in ("", "running") and status.is_rank_zero:
+            print(f"[benchmark] run directory: {status.run_dir} ({status.state})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA))
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard,
+                "suite": cmd_suite, "status": status_main}
+    try:
+        if command in ("fit", "validate", "test"):
+            if "-h" in rest or "--help" in rest:  # the short flags first, then LightningCLI's options
+                short = USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA).split("fit/validate/test options", 1)[1]
+                print("short flags (with LightningCLI's options below):\n" + short.split("\n", 1)[1])
+            return _run_training_command(command, rest)
+        if command in commands:
+            return commands[command](rest)
+        raise CLIError(
+            f"Unknown command {command!r}. Choose one of: fit, validate, test, list, status, leaderboard, suite, perf, "
+            "analyze."
+        )
+    except CLIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # known user-facing errors: print the message, not a traceback
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2

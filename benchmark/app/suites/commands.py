@@ -1,0 +1,262 @@
+"""The serial runner and the views: ``suite run`` (serial), ``run-cell``, ``--dry-run``, ``status``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import socket
+import sys
+import time
+
+from benchmark.app.suites.runner import (
+    CellRun,
+    Progress,
+    _counts,
+    _Signals,
+    _summary,
+    changed_lines,
+    status_table,
+)
+from benchmark.app.suites.spec import (
+    EXIT_OK,
+    LOG,
+    RECORD,
+    Cell,
+    Suite,
+    SuiteError,
+    _duration,
+    _plural,
+    _Problems,
+    matches,
+    parse_selector,
+)
+from benchmark.app.suites.state import (
+    STARTS,
+    Plan,
+    _read_json,
+    cell_state,
+    fit_command,
+    plan_cell,
+    queued_on_slurm,
+    refuse_changed,
+    submitted_jobs,
+)
+from benchmark.core.defaults import recipe_dir
+from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT
+from benchmark.core.io import atomic_write_text
+from benchmark.core.io import console as make_console
+
+
+# ---------------------------------------------------------------------------- commands
+def _selected(suite: Suite, only: list[str]) -> list[Cell]:
+    if not only:
+        return list(suite.cells)
+    problems = _Problems(suite.path)
+    selectors = [s for s in (parse_selector(text, "--only", problems) for text in only) if s is not None]
+    problems.raise_if_any()
+    chosen = [c for c in suite.cells if any(matches(c, s) for s in selectors)]
+    if not chosen:
+        raise SuiteError(f"--only {' '.join(only)} matches no cell of {suite.path}. `suite status` lists them.")
+    return chosen
+
+
+def run_serial(suite: Suite, cells: list[Cell], retry_failed: bool, live: bool | None = None,
+               restart_changed: bool = False) -> int:
+    """Run the cells one after another, each a fit subprocess; the exit code of the suite."""
+    states = {c.id: cell_state(suite, c) for c in suite.cells}
+    plans = {c.id: plan_cell(suite, c, retry_failed, states, restart_changed) for c in cells}
+    todo = [c for c in cells if plans[c.id].action in (*STARTS, "blocked")]
+    skipped = [c for c in cells if plans[c.id].action == "skip"]
+    reported = [c for c in cells if plans[c.id].action in ("report", "wait", "refuse")]
+    print(f"[suite] {suite.name}: {_plural(len(cells), 'cell')} in {suite.output}: {len(skipped)} completed (skipped), "
+          f"{len(todo)} to run, {len(reported)} failed or running elsewhere (not started)", flush=True)
+    progress = Progress(suite, len(todo), live=live)
+    with _Signals() as signals:
+        try:
+            for cell in todo:
+                if signals.received is not None:
+                    break
+                plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)  # needs may have finished
+                plans[cell.id] = plan
+                if plan.action not in STARTS:
+                    states[cell.id] = plan.state
+                    progress.not_started(cell, plan.note)
+                    continue
+                run = CellRun(suite, cell, plan)
+                run.start()
+                signals.running.append(run)
+                if signals.received is not None:  # the signal came while the fit was starting
+                    run.send(signals.received, "stopped by " + signal.Signals(signals.received).name)
+                progress.started(run)
+                while run.poll() is None:
+                    run.check_time_limit()
+                    progress.refresh()
+                    time.sleep(0.25)
+                code = run.finish()
+                signals.running.remove(run)
+                states[cell.id] = cell_state(suite, cell)
+                if run.reason and states[cell.id].state == "interrupted":
+                    states[cell.id].reason = run.reason
+                progress.finished(run, code, states[cell.id])
+        finally:
+            progress.close()
+    _summary(suite, cells, states, plans)
+    if signals.exit_code is not None:
+        return signals.exit_code
+    return EXIT_OK if all(states[c.id].state == "completed" for c in cells) else EXIT_FAILED
+
+
+
+
+WAIT_NEEDS_MINUTES = 24 * 60  # run-cell: how long a cell waits for the cells it needs (--wait-needs)
+WAITABLE = ("pending", "running")  # states of a needed cell that may still complete without anyone's action
+
+
+def record_blocked(suite: Suite, cell: Cell, reason: str) -> None:
+    """Note in the cell's ``suite.json`` that it was not started, and why (``suite status`` shows the
+    cell as blocked). The arguments are not recorded: the cell has not run with any."""
+    run = suite.run_dir(cell)
+    record = _read_json(run / RECORD)
+    payload = {"suite": str(suite.path), "cell": cell.id, **({"argv": record["argv"]} if record.get("argv") else {}),
+               "attempts": record.get("attempts", []),
+               "blocked": {"reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()}}
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / RECORD, json.dumps(payload, indent=2) + "\n")
+
+
+def wait_for_needs(suite: Suite, cell: Cell, retry_failed: bool, restart_changed: bool,
+                   wait_s: float) -> Plan | int:
+    """``run-cell`` of a cell whose needs have not completed (W&B agents run the cells of a sweep
+    at once): wait while every unfinished need is pending or running, polling their states, at
+    most ``wait_s`` seconds. Returns the cell's plan once its needs have completed, or an exit code:
+
+    * 0 when a need cannot complete by itself (failed, interrupted, blocked): the cell is not
+      started and is recorded as blocked with the reason. Not an error of this cell (the need's
+      own run carries the failure), and a W&B agent counts every non-zero exit as a failed run and
+      stops after a few quick ones, which would end the sweep on that machine;
+    * 1 when the wait runs out (recorded as blocked too): something is holding the sweep up;
+    * 130 on Ctrl-C.
+    """
+    deadline = time.monotonic() + wait_s
+    poll = min(30.0, max(1.0, wait_s / 60))  # 24 h: every 30 s; a minute: every second
+    said = ""
+    try:
+        while True:
+            plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)
+            if plan.action != "blocked":
+                return plan
+            unfinished = {n: cell_state(suite, suite.cell(n)) for n in cell.needs}
+            unfinished = {n: s for n, s in unfinished.items() if s.state != "completed"}
+            if not unfinished:
+                continue  # completed between the two reads
+            stuck = {n: s for n, s in unfinished.items() if s.state not in WAITABLE}
+            if stuck:
+                reason = "; ".join(f"needs {n}, which is {s.state}" + (f" ({s.reason})" if s.reason else "")
+                                   for n, s in stuck.items())
+                record_blocked(suite, cell, reason)
+                print(f"[suite] {cell.id}: skipped, not started: {reason}. Recorded as blocked in "
+                      f"{suite.run_dir(cell) / RECORD} (exit 0: not a failure of this cell). Once the cell it needs "
+                      f"has completed (`python -m benchmark suite run {suite.path} --retry-failed` retries failed cells "
+                      "and resumes interrupted ones), run this cell again.", file=sys.stderr, flush=True)
+                return EXIT_OK
+            waiting = ", ".join(f"{n} ({s.state}{' ' + s.reason if s.reason else ''})" for n, s in unfinished.items())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reason = f"waited {_duration(wait_s)} for {waiting}"
+                record_blocked(suite, cell, reason)
+                print(f"[suite] {cell.id}: not started: {reason}, which did not complete. Start the cells it needs "
+                      f"(`python -m benchmark suite run {suite.path}`), or wait longer with --wait-needs.",
+                      file=sys.stderr, flush=True)
+                return EXIT_FAILED
+            if waiting != said:
+                print(f"[suite] {cell.id}: waiting for the cells it needs: {waiting}; up to {_duration(left)} more, "
+                      f"checking every {poll:g} s (--wait-needs sets the limit).", flush=True)
+                said = waiting
+            time.sleep(min(poll, left))
+    except KeyboardInterrupt:
+        print(f"\n[suite] {cell.id}: Ctrl-C while waiting for the cells it needs; not started.", file=sys.stderr)
+        return EXIT_SIGINT
+
+
+def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False, restart_changed: bool = False,
+            wait_needs_s: float = WAIT_NEEDS_MINUTES * 60) -> int:
+    """``suite run-cell``: one cell with the suite's rules; the fit's exit code (see
+    :func:`wait_for_needs` for a cell whose needs have not completed)."""
+    plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)
+    if plan.action == "blocked":
+        waited = wait_for_needs(suite, cell, retry_failed, restart_changed, wait_needs_s)
+        if isinstance(waited, int):
+            return waited
+        plan = waited
+    refuse_changed(suite, {cell.id: plan})
+    if plan.action == "skip":
+        print(f"[suite] {cell.id}: {plan.note}; nothing to do.", flush=True)
+        return EXIT_OK
+    if plan.action in ("report", "wait"):
+        print(f"[suite] {cell.id}: not started: {plan.note}"
+              + (" (--retry-failed starts it again)" if plan.action == "report" else ""), file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    with _Signals() as signals:
+        run = CellRun(suite, cell, plan)
+        run.start()
+        signals.running.append(run)
+        if signals.received is not None:
+            run.send(signals.received, "stopped by " + signal.Signals(signals.received).name)
+        if not quiet:
+            print(f"[suite] {cell.id}: {plan.action}; log {run.run_dir / LOG}\n$ {shlex.join(run.command)}", flush=True)
+        while run.poll() is None:
+            run.check_time_limit()
+            time.sleep(0.25)
+        code = run.finish()
+    state = cell_state(suite, cell)
+    print(f"[suite] {cell.id}: {state.state} (exit {code}) after {_duration(run.elapsed)}"
+          + (f", test R@1 {state.r_at_1}" if state.r_at_1 else ""), flush=True)
+    if state.state == "failed":
+        for line in run.log_tail(12):
+            print(f"    | {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def dry_run(suite: Suite, cells: list[Cell], retry_failed: bool, restart_changed: bool = False) -> int:
+    """List the cells, their states, what a run would do (and why) and their exact ``fit`` commands."""
+    states = {c.id: cell_state(suite, c) for c in suite.cells}
+    print(f"suite {suite.name} ({suite.path}): {len(cells)} cells, output {suite.output}")
+    for i, cell in enumerate(cells, 1):
+        plan = plan_cell(suite, cell, retry_failed, states, restart_changed)
+        label = {"skip": "skip", "run": "run", "resume": "resume", "retry": "retry", "restart": "restart",
+                 "report": "not started", "wait": "not started", "refuse": "not started",
+                 "blocked": "after its dependencies"}[plan.action]
+        note = f" ({plan.note})" if plan.note else ""
+        shown = states[cell.id].state + (", changed" if states[cell.id].changed else "")
+        print(f"[{i}/{len(cells)}] {cell.id}: {shown} -> {label}{note}")
+        if "config" not in cell.options and "recipe" not in cell.options:
+            recipe = recipe_dir() / cell.method / f"{cell.dataset}.yaml"
+            print(f"    recipe: {recipe if recipe.is_file() else 'none (the constructors defaults apply)'}")
+        if cell.needs:
+            print(f"    needs: {', '.join(cell.needs)}")
+        for table, row in cell.reproduces:
+            print(f"    reproduces: {suite.paper} {table}, {row}")
+        command_plan = plan if plan.action in STARTS else Plan("run", plan.state)
+        print(f"    {shlex.join(fit_command(suite, cell, command_plan))}")
+    for line in changed_lines(suite, cells, states):
+        print(line)
+    return EXIT_OK
+
+
+def show_status(suite: Suite, cells: list[Cell]) -> int:
+    """``suite status``: the table of cells (with SLURM's view of submitted ones) and what changed."""
+    states = {c.id: cell_state(suite, c) for c in suite.cells}
+    jobs = submitted_jobs(suite.output / ".submitit")
+    queued = queued_on_slurm(jobs)
+    for cell_id, job in jobs.items():
+        state = states.get(cell_id)
+        if state is not None and state.state not in ("completed", "running"):
+            state.reason = (f"{queued[cell_id]}" if cell_id in queued else f"submitted as job {job}") + (
+                f"; {state.reason}" if state.reason else "")
+    console = make_console()
+    console.print(status_table(suite, cells, states))
+    console.print(f"{_plural(len(cells), 'cell')}: {_counts(states[c.id] for c in cells)}", highlight=False)
+    for line in changed_lines(suite, cells, states):
+        console.print(line, highlight=False, markup=False)
+    return EXIT_OK

@@ -1,0 +1,130 @@
+"""Validation before anything runs: every cell's configuration parsed by the run builder's own parser,
+and the output folder checked."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmark.app.builder import build_cli
+from benchmark.app.suites.spec import RUN_LOCK, Cell, Suite, SuiteError, _Problems, fcntl
+from benchmark.core.errors import UserError
+
+
+# ---------------------------------------------------------------------------- validation
+def validate_cells(suite: Suite, cells: list[Cell] | None = None) -> None:
+    """Parse every cell's configuration with the CLI's parser, as ``fit --print_config`` does
+    (recipe, options, types), in this process. Cells that differ only in their seed share one check."""
+    problems = _Problems(suite.path)
+    checked: dict[tuple[str, ...], str | None] = {}
+    refused: dict[str, list[str]] = {}  # one message, every cell it concerns
+    for cell in cells if cells is not None else suite.cells:
+        argv = cell.argv
+        # Cells that differ only in the seed or in what {placeholders} filled in (paths) parse alike.
+        key = cell.template or tuple(argv[:-2])
+        if key not in checked:
+            checked[key] = _parse_error(argv)
+        message = checked[key]
+        if message:
+            origin = [f"--{o} ({src})" for o, src in cell.sources.items() if re.search(rf"--{re.escape(o)}\b", message)]
+            where = f" Set in the suite file: {', '.join(origin)}." if origin else ""
+            refused.setdefault(f"{message}{where}", []).append(cell.id)
+    for message, ids in refused.items():
+        more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+        problems.add(f"{'cell' if len(ids) == 1 else 'cells'} {', '.join(ids[:3])}{more}: {message}")
+    problems.raise_if_any()
+
+
+def _parse_error(argv: list[str]) -> str | None:
+    """The CLI's message for a configuration it refuses, or None."""
+    out, err = io.StringIO(), io.StringIO()
+    code: Any = 0
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            warnings.simplefilter("ignore")
+            build_cli("fit", [*argv, "--print_config"], run=True)
+    except SystemExit as exit_:
+        code = exit_.code
+    except Exception as error:  # noqa: BLE001 - what the parser refuses is the user's to fix
+        cause = _user_cause(error)
+        return str(cause) if cause is not None else f"{type(error).__name__}: {error}"
+    if code in (0, None):
+        return None
+    lines = [line.strip() for line in err.getvalue().splitlines() if line.strip()]
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
+    return " ".join(errors) if errors else (lines[-1] if lines else f"the configuration was refused (exit {code}).")
+
+
+def _user_cause(error: BaseException) -> BaseException | None:
+    """The UserError behind ``error`` (itself or a cause), as the CLI reports it."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def check_output(folder: Path, create: bool) -> None:
+    """The output folder must be writable (created when ``create``)."""
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise SuiteError(f"Cannot write into the suite's output folder {folder}: {err}. "
+                             "Pass --output DIR (or output: in the file) with a writable folder.") from None
+        return
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SuiteError(f"Cannot write into the suite's output folder {folder} ({existing} is not a writable folder). "
+                         "Pass --output DIR (or output: in the file) with a writable folder.")
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``<folder>/.suite-run.lock`` while a ``suite run`` uses the output folder.
+
+    Without it, two runs of one suite plan the same pending cell and both start a fit into its
+    folder: a fit says it is running only once its interpreter has started (seconds), so the
+    second run cannot see the first one's cell yet. The lock is an OS file lock (``flock``),
+    released when the process ends however it ends, so a killed run leaves nothing stale; the
+    file names its holder for the message a second run gets.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = folder / RUN_LOCK
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SuiteError(
+                f"Another `suite run` is using the output folder {folder} ({holder}). Wait for it to finish "
+                f"(`python -m benchmark suite status FILE` shows its progress), stop it, or run into another "
+                f"folder with --output DIR."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
