@@ -1,8 +1,8 @@
 """``python -m benchmark`` (and the ``dml-benchmark`` script): checks the environment, then dispatches.
 
-Commands that read results (``--help``, ``status``, ``leaderboard``) run from light modules and never
-import torch, timm or Lightning (about 6 s of imports on a 2-core CPU); ``fit``/``test``/``suite``/``perf``
-and the rest go to :mod:`benchmark.app.cli`. The environment check runs first, because the CLI's import
+Commands that read (``--help``, ``list``, ``status``, ``leaderboard``, ``suite status|paper-table|list``)
+run from light modules and never import torch, timm or Lightning (about 6 s of imports on a 2-core CPU);
+``fit``/``test``/``suite run``/``perf`` and the rest go to :mod:`benchmark.app.cli`. The environment check runs first, because the CLI's import
 already imports matplotlib (through torchmetrics), which raises on an invalid ``MPLBACKEND`` with a
 traceback.
 """
@@ -39,8 +39,9 @@ def check_mplbackend() -> str | None:
     return None
 
 
-def _light(command: str) -> Callable[[list[str]], int] | None:
-    """The entry point of a command that needs no deep-learning stack, or None."""
+def _light(argv: list[str]) -> Callable[[list[str]], int] | None:
+    """The entry point of a command that needs no deep-learning stack, or None (``argv`` without the command)."""
+    command = argv[0] if argv else "--help"
     if command in ("-h", "--help"):
         from benchmark.core.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE
 
@@ -53,6 +54,14 @@ def _light(command: str) -> Callable[[list[str]], int] | None:
         from benchmark.app.leaderboard import main as leaderboard_main
 
         return leaderboard_main
+    if command == "list":
+        from benchmark.app.listing import main as list_main
+
+        return list_main
+    if command == "suite" and len(argv) > 1 and argv[1] in ("status", "paper-table", "list"):
+        from benchmark.app.suites.reading import main as suite_reading_main
+
+        return suite_reading_main
     return None
 
 
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER
-    light = _light(argv[0] if argv else "--help")
+    light = _light(argv)
     if light is not None:
         try:
             return int(light(argv[1:]) or 0)

@@ -165,6 +165,8 @@ DEFERRED = {
     "benchmark.__main__._light: from benchmark.core.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE",
     "benchmark.__main__._light: from benchmark.app.status import main as status_main",
     "benchmark.__main__._light: from benchmark.app.leaderboard import main as leaderboard_main",
+    "benchmark.__main__._light: from benchmark.app.listing import main as list_main",
+    "benchmark.__main__._light: from benchmark.app.suites.reading import main as suite_reading_main",
 }
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from benchmark.app import analysis, suites
-from benchmark.app.builder import CLIError, build_cli, pop_option, user_error
+from benchmark.app import analysis
+from benchmark.app.builder import CLIError, build_cli, user_error
 from benchmark.app.leaderboard import main as leaderboard_main
+from benchmark.app.listing import main as list_main
 from benchmark.app.status import main as status_main
+from benchmark.app.suites.command import main as suite_main
 from benchmark.core import registry
 from benchmark.core.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE
 from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USER
-from benchmark.core.io import console as make_console
 from benchmark.engine.training import (
     RunStatus,
 )
@@ -26,38 +27,7 @@ from benchmark.engine.wandb_logger import (
     finish_wandb_run,
     log_results_artifact,
 )
-from benchmark.nn.backbones import BACKBONES
 from methods.base import NonFiniteLossError
-
-
-def cmd_list(argv: list[str]) -> int:
-    from rich.table import Table
-
-
-    registry.discover(pop_option(argv, "--plugin", repeat=True))
-    console = make_console()
-    table = Table(title="methods (--method)")
-    table.add_column("name")
-    table.add_column("description")
-    table.add_column("class")
-    for name, cls in sorted(registry.METHODS.items()):
-        doc = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
-        table.add_row(name, doc, registry.class_path(cls))
-    console.print(table)
-    table = Table(title="backbones (--backbone)")
-    for col in ("name", "timm model", "pool", "description"):
-        table.add_column(col)
-    for name, preset in sorted(BACKBONES.items()):
-        table.add_row(name, preset.timm_name, preset.pool, preset.description)
-    console.print(table)
-    table = Table(title="datasets (--data)")
-    for col in ("name", "Recall@K", "description"):
-        table.add_column(col)
-    for name, cls in sorted(registry.DATASETS.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        table.add_row(name, ", ".join(map(str, cls.recall_ks)), doc)
-    console.print(table)
-    return 0
 
 
 def _dispatch(kind: str, argv: list[str]) -> int:
@@ -90,11 +60,10 @@ def cmd_analyze(argv: list[str]) -> int:
 
 def cmd_suite(argv: list[str]) -> int:
     """``suite ...``: :mod:`benchmark.app.suites`."""
-    return suites.main(argv)
+    return suite_main(argv)
 
 
 def cmd_leaderboard(argv: list[str]) -> int:
-
     return leaderboard_main(argv)
 
 
@@ -103,7 +72,6 @@ def _run_training_command(command: str, argv: list[str]) -> int:
 
     0 completed, 2 user error, 1 failure, 130 interrupted by SIGINT, 143 by SIGTERM.
     """
-
     status = RunStatus(command)
     status.install_signal_handlers()
     try:
@@ -158,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.format(method=DEFAULT_METHOD, data=DEFAULT_DATA))
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"list": cmd_list, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard,
+    commands = {"list": list_main, "perf": cmd_perf, "analyze": cmd_analyze, "leaderboard": cmd_leaderboard,
                 "suite": cmd_suite, "status": status_main}
     try:
         if command in ("fit", "validate", "test"):

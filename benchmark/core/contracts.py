@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from benchmark.core.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: this module stays importable without numpy and torch (`list`, `suite status`)
+    import numpy as np
+    import torch
 
 T = TypeVar("T")
 
@@ -298,6 +299,8 @@ class RankedLists:
     indices: torch.Tensor
 
     def __post_init__(self) -> None:
+        import torch  # a method that refines has imported torch already
+
         if not isinstance(self.indices, torch.Tensor) or self.indices.ndim != 2:
             raise TypeError(
                 "RankedLists.indices must be a 2-D LongTensor (num_queries, k); "

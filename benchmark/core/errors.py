@@ -19,3 +19,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An option value that cannot work (checked before any data pass)."""
+
+
+class PluginError(UserError, ImportError):
+    """A plugin (``--plugin MODULE``, a suite's ``plugins:``, an installed entry point) that cannot be imported."""

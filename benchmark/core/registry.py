@@ -29,6 +29,7 @@ from benchmark.core.contracts import (
     register_dataset,
     register_method,
 )
+from benchmark.core.errors import PluginError
 
 __all__ = [
     "METHODS", "DATASETS", "PERF_COMMANDS", "ANALYSES", "FIGURES", "UnknownNameError", "register_method", "register_dataset",
@@ -73,7 +74,7 @@ def _load_entry_points(groups: tuple[str, ...]) -> None:
                 try:
                     ep.load()
                 except Exception as err:
-                    raise ImportError(f"Plugin entry point {ep.name!r} ({ep.value}) in group {group} failed to load: {err}") from err
+                    raise PluginError(f"Plugin entry point {ep.name!r} ({ep.value}) in group {group} failed to load: {err}") from err
                 _loaded_entry_points.add(key)
 
 
@@ -93,7 +94,7 @@ def discover(plugins: list[str] | tuple[str, ...] = ()) -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            raise ImportError(f"Cannot import plugin module {module!r} (--plugin): {err}") from err
+            raise PluginError(f"Cannot import plugin module {module!r} (--plugin): {err}") from err
 
 
 def discover_tools(plugins: list[str] | tuple[str, ...] = ()) -> None:

@@ -199,10 +199,14 @@ def test_checkpoint_options_come_from_the_command_line(cub_root: Path, tmp_path:
     assert main(_fit_args(cub_root, tmp_path / "bad", "--checkpoint.save_top_k", "-3")) == 2
 
 
-@pytest.mark.parametrize("command", [["--help"], ["status", "{tmp}"], ["leaderboard", "--runs", "{tmp}"]])
+@pytest.mark.parametrize("command", [
+    ["--help"], ["status", "{tmp}"], ["leaderboard", "--runs", "{tmp}"], ["list"], ["suite", "list"],
+    ["suite", "status", "smoke", "--output", "{tmp}/smoke"], ["suite", "paper-table", "dmcac_table", "--output", "{tmp}/d"],
+])
 def test_light_commands_start_without_the_deep_learning_stack(command: list[str], tmp_path: Path) -> None:
-    """``--help``, ``status`` and ``leaderboard`` read text and results: they import neither torch, timm nor
-    Lightning (about 6 s of imports on a 2-core CPU; #27). A real interpreter, as a user starts it."""
+    """``--help``, ``list``, ``status``, ``leaderboard`` and the reading suite commands read text and results:
+    they import neither torch, timm nor Lightning (about 6 s of imports on a 2-core CPU; #27). A real
+    interpreter, as a user starts it."""
     import subprocess
     import sys
 

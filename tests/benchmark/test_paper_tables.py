@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.app import paper_tables, suites
+from benchmark.app import paper_tables
 from benchmark.app.cli import main
+from benchmark.app.suites.reading import cell_recipe
+from benchmark.app.suites.spec import load_suite, shipped_suites
 from benchmark.core import papers
 from benchmark.core.papers import STATISTICS, known_papers, paper_numbers
 from tests.benchmark.test_suites import tiny_suite
@@ -35,14 +37,14 @@ def test_every_reference_file_is_well_formed() -> None:
         assert len(cells) == len(set(cells)), f"{paper}: a number is listed twice"
 
 
-@pytest.mark.parametrize("name", sorted(n for n in suites.shipped_suites() if n.endswith(("_table", "_table1"))))
+@pytest.mark.parametrize("name", sorted(n for n in shipped_suites() if n.endswith(("_table", "_table1"))))
 def test_each_table_suite_covers_every_row_of_the_tables_it_claims(name: str) -> None:
-    suite = suites.load_suite(name)
+    suite = load_suite(name)
     if name in NO_REFERENCE:
         assert suite.paper is None
         return
     assert suite.paper in known_papers(), f"{name} names no paper (paper: NAME, reproduces: ...)"
-    found = paper_tables.lines(suite, suites.cell_recipe)
+    found = paper_tables.lines(suite, cell_recipe)
     claimed = {t for cell in suite.cells for t, _ in cell.reproduces}
     assert claimed, f"{name} maps no cell to a row of its paper"
     # Every table of the paper the suite claims is there row by row, and no row is left without a cell.

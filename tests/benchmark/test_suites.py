@@ -22,8 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmark.app import suites
 from benchmark.app.cli import main
+from benchmark.app.suites.runner import CellRun
+from benchmark.app.suites.spec import LOG, RECORD, RUN_LOCK, Cell, Suite, load_suite, shipped_suites
+from benchmark.app.suites.state import CellState, Plan, argv_changes, cell_state, plan_cell
+from benchmark.app.suites.validation import run_lock, validate_cells
 from benchmark.core.results import flatten_config
 from tests.datamodules import fixtures
 
@@ -68,7 +71,7 @@ def _status(run: Path) -> dict:
 
 
 def _record(run: Path) -> dict:
-    return json.loads((run / suites.RECORD).read_text())
+    return json.loads((run / RECORD).read_text())
 
 
 def _set_status(run: Path, status: str, exit_code: int, **extra: str) -> None:
@@ -105,7 +108,7 @@ cells:
 exclude: [{{method: margin, variant: small}}]
 resources: {{devices: 2, precision: bf16-mixed, time: 90}}
 """)
-    suite = suites.load_suite(path)
+    suite = load_suite(path)
     ids = [c.id for c in suite.cells]
     assert len(ids) == 8 + 4 + 4 + 1 and len(set(ids)) == len(ids)
     assert "ms-cub-resnet50-small-seed1" in ids and "margin-cars-resnet50-small-seed0" not in ids
@@ -129,16 +132,16 @@ resources: {{devices: 2, precision: bf16-mixed, time: 90}}
 
 
 def test_every_shipped_suite_loads_and_the_smoke_suite_is_tiny() -> None:
-    shipped = suites.shipped_suites()
+    shipped = shipped_suites()
     assert {"smoke", "intra_batch_table1", "dmcac_table", "context_refine_table", "cross_image_attention_table"} <= set(shipped)
     for path in shipped.values():
-        assert suites.load_suite(path).cells
-    smoke = suites.load_suite("smoke")
+        assert load_suite(path).cells
+    smoke = load_suite("smoke")
     assert [c.id for c in smoke.cells] == [
         "ms-synthetic-resnet_tiny_test-seed0", "ms-synthetic-resnet_tiny_test-seed1",
         "proxy_anchor-synthetic-resnet_tiny_test-seed0", "proxy_anchor-synthetic-resnet_tiny_test-seed1",
     ]
-    suites.validate_cells(smoke)  # every cell's configuration parses, as fit --print_config would
+    validate_cells(smoke)  # every cell's configuration parses, as fit --print_config would
 
 
 MS = "methods: [ms], datasets: [synthetic]"  # a grid of one method on the embedded default
@@ -227,15 +230,15 @@ def test_a_second_run_of_the_same_output_folder_is_refused_while_the_first_holds
     out = tmp_path / "out"
     path = tiny_suite(tmp_path / "s.yaml", cub_root, out)
     out.mkdir()
-    with suites.run_lock(out):  # what a first `suite run` holds (a second open file: flock conflicts)
+    with run_lock(out):  # what a first `suite run` holds (a second open file: flock conflicts)
         assert main(["suite", "run", str(path)]) == 2
         err = capsys.readouterr().err
         assert f"Another `suite run` is using the output folder {out} (pid {os.getpid()} on" in err
         assert "--output DIR" in err
         assert main(["suite", "run", str(path), "--dry-run"]) == 0  # a dry run changes nothing: allowed
         capsys.readouterr()
-    assert sorted(p.name for p in out.iterdir()) == [suites.RUN_LOCK]  # no cell was started
-    with suites.run_lock(out):  # released with the first run: free again
+    assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK]  # no cell was started
+    with run_lock(out):  # released with the first run: free again
         pass
 
 
@@ -286,13 +289,13 @@ def ran_suite(cub_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     text = path.read_text().replace("grid:\n  methods", "grid:\n  - methods").replace("\n  datasets", "\n    datasets")
     text = text.replace("\n  backbones", "\n    backbones").replace("\n  seeds", "\n    seeds")
     path.write_text(text.replace("grid:\n", "grid:\n" + broken, 1))
-    assert [c.id for c in suites.load_suite(path).cells] == [BROKEN, *CELLS]
+    assert [c.id for c in load_suite(path).cells] == [BROKEN, *CELLS]
     start = time.monotonic()
     assert main(["suite", "run", str(path)]) == 1
     print(f"3-cell suite: {time.monotonic() - start:.1f} s")
     # It failed at start-up (exit 2, before fit has a status.json): the suite's record says so.
-    suite = suites.load_suite(path)
-    failed = suites.cell_state(suite, suite.cell(BROKEN))
+    suite = load_suite(path)
+    failed = cell_state(suite, suite.cell(BROKEN))
     assert failed.state == "failed" and failed.exit_code == 2
     assert failed.reason.startswith("error: CUB-200-2011: expected directory") and str(tmp / "absent") in failed.reason
     tiny_suite(path, cub_root, out)  # the rest of the tests use the two good cells
@@ -311,7 +314,7 @@ def test_a_suite_runs_every_cell_as_its_own_fit_in_a_deterministic_folder(
         record = json.loads((run / "metrics_test.json").read_text())
         assert (record["suite"], record["cell"]) == ("tiny", cell)  # what the report filters a suite's runs by
         assert (run / "metrics.csv").is_file()  # logger: csv from the suite's args
-        assert "===== exit 0" in (run / suites.LOG).read_text()
+        assert "===== exit 0" in (run / LOG).read_text()
         record = _record(run)
         assert record["attempts"][-1]["exit_code"] == 0
         assert record["attempts"][-1]["command"][1:4] == ["-m", "benchmark", "fit"]
@@ -434,8 +437,8 @@ def test_ctrl_c_stops_the_running_cell_resumably_and_exits_130(
     assert status["status"] == "interrupted" and status["exit_code"] == 130
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert not (out / CELLS[1]).exists()  # no further cell started
-    suite = suites.load_suite(path)
-    plan = suites.plan_cell(suite, suite.cells[0], retry_failed=False)
+    suite = load_suite(path)
+    plan = plan_cell(suite, suite.cells[0], retry_failed=False)
     assert plan.action == "resume" and plan.ckpt == run / "checkpoints" / "last.ckpt"
 
 
@@ -493,9 +496,9 @@ def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(tmp_path: Path
     """resources.time: the serial runner sends SIGTERM to the fit's process group (here a stand-in process)."""
     path = tmp_path / "s.yaml"
     path.write_text(f"output: {tmp_path / 'out'}\ngrid: {{{MS}}}\nresources: {{time: 1m}}\n")
-    suite = suites.load_suite(path)
+    suite = load_suite(path)
     cell = suite.cells[0]
-    run = suites.CellRun(suite, cell, suites.Plan("run", suites.CellState("pending")))
+    run = CellRun(suite, cell, Plan("run", CellState("pending")))
     run.proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
         run.started = time.monotonic() - 30
@@ -511,7 +514,7 @@ def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(tmp_path: Path
 
 
 # ---------------------------------------------------------------------------- changed options
-def _fake_attempt(suite: suites.Suite, cell: suites.Cell, status: str | None, exit_code: int | None = None,
+def _fake_attempt(suite: Suite, cell: Cell, status: str | None, exit_code: int | None = None,
                   pid: int | None = None, checkpoint: bool = False) -> Path:
     """A cell's folder as one attempt of ``suite``'s arguments leaves it: suite.json, status.json
     (written by its fit; ``pid``: the fit's process) and, with ``checkpoint``, a last.ckpt."""
@@ -519,7 +522,7 @@ def _fake_attempt(suite: suites.Suite, cell: suites.Cell, status: str | None, ex
     run.mkdir(parents=True)
     attempt = {"action": "run", "command": ["python", "-m", "benchmark", "fit", *cell.argv], "exit_code": exit_code,
                "seconds": 1.0, "reason": ""}
-    (run / suites.RECORD).write_text(json.dumps({"suite": str(suite.path), "cell": cell.id, "argv": cell.argv,
+    (run / RECORD).write_text(json.dumps({"suite": str(suite.path), "cell": cell.id, "argv": cell.argv,
                                                  "attempts": [attempt]}))
     if status is not None:
         (run / "status.json").write_text(json.dumps({
@@ -540,7 +543,7 @@ def test_a_cell_whose_options_changed_is_not_resumed_and_status_and_dry_run_say_
     and the fix); `suite status` and the dry run show "changed" for the cells in every state."""
     out = tmp_path / "out"
     path = tiny_suite(tmp_path / "s.yaml", cub_root, out, seeds="[0, 1, 2]")
-    old = suites.load_suite(path)
+    old = load_suite(path)
     completed, interrupted, failed = old.cells
     _fake_attempt(old, completed, "completed", 0)
     _fake_attempt(old, interrupted, "interrupted", 143, checkpoint=True)
@@ -571,11 +574,11 @@ def test_a_cell_whose_options_changed_is_not_resumed_and_status_and_dry_run_say_
         assert f"({interrupted.id}: {change})" in message and "config.yaml keeps the old ones" in message
         assert str(out / ".attempts") in message and "restore the old values" in message
     for cell in old.cells:  # nothing was started
-        assert len(_record(out / cell.id)["attempts"]) == 1 and not (out / cell.id / suites.LOG).exists()
+        assert len(_record(out / cell.id)["attempts"]) == 1 and not (out / cell.id / LOG).exists()
     # Options written in another order in the file are the same configuration.
     argv = interrupted.argv
-    assert suites.argv_changes(argv, [*argv[4:6], *argv[:4], *argv[6:]]) == []
-    assert suites.argv_changes(["--a", "1"], ["--b", "2"]) == ["--a 1 -> (not set)", "--b (not set) -> 2"]
+    assert argv_changes(argv, [*argv[4:6], *argv[:4], *argv[6:]]) == []
+    assert argv_changes(["--a", "1"], ["--b", "2"]) == ["--a 1 -> (not set)", "--b (not set) -> 2"]
 
 
 def test_restart_changed_starts_a_changed_cell_again_from_scratch_and_keeps_the_old_attempt(
@@ -583,11 +586,11 @@ def test_restart_changed_starts_a_changed_cell_again_from_scratch_and_keeps_the_
 ) -> None:
     out = tmp_path / "out"
     path = tiny_suite(tmp_path / "s.yaml", cub_root, out, seeds="[0]")
-    old = suites.load_suite(path)
+    old = load_suite(path)
     cell = old.cells[0]
     _fake_attempt(old, cell, "interrupted", 143, checkpoint=True)
     tiny_suite(path, cub_root, out, batches=3, seeds="[0]")
-    new = suites.load_suite(path).cells[0]
+    new = load_suite(path).cells[0]
     assert main(["suite", "run", str(path), "--restart-changed"]) == 0
     run, kept = out / cell.id, out / ".attempts" / f"{cell.id}.1"
     assert flatten_config(yaml.safe_load((run / "config.yaml").read_text()))["data.batches_per_epoch"] == 3
@@ -629,7 +632,7 @@ def test_the_sweep_names_the_metric_the_cells_are_judged_by(tmp_path: Path, caps
 TWO_STAGES = (STAGE1, STAGE2) = ("ms-cub-resnet50-seed0", "context_refine-cub-seed0")
 
 
-def two_stage_suite(path: Path, output: Path) -> suites.Suite:
+def two_stage_suite(path: Path, output: Path) -> Suite:
     """Stage 2 (Context-Refine) names stage 1's checkpoint: it needs that cell."""
     path.write_text(f"""output: {output}
 grid:
@@ -639,7 +642,7 @@ grid:
     seeds: [0]
     args: {{model.source: "{{output}}/{STAGE1}/checkpoints/last.ckpt"}}
 """)
-    suite = suites.load_suite(path)
+    suite = load_suite(path)
     assert suite.cell(STAGE2).needs == (STAGE1,)
     return suite
 
@@ -661,7 +664,7 @@ def test_run_cell_of_a_cell_whose_need_failed_skips_it_records_why_and_exits_0(
     run = out / STAGE2
     assert _record(run)["blocked"]["reason"] == f"needs {STAGE1}, which is failed (failed here)"
     assert _record(run)["attempts"] == [] and "argv" not in _record(run)
-    assert not (run / suites.LOG).exists() and not (run / "status.json").exists()  # no fit was started
+    assert not (run / LOG).exists() and not (run / "status.json").exists()  # no fit was started
     assert main(["suite", "status", str(suite.path)]) == 0
     shown = capsys.readouterr().out
     assert "2 cells: 1 failed, 1 blocked" in shown and "blocked" in shown.split(STAGE2)[1].splitlines()[0]
@@ -702,7 +705,7 @@ def test_run_cell_waits_while_a_need_runs_and_gives_up_after_its_wait(
     assert f"waiting for the cells it needs: {STAGE1} (running on {socket.gethostname()} (pid {fit.pid}))" in output.out
     assert 2.5 <= waited < 30, waited
     assert f"skipped, not started: needs {STAGE1}, which is failed (RuntimeError: boom)" in output.err
-    assert not (out / STAGE2 / suites.LOG).exists()
+    assert not (out / STAGE2 / LOG).exists()
 
 
 @pytest.mark.slow  # two run-cell processes, each with a real fit, one after the other: about 60 s on 2 cores
@@ -740,7 +743,7 @@ def test_status_reads_the_run_state_and_the_final_number_as_benchmark_results_do
     out = tmp_path / "out"
     path = tmp_path / "s.yaml"
     path.write_text(f"output: {out}\ngrid: {{{MS}, seeds: [0, 1]}}\n")
-    suite = suites.load_suite(path)
+    suite = load_suite(path)
     killed, tested = suite.cells
     gone = subprocess.Popen(["true"])
     gone.wait()

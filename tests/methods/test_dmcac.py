@@ -679,20 +679,22 @@ def test_the_table_suite_runs_every_number_of_tables_1_to_4_with_the_rows_settin
     (its recipe with the suite's options) carry the reference name, backbone and split of the row it claims."""
     import yaml
 
-    from benchmark.app import paper_tables, suites
+    from benchmark.app import paper_tables
+    from benchmark.app.suites.reading import cell_recipe
+    from benchmark.app.suites.spec import load_suite
     from benchmark.core.papers import paper_numbers
 
     numbers = paper_numbers(papers=["dmcac"])
     assert [t for t in dict.fromkeys(n.table for n in numbers)] == ["Table 1", "Table 2", "Table 3", "Table 4"]
     assert len(numbers) == 32 + 64 + 12 + 32
-    suite = suites.load_suite("dmcac_table")
+    suite = load_suite("dmcac_table")
     assert suite.paper == "dmcac"
-    found = paper_tables.lines(suite, suites.cell_recipe)
+    found = paper_tables.lines(suite, cell_recipe)
     assert len(found) == len(numbers) and all(line.covered for line in found)
     method_of = {(n.table, n.row, n.backbone): n.method for n in numbers}
     for cell in suite.cells:
         assert cell.reproduces, cell.id
-        recipe = yaml.safe_load(suites.cell_recipe(cell).read_text())["model"]["init_args"]
+        recipe = yaml.safe_load(cell_recipe(cell).read_text())["model"]["init_args"]
         setting = {**{f"model.{g}.{k}": v for g in ("views", "retrieval", "loss") for k, v in recipe[g].items()},
                    **cell.options}  # fmt: skip
         meta = _meta(int(setting["model.views.count"]), setting["model.retrieval.mode"],

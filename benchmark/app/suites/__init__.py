@@ -26,42 +26,8 @@ are checked against the registries.
 
 The package: ``spec`` (the file format and loading), ``validation`` (checks before anything runs),
 ``state`` (a cell's state and plan), ``runner`` (one cell as a subprocess, the progress view),
-``commands`` (serial runs and the views), ``sweep`` (W&B), ``launchers`` (submitit) and ``command``
-(the entry point).
+``commands`` (serial runs and the views), ``sweep`` (W&B), ``launchers`` (submitit), ``reading``
+(the commands that only read: ``status``, ``paper-table``, ``list``; light, they start without torch)
+and ``command`` (the entry point). This file imports nothing, so that the reading commands stay
+light: import the names from their modules.
 """
-
-from __future__ import annotations
-
-from benchmark.app.suites.command import cell_recipe, main
-from benchmark.app.suites.commands import dry_run, run_one, run_serial, show_status
-from benchmark.app.suites.launchers import CellJob, run_submitit
-from benchmark.app.suites.runner import CellRun
-from benchmark.app.suites.spec import (
-    EXIT_OK,
-    LOG,
-    RECORD,
-    RUN_LOCK,
-    USAGE,
-    Cell,
-    Resources,
-    Suite,
-    SuiteError,
-    load_suite,
-    matches,
-    parse_selector,
-    resolve_suite_path,
-    shipped_suites,
-)
-from benchmark.app.suites.state import (
-    CellState,
-    Plan,
-    argv_changes,
-    cell_state,
-    fit_command,
-    plan_cell,
-    refuse_changed,
-)
-from benchmark.app.suites.sweep import export_sweep, sweep_config
-from benchmark.app.suites.validation import check_output, run_lock, validate_cells
-
-__all__ = ["Cell", "CellJob", "CellRun", "CellState", "EXIT_OK", "LOG", "Plan", "RECORD", "RUN_LOCK", "Resources", "Suite", "SuiteError", "USAGE", "argv_changes", "cell_recipe", "cell_state", "check_output", "dry_run", "export_sweep", "fit_command", "load_suite", "main", "matches", "parse_selector", "plan_cell", "refuse_changed", "resolve_suite_path", "run_lock", "run_one", "run_serial", "run_submitit", "shipped_suites", "show_status", "sweep_config", "validate_cells"]

@@ -1,83 +1,37 @@
-"""``python -m benchmark suite ...``: the sub-commands' parsers and the entry point."""
+"""``python -m benchmark suite ...``: the entry point, and the commands that run cells (``run``, ``run-cell``,
+``export-sweep``); the reading ones (``status``, ``paper-table``, ``list``) are in :mod:`.reading`."""
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from benchmark.app import paper_tables
+from benchmark.app.suites import reading
 from benchmark.app.suites.commands import (
-    WAIT_NEEDS_MINUTES,
     _selected,
     dry_run,
     run_one,
     run_serial,
-    show_status,
 )
 from benchmark.app.suites.launchers import run_submitit
+from benchmark.app.suites.reading import _parse_args
 from benchmark.app.suites.spec import (
     EXIT_OK,
     USAGE,
-    Cell,
     SuiteError,
     _closest,
     _minutes,
     _Problems,
     load_suite,
-    shipped_suites,
 )
 from benchmark.app.suites.state import cell_state, plan_cell, refuse_changed
 from benchmark.app.suites.sweep import export_sweep
 from benchmark.app.suites.validation import check_output, run_lock, validate_cells
-from benchmark.core.defaults import recipe_dir
-from benchmark.core.errors import UserError
-from benchmark.core.io import console as make_console
 
 
 # ---------------------------------------------------------------------------- entry point
-def _parser(command: str) -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog=f"python -m benchmark suite {command}", add_help=True)
-    parser.add_argument("file", help="suite file or the name of a shipped suite")
-    if command in ("run", "status", "run-cell"):
-        parser.add_argument("--output", help="the suite's output folder (default: output: in the file)")
-    if command in ("run", "status", "export-sweep"):
-        parser.add_argument("--only", action="append", default=[], help="selector, e.g. dataset=cub,seed=0")
-    if command in ("run", "run-cell"):
-        parser.add_argument("--retry-failed", action="store_true", help="start failed cells again")
-        parser.add_argument("--restart-changed", action="store_true",
-                            help="start cells whose options changed since they ran again from scratch")
-    if command == "run":
-        parser.add_argument("--dry-run", action="store_true", help="list the cells and their commands")
-        parser.add_argument("--launcher", choices=("serial", "local", "slurm"), default="serial")
-        parser.add_argument("--max-parallel", type=int, default=None, help="local launcher: cells at once")
-        parser.add_argument("--wait", action="store_true", help="slurm: wait for the jobs")
-    if command == "run-cell":
-        parser.add_argument("--cell", required=True, help="the cell id (suite run --dry-run lists them)")
-        parser.add_argument("--wait-needs", default=f"{WAIT_NEEDS_MINUTES // 60}h",
-                            help="how long to wait for the cells this one needs (90, '90m', '4h'; 0: not at all)")
-    if command == "export-sweep":
-        parser.add_argument("--out", help="write the sweep config here (default: stdout)")
-    if command == "paper-table":
-        parser.add_argument("--output", help="the suite's output folder (default: output: in the file)")
-        parser.add_argument("--table", action="append", default=None,
-                            help="only this table of the paper (repeatable; default: every table the suite reproduces)")
-    return parser
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        command = self.prog.rsplit(" ", 1)[-1]
-        raise SuiteError(f"suite {command}: {message}. `python -m benchmark suite {command} --help` lists the options.")
-
-
-def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
-    return _parser(command).parse_args(argv)
-
-
 def main(argv: list[str]) -> int:
     """``python -m benchmark suite ...``; user errors become SuiteError (exit 2 in cli.main)."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -85,8 +39,7 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     command, rest = argv[0], argv[1:]
     commands: dict[str, Callable[[list[str]], int]] = {
-        "run": _cmd_run, "run-cell": _cmd_run_cell, "status": _cmd_status, "export-sweep": _cmd_export, "list": _cmd_list,
-        "paper-table": _cmd_paper_table,
+        "run": _cmd_run, "run-cell": _cmd_run_cell, "export-sweep": _cmd_export, **reading.COMMANDS,
     }
     if command not in commands:
         raise SuiteError(f"Unknown suite command {command!r}.{_closest(command, commands)} "
@@ -95,46 +48,6 @@ def main(argv: list[str]) -> int:
         return commands[command](rest)
     except SystemExit as exit_:  # --help of a suite command
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
-
-
-def cell_recipe(cell: Cell) -> Path | None:
-    """The recipe a cell's fit applies (its own --config/--recipe, else configs/<method>/<dataset>.yaml)."""
-    given = cell.options.get("recipe") or cell.options.get("config")
-    if given == "none":
-        return None
-    path = Path(str(given)) if given else recipe_dir() / cell.method / f"{cell.dataset}.yaml"
-    return path if path.is_file() else None
-
-
-def _cmd_paper_table(argv: list[str]) -> int:
-    """``suite paper-table FILE``: the paper's tables in its order, our numbers beside them, uncovered cells marked."""
-    args = _parse_args("paper-table", argv)
-    suite = load_suite(args.file, args.output)
-    if suite.paper is None:
-        raise SuiteError(f"{suite.path} names no paper: add paper: NAME and reproduces: entries (docs/leaderboard.md).")
-    found = paper_tables.lines(suite, cell_recipe, args.table)
-    if not found:
-        raise SuiteError(f"{suite.path}: no number of {suite.paper} in the tables asked for ({args.table}).")
-    paper_tables.render(suite, found, make_console())
-    return EXIT_OK
-
-
-def _cmd_list(argv: list[str]) -> int:
-    from rich.table import Table
-
-    table = Table(title="suites (python -m benchmark suite run NAME)")
-    table.add_column("name")
-    table.add_column("cells", justify="right")
-    table.add_column("description")
-    for name, path in shipped_suites().items():
-        try:
-            suite = load_suite(path)
-            count, text = str(len(suite.cells)), suite.description.splitlines()[0] if suite.description else ""
-        except UserError as err:
-            count, text = "?", f"(invalid: {err})"
-        table.add_row(name, count, text)
-    make_console().print(table)
-    return EXIT_OK
 
 
 def _cmd_run(argv: list[str]) -> int:
@@ -173,12 +86,6 @@ def _cmd_run_cell(argv: list[str]) -> int:
     check_output(suite.output, create=True)
     validate_cells(suite, [cell])
     return run_one(suite, cell, args.retry_failed, restart_changed=args.restart_changed, wait_needs_s=wait)
-
-
-def _cmd_status(argv: list[str]) -> int:
-    args = _parse_args("status", argv)
-    suite = load_suite(args.file, args.output)
-    return show_status(suite, _selected(suite, args.only))
 
 
 def _cmd_export(argv: list[str]) -> int:

@@ -14,11 +14,10 @@ from typing import Any
 
 import yaml
 
-from benchmark.core import registry
+from benchmark.core.catalog import Catalog, catalog
 from benchmark.core.defaults import recipe_dir
 from benchmark.core.errors import EXIT_COMPLETED, UserError
 from benchmark.core.papers import known_papers, paper_numbers
-from benchmark.nn.backbones import BACKBONES
 
 try:  # POSIX file locks (run_lock); Windows has none and runs without the lock
     import fcntl
@@ -376,7 +375,7 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         problems.add(f"name {name!r}: use letters, digits and _ . + = - only (it names the output folder).")
     plugins = tuple(str(p) for p in (_list(raw.get("plugins"), "plugins", problems, "remove the key") or []))
     try:
-        registry.discover(list(plugins))
+        known = catalog(plugins)  # the registered names, read without importing the methods (fast status)
     except ImportError as err:
         raise SuiteError(f"{path}: {err}") from None
     out = Path(output if output is not None else raw.get("output") or Path("runs") / "suites" / name).expanduser()
@@ -396,7 +395,7 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
     cells: list[Cell] = []
     for g, grid in enumerate(grids):
         where = "grid" if len(grids) == 1 else f"grid[{g}]"
-        cells += _expand_grid(grid, where, common, base_resources, plugins, problems)
+        cells += _expand_grid(grid, where, common, base_resources, plugins, known, problems)
     problems.raise_if_any()
 
     # exclude:, then cells: (per-cell overrides by selector, in file order; later wins).
@@ -503,7 +502,7 @@ def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> 
     return str(paper)
 
 
-def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resources, plugins: tuple[str, ...],
+def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resources, plugins: tuple[str, ...], known: Catalog,
                  problems: _Problems) -> list[Cell]:
     if isinstance(grid, dict):
         # A cell's method and dataset are what the table compares: never a silent default (`fit`'s
@@ -522,14 +521,14 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
         [] if "backbones" in grid else [None])
     seeds = _list(grid.get("seeds"), f"{where}.seeds", problems, "list at least one seed") or (
         [] if "seeds" in grid else [0])
-    for kind, names, known, command in (
-        ("method", methods, registry.METHODS, "list"), ("dataset", datasets, registry.DATASETS, "list"),
-        ("backbone", [b for b in backbones if b is not None], BACKBONES, "list"),
+    for kind, names, table, command in (
+        ("method", methods, known.methods, "list"), ("dataset", datasets, known.datasets, "list"),
+        ("backbone", [b for b in backbones if b is not None], known.backbones, "list"),
     ):
         for name in names:
-            if not isinstance(name, str) or name not in known:
-                problems.add(f"{where}: unknown {kind} {name!r}.{_closest(str(name), known)} "
-                             f"Registered: {', '.join(sorted(known))} (python -m benchmark {command}).")
+            if not isinstance(name, str) or name not in table:
+                problems.add(f"{where}: unknown {kind} {name!r}.{_closest(str(name), table)} "
+                             f"Registered: {', '.join(sorted(table))} (python -m benchmark {command}).")
     for seed in seeds:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             problems.add(f"{where}.seeds: {seed!r} is not a non-negative integer.")

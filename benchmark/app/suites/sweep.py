@@ -29,6 +29,7 @@ def sweep_metric(cells: list[Cell]) -> tuple[dict[str, str], str]:
     When the cells disagree (a two-stage suite), or a metric has no test counterpart, it is
     ``test/R@1`` (maximize), which every method logs and the leaderboard ranks by by default."""
     chosen: set[tuple[str, str]] = set()
+    registry.discover(sorted({plugin for cell in cells for plugin in cell.plugins}))  # the classes' selection metrics
     for cell in cells:
         method = registry.METHODS.get(cell.method)
         monitor = str(cell.options.get("checkpoint.monitor") or getattr(method, "selection_metric", "val/R@1"))

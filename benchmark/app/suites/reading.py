@@ -1,0 +1,126 @@
+"""The suite commands that only read: ``suite status``, ``suite paper-table``, ``suite list``.
+
+They parse the suite file and read the cells' run records, and nothing else: no run builder, no
+launcher, so they start without torch, timm or Lightning (``python -m benchmark`` dispatches them
+here before the heavy imports). The other commands (``run``, ``run-cell``, ``export-sweep``) are in
+:mod:`benchmark.app.suites.command`, which shares this module's parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmark.app import paper_tables
+from benchmark.app.suites.commands import WAIT_NEEDS_MINUTES, _selected, show_status
+from benchmark.app.suites.spec import EXIT_OK, USAGE, Cell, SuiteError, _closest, load_suite, shipped_suites
+from benchmark.core.defaults import recipe_dir
+from benchmark.core.errors import UserError
+from benchmark.core.io import console as make_console
+
+
+# ---------------------------------------------------------------------------- parsers
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog=f"python -m benchmark suite {command}", add_help=True)
+    parser.add_argument("file", help="suite file or the name of a shipped suite")
+    if command in ("run", "status", "run-cell"):
+        parser.add_argument("--output", help="the suite's output folder (default: output: in the file)")
+    if command in ("run", "status", "export-sweep"):
+        parser.add_argument("--only", action="append", default=[], help="selector, e.g. dataset=cub,seed=0")
+    if command in ("run", "run-cell"):
+        parser.add_argument("--retry-failed", action="store_true", help="start failed cells again")
+        parser.add_argument("--restart-changed", action="store_true",
+                            help="start cells whose options changed since they ran again from scratch")
+    if command == "run":
+        parser.add_argument("--dry-run", action="store_true", help="list the cells and their commands")
+        parser.add_argument("--launcher", choices=("serial", "local", "slurm"), default="serial")
+        parser.add_argument("--max-parallel", type=int, default=None, help="local launcher: cells at once")
+        parser.add_argument("--wait", action="store_true", help="slurm: wait for the jobs")
+    if command == "run-cell":
+        parser.add_argument("--cell", required=True, help="the cell id (suite run --dry-run lists them)")
+        parser.add_argument("--wait-needs", default=f"{WAIT_NEEDS_MINUTES // 60}h",
+                            help="how long to wait for the cells this one needs (90, '90m', '4h'; 0: not at all)")
+    if command == "export-sweep":
+        parser.add_argument("--out", help="write the sweep config here (default: stdout)")
+    if command == "paper-table":
+        parser.add_argument("--output", help="the suite's output folder (default: output: in the file)")
+        parser.add_argument("--table", action="append", default=None,
+                            help="only this table of the paper (repeatable; default: every table the suite reproduces)")
+    return parser
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.rsplit(" ", 1)[-1]
+        raise SuiteError(f"suite {command}: {message}. `python -m benchmark suite {command} --help` lists the options.")
+
+
+def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
+    return _parser(command).parse_args(argv)
+
+
+def cell_recipe(cell: Cell) -> Path | None:
+    """The recipe a cell's fit applies (its own --config/--recipe, else configs/<method>/<dataset>.yaml)."""
+    given = cell.options.get("recipe") or cell.options.get("config")
+    if given == "none":
+        return None
+    path = Path(str(given)) if given else recipe_dir() / cell.method / f"{cell.dataset}.yaml"
+    return path if path.is_file() else None
+
+
+def _cmd_paper_table(argv: list[str]) -> int:
+    """``suite paper-table FILE``: the paper's tables in its order, our numbers beside them, uncovered cells marked."""
+    args = _parse_args("paper-table", argv)
+    suite = load_suite(args.file, args.output)
+    if suite.paper is None:
+        raise SuiteError(f"{suite.path} names no paper: add paper: NAME and reproduces: entries (docs/leaderboard.md).")
+    found = paper_tables.lines(suite, cell_recipe, args.table)
+    if not found:
+        raise SuiteError(f"{suite.path}: no number of {suite.paper} in the tables asked for ({args.table}).")
+    paper_tables.render(suite, found, make_console())
+    return EXIT_OK
+
+
+def _cmd_list(argv: list[str]) -> int:
+    from rich.table import Table
+
+    table = Table(title="suites (python -m benchmark suite run NAME)")
+    table.add_column("name")
+    table.add_column("cells", justify="right")
+    table.add_column("description")
+    for name, path in shipped_suites().items():
+        try:
+            suite = load_suite(path)
+            count, text = str(len(suite.cells)), suite.description.splitlines()[0] if suite.description else ""
+        except UserError as err:
+            count, text = "?", f"(invalid: {err})"
+        table.add_row(name, count, text)
+    make_console().print(table)
+    return EXIT_OK
+
+
+
+def _cmd_status(argv: list[str]) -> int:
+    args = _parse_args("status", argv)
+    suite = load_suite(args.file, args.output)
+    return show_status(suite, _selected(suite, args.only))
+
+
+#: The reading commands, by name (``python -m benchmark`` runs these without the heavy imports).
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _cmd_status, "paper-table": _cmd_paper_table, "list": _cmd_list}
+
+
+def main(argv: list[str]) -> int:
+    """``python -m benchmark suite status|paper-table|list ...`` (user errors: SuiteError, exit 2)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return EXIT_OK
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SuiteError(f"Unknown reading suite command {command!r}.{_closest(command, COMMANDS)} "
+                         f"Choose one of: {', '.join(COMMANDS)}.")
+    try:
+        return COMMANDS[command](rest)
+    except SystemExit as exit_:  # --help of a suite command
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
