@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.core.contracts import perf_headline, register_perf
+from benchmark.nn.knn_context import knn_search
 from benchmark.nn.neighbours import faiss_available
-from methods.context_refine import ContextRefiner, knn_search
+from methods.context_refine import ContextRefiner
 
 PAPER_RATE = 13_000  # refined embeddings per second, TitanXP (paper, section 4.7)
 PAPER_KNN_S = 3.5  # seconds for an SOP split's similarities, TitanXP

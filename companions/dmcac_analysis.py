@@ -58,15 +58,9 @@ from benchmark.core.contracts import register_analysis, register_figure
 from benchmark.core.io import atomic_write_text
 from benchmark.engine.figures import FigureContext, FigureResult, pyplot
 from benchmark.nn.backbones import BackboneConfig
-from methods.dmcac import (
-    DMCAC,
-    RetrievalConfig,
-    ViewConfig,
-    frobenius_lower,
-    js_divergence_matrix,
-    similarity_log_probs,
-    union_of_neighbours,
-)
+from benchmark.nn.divergences import frobenius_lower, js_divergence_matrix, similarity_log_probs
+from benchmark.nn.knn_context import union_of_neighbours
+from methods.dmcac import DMCAC, RetrievalConfig, ViewConfig
 
 METHOD = "dmcac"
 TERMS = ("ce", "frob", "cac")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from benchmark.core.contracts import register_figure
 from benchmark.engine.figures import CORRECT, INCORRECT, FigureContext, FigureResult, pyplot
-from methods.intra_batch import reciprocal_knn_batches
+from benchmark.nn.reciprocal_neighbours import reciprocal_knn_batches
 
 METHOD = "intra_batch"
 SHOWN = 6  # at most this many samples drawn with their batch (settings.queries, default 6)

@@ -1,6 +1,7 @@
 """Reciprocal k-NN test batches of Intra-Batch MPN at Stanford Online Products scale.
 
-Times the vectorised construction (:func:`methods.intra_batch.reciprocal_knn_batches`) and the
+Times the vectorised construction
+(:func:`benchmark.nn.reciprocal_neighbours.reciprocal_knn_batches`) and the
 refined MPN forward pass on a synthetic SOP-sized set of embeddings (60,502 x 512, clustered
 like SOP's 11,316 test classes of ~5 images), prints the process's peak memory, then runs a
 straightforward per-query implementation (:class:`ReferenceReciprocalBatches`, one batch and
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 
 from benchmark.core.contracts import perf_headline, register_perf
-from methods.intra_batch import MessagePassingNetwork, MPNConfig, ReciprocalConfig, reciprocal_knn_batches
+from benchmark.nn.reciprocal_neighbours import reciprocal_knn_batches
+from methods.intra_batch import MessagePassingNetwork, MPNConfig, ReciprocalConfig
 
 _OVERLAP_TOLERANCE = 1e-9  # the same tolerance as the vectorised implementation
 
@@ -40,7 +42,7 @@ class ReferenceReciprocalBatches:
 
     Slow on purpose and independent of the vectorised code: neighbour lists come from sorting
     full rows of float64 squared distances by (distance, index). It defines the semantics the
-    vectorised :func:`~methods.intra_batch.reciprocal_knn_batches` must reproduce exactly:
+    vectorised :func:`~benchmark.nn.reciprocal_neighbours.reciprocal_knn_batches` must reproduce exactly:
 
     * ``N_k(j)``: j, then its k nearest other database samples;
     * a query outside the database sees database lists with itself attached: it joins

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -481,3 +482,40 @@ def load_method(checkpoint_path: str, map_location: str | torch.device = "cpu", 
     cls = registry.get_method(name)
     # weights_only=False: hyper-parameters of models built in Python hold dataclasses (BackboneConfig).
     return cls.load_from_checkpoint(path, map_location=map_location, weights_only=False, **overrides)
+
+
+def load_frozen_method(checkpoint_path: str | Path, checkpoint: Mapping[str, Any] | None = None) -> RetrievalMethod:
+    """Rebuild a trained method of any registered kind for inference only: frozen, in eval mode.
+
+    For a method built on another method's embeddings (Context-Refine's stage-1 model). The
+    backbone is built without downloading pretrained weights (they are in the checkpoint).
+    ``checkpoint``: the file's contents if the caller has read them already (``torch.load``).
+    """
+    if checkpoint is None:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+    backbone = _backbone_config(checkpoint.get("hyper_parameters", {}).get("backbone"))
+    del checkpoint
+    overrides = (
+        {"backbone": replace(backbone, pretrained=False, weights=None)} if backbone is not None else {}
+    )
+    model = load_method(str(checkpoint_path), **overrides)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _backbone_config(value: Any) -> BackboneConfig | None:
+    """A checkpoint's ``backbone`` hyper-parameter (a BackboneConfig, another dataclass or a dict) as a BackboneConfig."""
+    if value is None or isinstance(value, BackboneConfig):
+        return value
+    if is_dataclass(value):
+        return BackboneConfig(**asdict(value))
+    if isinstance(value, dict):
+        return BackboneConfig(**{k: v for k, v in value.items() if k in BackboneConfig.__dataclass_fields__})
+    raise TypeError(f"Cannot read a backbone configuration from {type(value).__name__}.")
+
+
+def embed_output_dim(model: RetrievalMethod) -> int:
+    """Size of what ``model.embed`` returns (a method may embed with more than its head)."""
+    size = int(model.hparams.get("image_size", 224))
+    with torch.no_grad():
+        return int(model.embed(torch.zeros(2, 3, size, size)).shape[-1])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from torch import nn
 
-from benchmark.core.contracts import DataRequest, register_method
+from benchmark.core.contracts import DataRequest, evaluation_outputs, register_method
 from benchmark.core.validation import check_choice
 from benchmark.nn import fused
 from benchmark.nn.attention import Attention
@@ -58,29 +58,15 @@ from benchmark.nn.embedding_cache import (
     file_fingerprint,
     module_fingerprint,
 )
-from benchmark.nn.neighbours import exact_knn
-from methods.base import OptimizerName, RetrievalMethod, evaluation_outputs, load_method
+from benchmark.nn.knn_context import KnnBackend, knn_search, mean_context
+from benchmark.nn.mlp import ProjectionMLP
+from methods.base import OptimizerName, RetrievalMethod, embed_output_dim, load_frozen_method
 
-KnnBackend = Literal["auto", "torch", "faiss"]
 Aggregation = Literal["attention", "mean"]
 InferenceDtype = Literal["float32", "bfloat16"]
 
 
 # ---------------------------------------------------------------------------- the refiner
-class ProjectionMLP(nn.Module):
-    """Linear -> SiLU -> Linear (a CA projection layer), optionally plus its input."""
-
-    def __init__(self, dim: int, hidden_dim: int, skip: bool = False) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.skip = skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(F.silu(self.fc1(x)))  # (..., D)
-        return x + y if self.skip else y
-
-
 class ContextAttentionBlock(nn.Module):
     """``CA(q, c, c) = softmax(Q(q) K(c)^T / sqrt(d_h)) V(c)`` for one query per context (Eq. 2).
 
@@ -426,7 +412,7 @@ class ContextRefine(RetrievalMethod):
             self.source_model = source_model
             self.encoder, self.head = source_model.encoder, source_model.head
             self.backbone_config = source_model.backbone_config
-            self.embedding_dim = _embedding_size(source_model)
+            self.embedding_dim = embed_output_dim(source_model)
         else:
             self.source_model = None
         self.encoder.requires_grad_(False)
@@ -760,78 +746,9 @@ class ContextRefine(RetrievalMethod):
 CPU_CHUNK = 4096  # rows per step of the CPU set path (measured best of 1k-16k on 1 and 2 threads)
 
 
-def knn_search(
-    queries: torch.Tensor,
-    database: torch.Tensor,
-    k: int,
-    exclude: torch.Tensor | None = None,
-    backend: KnnBackend = "auto",
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """The ``k`` most similar database rows of every query (inner product), best first.
-
-    :func:`benchmark.nn.neighbours.exact_knn` (exact; ties broken by the lower row).
-
-    Args:
-        queries: (Q, D) embeddings (L2-normalised: inner product = cosine similarity).
-        database: (M, D) embeddings searched.
-        k: neighbours per query.
-        exclude: (Q,) int64 database row that query q must never get (its own entry, by
-            index, not by assuming it comes first: duplicates and ties break that), or -1.
-        backend: ``torch`` (chunked matmul, exact, on the data's device), ``faiss``
-            (``IndexFlatIP``, on the GPU when faiss has GPU support and the data is on CUDA)
-            or ``auto`` (= ``torch``: on this benchmark's 2-core CPU it was 3x faster than
-            faiss for an SOP-sized set, and on GPU it needs no faiss-gpu build).
-        chunk_size: queries per similarity block of the torch backend (default: the (c, M)
-            block stays within 256 MiB).
-
-    Returns:
-        (Q, k) int64 database rows on the queries' device.
-    """
-    check_choice("knn_backend", backend, KnnBackend)
-    if exclude is not None and exclude.shape != (queries.shape[0],):
-        raise ValueError(
-            f"exclude must be (Q,) = ({queries.shape[0]},) database rows or -1; got shape {tuple(exclude.shape)}."
-        )
-    rows, _ = exact_knn(
-        queries,
-        database,
-        k,
-        query_ids=exclude,
-        backend="torch" if backend == "auto" else backend,
-        chunk_size=chunk_size,
-    )
-    return rows
-
-
-def mean_context(e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Table 4's 'NNs' ablation: the normalised mean of (B, D) ``e0`` and its (B, k, D) context."""
-    stacked = torch.cat([e0[:, None], context], dim=1)  # (B, 1 + k, D)
-    return F.normalize(stacked.mean(dim=1), dim=-1)
-
-
-def _backbone_config(value: Any) -> BackboneConfig | None:
-    if value is None or isinstance(value, BackboneConfig):
-        return value
-    if is_dataclass(value):
-        return BackboneConfig(**asdict(value))
-    if isinstance(value, dict):
-        return BackboneConfig(**{k: v for k, v in value.items() if k in BackboneConfig.__dataclass_fields__})
-    raise TypeError(f"Cannot read a backbone configuration from {type(value).__name__}.")
-
-
-def _embedding_size(model: RetrievalMethod) -> int:
-    """Size of what ``model.embed`` returns (a method may embed with more than its head)."""
-    size = int(model.hparams.get("image_size", 224))
-    with torch.no_grad():
-        return int(model.embed(torch.zeros(2, 3, size, size)).shape[-1])
-
-
 def load_source(path: str) -> RetrievalMethod:
-    """Rebuild the frozen stage-1 model from a checkpoint of any registered method.
-
-    The backbone is built without downloading pretrained weights (they are in the checkpoint).
-    """
+    """Rebuild the frozen stage-1 model from a checkpoint of any registered method
+    (:func:`methods.base.load_frozen_method`: no pretrained download, frozen, eval mode)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(
@@ -844,11 +761,4 @@ def load_source(path: str) -> RetrievalMethod:
         raise ValueError(
             f"{file} is a context_refine checkpoint; the source must be a stage-1 model (e.g. ms)."
         )
-    backbone = _backbone_config(checkpoint.get("hyper_parameters", {}).get("backbone"))
-    del checkpoint
-    overrides = (
-        {"backbone": replace(backbone, pretrained=False, weights=None)} if backbone is not None else {}
-    )
-    model = load_method(str(file), **overrides)
-    model.requires_grad_(False)
-    return model.eval()
+    return load_frozen_method(file, checkpoint)

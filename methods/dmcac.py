@@ -30,7 +30,9 @@ The constructor takes its options in groups (:class:`ViewConfig`, :class:`Retrie
 The whole mini-batch is computed at once: unions of different sizes are padded to the
 largest ``T`` in the batch and masked (a padded entry gets probability 0 in ``P'`` and
 attention 0 in the cross-attention). See ``docs/methods/dmcac.md`` for the equations, the
-choices made where the paper is silent and the degenerate cases.
+choices made where the paper is silent and the degenerate cases. The building blocks live in
+``benchmark/nn/``: the split (``splits``), the union of neighbours (``knn_context``), the JS terms
+(``divergences``), the CAC head (``heads``) and the memory probes of ``full_grad`` (``memory_probe``).
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ from torch.utils.data import DataLoader
 
 from benchmark.core.contracts import DataRequest, ViewRequest, register_method
 from benchmark.core.errors import ConfigError
-from benchmark.core.validation import check_choice
-from benchmark.nn.attention import Attention
+from benchmark.core.validation import check_choice, require
 from benchmark.nn.backbones import BackboneConfig
-from benchmark.nn.neighbours import ExactIndex, exact_knn, faiss_available
+from benchmark.nn.divergences import frobenius_lower, js_divergence_matrix, similarity_log_probs
+from benchmark.nn.heads import CrossAttentionClassifier
+from benchmark.nn.knn_context import union_of_neighbours
+from benchmark.nn.memory_probe import available_memory_bytes, saved_activation_bytes
+from benchmark.nn.neighbours import ExactIndex, faiss_available
+from benchmark.nn.splits import stratified_split
 from methods.base import RetrievalMethod
 
 Retrieval = Literal["approximate", "full", "full_grad"]
@@ -64,213 +70,7 @@ ViewReduction = Literal["sum", "mean"]
 Sampler = Literal["shuffle", "balanced"]
 
 
-# ---------------------------------------------------------------------------- data split
-def stratified_split(labels: np.ndarray, database_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split sample positions into (query, database), stratified over classes.
-
-    Every class with ``n >= 2`` images puts ``round(n * database_fraction)`` of them, clamped
-    to ``[1, n - 1]``, into the database and the rest into the query set, so it appears in
-    both. A class with a single image cannot be in both: it goes to the query set (it still
-    trains the classifiers; its queries retrieve other classes' database entries). The
-    choice within a class is random with ``seed`` and independent of the training seed.
-
-    Returns sorted int64 arrays of positions into ``labels``; they are disjoint and cover it.
-    """
-    labels = np.asarray(labels)
-    if not 0.0 < database_fraction < 1.0:
-        raise ValueError(f"database_fraction must be in (0, 1), got {database_fraction}.")
-    if labels.ndim != 1 or len(labels) == 0:
-        raise ValueError(f"labels must be a non-empty 1-d array, got shape {labels.shape}.")
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    n_db = np.floor(counts * database_fraction + 0.5).astype(np.int64)  # round half up
-    n_db = np.where(counts >= 2, np.clip(n_db, 1, counts - 1), 0)  # (C,)
-    keys = np.random.default_rng(seed).random(len(labels))
-    order = np.lexsort((keys, inverse))  # grouped by class, random within a class
-    starts = np.cumsum(counts) - counts  # (C,) first position of each class in ``order``
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[order] = np.arange(len(labels)) - np.repeat(starts, counts)  # rank within the class
-    in_db = rank < n_db[inverse]
-    return np.flatnonzero(~in_db).astype(np.int64), np.flatnonzero(in_db).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------- retrieval
-def topk_search(queries: torch.Tensor, database: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """Exact inner-product top-``k``: (Q, F) x (N, F) -> (Q, k) database positions, best first.
-
-    :func:`benchmark.nn.neighbours.exact_knn` (ties by the lower position), chunked over queries
-    so that at most about ``chunk_elements`` scores exist at a time.
-    """
-    rows, _ = exact_knn(queries, database, k, chunk_size=max(1, chunk_elements // max(1, database.shape[0])))
-    return rows
-
-
-def union_of_neighbours(neighbours: torch.Tensor, num_database: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query, the union of its views' neighbour indices, padded to the largest union.
-
-    Args:
-        neighbours: (B, A, k) database positions retrieved by the A views of each query.
-        num_database: N, the database size (used as the padding sentinel while sorting).
-
-    Returns:
-        indices: (B, T) union members in ascending order, then padding (position 0);
-        mask: (B, T) True for union members. ``T`` is the largest union in the batch.
-    """
-    b = neighbours.shape[0]
-    flat, _ = neighbours.reshape(b, -1).sort(dim=1)  # (B, A * k)
-    duplicate = torch.zeros_like(flat, dtype=torch.bool)
-    duplicate[:, 1:] = flat[:, 1:] == flat[:, :-1]
-    flat, _ = flat.masked_fill(duplicate, num_database).sort(dim=1)  # members first, sentinels last
-    mask = flat < num_database  # (B, A * k)
-    t = int(mask.sum(dim=1).max())
-    return flat[:, :t].masked_fill(~mask[:, :t], 0), mask[:, :t]
-
-
-# ---------------------------------------------------------------------------- the loss terms
-def _masked_value(dtype: torch.dtype) -> float:
-    # A finite "minus infinity": exp() gives exactly 0, while log-domain arithmetic on it stays
-    # finite, so padded entries contribute 0 to the JS sums with finite (zero) gradients.
-    return torch.finfo(dtype).min / 4
-
-
-def similarity_log_probs(
-    views: torch.Tensor, database: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0
-) -> torch.Tensor:
-    """``log softmax(Z_A Z_S^T / temperature)`` over the database entries (Eq. 9-10).
-
-    Args:
-        views: (B, A, F) L2-normalised view embeddings.
-        database: (B, T, F) per-query entries, or (T, F) shared by every query (full retrieval).
-        mask: (B, T) True for real entries; padded ones get probability exactly 0.
-
-    Returns:
-        (B, A, T) log-probabilities (padded entries: a large finite negative number).
-    """
-    eq = "baf,btf->bat" if database.ndim == 3 else "baf,tf->bat"
-    logits = torch.einsum(eq, views, database) / temperature  # (B, A, F) x (B, T, F) -> (B, A, T)
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, None, :], _masked_value(logits.dtype))
-    return logits.log_softmax(dim=-1)
-
-
-def js_divergence_matrix(log_p: torch.Tensor) -> torch.Tensor:
-    """Pairwise Jensen-Shannon divergences between the rows of each query's ``P'`` (Eq. 11-12).
-
-    ``L_ij = (KL(P_i || M_ij) + KL(P_j || M_ij)) / 2`` with ``M_ij = (P_i + P_j) / 2``, in nats.
-
-    Args:
-        log_p: (B, A, T) log-probabilities; entries with probability 0 contribute 0.
-
-    Returns:
-        (B, A, A) symmetric, zero on the diagonal.
-    """
-    lp_i = log_p[:, :, None, :]  # (B, A, 1, T)
-    lp_j = log_p[:, None, :, :]  # (B, 1, A, T)
-    log_m = torch.logaddexp(lp_i, lp_j) - math.log(2.0)  # (B, A, A, T) log of the mixture
-    kl_i = (lp_i.exp() * (lp_i - log_m)).sum(dim=-1)  # (B, A, A) KL(P_i || M)
-    kl_j = (lp_j.exp() * (lp_j - log_m)).sum(dim=-1)  # (B, A, A) KL(P_j || M)
-    return 0.5 * (kl_i + kl_j)
-
-
-def frobenius_lower(matrix: torch.Tensor) -> torch.Tensor:
-    """(B, A, A) -> (B,) Frobenius norm of the strict lower triangle (Eq. 13).
-
-    The gradient at a zero matrix (identical views) is 0, not NaN.
-    """
-    a = matrix.shape[-1]
-    rows, cols = torch.tril_indices(a, a, offset=-1, device=matrix.device)  # the A(A-1)/2 pairs i > j
-    return torch.linalg.vector_norm(matrix[:, rows, cols], dim=-1)
-
-
-class CrossAttentionClassifier(nn.Module):
-    """Eq. 16-18: one view embedding attends over database embeddings, then a linear classifier.
-
-    ``z' = softmax((W_q z)(W_k Z_S)^T / (sqrt(F) t)) W_v Z_S`` and ``logits = W_c z'``; single
-    head, ``W_q, W_k, W_v`` are F x F as in the paper (no bias unless ``attention_bias``); ``t``
-    is ``attention_temperature`` (1: the paper's Eq. 17); the attention is
-    :class:`benchmark.nn.Attention`.
-    """
-
-    def __init__(
-        self, dim: int, num_classes: int, attention_bias: bool = False, classifier_bias: bool = True,
-        attention_temperature: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.q = nn.Linear(dim, dim, bias=attention_bias)
-        self.k = nn.Linear(dim, dim, bias=attention_bias)
-        self.v = nn.Linear(dim, dim, bias=attention_bias)
-        self.classifier = nn.Linear(dim, num_classes, bias=classifier_bias)
-        self.scale = dim**-0.5 / attention_temperature
-        self.attention = Attention(1, scale=self.scale)  # no parameters
-
-    def forward(
-        self,
-        views: torch.Tensor,
-        database: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        return_attention: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, A, F) views over (B, T, F) or shared (T, F) entries -> (logits (B, A, C), attention (B, A, T)).
-
-        ``mask`` (B, T): ``True`` for real entries (padded ones get attention exactly 0). Without
-        ``return_attention`` the attention is computed by SDPA and ``None`` is returned for it.
-        """
-        q, k, v = self.q(views), self.k(database), self.v(database)  # (B, A, F), (B, T, F) or (T, F)
-        attended, weights = self.attention(q, k, v, key_mask=mask, return_weights=return_attention)  # (B, A, F)
-        return self.classifier(attended), (weights[..., 0, :, :] if weights is not None else None)  # (B, A, T)
-
-
-# ---------------------------------------------------------------------------- memory of full_grad
-def saved_activation_bytes(module: nn.Module, images: torch.Tensor, forward: Any = None) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward pass of one forward.
-
-    Counts each saved storage once, leaving out the parameters' and the input's storages (they
-    exist anyway). ``forward(images)`` defaults to ``module(images)``; its output is discarded.
-    """
-    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    exclude.add(images.untyped_storage().data_ptr())
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = (forward or module)(images)
-    del out
-    return sum(storages.values())
-
-
-def available_memory_bytes(device: torch.device) -> int | None:
-    """Free memory for new tensors: CUDA free + cached-but-unused, or the OS's MemAvailable (CPU)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type == "cpu":
-        with contextlib.suppress(OSError, ValueError):
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    return None
-
-
 # ---------------------------------------------------------------------------- options
-def _require(ok: bool, option: str, rule: str, value: Any) -> None:
-    """Raise a ConfigError naming the command-line option ``--model.<option>`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"--model.{option} must be {rule}; got {value!r}.")
-
-
-def _require_choice(option: str, value: Any, choices: Any) -> None:
-    """Raise a ConfigError naming ``--model.<option>`` unless ``value`` is one of ``choices``."""
-    try:
-        check_choice(f"--model.{option}", value, choices)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 @dataclass(frozen=True)
 class ViewConfig:
     """The A views of each training query: what ``L_frob`` compares and the classifiers train on.
@@ -287,9 +87,9 @@ class ViewConfig:
     randaugment_magnitude: int = 9
 
     def __post_init__(self) -> None:
-        _require(self.count >= 1, "views.count", ">= 1 (view 0 is the un-augmented crop)", self.count)
-        _require(self.randaugment_ops >= 0, "views.randaugment_ops", ">= 0", self.randaugment_ops)
-        _require(0 <= self.randaugment_magnitude <= 30, "views.randaugment_magnitude", "in [0, 30]",
+        require(self.count >= 1, "model.views.count", ">= 1 (view 0 is the un-augmented crop)", self.count)
+        require(self.randaugment_ops >= 0, "model.views.randaugment_ops", ">= 0", self.randaugment_ops)
+        require(0 <= self.randaugment_magnitude <= 30, "model.views.randaugment_magnitude", "in [0, 30]",
                  self.randaugment_magnitude)
 
 
@@ -335,15 +135,15 @@ class RetrievalConfig:
     memory_check: bool = True
 
     def __post_init__(self) -> None:
-        _require_choice("retrieval.mode", self.mode, Retrieval)
-        _require(self.k >= 1, "retrieval.k", ">= 1 (neighbours per view)", self.k)
-        _require(self.temperature > 0, "retrieval.temperature", "> 0", self.temperature)
-        _require_choice("retrieval.database", self.database, DatabaseMode)
-        _require(0.0 < self.database_fraction < 1.0, "retrieval.database_fraction", "in (0, 1)", self.database_fraction)
-        _require(self.split_seed >= 0, "retrieval.split_seed", ">= 0", self.split_seed)
-        _require(self.refresh_every >= 0, "retrieval.refresh_every", ">= 0 (0: only before training)", self.refresh_every)
-        _require_choice("retrieval.backend", self.backend, SearchBackend)
-        _require(self.refresh_every_steps >= 0, "retrieval.refresh_every_steps", ">= 0 (0: off, epochs count)",
+        check_choice("model.retrieval.mode", self.mode, Retrieval)
+        require(self.k >= 1, "model.retrieval.k", ">= 1 (neighbours per view)", self.k)
+        require(self.temperature > 0, "model.retrieval.temperature", "> 0", self.temperature)
+        check_choice("model.retrieval.database", self.database, DatabaseMode)
+        require(0.0 < self.database_fraction < 1.0, "model.retrieval.database_fraction", "in (0, 1)", self.database_fraction)
+        require(self.split_seed >= 0, "model.retrieval.split_seed", ">= 0", self.split_seed)
+        require(self.refresh_every >= 0, "model.retrieval.refresh_every", ">= 0 (0: only before training)", self.refresh_every)
+        check_choice("model.retrieval.backend", self.backend, SearchBackend)
+        require(self.refresh_every_steps >= 0, "model.retrieval.refresh_every_steps", ">= 0 (0: off, epochs count)",
                  self.refresh_every_steps)
 
 
@@ -374,7 +174,7 @@ class LossConfig:
                 "The loss weights --model.loss.beta_frob, beta_ce, beta_cac must be >= 0 and not all 0; "
                 f"got {betas}. Set at least one of them > 0."
             )
-        _require_choice("loss.view_reduction", self.view_reduction, ViewReduction)
+        check_choice("model.loss.view_reduction", self.view_reduction, ViewReduction)
 
 
 @dataclass(frozen=True)
@@ -401,8 +201,8 @@ class ClassifierConfig:
     attention_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.logit_scale > 0, "classifiers.logit_scale", "> 0 (1: the paper)", self.logit_scale)
-        _require(self.attention_temperature > 0, "classifiers.attention_temperature", "> 0 (1: the paper)",
+        require(self.logit_scale > 0, "model.classifiers.logit_scale", "> 0 (1: the paper)", self.logit_scale)
+        require(self.attention_temperature > 0, "model.classifiers.attention_temperature", "> 0 (1: the paper)",
                  self.attention_temperature)
 
 
@@ -485,7 +285,7 @@ class DMCAC(RetrievalMethod):
                     f"DMCAC's {name} must be a {cls.__name__} (a group of options, e.g. --model.{name}.<field> "
                     f"or --model.{name} '{{\"<field>\": ...}}'); got {type(value).__name__} {value!r}."
                 )
-        _require_choice("sampler", sampler, Sampler)
+        check_choice("model.sampler", sampler, Sampler)
         super().__init__(backbone=backbone or BackboneConfig("vit_small"), lr=lr, weight_decay=weight_decay, **kwargs)
         self.views_config, self.retrieval_config = views, retrieval
         self.loss_config, self.classifiers_config = loss, classifiers

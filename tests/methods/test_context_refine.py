@@ -21,6 +21,7 @@ from benchmark.engine.evaluation.metrics import nmi
 from benchmark.nn import fused
 from benchmark.nn.backbones import BackboneConfig
 from benchmark.nn.embedding_cache import EmbeddingCache, embedding_cache_key
+from benchmark.nn.knn_context import knn_search
 from datamodules.cub import CUB200
 from methods import context_refine
 from methods.baselines import MultiSimilarity
@@ -32,7 +33,6 @@ from methods.context_refine import (
     ContextRefiner,
     InferenceConfig,
     RefinerConfig,
-    knn_search,
 )
 from tests.datamodules.fixtures import make_cub
 

@@ -16,21 +16,12 @@ import torch.nn.functional as F
 
 from benchmark.core.errors import ConfigError
 from benchmark.nn.backbones import BackboneConfig
+from benchmark.nn.divergences import frobenius_lower, js_divergence_matrix, similarity_log_probs
+from benchmark.nn.heads import CrossAttentionClassifier
+from benchmark.nn.knn_context import knn_search, union_of_neighbours
+from benchmark.nn.splits import stratified_split
 from datamodules.cub import CUB200
-from methods.dmcac import (
-    DMCAC,
-    ClassifierConfig,
-    CrossAttentionClassifier,
-    LossConfig,
-    RetrievalConfig,
-    ViewConfig,
-    frobenius_lower,
-    js_divergence_matrix,
-    similarity_log_probs,
-    stratified_split,
-    topk_search,
-    union_of_neighbours,
-)
+from methods.dmcac import DMCAC, ClassifierConfig, LossConfig, RetrievalConfig, ViewConfig
 from tests.datamodules.fixtures import make_cub
 
 TINY = dict(backbone=BackboneConfig("vit_tiny_test", pretrained=False), image_size=16)
@@ -257,7 +248,7 @@ def test_union_retrieval_with_a_small_fixed_database() -> None:
     database = torch.stack([angles.cos(), angles.sin()], dim=1)
     view_angles = torch.tensor([[5.0, 35.0], [185.0, 265.0]]) * math.pi / 180  # 2 queries x 2 views
     views = torch.stack([view_angles.cos(), view_angles.sin()], dim=-1)  # (2, 2, 2)
-    neighbours = topk_search(views.reshape(4, 2), database, k=2).reshape(2, 2, 2)
+    neighbours = knn_search(views.reshape(4, 2), database, k=2).reshape(2, 2, 2)
     assert [sorted(v) for q in neighbours.tolist() for v in q] == [[0, 1], [1, 2], [4, 5], [4, 5]]
     indices, mask = union_of_neighbours(neighbours, len(database))
     assert indices.shape == (2, 3)  # padded to the largest union

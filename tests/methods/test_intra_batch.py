@@ -25,6 +25,7 @@ import yaml
 from benchmark.engine.evaluation import RetrievalEvaluator
 from benchmark.engine.evaluation.metrics import nmi, retrieval_metrics
 from benchmark.nn.backbones import BackboneConfig
+from benchmark.nn.reciprocal_neighbours import knn_graph, reciprocal_knn_batches
 from companions.intra_batch_perf import ReferenceReciprocalBatches, synthetic_sop_embeddings
 from methods.base import load_method
 from methods.intra_batch import (
@@ -34,8 +35,6 @@ from methods.intra_batch import (
     MessagePassingNetwork,
     MPNConfig,
     ReciprocalConfig,
-    knn_graph,
-    reciprocal_knn_batches,
 )
 
 
