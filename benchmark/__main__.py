@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from benchmark.core.errors import EXIT_USER, UserError  # a leaf module: nothing heavy
@@ -66,6 +67,9 @@ def _light(argv: list[str]) -> Callable[[list[str]], int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # When this process started, for the fit's start-up report (engine.training.ENV_STARTED; a string
+    # here, as this module imports nothing heavy). Always overwritten: a suite's fit is a new process.
+    os.environ["DML_BENCHMARK_STARTED"] = repr(time.time())
     argv = list(sys.argv[1:] if argv is None else argv)
     error = check_mplbackend()
     if error is not None:

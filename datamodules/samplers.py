@@ -22,6 +22,9 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from benchmark.core.errors import ConfigError
+from benchmark.core.validation import check_all, check_choice, require
+
 
 def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     if num_replicas is None:
@@ -60,8 +63,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __init__(
         self, batches_per_epoch: int, seed: int = 0, num_replicas: int | None = None, rank: int | None = None
     ) -> None:
-        if batches_per_epoch < 1:
-            raise ValueError(f"batches_per_epoch must be >= 1; got {batches_per_epoch}.")
+        require(batches_per_epoch >= 1, "data.batches_per_epoch", ">= 1", batches_per_epoch)
         self.num_replicas, self.rank = _dist_info(num_replicas, rank)
         self.batches_per_epoch = int(batches_per_epoch)
         self.seed = int(seed)
@@ -153,12 +155,9 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
         random_split: bool = False,
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64)
-        if classes_per_batch < 1 or samples_per_class < 1:
-            raise ValueError(
-                f"classes_per_batch and samples_per_class must be >= 1; got {classes_per_batch} and {samples_per_class}."
-            )
-        if epoch_length not in ("images", "combine"):
-            raise ValueError(f"epoch_length must be 'images' or 'combine'; got {epoch_length!r}.")
+        check_all([("data.classes_per_batch", classes_per_batch, classes_per_batch >= 1, ">= 1"),
+                   ("data.samples_per_class", samples_per_class, samples_per_class >= 1, ">= 1")])
+        check_choice("data.epoch_length", epoch_length, EpochLength)
         order = np.argsort(labels, kind="stable")
         classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
         keep = counts >= min_samples
@@ -168,16 +167,16 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
         self.n, self.m = classes_per_batch, samples_per_class
         self.splits = batch_splits(self.n * self.m) if random_split else [(self.n, self.m)]
         if not self.splits:
-            raise ValueError(
-                f"random_split needs a batch size with a split of >= 2 classes x >= 2 images; "
+            raise ConfigError(
+                f"--data.random_split needs a batch size with a split of >= 2 classes x >= 2 images; "
                 f"{self.n} x {self.m} = {self.n * self.m} has none."
             )
         widest = max(n for n, _ in self.splits)
         if len(self.classes) < widest:
-            raise ValueError(
+            raise ConfigError(
                 f"The training split has {len(self.classes)} classes with >= {min_samples} images, "
                 f"fewer than classes_per_batch={widest}{' (the widest random split)' if random_split else ''}. "
-                "Lower classes_per_batch."
+                "Lower --data.classes_per_batch."
             )
         self.epoch_length: EpochLength = epoch_length
         self._fixed = batches_per_epoch
@@ -246,11 +245,10 @@ class ShuffledBatchSampler(EpochBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        require(batch_size >= 1, "data.batch_size", ">= 1", batch_size)
         world = _dist_info(num_replicas, rank)[0]
         if num_samples < batch_size * world:
-            raise ValueError(
+            raise ConfigError(
                 f"The training set has {num_samples} images, fewer than one batch of {batch_size} per process "
                 f"({world} process(es)). Lower the batch size (classes_per_batch * samples_per_class)."
             )

@@ -75,6 +75,7 @@ import numpy as np
 from PIL import Image
 
 from benchmark.core.io import default_data_root
+from benchmark.core.validation import require
 
 __all__ = [
     "DATASET_DIRNAME",
@@ -241,8 +242,7 @@ def generate_synthetic(
     """
     _check_positive(num_classes=num_classes, images_per_class=images_per_class, image_size=image_size)
     _check_nonnegative(seed=seed)
-    if num_classes > MAX_CLASSES:
-        raise ValueError(f"num_classes must be at most {MAX_CLASSES}, got {num_classes}")
+    require(num_classes <= MAX_CLASSES, "data.num_classes", f"at most {MAX_CLASSES}", num_classes)
     root = Path(root).expanduser()
     target = root / DATASET_DIRNAME
     manifest = _manifest(num_classes, images_per_class, image_size, seed)
@@ -386,14 +386,12 @@ def _class_name(factors: dict[str, Any]) -> str:
 
 def _check_positive(**values: int) -> None:
     for key, value in values.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        require(int(value) == value and value >= 1, f"data.{key}", "a positive integer", value)
 
 
 def _check_nonnegative(**values: int) -> None:
     for key, value in values.items():
-        if int(value) != value or value < 0:
-            raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+        require(int(value) == value and value >= 0, f"data.{key}", "a non-negative integer", value)
 
 
 # --- nuisances -----------------------------------------------------------------------------------

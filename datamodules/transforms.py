@@ -15,6 +15,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2.functional import to_pil_image
 
 from benchmark.core.contracts import Normalization, ViewRequest
+from benchmark.core.validation import check_choice, require
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -62,24 +63,20 @@ class AugmentConfig:
     erasing_value: tuple[float, ...] = (0.0,)
 
     def __post_init__(self) -> None:
-        if len(self.erasing_value) not in (1, 3):
-            raise ValueError(f"--data.augment.erasing_value takes one value or three (per channel); got {self.erasing_value}.")
-        if not 0 < self.erasing_scale[0] <= self.erasing_scale[1] < 1:
-            raise ValueError(f"--data.augment.erasing_scale must be 0 < low <= high < 1; got {self.erasing_scale}.")
-        if self.crop not in ("random_resized", "resize_random"):
-            raise ValueError(f"--data.augment.crop must be 'random_resized' or 'resize_random'; got {self.crop!r}.")
-        if self.resize_size is not None and self.resize_size < 1:
-            raise ValueError(f"--data.augment.resize_size must be >= 1 or null; got {self.resize_size}.")
+        require(len(self.erasing_value) in (1, 3), "data.augment.erasing_value", "one value or three (per channel)",
+                self.erasing_value)
+        require(0 < self.erasing_scale[0] <= self.erasing_scale[1] < 1, "data.augment.erasing_scale",
+                "0 < low <= high < 1", self.erasing_scale)
+        check_choice("data.augment.crop", self.crop, ("random_resized", "resize_random"))
+        require(self.resize_size is None or self.resize_size >= 1, "data.augment.resize_size", ">= 1 or null",
+                self.resize_size)
 
 
 def training_crop(image_size: int, augment: AugmentConfig, interpolation: T.InterpolationMode) -> list:
     """The random crop of :class:`AugmentConfig` as transforms (before flip and colour)."""
     if augment.crop == "resize_random":
         resize = augment.resize_size or int(round(image_size / 0.875))
-        if resize < image_size:
-            raise ValueError(
-                f"--data.augment.resize_size {resize} is smaller than the crop {image_size}; use >= {image_size}."
-            )
+        require(resize >= image_size, "data.augment.resize_size", f">= the crop, {image_size}", resize)
         return [T.Resize(resize, interpolation=interpolation, antialias=True), T.RandomCrop(image_size)]
     return [
         T.RandomResizedCrop(

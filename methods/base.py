@@ -432,7 +432,7 @@ class RetrievalMethod(L.LightningModule):
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if hp.scheduler not in ("none", "cosine"):
-            raise ValueError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep, cosine or reload_best.")
+            raise ConfigError(f"Unknown scheduler {hp.scheduler!r}; choose none, multistep, cosine or reload_best.")
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=_LrFactor(warmup, total if hp.scheduler == "cosine" else 0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

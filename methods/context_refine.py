@@ -48,6 +48,7 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from benchmark.core.contracts import DataRequest, evaluation_outputs, register_method
+from benchmark.core.errors import ConfigError
 from benchmark.core.validation import check_choice
 from benchmark.nn import fused
 from benchmark.nn.attention import Attention
@@ -78,7 +79,7 @@ class ContextAttentionBlock(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_heads: int = 1, query_skip: bool = True) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must be a positive divisor of the embedding size {dim}.")
+            raise ConfigError(f"num_heads={num_heads} must be a positive divisor of the embedding size {dim}.")
         self.query = ProjectionMLP(dim, hidden_dim, skip=query_skip)
         self.key = ProjectionMLP(dim, hidden_dim)
         self.value = ProjectionMLP(dim, hidden_dim)
@@ -121,8 +122,8 @@ class ContextRefiner(nn.Module):
     ) -> None:
         super().__init__()
         if num_blocks < 1:
-            raise ValueError(
-                f"num_blocks must be >= 1 (got {num_blocks}); use aggregation='mean' for no blocks."
+            raise ConfigError(
+                f"--model.refiner.num_blocks must be >= 1 (got {num_blocks}); use --model.refiner.aggregation mean for no blocks."
             )
         self.dim = dim
         self.blocks = nn.ModuleList(
@@ -292,15 +293,15 @@ class RefinerConfig:
     def __post_init__(self) -> None:
         check_choice("--model.refiner.aggregation", self.aggregation, Aggregation)
         if self.num_neighbours < 0:
-            raise ValueError(f"--model.refiner.num_neighbours must be >= 0, got {self.num_neighbours}.")
+            raise ConfigError(f"--model.refiner.num_neighbours must be >= 0, got {self.num_neighbours}.")
         if self.num_neighbours == 0 and not self.include_self:
-            raise ValueError(
+            raise ConfigError(
                 "--model.refiner.num_neighbours 0 without include_self leaves every context empty; set "
                 "--model.refiner.include_self true (the paper's 'CA without neighbours' ablation: the query "
                 "attends to itself)."
             )
         if self.aggregation == "attention" and self.num_blocks < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--model.refiner.num_blocks must be >= 1 (got {self.num_blocks}); use aggregation 'mean' for no blocks."
             )
 
@@ -348,7 +349,7 @@ class InferenceConfig:
         check_choice("--model.inference.knn_backend", self.knn_backend, KnnBackend)
         check_choice("--model.inference.dtype", self.dtype, InferenceDtype)
         if self.chunk_size < 1:
-            raise ValueError(f"--model.inference.chunk_size must be >= 1, got {self.chunk_size}.")
+            raise ConfigError(f"--model.inference.chunk_size must be >= 1, got {self.chunk_size}.")
 
 
 # ---------------------------------------------------------------------------- the method

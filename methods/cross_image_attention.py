@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from benchmark.core.contracts import RankedLists, register_method
+from benchmark.core.errors import ConfigError
 from benchmark.core.validation import check_choice
 from benchmark.nn.attention import attend, merge_heads, split_heads
 from benchmark.nn.neighbours import exact_knn
@@ -59,7 +60,7 @@ class ImageCrossAttentionBlock(nn.Module):
     def __init__(self, dim: int, token_dim: int, num_heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"Cross-attention width {dim} is not divisible by num_heads={num_heads}; "
                 "pick num_heads dividing the embedding size (e.g. --model.num_heads 1)."
             )
@@ -264,15 +265,15 @@ class CrossImageAttentionMethod(RetrievalMethod):
     ) -> None:
         super().__init__(**kwargs)
         if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0 (0 = the baseline without cross-attention), got {num_blocks}.")
-        check_choice("pair_similarity", pair_similarity, PairSimilarity)
+            raise ConfigError(f"--model.num_blocks must be >= 0 (0 = the baseline without cross-attention); got {num_blocks}.")
+        check_choice("model.pair_similarity", pair_similarity, PairSimilarity)
         if rerank_k < 0 or rerank_batch_size < 1 or rerank_list_length < rerank_k:
-            raise ValueError(
-                "Need rerank_k >= 0, rerank_list_length >= rerank_k and rerank_batch_size >= 1; got "
+            raise ConfigError(
+                "Need --model.rerank_k >= 0, --model.rerank_list_length >= rerank_k and --model.rerank_batch_size >= 1; got "
                 f"{rerank_k}, {rerank_list_length}, {rerank_batch_size}."
             )
         if rerank_k and not num_blocks:
-            raise ValueError("rerank_k > 0 re-ranks with the cross-attention blocks; it needs num_blocks > 0.")
+            raise ConfigError("--model.rerank_k > 0 re-ranks with the cross-attention blocks; it needs --model.num_blocks > 0.")
         self.pair_similarity: PairSimilarity = pair_similarity
         self.conditional_weight, self.unconditional_weight = conditional_weight, unconditional_weight
         self.alpha, self.beta, self.base, self.miner_epsilon = alpha, beta, base, miner_epsilon

@@ -327,7 +327,7 @@ class DMCAC(RetrievalMethod):
         else:
             self.query_indices, self.database_indices = stratified_split(labels, retrieval.database_fraction, retrieval.split_seed)
         if len(self.database_indices) == 0:
-            raise ValueError(
+            raise ConfigError(
                 "DMCAC: the training database is empty: no training class has two images, so none can be in "
                 "both the query set and the database. Use --model.retrieval.database all or a dataset with >= 2 "
                 "images per class."
@@ -339,7 +339,7 @@ class DMCAC(RetrievalMethod):
             self.split_training_set(dm.train_records.labels)
             batch = getattr(dm, "classes_per_batch", 0) * getattr(dm, "samples_per_class", 0)
             if self.sampler == "shuffle" and 0 < len(self.query_indices) < batch:
-                raise ValueError(
+                raise ConfigError(
                     f"DMCAC: the query set has {len(self.query_indices)} images, fewer than one batch of {batch} "
                     "(classes_per_batch * samples_per_class); lower the batch size."
                 )

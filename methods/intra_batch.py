@@ -98,7 +98,7 @@ class MessagePassingLayer(nn.Module):
     ) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(
+            raise ConfigError(
                 f"The MPN's feature size {dim} is not divisible by heads={heads} (--model.mpn.heads); "
                 "choose a number of heads that divides the embedding size (--model.embedding_dim)."
             )
@@ -171,7 +171,7 @@ class MessagePassingNetwork(nn.Module):
     ) -> None:
         super().__init__()
         if layers < 1:
-            raise ValueError(f"The MPN needs at least 1 layer (--model.mpn.layers); got {layers}.")
+            raise ConfigError(f"The MPN needs at least 1 layer (--model.mpn.layers); got {layers}.")
         self.dim = dim
         self.input = nn.Linear(dim, dim) if input_projection else nn.Identity()
         self.layers = nn.ModuleList(

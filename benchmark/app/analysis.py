@@ -33,8 +33,10 @@ import torch
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 
-from benchmark.app.builder import CLIError, build_cli, check_checkpoint_file, run_dir_of_checkpoint
+from benchmark.app.builder import build_cli
+from benchmark.app.checkpoints import check_checkpoint_file, run_dir_of_checkpoint
 from benchmark.core.contracts import FIGURES, register_analysis
+from benchmark.core.errors import CLIError
 from benchmark.engine.evaluation import RetrievalEvaluator
 from benchmark.engine.figures import (
     FIGURES_DIR,

@@ -28,20 +28,27 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
+from lightning.pytorch.cli import LightningCLI
 
+from benchmark.app.checkpoints import (
+    check_against_run,
+    check_checkpoint_file,
+    check_checkpoint_settings,
+    check_config_file,
+    checkpoint_contents,
+    run_dir_of_checkpoint,
+    stored_config_file,
+)
 from benchmark.core import registry
 from benchmark.core.defaults import CONFIG_DIR, DEFAULT_DATA, DEFAULT_METHOD
-from benchmark.core.errors import ConfigError, UserError
+from benchmark.core.errors import CLIError, UserError
 from benchmark.core.io import remove_stale_temporaries
 from benchmark.core.results import (
-    BOOKKEEPING,
     ROLE_FINAL,
-    RUN_RECORDS,
     comparison_config,
     comparison_group,
     comparison_key,
-    flatten_config,
     identity,
 )
 from benchmark.engine.evaluation import RetrievalEvaluator
@@ -69,10 +76,6 @@ from methods.base import RetrievalMethod
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 ENV_FIGURES = "DML_BENCHMARK_FIGURES"  # "false": no figures after a test unless --figures[.*] is given
 
-
-
-class CLIError(UserError):
-    """A user error on the command line: printed without a traceback, exit code 2."""
 
 
 # ---------------------------------------------------------------------------- argv handling
@@ -120,163 +123,6 @@ def _option_values(argv: list[str], name: str) -> list[str]:
         elif arg.startswith(name + "="):
             values.append(arg.split("=", 1)[1])
     return values
-
-
-def run_dir_of_checkpoint(ckpt_path: str | None) -> Path | None:
-    """The run directory a checkpoint belongs to: ``<run>/checkpoints/x.ckpt`` where ``<run>`` holds a
-    run's records (its config.yaml, status.json or metrics files)."""
-    if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
-        return None
-    path = Path(ckpt_path).expanduser()
-    run = path.parent.parent
-    return run if path.parent.name == "checkpoints" and any((run / name).is_file() for name in RUN_RECORDS) else None
-
-
-def checkpoint_contents(path: Path) -> dict[str, Any]:
-    """What a checkpoint says about itself without loading its weights into memory (torch memory-maps
-    the tensors): ``global_step``, ``epoch``, the model's ``hyper_parameters`` and the run's stored
-    configuration (``benchmark_config``, absent in checkpoints written before it was recorded)."""
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # a file check_checkpoint_file let through but torch cannot read
-        raise CLIError(f"Checkpoint {path} cannot be read by torch ({type(err).__name__}: {err}).") from None
-    if not isinstance(checkpoint, dict):
-        raise CLIError(f"Checkpoint {path} is not a Lightning checkpoint (a {type(checkpoint).__name__}).")
-    return {k: checkpoint.get(k) for k in ("global_step", "epoch", "hyper_parameters", CONFIG_KEY)}
-
-
-def check_checkpoint_file(path: Path) -> None:
-    """Fail fast, naming the file, if a checkpoint is missing, truncated or corrupted.
-
-    torch checkpoints are zip archives whose directory sits at the end of the file (a truncated copy
-    does not open) and which record a CRC-32 of every member (a corrupted byte is found by checking
-    them), all without unpickling anything.
-    """
-    import zipfile
-
-    if not path.is_file():
-        raise CLIError(f"Checkpoint {path} (--ckpt_path) does not exist. Pass a .ckpt from a run's checkpoints/ folder.")
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                # Every member's CRC-32 against its bytes (torch.save records them): a flipped byte inside
-                # a tensor loads without complaint and evaluates as different weights. It reads the file
-                # once (about 1 s per GB from a local disk).
-                bad = archive.testzip()
-            if bad is not None:
-                raise zipfile.BadZipFile(f"the bytes of {bad} do not match their CRC-32: the file is corrupted")
-        else:
-            with open(path, "rb") as f:
-                if f.read(1) != b"\x80":  # not a zip archive, not a legacy pickle either
-                    raise zipfile.BadZipFile("neither a zip archive nor a pickle")
-    except (zipfile.BadZipFile, OSError) as err:
-        raise CLIError(
-            f"Checkpoint {path} (--ckpt_path) is damaged or truncated ({err}). Use another checkpoint of the run "
-            "(checkpoints/best-*.ckpt or last.ckpt) or copy it again."
-        ) from None
-
-
-def check_config_file(path: Path) -> None:
-    """A ``--config`` file must be YAML whose top level maps sections (``trainer:``, ``model:`` ...): say
-    which file and line is wrong before the parser reports "<unicode string>" or a bare "Unexpected config"."""
-    if not path.is_file():
-        raise CLIError(f"--config {path} does not exist.")
-    text = path.read_text(errors="replace")
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
-        hint = " YAML indents with spaces; this line holds a tab." if "\t" in line else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise CLIError(f"--config {path}{where}: not valid YAML ({problem}).{hint}") from None
-    if config is not None and not isinstance(config, dict):
-        raise CLIError(
-            f"--config {path}: the top level is a {type(config).__name__}; a config maps sections to options "
-            "(trainer:, model:, data:, ...), as `fit --print_config` prints it."
-        )
-
-
-def _stored_config_file(text: str) -> Path:
-    """The configuration stored in a checkpoint, as a YAML file LightningCLI can read (removed at exit)."""
-    import atexit
-    import tempfile
-
-    handle, name = tempfile.mkstemp(prefix="dml-benchmark-ckpt-config-", suffix=".yaml")
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    atexit.register(lambda: Path(name).unlink(missing_ok=True))
-    return Path(name)
-
-
-#: Model options whose value a checkpoint's weights replace or the data fills in: they may differ.
-_NOT_COMPARED = {"model.num_classes", "model.image_size", "model.backbone.weights", "model.backbone.pretrained"}
-
-
-def _same(a: Any, b: Any) -> bool:
-    import json
-
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str) or a == b
-
-
-def check_checkpoint_settings(config: dict[str, Any], stored: dict[str, Any], ckpt_path: str, own_run_dir: bool) -> None:
-    """Refuse to evaluate a checkpoint under settings it was not trained with (exit 2).
-
-    The model's options must be the checkpoint's own (its ``hyper_parameters``): other options build
-    another model, into which the weights load partly or not at all. With the run's configuration
-    stored in the checkpoint, the data settings that change a result must match as well, unless the
-    evaluation is recorded in a run folder of its own (``--run_dir``): it would otherwise be appended to
-    the checkpoint's run as if that run had produced it.
-    """
-    given = flatten_config(config)
-    hparams = dict(stored.get("hyper_parameters") or {})
-    trained = flatten_config({"model": {"init_args": {k: v for k, v in hparams.items() if not str(k).startswith("_")}}})
-    if hparams.get("_class_path"):
-        trained["model.class_path"] = hparams["_class_path"]
-    differences = [(k, v, given[k]) for k, v in sorted(trained.items())
-                   if k in given and k not in _NOT_COMPARED and not _same(v, given[k])]  # fmt: skip
-    if stored.get(CONFIG_KEY) and own_run_dir:
-        with contextlib.suppress(yaml.YAMLError, AttributeError):
-            run = comparison_config(yaml.safe_load(str(stored[CONFIG_KEY])) or {})
-            mine = comparison_config(config)
-            differences += [(k, run[k], mine.get(k)) for k in sorted(run) if k.startswith("data.")
-                            and not _same(run[k], mine.get(k)) and k not in BOOKKEEPING]  # fmt: skip
-    if differences:
-        shown = "; ".join(f"{k}: trained with {v!r}, given {g!r}" for k, v, g in differences[:6])
-        more = f" (and {len(differences) - 6} more)" if len(differences) > 6 else ""
-        raise CLIError(
-            f"{ckpt_path} was trained with other settings than this command gives: {shown}{more}. A checkpoint "
-            "is evaluated with the settings it was trained with: leave --config and the options out to use its "
-            "run's config.yaml (or the configuration stored in the checkpoint), or, for a deliberate evaluation "
-            "under other data settings, record it in a folder of its own with --run_dir NEW."
-        )
-
-
-def _config_class(config_path: Path, section: str) -> str | None:
-    with open(config_path) as f:
-        config = yaml.safe_load(f) or {}
-    value = (config.get(section) or {}).get("class_path") if isinstance(config.get(section), dict) else None
-    return str(value) if value else None
-
-
-def _check_against_run(run_config: Path, ckpt_path: str, methods: list[str], datas: list[str]) -> None:
-    """``--method`` / ``--data`` given with a run's checkpoint must name what the run trained."""
-    for flag, given, section, lookup in (
-        ("--method", methods, "model", registry.get_method),
-        ("--data", datas, "data", registry.get_dataset),
-    ):
-        if not given:
-            continue
-        wanted = given[0] if "." in given[0] else registry.class_path(lookup(given[0]))
-        trained = _config_class(run_config, section)
-        if trained and wanted != trained:
-            raise CLIError(
-                f"{flag} {given[0]} differs from the run that wrote {ckpt_path} ({trained}). "
-                f"Leave {flag} out to evaluate the run as trained, or pass --config FILE to use other settings."
-            )
 
 
 def resolve_recipe(method: str, data: str, recipe: str | None) -> Path | None:
@@ -343,7 +189,7 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
         if source is not None and (source / "config.yaml").is_file():
             run_config = source / "config.yaml"
         elif stored.get(CONFIG_KEY):
-            run_config = _stored_config_file(str(stored[CONFIG_KEY]))
+            run_config = stored_config_file(str(stored[CONFIG_KEY]))
         elif not datas:
             raise CLIError(
                 f"{ckpt_path} does not carry its run's configuration (a checkpoint written before it was stored) "
@@ -351,7 +197,7 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
                 "are unknown. Pass its run's config.yaml with --config, or name the data with --data NAME and its options."
             )
         if run_config is not None:
-            _check_against_run(run_config, ckpt_path, methods, datas)
+            check_against_run(run_config, ckpt_path, methods, datas)
             methods, datas, user_config = [], [], True
             if recipe not in (None, "auto", "none"):
                 raise CLIError("--recipe cannot be combined with a run's checkpoint: the run's own config.yaml is used.")
@@ -447,299 +293,291 @@ def explain_parse_error(message: str, options: list[str]) -> str:
     return f"unknown option {bad}{where}.{hint} `--help` lists the options, `--print_config` shows their values."
 
 
-def _make_cli_class():
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
+class BenchmarkCLI(LightningCLI):
+    """LightningCLI with the benchmark's run: short flags already rewritten (``run_info``), the evaluator,
+    checkpoint and figure options in the parser, one run folder, records and loggers in the trainer.
 
+    Everything happens in LightningCLI's hooks: :meth:`init_parser` (no abbreviations, short errors),
+    :meth:`add_arguments_to_parser`, :meth:`before_instantiate_classes` (a checkpoint's own settings),
+    :meth:`instantiate_trainer` (run folder, callbacks, loggers, records), :meth:`before_fit` /
+    :meth:`after_fit` (the evaluation before training and the final test).
+    """
 
-    class BenchmarkCLI(LightningCLI):
-        run_info: dict[str, Any] = {}
-        status: RunStatus | None = None
+    def __init__(self, *args: Any, run_info: dict[str, Any] | None = None, status: RunStatus | None = None,
+                 **kwargs: Any) -> None:
+        # Set first: LightningCLI.__init__ parses, instantiates and runs the subcommand from inside itself.
+        self.run_info: dict[str, Any] = dict(run_info or {})
+        self.status = status
+        super().__init__(*args, **kwargs)
 
-        def init_parser(self, **kwargs: Any):
-            # No prefix matching: --trainer.max_epoch must not silently mean --trainer.max_epochs.
-            kwargs.setdefault("allow_abbrev", False)
-            parser = super().init_parser(**kwargs)
-            parser.error_handler = _short_parse_error
-            return parser
+    def init_parser(self, **kwargs: Any):
+        # No prefix matching: --trainer.max_epoch must not silently mean --trainer.max_epochs.
+        kwargs.setdefault("allow_abbrev", False)
+        parser = super().init_parser(**kwargs)
+        parser.error_handler = _short_parse_error
+        return parser
 
-        def resolved_config(self) -> dict[str, Any]:
-            """This command's resolved configuration as a plain dict (what config.yaml holds)."""
-            config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
-            return config.as_dict() if hasattr(config, "as_dict") else dict(config)
+    def resolved_config(self) -> dict[str, Any]:
+        """This command's resolved configuration as a plain dict (what config.yaml holds)."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        return config.as_dict() if hasattr(config, "as_dict") else dict(config)
 
-        def before_instantiate_classes(self) -> None:
-            stored = self.run_info.get("checkpoint")
-            if stored is not None:  # test/validate of a checkpoint: with the settings it was trained with
-                own = self.run_info.get("run_dir") is not None and run_dir_of_checkpoint(self.run_info.get("ckpt_path")) != \
-                    Path(self.run_info["run_dir"]).expanduser()  # fmt: skip
-                check_checkpoint_settings(self.resolved_config(), stored, str(self.run_info.get("ckpt_path")), not own)
+    def before_instantiate_classes(self) -> None:
+        stored = self.run_info.get("checkpoint")
+        if stored is not None:  # test/validate of a checkpoint: with the settings it was trained with
+            own = self.run_info.get("run_dir") is not None and run_dir_of_checkpoint(self.run_info.get("ckpt_path")) != \
+                Path(self.run_info["run_dir"]).expanduser()  # fmt: skip
+            check_checkpoint_settings(self.resolved_config(), stored, str(self.run_info.get("ckpt_path")), not own)
 
-        def instantiate_classes(self) -> None:
-            """Build model, data and trainer; a constructor's ValueError about an option is the user's."""
-            try:
-                super().instantiate_classes()
-            except (ValueError, TypeError) as err:
-                if user_error(err) is not None:
-                    raise
-                cause = _constructor_error(err)
-                if cause is None:
-                    raise
-                raise ConfigError(str(cause)) from err
+    def add_arguments_to_parser(self, parser) -> None:
+        # The evaluator's options, from a recipe's `evaluation:` section or --evaluation.*
+        # (e.g. --evaluation.recall_ks [1,2,4,8] --evaluation.backend cpu).
+        parser.add_class_arguments(RetrievalEvaluator, "evaluation", instantiate=True)
+        parser.add_class_arguments(CheckpointSettings, "checkpoint", instantiate=True)
+        # The figures drawn after a test into runs/<run>/figures/ (--figures.* or a recipe's figures:).
+        parser.add_class_arguments(FigureWriter, "figures", instantiate=True)
+        parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
-        def add_arguments_to_parser(self, parser) -> None:
-            # The evaluator's options, from a recipe's `evaluation:` section or --evaluation.*
-            # (e.g. --evaluation.recall_ks [1,2,4,8] --evaluation.backend cpu).
-            parser.add_class_arguments(RetrievalEvaluator, "evaluation", instantiate=True)
-            parser.add_class_arguments(CheckpointSettings, "checkpoint", instantiate=True)
-            # The figures drawn after a test into runs/<run>/figures/ (--figures.* or a recipe's figures:).
-            parser.add_class_arguments(FigureWriter, "figures", instantiate=True)
-            parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
-            parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+    def _run_dir(self) -> Path:
+        """Where this run writes: --run_dir, the run a checkpoint belongs to, or a new folder.
 
-        def _run_dir(self) -> Path:
-            """Where this run writes: --run_dir, the run a checkpoint belongs to, or a new folder.
-
-            A new folder is created exclusively (a suffix is added if the name is taken), so two
-            runs started in the same second never share one. ``fit --ckpt_path`` of a run's
-            checkpoint continues that run's folder; ``test``/``validate`` record into it.
-            """
-            info = self.run_info
-            env = os.environ.get("DML_BENCHMARK_RUN_DIR")
-            if env and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP worker: rank 0 chose the folder
-                return Path(env)
-            root = info.get("run_dir") or self._get(self.config, "trainer", default={}).get("default_root_dir")
-            path = Path(root).expanduser() if root else run_dir_of_checkpoint(info.get("ckpt_path"))
-            if path is None:
-                path = self._new_run_dir()
-                created = True
-            else:
-                if path.exists() and not path.is_dir():
-                    raise CLIError(f"--run_dir {path} is a file; name a folder (it is created if missing).")
-                resuming = run_dir_of_checkpoint(info.get("ckpt_path")) == path
-                if info.get("command") == "fit" and not resuming and (path / "config.yaml").exists():
-                    raise CLIError(
-                        f"--run_dir {path} already holds a run. Choose a new folder, or continue that run with "
-                        f"--ckpt_path {path / 'checkpoints' / 'last.ckpt'}."
-                    )
-                created = not path.exists()
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                probe = path / f".write-test-{os.getpid()}"
-                probe.touch()
-                probe.unlink()
-            except OSError as err:
-                raise CLIError(f"Cannot write into the run directory {path}: {err}. Pass --run_dir to a writable folder.") from err
-            os.environ["DML_BENCHMARK_RUN_DIR"] = str(path)
-            if self.status is not None:
-                self.status.created_run_dir = created
-            return path
-
-        def _new_run_dir(self) -> Path:
-            """runs/<method>-<data>-<backbone>-<time>[-n], created exclusively."""
-            model_name = getattr(self.model, "method_name", "") or type(self.model).__name__
-            data_name = getattr(self.datamodule, "name", "") or type(self.datamodule).__name__
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            base = Path("runs") / f"{model_name}-{data_name}-{self.model.backbone_config.name}-{stamp}"
-            try:
-                base.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise CLIError(f"Cannot create {base.parent}: {err}. Pass --run_dir to a writable folder.") from err
-            for n in range(1, 10_000):
-                path = base if n == 1 else base.with_name(f"{base.name}-{n}")
-                try:
-                    path.mkdir()
-                    return path
-                except FileExistsError:
-                    continue
-            raise CLIError(f"Too many runs named {base}*; pass --run_dir.")
-
-        def instantiate_trainer(self, **kwargs: Any):
-            if (self.run_info.get("command") or "fit") == "fit" and hasattr(self.datamodule, "training_batches"):
-                # The batch settings against the data, before any folder or data pass.
-                batches = len(self.datamodule.training_batches(self.model.data_request()))
-                every = self._get(self.config_init, "trainer", default={}).get("log_every_n_steps") or 50
-                if 0 < batches < every:
-                    # Lightning writes step metrics every log_every_n_steps steps: an epoch shorter than
-                    # that would leave train/loss out of every logger. Write once an epoch then.
-                    kwargs["log_every_n_steps"] = batches
-            run_dir = self._run_dir()
-            command = self.run_info.get("command") or "fit"
-            if hasattr(self.datamodule, "apply_request"):
-                # What the method asks of the data (sampler, views, normalisation) before anything
-                # records the run: the results and the W&B config describe the data as it is used.
-                self.datamodule.apply_request(self.model.data_request())
-            meta = {**self.datamodule.describe(), **self.model.describe()}
-            seed = self._get(self.config, "seed_everything")
-            meta["seed"] = seed
-            trainer_cfg = self._get(self.config_init, "trainer", default={})
-            evaluator = self._get(self.config_init, "evaluation", default=None)
-            callbacks = [evaluator if isinstance(evaluator, RetrievalEvaluator) else RetrievalEvaluator()]
-            # The best checkpoint by the metric the method is judged by (trainer.checkpoint_callback,
-            # ckpt_path="best"), after each validation; then last.ckpt at the end of every training
-            # epoch (after its validation, if any), so that a run validated every few epochs can
-            # still be resumed from its latest epoch.
-            settings = self._get(self.config_init, "checkpoint", default=None)
-            settings = settings if isinstance(settings, CheckpointSettings) else CheckpointSettings()
-            selection = settings.monitor or getattr(self.model, "selection_metric", "val/R@1")
-            meta["selection_metric"] = selection
-            if settings.save_top_k != 0:
-                callbacks.append(
-                    ModelCheckpoint(
-                        dirpath=run_dir / "checkpoints",
-                        filename="best-{epoch}-{step}",
-                        monitor=selection,
-                        mode=settings.mode or getattr(self.model, "selection_mode", "max"),
-                        save_top_k=settings.save_top_k,
-                        auto_insert_metric_name=False,
-                        save_on_train_epoch_end=False,  # after validation has computed the metric
-                    )
+        A new folder is created exclusively (a suffix is added if the name is taken), so two
+        runs started in the same second never share one. ``fit --ckpt_path`` of a run's
+        checkpoint continues that run's folder; ``test``/``validate`` record into it.
+        """
+        info = self.run_info
+        env = os.environ.get("DML_BENCHMARK_RUN_DIR")
+        if env and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP worker: rank 0 chose the folder
+            return Path(env)
+        root = info.get("run_dir") or self._get(self.config, "trainer", default={}).get("default_root_dir")
+        path = Path(root).expanduser() if root else run_dir_of_checkpoint(info.get("ckpt_path"))
+        if path is None:
+            path = self._new_run_dir()
+            created = True
+        else:
+            if path.exists() and not path.is_dir():
+                raise CLIError(f"--run_dir {path} is a file; name a folder (it is created if missing).")
+            resuming = run_dir_of_checkpoint(info.get("ckpt_path")) == path
+            if info.get("command") == "fit" and not resuming and (path / "config.yaml").exists():
+                raise CLIError(
+                    f"--run_dir {path} already holds a run. Choose a new folder, or continue that run with "
+                    f"--ckpt_path {path / 'checkpoints' / 'last.ckpt'}."
                 )
-            if settings.last_every_n_epochs:
-                callbacks.append(
-                    ModelCheckpoint(
-                        dirpath=run_dir / "checkpoints",
-                        filename="last",
-                        monitor=None,
-                        save_top_k=1,
-                        every_n_epochs=settings.last_every_n_epochs,
-                        save_on_train_epoch_end=True,
-                        enable_version_counter=False,
-                    )
-                )
-            if self.status is not None:
-                self.status.command = command
-                callbacks.append(self.status)
-            precision, reason = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
-            meta["precision"] = str(precision)
-            extra = run_metadata(self.run_info, trainer_cfg, self.datamodule)
-            # What makes runs comparable: the whole resolved configuration minus seeds and bookkeeping,
-            # plus what the configuration cannot carry (resolved precision, weights' hash, data found).
-            config = self.resolved_config()
-            settings = comparison_config(config, getattr(type(self.model), "per_run_options", ()))
-            extra["config"] = settings
-            extra["comparison_key"] = comparison_key({**settings, **identity({**meta, **extra})})
-            # The papers' names for this setting (RetrievalMethod.reference_names), recorded so that the
-            # leaderboard and the paper tables match runs to paper numbers without importing the methods.
-            described = {**meta, **extra}
-            extra["reference_names"] = list(type(self.model).reference_names(described, False))
-            extra["reference_names_refined"] = list(type(self.model).reference_names(described, True))
-            for key, variable in (("suite", "DML_BENCHMARK_SUITE"), ("cell", "DML_BENCHMARK_CELL"),
-                                  ("variant", "DML_BENCHMARK_VARIANT")):  # fmt: skip
-                if os.environ.get(variable):
-                    extra[key] = os.environ[variable]
-            meta.update(extra)
-            if command == "fit":
-                with contextlib.suppress(Exception):  # a config jsonargparse cannot dump: config.yaml says why
-                    text = self._parser(self.subcommand).dump(self.config.get(str(self.subcommand), self.config),
-                                                              skip_none=False)  # fmt: skip
-                    callbacks.append(ConfigInCheckpoint(text))
-            logger_name = self.run_info.get("logger") or "wandb"
-            if command != "fit" and self.run_info.get("run_config") and self.run_info.get("logger_default", True):
-                logger_name = "none"  # evaluating a run's checkpoint: its results go into its folder
-            # --trainer.logger, when given, wins (LightningCLI's convention) and --logger's is not made.
-            user_logger = trainer_cfg.get("logger")
-            user_set = user_logger is not None and user_logger is not True
-            logger = None if user_set else build_logger(logger_name, run_dir, meta, command)
-            if command == "fit" and (logger is not None or (user_set and user_logger is not False)):
-                callbacks.append(LearningRateMonitor(logging_interval="step"))
-            callbacks.append(WandbResults(run_dir, selection))  # acts only when a W&B logger is attached
-            figures = self._get(self.config_init, "figures", default=None)
-            if isinstance(figures, FigureWriter) and figures.enabled and command in ("fit", "test"):
-                figures.run_dir = run_dir  # draws after the test, records the training history
-                callbacks.append(figures)
-            kwargs["default_root_dir"] = str(run_dir)  # --trainer.default_root_dir, if given, chose run_dir
-            if not user_set:
-                kwargs["logger"] = logger if logger is not None else False
-            existing = trainer_cfg.get("callbacks") or []
-            kwargs["callbacks"] = list(existing) + callbacks
-            plugins = trainer_cfg.get("plugins") or []
-            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-            if not any(hasattr(p, "save_checkpoint") for p in plugins):
-                plugins.append(AtomicCheckpointIO())
-            kwargs["plugins"] = plugins
-            self.run_dir = run_dir
-            trainer = super().instantiate_trainer(**kwargs)
-            # Recorded with every evaluation too (metrics_*.json), so local results and W&B agree.
-            trainer.run_metadata = {k: v for k, v in extra.items() if not k.startswith("version.")}
-            if trainer.is_global_zero:
-                print(f"[benchmark] precision: {trainer.precision} ({reason})", file=sys.stderr)
-                print(f"[benchmark] run directory: {run_dir}", file=sys.stderr)
-            if command == "fit" and self.status is not None:
-                self.status.start(run_dir)
-            return trainer
+            created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise CLIError(f"Cannot write into the run directory {path}: {err}. Pass --run_dir to a writable folder.") from err
+        os.environ["DML_BENCHMARK_RUN_DIR"] = str(path)
+        if self.status is not None:
+            self.status.created_run_dir = created
+        return path
 
-        def before_fit(self) -> None:
-            ckpt = self.run_info.get("ckpt_path")
-            if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
-                self._prepare_resume(Path(ckpt).expanduser())
-                return  # resuming: the run's pre-training evaluation is already recorded
-            if ckpt:
-                return
-            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-
-        def _prepare_resume(self, ckpt: Path) -> None:
-            """Before continuing from ``ckpt``: drop what the run recorded after the checkpoint's step (a
-            kill between a validation and its checkpoint leaves the lost weights' evaluation behind) and
-            the temporaries of checkpoints whose writer was killed."""
-            if not self.trainer.is_global_zero:
-                return
-            run_dir = Path(self.trainer.default_root_dir)
-            step = int(checkpoint_contents(ckpt).get("global_step") or 0)
-            notes = truncate_records(run_dir, step)
-            for folder in (run_dir, run_dir / "checkpoints"):
-                notes += [f"removed {p.name}: a temporary of a write that was killed"
-                          for p in remove_stale_temporaries(folder)] if folder.is_dir() else []  # fmt: skip
-            for note in notes:
-                print(f"[benchmark] resuming at step {step}: {note}", file=sys.stderr)
-
-        def after_fit(self) -> None:
-            if self.trainer.interrupted:
-                return
-            stopped_by = self._note_time_budget()
-            length = training_length(self.trainer, self.datamodule, self.run_info.get("recipe"), stopped_by)
-            key = self.trainer.run_metadata.get("comparison_key")
-            length["comparison_group"] = comparison_group(key, length["steps_trained"]) if key else None
-            self.trainer.run_metadata.update(length)
-            if length["short"] and self.trainer.is_global_zero:
-                print(f"[benchmark] shorter than asked: {length['short']}; the leaderboard shows this run apart "
-                      "from complete ones", file=sys.stderr)  # fmt: skip
-            update_wandb_config(self.trainer, length)
-            ckpt = "best" if getattr(self.datamodule, "protocol", "paper") == "holdout" else None
-            if ckpt == "best" and not self.trainer.checkpoint_callback.best_model_path:
-                ckpt = None
-            evaluators = [c for c in self.trainer.callbacks if isinstance(c, RetrievalEvaluator)]
-            for evaluator in evaluators:
-                evaluator.test_role = ROLE_FINAL  # the end-of-training result, whatever checkpoint it loads
+    def _new_run_dir(self) -> Path:
+        """runs/<method>-<data>-<backbone>-<time>[-n], created exclusively."""
+        model_name = getattr(self.model, "method_name", "") or type(self.model).__name__
+        data_name = getattr(self.datamodule, "name", "") or type(self.datamodule).__name__
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path("runs") / f"{model_name}-{data_name}-{self.model.backbone_config.name}-{stamp}"
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CLIError(f"Cannot create {base.parent}: {err}. Pass --run_dir to a writable folder.") from err
+        for n in range(1, 10_000):
+            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
             try:
-                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
-            finally:
-                for evaluator in evaluators:
-                    evaluator.test_role = None
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+        raise CLIError(f"Too many runs named {base}*; pass --run_dir.")
 
-        def _note_time_budget(self) -> str:
-            """Say so when ``trainer.max_time`` ended training before its epochs or steps; returns
-            ``"max_time"`` then, else ``""``."""
-            from lightning.pytorch.callbacks import Timer
-
-            trainer = self.trainer
-            timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-            if timer is None or timer.time_remaining("train") > 0:
-                return ""
-            planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.max_epochs * trainer.num_training_batches
-            if trainer.global_step >= planned:
-                return ""
-            note = (
-                f"training stopped by the time budget (trainer.max_time) after {trainer.global_step} of {planned} "
-                "steps: this machine is slower than the recipe assumes, and the results are those of the shorter run"
+    def instantiate_trainer(self, **kwargs: Any):
+        if (self.run_info.get("command") or "fit") == "fit" and hasattr(self.datamodule, "training_batches"):
+            # The batch settings against the data, before any folder or data pass.
+            batches = len(self.datamodule.training_batches(self.model.data_request()))
+            every = self._get(self.config_init, "trainer", default={}).get("log_every_n_steps") or 50
+            if 0 < batches < every:
+                # Lightning writes step metrics every log_every_n_steps steps: an epoch shorter than
+                # that would leave train/loss out of every logger. Write once an epoch then.
+                kwargs["log_every_n_steps"] = batches
+        run_dir = self._run_dir()
+        command = self.run_info.get("command") or "fit"
+        if hasattr(self.datamodule, "apply_request"):
+            # What the method asks of the data (sampler, views, normalisation) before anything
+            # records the run: the results and the W&B config describe the data as it is used.
+            self.datamodule.apply_request(self.model.data_request())
+        meta = {**self.datamodule.describe(), **self.model.describe()}
+        seed = self._get(self.config, "seed_everything")
+        meta["seed"] = seed
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        evaluator = self._get(self.config_init, "evaluation", default=None)
+        callbacks = [evaluator if isinstance(evaluator, RetrievalEvaluator) else RetrievalEvaluator()]
+        # The best checkpoint by the metric the method is judged by (trainer.checkpoint_callback,
+        # ckpt_path="best"), after each validation; then last.ckpt at the end of every training
+        # epoch (after its validation, if any), so that a run validated every few epochs can
+        # still be resumed from its latest epoch.
+        settings = self._get(self.config_init, "checkpoint", default=None)
+        settings = settings if isinstance(settings, CheckpointSettings) else CheckpointSettings()
+        selection = settings.monitor or getattr(self.model, "selection_metric", "val/R@1")
+        meta["selection_metric"] = selection
+        if settings.save_top_k != 0:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=run_dir / "checkpoints",
+                    filename="best-{epoch}-{step}",
+                    monitor=selection,
+                    mode=settings.mode or getattr(self.model, "selection_mode", "max"),
+                    save_top_k=settings.save_top_k,
+                    auto_insert_metric_name=False,
+                    save_on_train_epoch_end=False,  # after validation has computed the metric
+                )
             )
-            if trainer.is_global_zero:
-                print(f"[benchmark] {note}", file=sys.stderr)
-            if self.status is not None:
-                self.status.note = note
-            return "max_time"
+        if settings.last_every_n_epochs:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=run_dir / "checkpoints",
+                    filename="last",
+                    monitor=None,
+                    save_top_k=1,
+                    every_n_epochs=settings.last_every_n_epochs,
+                    save_on_train_epoch_end=True,
+                    enable_version_counter=False,
+                )
+            )
+        if self.status is not None:
+            self.status.command = command
+            callbacks.append(self.status)
+        precision, reason = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
+        meta["precision"] = str(precision)
+        extra = run_metadata(self.run_info, trainer_cfg, self.datamodule)
+        # What makes runs comparable: the whole resolved configuration minus seeds and bookkeeping,
+        # plus what the configuration cannot carry (resolved precision, weights' hash, data found).
+        config = self.resolved_config()
+        settings = comparison_config(config, getattr(type(self.model), "per_run_options", ()))
+        extra["config"] = settings
+        extra["comparison_key"] = comparison_key({**settings, **identity({**meta, **extra})})
+        # The papers' names for this setting (RetrievalMethod.reference_names), recorded so that the
+        # leaderboard and the paper tables match runs to paper numbers without importing the methods.
+        described = {**meta, **extra}
+        extra["reference_names"] = list(type(self.model).reference_names(described, False))
+        extra["reference_names_refined"] = list(type(self.model).reference_names(described, True))
+        for key, variable in (("suite", "DML_BENCHMARK_SUITE"), ("cell", "DML_BENCHMARK_CELL"),
+                              ("variant", "DML_BENCHMARK_VARIANT")):  # fmt: skip
+            if os.environ.get(variable):
+                extra[key] = os.environ[variable]
+        meta.update(extra)
+        if command == "fit":
+            with contextlib.suppress(Exception):  # a config jsonargparse cannot dump: config.yaml says why
+                text = self._parser(self.subcommand).dump(self.config.get(str(self.subcommand), self.config),
+                                                          skip_none=False)  # fmt: skip
+                callbacks.append(ConfigInCheckpoint(text))
+        logger_name = self.run_info.get("logger") or "wandb"
+        if command != "fit" and self.run_info.get("run_config") and self.run_info.get("logger_default", True):
+            logger_name = "none"  # evaluating a run's checkpoint: its results go into its folder
+        # --trainer.logger, when given, wins (LightningCLI's convention) and --logger's is not made.
+        user_logger = trainer_cfg.get("logger")
+        user_set = user_logger is not None and user_logger is not True
+        logger = None if user_set else build_logger(logger_name, run_dir, meta, command)
+        if command == "fit" and (logger is not None or (user_set and user_logger is not False)):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(WandbResults(run_dir, selection))  # acts only when a W&B logger is attached
+        figures = self._get(self.config_init, "figures", default=None)
+        if isinstance(figures, FigureWriter) and figures.enabled and command in ("fit", "test"):
+            figures.run_dir = run_dir  # draws after the test, records the training history
+            callbacks.append(figures)
+        kwargs["default_root_dir"] = str(run_dir)  # --trainer.default_root_dir, if given, chose run_dir
+        if not user_set:
+            kwargs["logger"] = logger if logger is not None else False
+        existing = trainer_cfg.get("callbacks") or []
+        kwargs["callbacks"] = list(existing) + callbacks
+        plugins = trainer_cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
+        self.run_dir = run_dir
+        trainer = super().instantiate_trainer(**kwargs)
+        # Recorded with every evaluation too (metrics_*.json), so local results and W&B agree.
+        trainer.run_metadata = {k: v for k, v in extra.items() if not k.startswith("version.")}
+        if trainer.is_global_zero:
+            print(f"[benchmark] precision: {trainer.precision} ({reason})", file=sys.stderr)
+            print(f"[benchmark] run directory: {run_dir}", file=sys.stderr)
+        if command == "fit" and self.status is not None:
+            self.status.start(run_dir)
+        return trainer
 
-    return BenchmarkCLI
+    def before_fit(self) -> None:
+        ckpt = self.run_info.get("ckpt_path")
+        if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
+            self._prepare_resume(Path(ckpt).expanduser())
+            return  # resuming: the run's pre-training evaluation is already recorded
+        if ckpt:
+            return
+        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
+    def _prepare_resume(self, ckpt: Path) -> None:
+        """Before continuing from ``ckpt``: drop what the run recorded after the checkpoint's step (a
+        kill between a validation and its checkpoint leaves the lost weights' evaluation behind) and
+        the temporaries of checkpoints whose writer was killed."""
+        if not self.trainer.is_global_zero:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
+        step = int(checkpoint_contents(ckpt).get("global_step") or 0)
+        notes = truncate_records(run_dir, step)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            notes += [f"removed {p.name}: a temporary of a write that was killed"
+                      for p in remove_stale_temporaries(folder)] if folder.is_dir() else []  # fmt: skip
+        for note in notes:
+            print(f"[benchmark] resuming at step {step}: {note}", file=sys.stderr)
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted:
+            return
+        stopped_by = self._note_time_budget()
+        length = training_length(self.trainer, self.datamodule, self.run_info.get("recipe"), stopped_by)
+        key = self.trainer.run_metadata.get("comparison_key")
+        length["comparison_group"] = comparison_group(key, length["steps_trained"]) if key else None
+        self.trainer.run_metadata.update(length)
+        if length["short"] and self.trainer.is_global_zero:
+            print(f"[benchmark] shorter than asked: {length['short']}; the leaderboard shows this run apart "
+                  "from complete ones", file=sys.stderr)  # fmt: skip
+        update_wandb_config(self.trainer, length)
+        ckpt = "best" if getattr(self.datamodule, "protocol", "paper") == "holdout" else None
+        if ckpt == "best" and not self.trainer.checkpoint_callback.best_model_path:
+            ckpt = None
+        evaluators = [c for c in self.trainer.callbacks if isinstance(c, RetrievalEvaluator)]
+        for evaluator in evaluators:
+            evaluator.test_role = ROLE_FINAL  # the end-of-training result, whatever checkpoint it loads
+        try:
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        finally:
+            for evaluator in evaluators:
+                evaluator.test_role = None
+
+    def _note_time_budget(self) -> str:
+        """Say so when ``trainer.max_time`` ended training before its epochs or steps; returns
+        ``"max_time"`` then, else ``""``."""
+        trainer = self.trainer
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining("train") > 0:
+            return ""
+        planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.max_epochs * trainer.num_training_batches
+        if trainer.global_step >= planned:
+            return ""
+        note = (
+            f"training stopped by the time budget (trainer.max_time) after {trainer.global_step} of {planned} "
+            "steps: this machine is slower than the recipe assumes, and the results are those of the shorter run"
+        )
+        if trainer.is_global_zero:
+            print(f"[benchmark] {note}", file=sys.stderr)
+        if self.status is not None:
+            self.status.note = note
+        return "max_time"
 
 
 def _short_parse_error(parser: Any, message: str) -> None:
@@ -810,21 +648,18 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
             print(f"[benchmark] config: {info['run_config']} (the run that wrote the checkpoint)", file=sys.stderr)
         elif info["recipe"] is not None and not any(a.startswith("--print_config") for a in argv):
             print(f"[benchmark] recipe: {info['recipe']}", file=sys.stderr)
-    cli_cls = _make_cli_class()
-    cli_cls.run_info = info
-    cli_cls.status = status
 
     # fit saves the resolved config as config.yaml; test/validate of a run save theirs beside it.
     config_name = "config.yaml" if subcommand in (None, "fit") else f"config_{subcommand}.yaml"
     with warnings.catch_warnings():
         # argv is passed on purpose (short flags rewritten); Lightning warns whenever sys.argv is also set.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return _instantiate_cli(cli_cls, subcommand, argv, run, config_name)
+        return _instantiate_cli(subcommand, argv, run, config_name, info, status)
 
 
-def _instantiate_cli(cli_cls: Any, subcommand: str | None, argv: list[str], run: bool, config_name: str):
-
-    return cli_cls(
+def _instantiate_cli(subcommand: str | None, argv: list[str], run: bool, config_name: str, info: dict[str, Any],
+                     status: Any):
+    return BenchmarkCLI(
         RetrievalMethod,
         RetrievalDataModule,
         trainer_class=BenchmarkTrainer,
@@ -836,6 +671,8 @@ def _instantiate_cli(cli_cls: Any, subcommand: str | None, argv: list[str], run:
         trainer_defaults={"use_distributed_sampler": False, "log_every_n_steps": 10},
         args=([subcommand] if subcommand and run else []) + argv,
         run=run,
+        run_info=info,
+        status=status,
     )
 
 
@@ -855,24 +692,3 @@ def user_error(err: BaseException | None) -> BaseException | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
-
-
-_PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[2] / d) for d in ("methods", "datamodules", "companions", "benchmark"))
-
-
-def _constructor_error(err: BaseException | None) -> BaseException | None:
-    """The innermost ValueError/TypeError in ``err``'s chain raised by this project's own code."""
-    found, seen = None, set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        tb = err.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if isinstance(err, (ValueError, TypeError)) and tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PROJECT_DIRS):
-            found = err
-        err = err.__cause__ or err.__context__
-    return found
-
-
-def _is_user_error(err: BaseException) -> bool:
-    return user_error(err) is not None

@@ -12,14 +12,14 @@ import contextlib
 import sys
 
 from benchmark.app import analysis
-from benchmark.app.builder import CLIError, build_cli, user_error
+from benchmark.app.builder import build_cli, user_error
 from benchmark.app.leaderboard import main as leaderboard_main
 from benchmark.app.listing import main as list_main
 from benchmark.app.status import main as status_main
 from benchmark.app.suites.command import main as suite_main
 from benchmark.core import registry
 from benchmark.core.defaults import DEFAULT_DATA, DEFAULT_METHOD, USAGE
-from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USER
+from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USER, CLIError
 from benchmark.engine.training import (
     RunStatus,
 )

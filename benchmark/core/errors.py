@@ -23,3 +23,7 @@ class ConfigError(UserError, ValueError):
 
 class PluginError(UserError, ImportError):
     """A plugin (``--plugin MODULE``, a suite's ``plugins:``, an installed entry point) that cannot be imported."""
+
+
+class CLIError(UserError):
+    """A user error on the command line (a flag, a file it names): printed without a traceback, exit code 2."""

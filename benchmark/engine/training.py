@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from benchmark.core.errors import EXIT_SIGINT, EXIT_SIGTERM
 from benchmark.core.io import atomic_path, atomic_write_text
+from benchmark.core.validation import check_all
 
 PrecisionInput = _PRECISION_INPUT | Literal["auto"]
 
@@ -165,11 +167,8 @@ class CheckpointSettings:
     last_every_n_epochs: int = 1
 
     def __post_init__(self) -> None:
-        if self.save_top_k < -1 or self.last_every_n_epochs < 0:
-            raise ValueError(
-                f"--checkpoint.save_top_k must be >= -1 and --checkpoint.last_every_n_epochs >= 0; got "
-                f"{self.save_top_k} and {self.last_every_n_epochs}."
-            )
+        check_all([("checkpoint.save_top_k", self.save_top_k, self.save_top_k >= -1, ">= -1"),
+                   ("checkpoint.last_every_n_epochs", self.last_every_n_epochs, self.last_every_n_epochs >= 0, ">= 0")])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -187,6 +186,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # ---------------------------------------------------------------------------- run status
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+#: Set by ``python -m benchmark`` to the time it started (seconds since the epoch).
+ENV_STARTED = "DML_BENCHMARK_STARTED"
 
 
 class RunStatus(Callback):
@@ -217,6 +220,10 @@ class RunStatus(Callback):
         self.exit_code: int | None = None  # and its exit code
         self.note = ""  # a remark for the final status (e.g. training cut short by max_time)
         self._previous: dict[int, Any] = {}
+        # When the process started (set by `python -m benchmark`; else now): the start-up to the first
+        # training step (imports, data, model, the evaluation before training) is recorded in status.json.
+        self.process_started = float(os.environ.get(ENV_STARTED) or time.time())
+        self.first_step_s: float | None = None
 
     # ------------------------------------------------------------------ status file
     @property
@@ -248,6 +255,8 @@ class RunStatus(Callback):
         }
         if self.checkpoint is not None:
             payload["checkpoint"] = str(self.checkpoint)
+        if self.first_step_s is not None:
+            payload["first_step_s"] = self.first_step_s
         atomic_write_text(self.path, json.dumps(payload, indent=2) + "\n")
 
     def discard_unused_run_dir(self) -> None:
@@ -311,6 +320,17 @@ class RunStatus(Callback):
         return None
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """After the first training step of this process: say how long start-up took, and record it."""
+        if self.first_step_s is not None:
+            return
+        self.first_step_s = round(time.time() - self.process_started, 2)
+        if trainer.is_global_zero:
+            print(f"[benchmark] first training step {self.first_step_s:.1f} s after start (imports, data, model, "
+                  "the evaluation before training)", file=sys.stderr)  # fmt: skip
+            if self.state == "running":
+                self.write("running")
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """At a graceful stop during fit, write last.ckpt (the step is complete)."""
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:

@@ -23,6 +23,7 @@ from torch import nn
 from benchmark.core.contracts import Normalization
 from benchmark.core.errors import ConfigError, UserError
 from benchmark.core.presets import BACKBONES, BackbonePreset, Pool, register_backbone
+from benchmark.core.validation import require
 
 __all__ = ["BACKBONES", "BackbonePreset", "Pool", "register_backbone", "BackboneConfig", "Encoder", "EncoderOutput",
            "WeightsUnavailableError"]
@@ -233,8 +234,8 @@ class Encoder(nn.Module):
             cfg.get("interpolation", "bicubic"),
         )
         self.pool: Pool = config.pool or preset.pool
-        if preset.kind == "cnn" and self.pool == "token":
-            raise ValueError(f"Backbone '{config.name}' is a CNN; pool must be avg, max, avgmax or catavgmax.")
+        require(not (preset.kind == "cnn" and self.pool == "token"), "model.backbone.pool",
+                f"avg, max, avgmax or catavgmax for the CNN {config.name!r}", self.pool)
         self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
         self.feature_dim: int = self.model.num_features * (2 if self.pool == "catavgmax" else 1)
         self.token_dim: int = self.model.num_features

@@ -4,6 +4,9 @@
   given number of optimizer steps and then slows down, so that a test can signal a fit
   mid-epoch (after training has started, before the epoch ends).
 * ``nan_at_step``: the Multi-Similarity baseline whose loss becomes NaN from a given step on.
+* ``bug_in_init``: the Multi-Similarity baseline whose constructor builds an attention block with
+  0 heads, a programming error (a plain ValueError from benchmark/nn/attention.py): the command line must report it as a failure (a traceback, exit 1), not
+  as a user error, which only a ``UserError`` (``ConfigError``...) is.
 * ``refine_peak``: a method judged by its refined output (``val/refined/R@1``), whose plain
   embeddings never change (lr 0) and whose refinement improves for ``peak`` epochs and then
   degrades, so the epoch that a correct checkpoint selection picks is known in advance.
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.core.contracts import register_method, register_perf
+from benchmark.nn.attention import Attention
 from methods.base import RetrievalMethod
 from methods.baselines import MultiSimilarity
 
@@ -50,6 +54,17 @@ class NanAtStep(MultiSimilarity):
         if self.global_step >= self.nan_step:
             terms["loss"] = terms["loss"] * float("nan")
         return terms
+
+
+@register_method("bug_in_init")
+class BugInInit(MultiSimilarity):
+    """MS loss whose constructor fails the way a bug does (not a checked option)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # A building block called wrongly: its ValueError comes from the project's own code
+        # (benchmark/nn/attention.py), which the command line once took for a user error by its path.
+        self.attention = Attention(num_heads=0)
 
 
 @register_method("refine_peak")

@@ -27,6 +27,7 @@ import torch
 import wandb  # noqa: F401
 
 from benchmark.app.cli import main
+from benchmark.core.errors import UserError
 from tests.datamodules import fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +70,11 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
         ("samples-per-class-0", fit("--data.samples_per_class", "0"), ["samples_per_class=0", ">= 1"]),
         ("image-size-0", fit("--data.image_size", "0"), ["image_size=0", ">= 1"]),
         ("dataset-missing", fit("--data.root", str(tmp / "nowhere")), ["nowhere", "CUB"]),
+        ("cia-blocks-negative", [*base[:2], "cross_image_attention", *base[3:], "--model.num_blocks", "-1"],
+         ["--model.num_blocks", ">= 0"]),
+        ("evaluation-backend", fit("--evaluation.backend", "gpu"), ["--evaluation.backend", "'cuda'", "'gpu'"]),
+        ("augment-crop", fit("--data.augment.crop", "center"), ["augment.crop", "'random_resized'", "center"]),
+        ("checkpoint-top-k", fit("--checkpoint.save_top_k", "-3"), ["--checkpoint.save_top_k=-3", ">= -1"]),
         ("inshop-too-deep", ["fit", "--method", "ms", "--data", "inshop", "--data.root", str(inshop / "Eval"),
                              "--logger", "none"], ["one level too deep", f"--data.root '{inshop}'"]),
     ]
@@ -100,7 +106,8 @@ CASE_IDS = [
     "unknown-method", "unknown-dataset", "unknown-backbone", "option-typo", "model-option-typo", "weights-missing",
     "weights-list", "weights-text", "run-dir-is-a-file", "run-dir-unwritable", "checkpoint-missing",
     "checkpoint-truncated", "lr-zero", "lr-negative", "too-many-classes", "samples-per-class-0", "image-size-0",
-    "dataset-missing", "inshop-too-deep",
+    "dataset-missing", "inshop-too-deep", "cia-blocks-negative", "evaluation-backend", "augment-crop",
+    "checkpoint-top-k",
 ]
 
 
@@ -155,3 +162,15 @@ def test_the_real_command_exits_2_with_the_message_alone(cases) -> None:
     for case, (code, out, elapsed, left) in done.items():
         _check(case, code, out, left, table[case][1])
         assert elapsed < BOUND_S, f"{case} took {elapsed:.1f} s"
+
+
+def test_a_bug_in_a_constructor_is_a_failure_not_a_user_error(cases, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Errors are classified by type (#27): a plain ValueError raised by a constructor is a bug and escapes
+    ``main`` (the entry point prints its traceback, exit 1); only a UserError is exit 2."""
+    tmp, table = cases
+    base = table["lr-zero"][0][:-2]  # fit --method ms ... without --model.lr 0
+    args = [*base[:2], "bug_in_init", *base[3:]]
+    monkeypatch.chdir(tmp)
+    with pytest.raises(ValueError, match="num_heads must be >= 1") as raised:
+        main([*args, "--plugin", "tests.benchmark.plugin_methods"])
+    assert not isinstance(raised.value, UserError)

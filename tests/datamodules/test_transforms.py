@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from benchmark.core.contracts import Normalization
+from benchmark.core.errors import ConfigError
 from datamodules.transforms import AugmentConfig, train_transform
 
 NORM = Normalization(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear")
@@ -47,7 +48,7 @@ def test_resize_random_default_size_and_errors() -> None:
     transform = train_transform(224, NORM, AugmentConfig(crop="resize_random"))
     resize = next(t for t in transform.transforms if isinstance(t, T.Resize))
     assert resize.size == [256]  # 224 / 0.875, the paper's "resize to 256"
-    with pytest.raises(ValueError, match="smaller than the crop"):
+    with pytest.raises(ConfigError, match=r"--data.augment.resize_size must be >= the crop, 224; got 200"):
         train_transform(224, NORM, AugmentConfig(crop="resize_random", resize_size=200))
     with pytest.raises(ValueError, match="augment.crop"):
         AugmentConfig(crop="center")  # type: ignore[arg-type]

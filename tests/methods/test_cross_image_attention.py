@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark.core.errors import ConfigError
 from benchmark.nn.backbones import BackboneConfig
 from methods.cross_image_attention import (
     CrossImageAttention,
@@ -319,7 +320,7 @@ def test_bad_configuration_names_the_fix() -> None:
         make(num_heads=3)
     with pytest.raises(ValueError, match="pair_similarity"):
         make(pair_similarity="shared")
-    with pytest.raises(ValueError, match="needs num_blocks > 0"):
+    with pytest.raises(ConfigError, match="needs --model.num_blocks > 0"):
         make(num_blocks=0, rerank_k=5)
 
 

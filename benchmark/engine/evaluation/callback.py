@@ -48,6 +48,7 @@ from benchmark.core.results import (
     SELECTED_ON_TEST,
     final_evaluation,
 )
+from benchmark.core.validation import check_choice, require
 from benchmark.engine.evaluation.metrics import (
     count_duplicate_rows,
     nmi,
@@ -157,10 +158,9 @@ class RetrievalEvaluator(Callback):
         nmi_seed: int = 0,
     ) -> None:
         super().__init__()
-        if backend not in EVALUATION_BACKENDS:
-            raise ValueError(f"backend must be 'auto', 'cpu' or 'cuda'; got {backend!r}.")
-        if recall_ks is not None and (not recall_ks or any(int(k) < 1 for k in recall_ks)):
-            raise ValueError(f"recall_ks must be a non-empty list of positive integers; got {recall_ks!r}.")
+        check_choice("evaluation.backend", backend, EVALUATION_BACKENDS)
+        require(recall_ks is None or (bool(recall_ks) and all(int(k) >= 1 for k in recall_ks)), "evaluation.recall_ks",
+                "a non-empty list of positive integers", recall_ks)
         self.recall_ks = None if recall_ks is None else [int(k) for k in recall_ks]
         self.nmi = nmi
         self.map_at_k = int(map_at_k)
