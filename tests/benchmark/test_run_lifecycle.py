@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmark.__main__ as entry
 from benchmark.app import builder
 from benchmark.app.cli import main
 from benchmark.engine.evaluation import retrieval_metrics
@@ -97,6 +98,20 @@ def test_runs_started_in_the_same_second_get_their_own_folders(
         assert _json(run / "metrics_test.json")["seed"] == seed
         assert _json(run / "status.json")["status"] == "completed"
         assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_the_fit_reports_and_records_its_start_up_to_the_first_step(cub_root: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """#27: the time from the process's start to the first training step (imports, data, model, the
+    evaluation before training), printed and kept in status.json; through the real entry point."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("DML_BENCHMARK_STARTED", "0")  # the entry point overwrites it with its own start
+    assert entry.main(["fit", *_args(cub_root), "--data.batches_per_epoch", "2", "--trainer.max_epochs", "1",
+                       "--logger", "none", "--run_dir", str(run)]) == 0  # fmt: skip
+    recorded = _json(run / "status.json")
+    assert recorded["status"] == "completed" and 0 < recorded["first_step_s"] < 600
+    assert f"first training step {recorded['first_step_s']:.1f} s after start" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:.*differs from the published.*")
