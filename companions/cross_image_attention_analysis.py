@@ -19,7 +19,7 @@ difference per location in the middle row.
 Both take the options of ``fit`` after their own (recipe, ``--data``, ``--backbone``,
 ``--model.*``, ``--trainer.*``, ``--logger``); they write PNGs (and a JSON summary) to
 ``--out`` and log the figures to W&B when it is the logger, on the shared figure layer
-(``benchmark/engine/figures.py``: headless canvases, ``log_images``). The attention maps are also the
+(``benchmark/engine/figures/``: headless canvases, ``log_images``). The attention maps are also the
 registered figure ``cross_image_attention_maps`` (``analyze cross_image_attention_maps --ckpt
 PATH``: seeded test triples, three blocks spread over the model's)::
 

@@ -27,7 +27,7 @@ database and batch::
     python -m benchmark analyze dmcac memory --backbone vit_small --image-size 224 \\
         --database 590 --queries 256 --views 6 --out figures/dmcac
 
-The figure ``dmcac_view_similarity`` (the shared figure layer, ``benchmark/engine/figures.py``): for
+The figure ``dmcac_view_similarity`` (the shared figure layer, ``benchmark/engine/figures/``): for
 seeded training queries, each view's ``P'`` over the union of the views' retrieved database
 entries, the distributions ``L_frob`` compares, for the untrained model and the checkpoint
 (each with its own database, embedded un-augmented)::

@@ -462,7 +462,8 @@ def test_analyze_logs_the_figures_as_images_into_an_offline_wandb_run(
 def test_analyze_help_lists_every_figure_with_its_owner(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["analyze", "--help"]) == 0
     out = capsys.readouterr().out
-    for name, owner in (("retrieval_grid", "benchmark.engine.figures"), ("training_curves", "benchmark.engine.figures"),
+    for name, owner in (("retrieval_grid", "benchmark.engine.figures.retrieval_grid"),
+                        ("training_curves", "benchmark.engine.figures.training_curves"),
                         ("context_refine_drift", "companions.context_refine_analysis"),
                         ("intra_batch_attention", "companions.intra_batch_analysis"),
                         ("dmcac_view_similarity", "companions.dmcac_analysis"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import benchmark.engine.evaluation.metrics as metrics_module
+import benchmark.engine.evaluation.search as search_module
 from benchmark.core.contracts import RankedLists
 from benchmark.engine.evaluation import nmi, ranked_list_metrics, retrieval_metrics
 from benchmark.engine.evaluation.metrics import nmi_from_assignments
@@ -193,14 +193,14 @@ def test_pruning_of_deep_positives_matches_naive(monkeypatch: pytest.MonkeyPatch
     """Many small classes, shallow K: positives that provably rank >= cap are dropped exactly."""
     split = make_tied_split(300, 40, 11, separate_gallery=False)
     calls = []
-    original = metrics_module._kept_prefix
+    original = search_module._kept_prefix
 
     def spy(*args):
         kept = original(*args)
         calls.append(bool((kept < args[2]).any()))  # some positive was actually dropped
         return kept
 
-    monkeypatch.setattr(metrics_module, "_kept_prefix", spy)
+    monkeypatch.setattr(search_module, "_kept_prefix", spy)
     ks, map_at_k = (1, 2, 4), 3
     got = retrieval_metrics(**split, recall_ks=ks, map_at_k=map_at_k, chunk_size=64, block_size=8)
     assert any(calls), "the pruning path was not exercised"
@@ -217,13 +217,13 @@ def test_parallel_row_slices_match_naive(monkeypatch: pytest.MonkeyPatch, separa
     """
     split = make_tied_split(1500 if separate_gallery else 600, 12, 5, separate_gallery)
     calls = []
-    original = metrics_module._ranks_from_blocks
+    original = search_module._ranks_from_blocks
 
     def spy(scores, *args):
         calls.append((threading.current_thread().name, scores.shape[0], torch.get_num_threads()))
         return original(scores, *args)
 
-    monkeypatch.setattr(metrics_module, "_ranks_from_blocks", spy)
+    monkeypatch.setattr(search_module, "_ranks_from_blocks", spy)
     ks, map_at_k = (1, 2, 5, 20), 10
     expected = _naive(split, ks, map_at_k)
     threads = torch.get_num_threads()

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-import benchmark.engine.evaluation.metrics as metrics_module
+import benchmark.engine.evaluation.search as search_module
 from benchmark.engine.evaluation import RetrievalEvaluator, retrieval_metrics
 from benchmark.engine.evaluation.metrics import count_duplicate_rows
 from tests.evaluation.test_metrics import _naive, assert_metrics_equal
@@ -90,7 +90,7 @@ def test_blocks_of_ties_prune_positives_exactly(monkeypatch: pytest.MonkeyPatch)
     """The pruning that counts a block of tied items in full runs, drops positives, stays exact."""
     split = tied_split("all-equal", 300, 40, 3, "all")
     weights, drops = [], []
-    original_weights, original_prefix = metrics_module._tie_weights, metrics_module._kept_prefix
+    original_weights, original_prefix = search_module._tie_weights, search_module._kept_prefix
 
     def weights_spy(*args):
         w = original_weights(*args)
@@ -102,8 +102,8 @@ def test_blocks_of_ties_prune_positives_exactly(monkeypatch: pytest.MonkeyPatch)
         drops.append(bool((kept < args[2]).any()))
         return kept
 
-    monkeypatch.setattr(metrics_module, "_tie_weights", weights_spy)
-    monkeypatch.setattr(metrics_module, "_kept_prefix", prefix_spy)
+    monkeypatch.setattr(search_module, "_tie_weights", weights_spy)
+    monkeypatch.setattr(search_module, "_kept_prefix", prefix_spy)
     ks, map_at_k = (1, 2, 4), 3
     got = retrieval_metrics(**split, recall_ks=ks, map_at_k=map_at_k, chunk_size=50, block_size=8)
     assert weights and max(weights) == 8.0, "no block was counted as a block of ties"

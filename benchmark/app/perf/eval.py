@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from benchmark.core.contracts import perf_headline, register_perf
 from benchmark.core.io import console as make_console
-from benchmark.engine.evaluation.metrics import _block_size, default_chunk_size, nmi, retrieval_metrics
+from benchmark.engine.evaluation.metrics import default_chunk_size, nmi, retrieval_metrics
+from benchmark.engine.evaluation.search import _block_size
 
 SOP_RECALL_KS = (1, 10, 100, 1000)
 TARGET_RATIO = 1.2
