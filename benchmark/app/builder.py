@@ -14,6 +14,14 @@ suites' validation, the perf and analysis commands):
   evaluated with the settings they were trained with.
 
 The command dispatcher (:mod:`benchmark.app.cli`) runs it and maps errors to exit codes.
+
+A run is built in this order: :func:`rewrite_args` turns the short flags into LightningCLI
+arguments and checks the files they name (before anything heavy happens); LightningCLI parses
+(:meth:`BenchmarkCLI.init_parser`, :meth:`BenchmarkCLI.add_arguments_to_parser`), the checkpoint's
+own settings are enforced (:meth:`BenchmarkCLI.before_instantiate_classes`), the model and the
+datamodule are built, then the trainer with the run folder and records
+(:meth:`BenchmarkCLI.instantiate_trainer`), and the subcommand runs. Every problem with what the
+user gave is raised as a :class:`~benchmark.core.errors.UserError` (mostly ``CLIError``).
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ from benchmark.engine.wandb_logger import (
 from datamodules.base import RetrievalDataModule
 from methods.base import RetrievalMethod
 
+#: The ``--logger`` choices; ``wandb`` (online when logged in, else offline) is the logger of record.
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 ENV_FIGURES = "DML_BENCHMARK_FIGURES"  # "false": no figures after a test unless --figures[.*] is given
 
@@ -80,7 +89,23 @@ ENV_FIGURES = "DML_BENCHMARK_FIGURES"  # "false": no figures after a test unless
 
 # ---------------------------------------------------------------------------- argv handling
 def pop_option(argv: list[str], name: str, repeat: bool = False) -> list[str]:
-    """Remove ``--name VALUE`` / ``--name=VALUE`` occurrences from argv; return the values."""
+    """Remove ``--name VALUE`` / ``--name=VALUE`` occurrences from argv; return the values.
+
+    The short flags are consumed here so that LightningCLI's parser never sees them (it would
+    reject them as unknown options). ``--name.X`` (e.g. ``--backbone.pool``) is a different option
+    and stays in ``argv``.
+
+    Args:
+        argv: the command line, changed in place.
+        name: the option, with its dashes (``--method``).
+        repeat: whether the option may be given more than once (``--plugin``).
+
+    Returns:
+        The values in the order given (empty when the option is absent).
+
+    Raises:
+        CLIError: the option is last with no value, or given twice when ``repeat`` is False.
+    """
     values, out, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
@@ -103,6 +128,7 @@ def pop_option(argv: list[str], name: str, repeat: bool = False) -> list[str]:
 
 
 def _has_option(argv: list[str], name: str) -> bool:
+    """Whether ``argv`` gives ``name`` in any form: ``--name``, ``--name=V`` or a nested ``--name.X``."""
     return any(a == name or a.startswith(name + "=") or a.startswith(name + ".") for a in argv)
 
 
@@ -115,7 +141,10 @@ def _option_value(argv: list[str], name: str) -> str | None:
 
 
 def _option_values(argv: list[str], name: str) -> list[str]:
-    """Every value of ``--name VALUE`` / ``--name=VALUE`` in argv, in order."""
+    """Every value of ``--name VALUE`` / ``--name=VALUE`` in argv, in order.
+
+    A trailing ``--name`` without a value is skipped: the parser reports it later, in its words.
+    """
     values = []
     for i, arg in enumerate(argv):
         if arg == name and i + 1 < len(argv):
@@ -126,7 +155,23 @@ def _option_values(argv: list[str], name: str) -> list[str]:
 
 
 def resolve_recipe(method: str, data: str, recipe: str | None) -> Path | None:
-    """The recipe for (method, data): explicit path, ``none``, or configs/<method>/<data>.yaml."""
+    """The recipe for (method, data): explicit path, ``none``, or configs/<method>/<data>.yaml.
+
+    A missing recipe for a pair is not an error (a new method or dataset has none yet): the
+    constructors' defaults apply, and a line on stderr says so.
+
+    Args:
+        method: the registered method name.
+        data: the registered dataset name.
+        recipe: ``--recipe`` as given: None or ``auto`` (the pair's recipe), ``none`` (no recipe)
+            or a path.
+
+    Returns:
+        The recipe file to apply, or None.
+
+    Raises:
+        CLIError: ``--recipe PATH`` does not exist, or no recipe is installed at all.
+    """
     if recipe == "none":
         return None
     if recipe not in (None, "auto"):
@@ -134,6 +179,8 @@ def resolve_recipe(method: str, data: str, recipe: str | None) -> Path | None:
         if not path.is_file():
             raise CLIError(f"Recipe {recipe} does not exist.")
         return path
+    # No recipe for any pair means a broken installation (the wheel ships them as package data), not
+    # a pair without one: silently training with the constructors' defaults would mislead.
     if not any(CONFIG_DIR.glob("*/*.yaml")):
         raise CLIError(
             f"No recipes are installed ({CONFIG_DIR} holds no <method>/<data>.yaml): the installation is "
@@ -152,8 +199,31 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     ``test`` / ``validate`` with ``--ckpt_path`` of a run's checkpoint evaluate what was
     trained: the run's own saved ``config.yaml`` (data, protocol, image size, evaluation
     settings) replaces the recipe, and explicit options still override it.
+
+    The arguments LightningCLI receives are, in order (a later one wins): ``--model CLASS`` and
+    ``--data CLASS`` of the registered names, the recipe, the run's configuration, the backbone
+    name, then the user's own arguments. The files named (configs, checkpoints) are checked here,
+    before anything is built.
+
+    Args:
+        argv: the arguments after the subcommand, short flags included.
+        subcommand: ``fit``, ``validate``, ``test``, or None for a run built without one.
+
+    Returns:
+        The LightningCLI arguments and the run info: ``method`` / ``data`` (registered names, or
+        None when a class path or a configuration gives them), ``recipe`` (the applied recipe or
+        None), ``logger``, ``logger_default`` (``--logger`` was not given), ``run_dir``
+        (``--run_dir`` or None), ``run_config`` (the configuration of a checkpoint's run, or None),
+        ``ckpt_path``, ``command`` and ``checkpoint`` (:func:`~benchmark.app.checkpoints.checkpoint_contents`
+        for ``test`` / ``validate`` of a checkpoint file, else None).
+
+    Raises:
+        CLIError: an unknown method, dataset or logger, a bad ``--figures`` value, a missing or
+            damaged file, or flags that contradict the checkpoint's run.
+        PluginError: a ``--plugin`` module cannot be imported.
     """
     argv = list(argv)
+    # Plugins first: the names --method and --data look up may be theirs.
     registry.discover(pop_option(argv, "--plugin", repeat=True))
     methods = pop_option(argv, "--method")
     datas = [a for a in pop_option(argv, "--data")]
@@ -171,10 +241,12 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     if logger not in LOGGERS:
         raise CLIError(f"Unknown logger {logger!r}. Choose one of: {', '.join(LOGGERS)}.")
     backbone = pop_option(argv, "--backbone")
+    # --backbone.X is shorthand for the model's backbone options (the parser only knows --model.backbone.X).
     argv = [a.replace("--backbone.", "--model.backbone.", 1) if a.startswith("--backbone.") else a for a in argv]
     user_config = _has_option(argv, "--config")
     for value in _option_values(argv, "--config"):
         check_config_file(Path(value).expanduser())
+    # Lightning's symbolic --ckpt_path values name no file: there is nothing to check or read.
     ckpt_path = _option_value(argv, "--ckpt_path")
     if ckpt_path not in (None, "best", "last", "hpc", "registry"):
         check_checkpoint_file(Path(ckpt_path).expanduser())
@@ -202,6 +274,8 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
             if recipe not in (None, "auto", "none"):
                 raise CLIError("--recipe cannot be combined with a run's checkpoint: the run's own config.yaml is used.")
 
+    # The defaults fill in only what nothing else names: a --model class path or a user's --config
+    # may choose the method and the data themselves.
     prefix: list[str] = []
     method = methods[0] if methods else None
     model_given = any(a in ("--model", "--model.class_path") or a.startswith(("--model=", "--model.class_path=")) for a in argv)
@@ -226,6 +300,8 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
             except registry.UnknownNameError as err:
                 raise CLIError(str(err)) from None
     prefix += prefix_data
+    # The automatic recipe needs both names and no --config of the user's (which replaces it); an
+    # explicit --recipe PATH applies in any case, before the user's --config.
     recipe_path = None
     if not user_config and method is not None and data is not None:
         recipe_path = resolve_recipe(method, data, recipe)
@@ -247,7 +323,11 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
 
 # ---------------------------------------------------------------------------- LightningCLI
 def _init_parameters(class_path: str) -> list[str]:
-    """Constructor parameter names of a class and its bases (what ``--model.X`` accepts)."""
+    """Constructor parameter names of a class and its bases (what ``--model.X`` accepts).
+
+    Used only to suggest the closest valid option in an error message; a class that cannot be
+    imported, or a signature that cannot be read, gives fewer (or no) suggestions, never an error.
+    """
     import inspect
 
     module, _, name = class_path.rpartition(".")
@@ -256,6 +336,8 @@ def _init_parameters(class_path: str) -> list[str]:
     except (ImportError, AttributeError, ValueError):
         return []
     names: list[str] = []
+    # Every class of the MRO: a method's __init__ takes **kwargs on to RetrievalMethod's, whose
+    # parameters (lr, backbone, ...) are options too.
     for klass in inspect.getmro(cls):
         init = klass.__dict__.get("__init__")
         if init is None:
@@ -272,10 +354,20 @@ def explain_parse_error(message: str, options: list[str]) -> str:
 
     ``options``: the option strings the parser knows; a rejected ``--model.X`` / ``--data.X``
     is matched against the constructor parameters of the class named in ``message``.
+
+    Args:
+        message: jsonargparse's error message.
+        options: the option strings the parser knows.
+
+    Returns:
+        One short paragraph: the unknown option with up to three close names, or, for any other
+        error, jsonargparse's message without its noise lines.
     """
     import difflib
     import re
 
+    # The two shapes jsonargparse reports an unknown option in: a top-level one (argparse's wording),
+    # and an option of a class given by class path (nested under the section's "Parser key").
     unknown = re.search(r"unrecognized arguments: (\S+)", message)
     nested = re.search(r'Parser key "(\w+)":.*?class_path \'([\w.]+)\':\s*Option \'(\w+)\' is not accepted', message, re.S)
     if nested:
@@ -286,6 +378,8 @@ def explain_parse_error(message: str, options: list[str]) -> str:
     elif unknown:
         bad, valid, where = unknown.group(1), options, ""
     else:
+        # Other errors keep jsonargparse's text, minus the lines about each Union alternative it tried
+        # (an Optional option's "NoneType" branch, "Given value type"), which bury the cause.
         lines = [line for line in message.splitlines() if line.strip() and "NoneType" not in line and "Given value" not in line]
         return "\n".join(lines)
     close = difflib.get_close_matches(bad, valid, n=3, cutoff=0.6)
@@ -305,12 +399,22 @@ class BenchmarkCLI(LightningCLI):
 
     def __init__(self, *args: Any, run_info: dict[str, Any] | None = None, status: RunStatus | None = None,
                  **kwargs: Any) -> None:
+        """LightningCLI's arguments, plus what the short flags said and the run's status.
+
+        Args:
+            run_info: the run info of :func:`rewrite_args` (method, recipe, logger, run_dir,
+                checkpoint, ...).
+            status: the run's status (``status.json``, signal handling); None for a run built
+                without one (the analysis and perf commands).
+        """
         # Set first: LightningCLI.__init__ parses, instantiates and runs the subcommand from inside itself.
         self.run_info: dict[str, Any] = dict(run_info or {})
         self.status = status
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any):
+        """LightningCLI's parser, without abbreviations and with one-paragraph errors
+        (:func:`_short_parse_error`)."""
         # No prefix matching: --trainer.max_epoch must not silently mean --trainer.max_epochs.
         kwargs.setdefault("allow_abbrev", False)
         parser = super().init_parser(**kwargs)
@@ -323,19 +427,35 @@ class BenchmarkCLI(LightningCLI):
         return config.as_dict() if hasattr(config, "as_dict") else dict(config)
 
     def before_instantiate_classes(self) -> None:
+        """Refuse to build a checkpoint's model under settings it was not trained with.
+
+        Runs after parsing and before any class is built, so a contradiction costs no model
+        construction, no download and no data pass
+        (:func:`~benchmark.app.checkpoints.check_checkpoint_settings`).
+        """
         stored = self.run_info.get("checkpoint")
         if stored is not None:  # test/validate of a checkpoint: with the settings it was trained with
+            # "own": recorded into a folder of its own (--run_dir elsewhere), where other data settings are
+            # a deliberate choice; into the checkpoint's run, they must be the run's.
             own = self.run_info.get("run_dir") is not None and run_dir_of_checkpoint(self.run_info.get("ckpt_path")) != \
                 Path(self.run_info["run_dir"]).expanduser()  # fmt: skip
             check_checkpoint_settings(self.resolved_config(), stored, str(self.run_info.get("ckpt_path")), not own)
 
     def add_arguments_to_parser(self, parser) -> None:
+        """The benchmark's own sections (``evaluation``, ``checkpoint``, ``figures``) and the data ->
+        model links.
+
+        Each section is a class whose constructor arguments become options, so a recipe can set
+        them and ``--print_config`` shows them like every other option.
+        """
         # The evaluator's options, from a recipe's `evaluation:` section or --evaluation.*
         # (e.g. --evaluation.recall_ks [1,2,4,8] --evaluation.backend cpu).
         parser.add_class_arguments(RetrievalEvaluator, "evaluation", instantiate=True)
         parser.add_class_arguments(CheckpointSettings, "checkpoint", instantiate=True)
         # The figures drawn after a test into runs/<run>/figures/ (--figures.* or a recipe's figures:).
         parser.add_class_arguments(FigureWriter, "figures", instantiate=True)
+        # Derived values are never typed twice: they flow from the built datamodule into the model.
+        # apply_on="instantiate": the number of training classes is only known once the data is read.
         parser.link_arguments("data.num_train_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
@@ -345,9 +465,19 @@ class BenchmarkCLI(LightningCLI):
         A new folder is created exclusively (a suffix is added if the name is taken), so two
         runs started in the same second never share one. ``fit --ckpt_path`` of a run's
         checkpoint continues that run's folder; ``test``/``validate`` record into it.
+
+        Returns:
+            The run folder, created and checked writable; it is also exported as
+            ``DML_BENCHMARK_RUN_DIR`` for the other DDP ranks.
+
+        Raises:
+            CLIError: ``--run_dir`` names a file or an unwritable folder, or ``fit`` would start a new
+                run in a folder that already holds one.
         """
         info = self.run_info
         env = os.environ.get("DML_BENCHMARK_RUN_DIR")
+        # Each DDP worker re-runs the command line: it must join rank 0's folder, not create its own
+        # (the time stamp of a new name could differ by a second).
         if env and os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP worker: rank 0 chose the folder
             return Path(env)
         root = info.get("run_dir") or self._get(self.config, "trainer", default={}).get("default_root_dir")
@@ -365,6 +495,7 @@ class BenchmarkCLI(LightningCLI):
                     f"--ckpt_path {path / 'checkpoints' / 'last.ckpt'}."
                 )
             created = not path.exists()
+        # Writable now, before the model is built and the data read, rather than at the first checkpoint.
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / f".write-test-{os.getpid()}"
@@ -373,12 +504,19 @@ class BenchmarkCLI(LightningCLI):
         except OSError as err:
             raise CLIError(f"Cannot write into the run directory {path}: {err}. Pass --run_dir to a writable folder.") from err
         os.environ["DML_BENCHMARK_RUN_DIR"] = str(path)
-        if self.status is not None:
+        if self.status is not None:  # a folder this process created may be removed after a start-up error
             self.status.created_run_dir = created
         return path
 
     def _new_run_dir(self) -> Path:
-        """runs/<method>-<data>-<backbone>-<time>[-n], created exclusively."""
+        """runs/<method>-<data>-<backbone>-<time>[-n], created exclusively.
+
+        ``mkdir`` without ``exist_ok`` is the claim: two processes started in the same second
+        cannot both create one name, and the second takes the next suffix.
+
+        Raises:
+            CLIError: ``runs/`` cannot be created, or 10,000 names of this stem are taken.
+        """
         model_name = getattr(self.model, "method_name", "") or type(self.model).__name__
         data_name = getattr(self.datamodule, "name", "") or type(self.datamodule).__name__
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -397,6 +535,28 @@ class BenchmarkCLI(LightningCLI):
         raise CLIError(f"Too many runs named {base}*; pass --run_dir.")
 
     def instantiate_trainer(self, **kwargs: Any):
+        """The trainer of a benchmark run: its folder, callbacks, logger, precision and records.
+
+        LightningCLI calls this once the model and the datamodule exist, which is the first moment
+        the run can be described (the method's data request, the data found). It adds, in order:
+        the evaluator (the ``evaluation`` section), the best-checkpoint and ``last.ckpt``
+        callbacks (the ``checkpoint`` section), the run's status, the learning-rate monitor (a
+        ``fit`` with a logger), the W&B results (acting only under a W&B logger) and the figure
+        writer (``fit`` / ``test``), after the user's own ``--trainer.callbacks``; and
+        :class:`~benchmark.engine.training.AtomicCheckpointIO` unless a plugin already writes checkpoints.
+
+        It records what makes the run's numbers comparable: the comparison config and key, the
+        papers' names for the setting (``reference_names``), the suite's cell (from the
+        ``DML_BENCHMARK_*`` variables a suite sets), the library versions; they go to the logger's
+        config and, all but the versions, through ``trainer.run_metadata`` into every ``metrics_*.json``.
+
+        Returns:
+            The trainer; ``self.run_dir`` is the run folder.
+
+        Raises:
+            CLIError: the run folder cannot be used (:meth:`_run_dir`).
+            ConfigError: the batch settings do not fit the data (``training_batches``).
+        """
         if (self.run_info.get("command") or "fit") == "fit" and hasattr(self.datamodule, "training_batches"):
             # The batch settings against the data, before any folder or data pass.
             batches = len(self.datamodule.training_batches(self.model.data_request()))
@@ -407,7 +567,7 @@ class BenchmarkCLI(LightningCLI):
                 kwargs["log_every_n_steps"] = batches
         run_dir = self._run_dir()
         command = self.run_info.get("command") or "fit"
-        if hasattr(self.datamodule, "apply_request"):
+        if hasattr(self.datamodule, "apply_request"):  # a RetrievalDataModule (a plain DataModule has none)
             # What the method asks of the data (sampler, views, normalisation) before anything
             # records the run: the results and the W&B config describe the data as it is used.
             self.datamodule.apply_request(self.model.data_request())
@@ -416,6 +576,7 @@ class BenchmarkCLI(LightningCLI):
         meta["seed"] = seed
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         evaluator = self._get(self.config_init, "evaluation", default=None)
+        # The parser instantiates the section; a configuration without it (built by hand) gets the defaults.
         callbacks = [evaluator if isinstance(evaluator, RetrievalEvaluator) else RetrievalEvaluator()]
         # The best checkpoint by the metric the method is judged by (trainer.checkpoint_callback,
         # ckpt_path="best"), after each validation; then last.ckpt at the end of every training
@@ -449,7 +610,7 @@ class BenchmarkCLI(LightningCLI):
                     enable_version_counter=False,
                 )
             )
-        if self.status is not None:
+        if self.status is not None:  # as a callback: it stamps the first step and saves last.ckpt on a stop
             self.status.command = command
             callbacks.append(self.status)
         precision, reason = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
@@ -471,6 +632,8 @@ class BenchmarkCLI(LightningCLI):
             if os.environ.get(variable):
                 extra[key] = os.environ[variable]
         meta.update(extra)
+        # The resolved configuration travels inside every checkpoint, so that `test --ckpt_path` can
+        # evaluate it with its own settings even when config.yaml is gone (ConfigInCheckpoint).
         if command == "fit":
             with contextlib.suppress(Exception):  # a config jsonargparse cannot dump: config.yaml says why
                 text = self._parser(self.subcommand).dump(self.config.get(str(self.subcommand), self.config),
@@ -495,6 +658,8 @@ class BenchmarkCLI(LightningCLI):
             kwargs["logger"] = logger if logger is not None else False
         existing = trainer_cfg.get("callbacks") or []
         kwargs["callbacks"] = list(existing) + callbacks
+        # Atomic checkpoint writes (temporary file, then rename): a killed run never leaves a truncated
+        # checkpoint. A user's own checkpoint I/O plugin is left in charge.
         plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
@@ -504,19 +669,25 @@ class BenchmarkCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         # Recorded with every evaluation too (metrics_*.json), so local results and W&B agree.
         trainer.run_metadata = {k: v for k, v in extra.items() if not k.startswith("version.")}
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # printed once, not once per DDP rank
             print(f"[benchmark] precision: {trainer.precision} ({reason})", file=sys.stderr)
             print(f"[benchmark] run directory: {run_dir}", file=sys.stderr)
+        # Only a fit is a run with a state of its own; test/validate add evaluations to an existing one.
         if command == "fit" and self.status is not None:
             self.status.start(run_dir)
         return trainer
 
     def before_fit(self) -> None:
+        """Evaluate the starting point before training (the pre-fit baseline of ``metrics_val.json``).
+
+        The epoch-0 evaluation is what every curve starts from (0 epochs trained) and is never
+        "best". A resumed fit skips it: the run recorded it when it started.
+        """
         ckpt = self.run_info.get("ckpt_path")
         if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
             self._prepare_resume(Path(ckpt).expanduser())
             return  # resuming: the run's pre-training evaluation is already recorded
-        if ckpt:
+        if ckpt:  # a symbolic ckpt_path (best, last, ...): Lightning resumes from it, no baseline either
             return
         self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
@@ -536,10 +707,18 @@ class BenchmarkCLI(LightningCLI):
             print(f"[benchmark] resuming at step {step}: {note}", file=sys.stderr)
 
     def after_fit(self) -> None:
-        if self.trainer.interrupted:
+        """Record how long the run trained, then run the final test (``role: final``).
+
+        The test uses the best checkpoint under the ``holdout`` protocol (selected on held-out
+        classes) and the weights in memory at the end of training under ``paper``, where selecting
+        on validation would mean selecting on the test split.
+        """
+        if self.trainer.interrupted:  # a stopped run has no final test; resuming it will
             return
         stopped_by = self._note_time_budget()
         length = training_length(self.trainer, self.datamodule, self.run_info.get("recipe"), stopped_by)
+        # The leaderboard pools runs by comparison key *and* steps trained: a run cut short is never
+        # averaged with complete ones.
         key = self.trainer.run_metadata.get("comparison_key")
         length["comparison_group"] = comparison_group(key, length["steps_trained"]) if key else None
         self.trainer.run_metadata.update(length)
@@ -549,19 +728,23 @@ class BenchmarkCLI(LightningCLI):
         update_wandb_config(self.trainer, length)
         ckpt = "best" if getattr(self.datamodule, "protocol", "paper") == "holdout" else None
         if ckpt == "best" and not self.trainer.checkpoint_callback.best_model_path:
-            ckpt = None
+            ckpt = None  # no best checkpoint was kept (save_top_k 0, no validation): the final weights
         evaluators = [c for c in self.trainer.callbacks if isinstance(c, RetrievalEvaluator)]
         for evaluator in evaluators:
             evaluator.test_role = ROLE_FINAL  # the end-of-training result, whatever checkpoint it loads
         try:
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
-        finally:
+        finally:  # a later test in the same process (not this run's end) must not be labelled final
             for evaluator in evaluators:
                 evaluator.test_role = None
 
     def _note_time_budget(self) -> str:
         """Say so when ``trainer.max_time`` ended training before its epochs or steps; returns
-        ``"max_time"`` then, else ``""``."""
+        ``"max_time"`` then, else ``""``.
+
+        The note goes to stderr, to ``status.json`` (the final status's reason) and, through
+        :func:`~benchmark.engine.training.training_length`, to the run's ``short`` record.
+        """
         trainer = self.trainer
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         if timer is None or timer.time_remaining("train") > 0:
@@ -581,14 +764,29 @@ class BenchmarkCLI(LightningCLI):
 
 
 def _short_parse_error(parser: Any, message: str) -> None:
-    """jsonargparse's error handler: the cause and the closest valid names, not 50 lines of usage."""
+    """jsonargparse's error handler: the cause and the closest valid names, not 50 lines of usage.
+
+    Exits with code 2, as argparse does: the dispatcher records a start-up exit with that code as
+    a user error.
+    """
+    # argparse keeps its actions in a private list; it is the only complete list of option strings.
     options = [o for action in parser._actions for o in action.option_strings]
     print(f"error: {explain_parse_error(message, options)}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def build_logger(name: str, run_dir: Path, meta: dict[str, Any], job_type: str = "fit"):
-    """The run's logger: W&B (offline unless logged in), CSV, TensorBoard or none."""
+    """The run's logger: W&B (offline unless logged in), CSV, TensorBoard or none.
+
+    Args:
+        name: one of :data:`LOGGERS`.
+        run_dir: the run folder; every logger writes inside it.
+        meta: the run's flat description, the W&B run's config.
+        job_type: the command (``fit``, ``test``, ``validate``), W&B's job type.
+
+    Returns:
+        A Lightning logger, or None for ``none``.
+    """
     if name == "none":
         return None
     if name == "csv":
@@ -596,6 +794,7 @@ def build_logger(name: str, run_dir: Path, meta: dict[str, Any], job_type: str =
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
+        # name="" and version="": the event files go into the run folder itself, not a version_N below it.
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="")
     return build_wandb_logger(run_dir, meta, job_type)
 
@@ -624,7 +823,7 @@ def _csv_logger(run_dir: Path):
         os.replace(kept, existing)
         with open(existing, newline="") as f:
             header = next(csv.reader(f), [])
-        writer.metrics_keys = sorted(header)
+        writer.metrics_keys = sorted(header)  # Lightning's writer rewrites the file when new keys appear
     return logger
 
 
@@ -632,8 +831,24 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
     """Rewrite the short flags and run (or only instantiate, ``run=False``) the LightningCLI.
 
     ``status`` (a :class:`benchmark.engine.training.RunStatus`) records the run's state in its folder.
+
+    Args:
+        subcommand: ``fit``, ``validate``, ``test``; with ``run=False`` the subcommand whose
+            configuration file name and checkpoint handling apply (``analyze`` builds a ``test``).
+        argv: the arguments after the subcommand, short flags included.
+        run: run the subcommand (False: build the model, the data and the trainer, and return).
+        status: the run's status, or None.
+
+    Returns:
+        The :class:`BenchmarkCLI`: ``.model``, ``.datamodule``, ``.trainer``, ``.run_dir``.
+
+    Raises:
+        UserError: what :func:`rewrite_args` and the run builder refuse (see :func:`user_error` for
+            the errors jsonargparse wraps).
+        SystemExit: a parse error (code 2, printed), ``--help`` or ``--print_config`` (0).
     """
     info: dict[str, Any] = {"command": subcommand}
+    # --help only needs the registered classes for the class-path choices; nothing is rewritten or checked.
     if any(a in ("-h", "--help") for a in argv):
         registry.discover()
     else:
@@ -659,6 +874,15 @@ def build_cli(subcommand: str | None, argv: list[str], run: bool = True, status:
 
 def _instantiate_cli(subcommand: str | None, argv: list[str], run: bool, config_name: str, info: dict[str, Any],
                      status: Any):
+    """The :class:`BenchmarkCLI` with the benchmark's fixed LightningCLI settings.
+
+    Any :class:`~methods.base.RetrievalMethod` / :class:`~datamodules.base.RetrievalDataModule`
+    subclass can be named by class path (``subclass_mode``); the methods configure their own
+    optimizers (``--model.optimizer``), so LightningCLI adds no optimizer options; the datamodule
+    shards its own batches per rank, so Lightning must not wrap its samplers
+    (``use_distributed_sampler=False``); the resolved configuration is saved as ``config_name``,
+    replacing an earlier one of a resumed run.
+    """
     return BenchmarkCLI(
         RetrievalMethod,
         RetrievalDataModule,
@@ -679,11 +903,19 @@ def _instantiate_cli(subcommand: str | None, argv: list[str], run: bool, config_
 # ---------------------------------------------------------------------------- other commands
 
 
+# Shared with the dispatcher (benchmark.app.cli): one rule decides what is the user's fault.
 def user_error(err: BaseException | None) -> BaseException | None:
     """The user error behind ``err``, if any: itself or one of its causes.
 
     jsonargparse wraps what a constructor raises (a weights file that does not fit, a
     dataset that is not there) in its own ``ValueError``; the cause is what the user must read.
+
+    The chain is followed through ``__cause__`` and ``__context__`` (an exception raised while
+    handling another), guarding against cycles.
+
+    Returns:
+        The first :class:`~benchmark.core.errors.UserError` in the chain, or None: the error is a
+        bug and keeps its traceback.
     """
     seen: set[int] = set()
     while err is not None and id(err) not in seen:

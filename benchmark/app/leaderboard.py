@@ -7,11 +7,14 @@ chosen. The rules (docs/leaderboard.md):
   evaluation callback writes, plus its ``metrics_val.json``), or a W&B project through the
   public API (``--wandb ENTITY/PROJECT``: config, summary and validation history). Both give the
   same rows for the same runs.
-* **Groups**: runs fall into one group only when every recorded setting agrees: dataset,
-  protocol, method, backbone, pretrained weights, embedding size, image size, precision, recipe
-  hash, batch composition, augmentation and every option the method records in ``describe()``.
-  Only the seeds (and the library versions) may differ. Groups that share dataset, method and
-  backbone but differ elsewhere are shown as separate rows, each naming its differing fields.
+* **Groups**: runs fall into one group only when their comparison key (the whole resolved
+  configuration minus seeds and bookkeeping, plus what it cannot carry: resolved precision,
+  weights' hash, data found) and their number of trained steps agree; runs recorded before the
+  key existed are grouped on every recorded setting instead (dataset, protocol, method, backbone,
+  pretrained weights, embedding size, image size, precision, recipe hash, batch composition,
+  augmentation and every option the method records in ``describe()``). Only the seeds (and the
+  library versions) may differ. Groups that share dataset, method and backbone but differ
+  elsewhere are shown as separate rows, each naming its differing fields.
 * **Which number a run contributes** (``--select``): ``final`` (default) is the run's last test
   evaluation: the end of training under the ``paper`` protocol, the checkpoint selected on the
   holdout validation split under ``holdout`` (the run records which). ``test-best`` is the
@@ -25,6 +28,10 @@ chosen. The rules (docs/leaderboard.md):
 * **Outputs**: the console table, and ``--format md|csv|html|json --out FILE`` (written
   atomically); ``--figures DIR`` writes PNG figures (ranking bars with error bars, R@K curves,
   validation curves with a band over seeds), which the HTML page embeds.
+
+A light command: :mod:`benchmark.__main__` dispatches it before torch or Lightning is imported,
+and every record is read through :mod:`benchmark.core.results`, the definition of a result that
+``status``, ``suite status``, the paper tables and the W&B report share.
 """
 
 from __future__ import annotations
@@ -62,24 +69,32 @@ from benchmark.core.results import (
 )
 from benchmark.engine.wandb_auth import wandb_logged_in
 
+#: The rules for the number a run contributes (``--select``); see the module docstring.
 SELECTIONS = ("final", "test-best")
-# Recorded per run but not a setting: a seed sweep differs only in these.
+# Recorded per run but not a setting: a seed sweep differs only in these. Used only to group runs
+# recorded before the comparison key existed (settings()); newer runs are grouped by the key.
 PER_RUN = {"seed", "data_seed", "checkpoint", "versions", "stage", "split", "evaluations", "metrics", "refined",
            "recall_ks", "nmi", "weights", "run", "selection_metric", "num_train_images", "num_test_images",
            "num_train_classes", "sampler"}
 PER_RUN_PREFIXES = ("version.", "hparams/", "best/", "test/", "val/", "train/", "time/", "_")
 # Shown in every row (in this order); every other comparability field is shown only where it differs.
 ROW_FIELDS = ("dataset", "protocol", "method", "backbone", "embedding_dim", "image_size")
+#: Shown after the ranking metric when ``--metrics`` is not given (a metric a run lacks stays empty).
 DEFAULT_METRICS = ("R@1", "MAP@R", "R-Precision", "NMI")
 
 
 # ---------------------------------------------------------------------------- runs
 @dataclass
 class RunRecord:
-    """One run: its recorded settings, state, final test metrics and validation curve."""
+    """One run: its recorded settings, state, final test metrics and validation curve.
 
-    name: str
-    meta: dict[str, Any]
+    Built from a local run folder (:func:`local_runs`) or a W&B run (:func:`wandb_runs`), with the
+    same fields either way, so that everything after reading does not know the source. Metrics are
+    fractions (``0.642``), as the runs record them; the table turns them into percent.
+    """
+
+    name: str  # the run folder relative to --runs, or the W&B run's name
+    meta: dict[str, Any]  # the recorded settings (flat keys; "config": the comparison config)
     test: dict[str, float]  # the final test evaluation (results.final_evaluation), flat: "R@1", "refined/R@1", ...
     val_curve: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (epochs trained, flat metrics)
     source: str = "local"
@@ -90,10 +105,12 @@ class RunRecord:
 
     @property
     def seed(self) -> Any:
+        """The run's ``--seed_everything`` as recorded (None for a record without it)."""
         return self.meta.get("seed")
 
     @property
     def steps(self) -> Any:
+        """Optimizer steps the run trained (``steps_trained``; None for older records)."""
         return self.meta.get("steps_trained")
 
     @property
@@ -102,19 +119,40 @@ class RunRecord:
         return self.state == "completed" and bool(self.test)
 
     def value(self, metric: str, select: str) -> float | None:
-        """The number this run contributes for ``metric`` under the ``select`` rule."""
+        """The number this run contributes for ``metric`` under the ``select`` rule.
+
+        Args:
+            metric: a flat metric name (``R@1``, ``MAP@R``, ``refined/R@1``).
+            select: ``final`` (the end-of-training test) or ``test-best`` (of the evaluations
+                selected on the test split, the best by the run's selection metric, with
+                ``metric`` as it was there).
+
+        Returns:
+            The value as a fraction, or None when the run has no such number.
+        """
         if select == "final":
             return self.test.get(metric)
         best = test_best(self.test_selected, selection_key(self.meta))
         return None if best is None else best.get(metric)
 
 
-_flat_metrics = flat_metrics
+_flat_metrics = flat_metrics  # the name this module used before results.flat_metrics existed
 
 
 def settings(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What groups a run: its recorded comparison key and number of trained steps; for runs recorded
-    before the key existed, every recorded field but the per-run ones (seeds, versions, results)."""
+    before the key existed, every recorded field but the per-run ones (seeds, versions, results).
+
+    The row fields ride along with the key: they are what a row shows, and they are equal within a
+    group anyway (they are part of the configuration the key hashes).
+
+    Args:
+        meta: a run's recorded settings (:attr:`RunRecord.meta`).
+
+    Returns:
+        The grouping settings; values are hashable where they were lists (tuples), nested
+        mappings are left out of the older records' settings.
+    """
     if meta.get("comparison_key"):
         return {"comparison_key": meta["comparison_key"], "steps_trained": meta.get("steps_trained"),
                 **{k: meta.get(k) for k in ROW_FIELDS}}  # fmt: skip
@@ -126,6 +164,7 @@ def settings(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _warn(message: str) -> None:
+    """A warning on stderr, so that ``--format csv|md|json`` without ``--out`` still prints clean output."""
     print(f"[leaderboard] warning: {message}", file=sys.stderr)
 
 
@@ -134,6 +173,16 @@ def local_runs(root: Path) -> list[RunRecord]:
 
     A results file that cannot be read is skipped with a warning naming it: one bad file never loses
     the whole table.
+
+    A folder with a status but no evaluation (a run that failed at start-up) is not listed:
+    ``python -m benchmark status`` shows it. Hidden folders, and the folders under them, are left out.
+
+    Args:
+        root: the ``--runs`` folder.
+
+    Returns:
+        One record per run folder, sorted by path; incomplete runs included (``counted`` False,
+        with the reason).
     """
     root = Path(root)
     folders = sorted({p.parent for name in ("metrics_test.json", "status.json") for p in root.rglob(name)})
@@ -153,6 +202,7 @@ def local_runs(root: Path) -> list[RunRecord]:
             continue
         if test_record is None and val_record is None:
             continue  # a run that never evaluated: `python -m benchmark status` lists it
+        # Both files record the same settings; a run interrupted before its test has only metrics_val.json.
         source = test_record or val_record
         meta = {k: v for k, v in source.items() if k not in ("evaluations", "metrics", "refined")}
         final = final_evaluation(test_record) if test_record is not None else None
@@ -166,6 +216,7 @@ def local_runs(root: Path) -> list[RunRecord]:
 
 
 #: W&B run states -> the benchmark's (a run finished with a non-zero exit code is "failed" in W&B too).
+#: A state not listed keeps its W&B name, which is not a completed result.
 WANDB_STATES = {"finished": "completed", "running": "running", "failed": "failed", "crashed": "killed",
                 "killed": "killed", "preempted": "interrupted", "preempting": "interrupted"}  # fmt: skip
 
@@ -175,6 +226,16 @@ def wandb_runs(project: str, filters: Mapping[str, Any] | None = None, api: Any 
 
     Only ``fit`` runs (job type) are results; their W&B state gives the run's state. ``api`` stands in
     for ``wandb.Api()`` (tests pass recorded run objects).
+
+    Args:
+        project: ``ENTITY/PROJECT``.
+        filters: W&B's server-side run filters (MongoDB-style: ``{"config.dataset": "cub"}``).
+        api: a stand-in for ``wandb.Api()``.
+
+    Returns:
+        One record per ``fit`` run, with the fields :func:`local_runs` gives a local run: the flat
+        config as ``meta`` (``config.<option>`` keys gathered into ``meta["config"]``), the
+        ``test/*`` summary as the final metrics, the ``val/*`` history as the curve.
     """
     if api is None:
         import wandb
@@ -185,22 +246,33 @@ def wandb_runs(project: str, filters: Mapping[str, Any] | None = None, api: Any 
         if (getattr(run, "job_type", None) or "fit") != "fit":
             continue  # a `test` / `validate` command's own run is not a training result
         summary = dict(run.summary)
+        # W&B's summary keeps the last value of every key: after a fit, test/* are the final test's.
+        # bool is an int in Python, but never a metric.
         test = {k[len("test/"):]: float(v) for k, v in summary.items()
                 if k.startswith("test/") and k != "test/epochs_trained" and isinstance(v, (int, float))
                 and not isinstance(v, bool)}  # fmt: skip
+        # Keys with a leading underscore are W&B's own (e.g. _wandb), not the run's settings.
         meta = {k: v for k, v in dict(run.config).items() if not str(k).startswith("_")}
+        # The comparison config is logged as flat config.<option> keys (filterable in W&B); gathered
+        # back into meta["config"], where a local record holds it, so that grouping reads both alike.
         config = {k[len("config."):]: v for k, v in meta.items() if str(k).startswith("config.")}
         meta = {k: v for k, v in meta.items() if not str(k).startswith("config.")}
         if config:
             meta["config"] = config
         curve = []
+        # Every logged row; the validation rows are those with val/* values. Rows at step 0 are the
+        # evaluation before training, a baseline and not part of the curve (as in local_runs).
         for row in run.history(pandas=False):
             metrics = {k[len("val/"):]: float(v) for k, v in row.items()
                        if k.startswith("val/") and k != "val/epochs_trained" and isinstance(v, (int, float))}  # fmt: skip
             if metrics and int(row.get("trainer/global_step", row.get("_step", 1)) or 0) > 0:
+                # The recorded x-axis; older runs logged only the 0-based epoch at the end of which they
+                # validated, i.e. epoch + 1 epochs trained (results.epochs_trained's convention).
                 x = row.get("val/epochs_trained", row.get("epochs_trained"))
                 curve.append((float(x) if isinstance(x, (int, float)) else float(row.get("epoch", 0)) + 1.0, metrics))
         state = WANDB_STATES.get(str(getattr(run, "state", "finished")), str(getattr(run, "state", "unknown")))
+        # Under the paper protocol the validations ran on the test split: they are the test-selected
+        # evaluations that --select test-best chooses from.
         selected = [m for _, m in curve] if meta.get("val_split") == "test" else []
         reason = "" if state == "completed" else f"W&B state {getattr(run, 'state', '?')}"
         if state == "completed" and not test:
@@ -213,14 +285,22 @@ def wandb_runs(project: str, filters: Mapping[str, Any] | None = None, api: Any 
 # ---------------------------------------------------------------------------- aggregation
 @dataclass
 class Group:
-    """Runs with the same settings: one leaderboard row."""
+    """Runs with the same settings: one leaderboard row.
 
-    settings: dict[str, Any]
+    Statistics are over the group's runs, one value per run; the seeds of its completed runs differ
+    (:func:`check_duplicate_seeds` refuses two completed runs of one seed).
+    """
+
+    settings: dict[str, Any]  # what the runs agree on (settings(): the comparison key, steps, row fields)
     runs: list[RunRecord]
     differs: dict[str, Any] = field(default_factory=dict)  # fields that set it apart from its siblings
 
     def values(self, metric: str, select: str) -> list[tuple[Any, float]]:
-        """(seed, value) per run that has the metric."""
+        """(seed, value) per run that has the metric.
+
+        Sorted by seed (as text, since seeds may be recorded as numbers or strings); non-finite
+        values (a diverged run's NaN) are left out rather than poisoning the mean.
+        """
         out = []
         for run in sorted(self.runs, key=lambda r: str(r.seed)):
             value = run.value(metric, select)
@@ -237,6 +317,7 @@ class Group:
 
     @property
     def seeds(self) -> list[Any]:
+        """The distinct seeds of the group's runs, sorted as text."""
         return sorted({r.seed for r in self.runs}, key=str)
 
     @property
@@ -259,19 +340,32 @@ class Group:
 
 
 def _config_of(group: Group) -> dict[str, Any]:
-    """The group's comparison config (every run in it has the same one) plus its trained steps."""
+    """The group's comparison config (every run in it has the same one) plus its trained steps.
+
+    Steps are part of what separates sibling groups (a run cut short by ``max_time``), so they
+    take part in naming the differences.
+    """
     config = dict(group.runs[0].meta.get("config") or {})
     config["steps_trained"] = group.runs[0].steps
     return config
 
 
 def _short_name(key: str) -> str:
+    """A comparison-config key as the ``differs`` column shows it: ``model.lr`` -> ``lr``,
+    ``data.samples_per_class`` -> ``samples_per_class``; other sections keep their prefix."""
     return key.split(".", 1)[1] if key.startswith(("model.", "data.")) else key
 
 
 def check_duplicate_seeds(records: Sequence[RunRecord]) -> None:
     """Refuse two completed runs of one setting with the same seed: a seed must count once, and the
-    table cannot choose between them (rerun on purpose? keep one; two settings? they would differ)."""
+    table cannot choose between them (rerun on purpose? keep one; two settings? they would differ).
+
+    Args:
+        records: the runs that count (completed results).
+
+    Raises:
+        UserError: two runs share settings and seed; the message names both.
+    """
     seen: dict[tuple, RunRecord] = {}
     for record in records:
         key = (tuple(sorted((k, repr(v)) for k, v in settings(record.meta).items())), repr(record.seed))
@@ -285,19 +379,33 @@ def check_duplicate_seeds(records: Sequence[RunRecord]) -> None:
 
 def group_runs(records: Iterable[RunRecord]) -> list[Group]:
     """Group by the comparison key and trained steps (or, for older records, every recorded setting);
-    name the settings that separate sibling groups (same dataset, method and backbone)."""
+    name the settings that separate sibling groups (same dataset, method and backbone).
+
+    Completed results and incomplete runs (``--include-incomplete``) of one setting form separate
+    groups: an interrupted run is never averaged with finished ones.
+
+    Args:
+        records: the runs to show.
+
+    Returns:
+        The groups in first-seen order, each with :attr:`Group.differs` set where it has siblings.
+    """
     groups: dict[tuple, Group] = {}
     for record in records:
         key_settings = settings(record.meta)
+        # repr: settings hold unhashable or mixed-type values (lists, None next to numbers).
         key = tuple(sorted((k, repr(v)) for k, v in key_settings.items())) + (("_counted", record.counted),)
         groups.setdefault(key, Group(key_settings, [])).runs.append(record)
     result = list(groups.values())
+    # Siblings: groups a reader would take for the same row. Only what varies among them is named,
+    # so that a row says "lr=0.001" instead of listing its whole configuration.
     families: dict[tuple, list[Group]] = {}
     for g in result:
         families.setdefault(tuple(str(g.settings.get(k)) for k in ("dataset", "method", "backbone")), []).append(g)
     for family in families.values():
         if len(family) < 2:
             continue
+        # Older records have no comparison config: their recorded settings are compared instead.
         configs = [_config_of(g) if g.settings.get("comparison_key") else g.settings for g in family]
         keys = set().union(*configs)
         varying = sorted(k for k in keys if len({repr(c.get(k)) for c in configs}) > 1)
@@ -315,7 +423,20 @@ def _reference_names(meta: Mapping[str, Any], refined: bool) -> list[str]:
 
 
 def paper_match(group: Group, metric: str, numbers: Sequence[PaperNumber]) -> PaperNumber | None:
-    """The paper's number for this group's setting (dataset, backbone, embedding size, method name)."""
+    """The paper's number for this group's setting (dataset, backbone, embedding size, method name).
+
+    The method name is one of those the run recorded for its setting (:func:`_reference_names`),
+    so a method decides which paper rows describe it; a 128-d run is never matched to a 512-d number.
+
+    Args:
+        group: a leaderboard group.
+        metric: the ranking metric; ``refined/<metric>`` is matched against the names recorded for
+            the method's refined output, and its last part against the paper's metric.
+        numbers: every paper's numbers (:func:`benchmark.core.papers.paper_numbers`).
+
+    Returns:
+        The first matching number in the papers' order, or None.
+    """
     s = {**group.runs[0].meta, **group.settings} if group.runs else group.settings
     refined = metric.startswith("refined/")
     base_metric = metric.split("/")[-1]
@@ -330,7 +451,22 @@ def paper_match(group: Group, metric: str, numbers: Sequence[PaperNumber]) -> Pa
 # ---------------------------------------------------------------------------- the table
 def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, rank_by: str,
                numbers: Sequence[PaperNumber]) -> list[dict[str, Any]]:  # fmt: skip
-    """One dict per group (best first within each dataset), values in percent."""
+    """One dict per group (best first within each dataset), values in percent.
+
+    Every output format renders these rows (console, Markdown, HTML, CSV, JSON, the W&B Table).
+
+    Args:
+        groups: the groups of :func:`group_runs`.
+        metrics: the metrics to aggregate (each gets ``<m>_mean``, ``<m>_std``, ``<m>_n`` and
+            ``<m>_per_seed``).
+        select: the number each run contributes (``final`` or ``test-best``).
+        rank_by: the metric rows are ranked by and compared with the paper on; one of ``metrics``.
+        numbers: the papers' numbers.
+
+    Returns:
+        The rows, sorted by dataset and then by mean ``rank_by``, descending (rows without a
+        value last).
+    """
     rows = []
     for g in groups:
         row: dict[str, Any] = {k: g.settings.get(k) for k in ROW_FIELDS}
@@ -345,6 +481,7 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
         row["comparison_key"] = g.settings.get("comparison_key")
         row["comparison_group"] = g.runs[0].meta.get("comparison_group")
         row["run_names"] = sorted(r.name for r in g.runs)
+        # The rule travels with every row, so that no output shows a test-selected number unlabelled.
         row["select"] = select if select == "final" else f"{select} ({OPTIMISTIC})"
         for m in metrics:
             n, mean, std = g.stats(m, select)
@@ -357,6 +494,8 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
         row[f"paper_{rank_by}"] = None if paper is None else paper.value
         row["paper_statistic"] = None if paper is None else paper.statistic
         mean = row[f"{rank_by}_mean"]
+        # Δ is our mean under --select (final by default) minus the paper's number, whatever the paper's
+        # statistic: the test-best beside it is for reading, not for the difference.
         row[f"delta_{rank_by}"] = None if paper is None or mean is None else mean - paper.value
         # The paper's own statistic beside ours: where it reports the best test epoch, our test-best
         # (labelled optimistic) stands next to the honest final number.
@@ -372,11 +511,14 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
 
 
 def reference_rows(datasets: Iterable[str], metric: str, numbers: Sequence[PaperNumber]) -> list[PaperNumber]:
+    """The papers' numbers shown as reference rows: those of the shown datasets for ``metric``
+    (``refined/R@1`` shows the papers' ``R@1``), in the papers' order."""
     base = metric.split("/")[-1]
     return [n for n in numbers if n.dataset in set(datasets) and n.metric == base]
 
 
 def _fmt(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` with two decimals (percent), the mean alone for one seed, ``""`` for no value."""
     if mean is None:
         return ""
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
@@ -384,6 +526,13 @@ def _fmt(mean: float | None, std: float | None) -> str:
 
 def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber],
                    per_seed: bool) -> None:  # fmt: skip
+    """The console output: one rich table per dataset, the papers' numbers as dim reference rows.
+
+    Args:
+        rows, metrics, rank_by: as for :func:`table_rows`.
+        refs: the reference rows (:func:`reference_rows`).
+        per_seed: add one line per seed under each group with its ``rank_by`` value.
+    """
     from rich.table import Table
 
     console = make_console()
@@ -397,6 +546,7 @@ def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: 
             table.add_row(*_row_cells(r, metrics, rank_by))
             if per_seed:
                 for seed, v in r[f"{rank_by}_per_seed"].items():
+                    # Under the first metric column (the six columns before it are the row's fields).
                     table.add_row("", f"seed {seed}", "", "", "", "", f"{v:.2f}")
         for n in [n for n in refs if n.dataset == dataset]:
             table.add_row(*_paper_cells(n, metrics), style="dim")
@@ -422,6 +572,8 @@ def _cell(value: Any) -> str:
 
 
 def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> str:
+    """The rows as CSV (:func:`csv_columns`, one line per group, cells by :func:`_cell`); the per-seed
+    values are not in it (the JSON output and the console's ``--per-seed`` show them)."""
     columns = csv_columns(metrics, rank_by)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -432,13 +584,22 @@ def to_csv(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str) -> 
 
 
 def headers(metrics: Sequence[str], rank_by: str) -> list[str]:
-    """The columns every table format shows (one builder for console, Markdown and HTML)."""
+    """The columns every table format shows (one builder for console, Markdown and HTML).
+
+    Beside the metrics: the paper's number with the statistic it reports, our test-best of the
+    ranking metric (filled only where that statistic is ``test-best``, labelled optimistic), Δ, and
+    the notes of :func:`_row_cells`.
+    """
     return ["method", "backbone", "dim", "protocol", "seeds", "steps", *metrics, f"paper {rank_by} (statistic)",
             f"ours {rank_by} test-best ({OPTIMISTIC})", "Δ (final − paper)", "differs"]  # fmt: skip
 
 
 def _row_cells(r: Mapping[str, Any], metrics: Sequence[str], rank_by: str) -> list[str]:
-    """A group's cells in :func:`headers` order."""
+    """A group's cells in :func:`headers` order.
+
+    The last cell gathers what a reader must know before comparing the row: why its runs are short,
+    the states of incomplete runs, and the options that set it apart from its siblings.
+    """
     paper, delta = r[f"paper_{rank_by}"], r[f"delta_{rank_by}"]
     notes = ", ".join(x for x in (r.get("short") and f"short: {r['short']}", r.get("incomplete") and
                                   f"incomplete: {r['incomplete']}", r["differs"]) if x)  # fmt: skip
@@ -457,6 +618,8 @@ def _paper_cells(n: PaperNumber, metrics: Sequence[str]) -> list[str]:
 
 
 def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber]) -> str:
+    """The rows as Markdown: a ``###`` section per dataset with the rule in a sentence, then a table
+    whose paper rows are in italics."""
     lines = []
     for dataset in sorted({str(r["dataset"]) for r in rows}):
         subset = [r for r in rows if str(r["dataset"]) == dataset]
@@ -472,13 +635,26 @@ def to_markdown(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str
     return "\n".join(lines)
 
 
+#: The page's HTML, CSS and sorting script; ``$title``, ``$sections`` and ``$figures`` are filled in.
 HTML_TEMPLATE = Path(__file__).with_name("templates") / "leaderboard.html"
 
 
 def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, refs: list[PaperNumber],
             figures: Sequence[Path], title: str = "DML benchmark leaderboard") -> str:  # fmt: skip
     """A self-contained page (``templates/leaderboard.html``): one sortable table per dataset (click a
-    header) and the figures inline."""
+    header) and the figures inline.
+
+    Every value is HTML-escaped and the figures are embedded as base64 PNGs, so the page is one
+    file that opens anywhere without the figures' folder.
+
+    Args:
+        rows, metrics, rank_by, refs: as for :func:`to_markdown`.
+        figures: PNG files to embed (:func:`benchmark.app.leaderboard_figures.write_figures`).
+        title: the page's title (``--title``).
+
+    Returns:
+        The page's HTML.
+    """
     import html
     from string import Template
 
@@ -502,6 +678,7 @@ def to_html(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: str, re
 
 # ---------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
+    """The options of ``leaderboard``; the module docstring's first line is the description."""
     parser = argparse.ArgumentParser(prog="python -m benchmark leaderboard", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=None,
                         help="folder searched for run directories (any depth; default runs/)")
@@ -529,6 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_filters(items: Sequence[str]) -> dict[str, str]:
+    """``--filter KEY=VALUE`` items as ``{KEY: VALUE}`` (values stay strings; a later KEY wins).
+
+    Raises:
+        UserError: an item without ``=``.
+    """
     filters = {}
     for item in items:
         if "=" not in item:
@@ -539,7 +721,15 @@ def _parse_filters(items: Sequence[str]) -> dict[str, str]:
 
 
 def _read_records(args: argparse.Namespace, filters: Mapping[str, str]) -> list[RunRecord]:
-    """The runs of ``--runs`` (local folders) or ``--wandb`` (a W&B project), filtered."""
+    """The runs of ``--runs`` (local folders) or ``--wandb`` (a W&B project), filtered.
+
+    ``--wandb`` with ``--runs`` (only allowed with ``--publish --dry-run``) reads the local runs: the
+    project then only names where the report would go.
+
+    Raises:
+        UserError: no W&B login for ``--wandb``, the W&B API fails (wrong entity or project, no
+            network), or ``--runs`` is not a folder.
+    """
     if args.wandb and args.runs is None:
         if not wandb_logged_in():
             raise UserError(
@@ -555,11 +745,15 @@ def _read_records(args: argparse.Namespace, filters: Mapping[str, str]) -> list[
     runs = args.runs if args.runs is not None else Path("runs")
     if not runs.is_dir():
         raise UserError(f"--runs {runs} is not a folder; pass the folder that holds your run directories.")
+    # Compared as text: a --filter value is a string, the recorded value may be a number (seed=0).
     return [r for r in local_runs(runs) if all(str(r.meta.get(k)) == v for k, v in filters.items())]
 
 
 def _not_counted(records: Sequence[RunRecord]) -> None:
-    """List the runs that are not results (not completed, or without a final evaluation), with why."""
+    """List the runs that are not results (not completed, or without a final evaluation), with why.
+
+    Printed on stderr, so that the table on stdout (or a ``--format`` output piped on) stays clean.
+    """
     if not records:
         return
     from rich.table import Table
@@ -574,6 +768,19 @@ def _not_counted(records: Sequence[RunRecord]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``leaderboard``: read the runs, group and aggregate them, and print, write or publish the table.
+
+    Args:
+        argv: the arguments after ``leaderboard`` (``--help`` lists them; default ``sys.argv[1:]``).
+
+    Returns:
+        0, also when there is no completed result (a sentence says so).
+
+    Raises:
+        UserError: contradictory or malformed options (``--out`` without a file format,
+            ``--publish`` without ``--wandb``, two sources), an unwritable ``--out`` or ``--figures``,
+            an unreadable source, or two runs of one setting with the same seed.
+    """
     args = build_parser().parse_args(argv)
     filters = _parse_filters(args.filter)
     if args.format == "console" and args.out:
@@ -585,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs is not None and args.wandb and not (args.publish and args.dry_run):
         raise UserError("--runs and --wandb name two sources; give one (with --publish --dry-run, --runs gives the "
                         "rows and --wandb the report's project).")  # fmt: skip
+    # Checked before anything is read: a long W&B read must not end on an unwritable path.
     if args.out is not None:
         check_writable(args.out, "--out")
     if args.figures is not None:
@@ -592,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     records = _read_records(args, filters)
     if args.dataset:
         records = [r for r in records if r.meta.get("dataset") == args.dataset]
+    # The runs that are not results are listed (stderr) or shown labelled, never averaged in silently.
     left_out = [r for r in records if not r.counted]
     if not args.include_incomplete:
         records = [r for r in records if r.counted]
@@ -601,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         make_console().print(f"No completed results in {args.wandb or args.runs or 'runs'} (a run counts once its fit "
                              "has completed and written metrics_test.json).")  # fmt: skip
         return 0
+    # Without --metrics: the ranking metric first, then the defaults, each once.
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else \
         list(dict.fromkeys([args.metric, *DEFAULT_METRICS]))  # fmt: skip
     numbers = paper_numbers()
@@ -608,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = table_rows(groups, metrics, args.select, args.metric, numbers)
     refs = reference_rows({str(r["dataset"]) for r in rows}, args.metric, numbers)
     figures = write_figures(groups, rows, args.metric, args.select, args.figures) if args.figures else []
+    # The HTML page always embeds the figures: without --figures they go beside the page (<out>_figures/).
     if args.format == "html" and not args.figures and args.out:
         figures = write_figures(groups, rows, args.metric, args.select, args.out.with_suffix("").with_name(
             args.out.stem + "_figures"))  # fmt: skip

@@ -5,8 +5,12 @@ Conventions shared with the run figures (:mod:`benchmark.engine.figures`): metri
 :func:`benchmark.core.results.epochs_trained` counts them (the groups' ``run.val_curve`` holds them),
 short series drawn with markers, and one legend name per group: :attr:`Group.label
 <benchmark.app.leaderboard.Group.label>`, made distinct where two groups would read the same
-(:func:`distinct_labels`). Drawn on matplotlib's object-oriented API (:func:`benchmark.engine.figures.pyplot`):
-no backend switch, nothing left in a notebook's pyplot.
+(:func:`distinct_labels`). Drawn on matplotlib's object-oriented API
+(:func:`benchmark.engine.plotting.pyplot`): no backend switch, nothing left in a notebook's pyplot.
+
+A light module: matplotlib is imported when a figure is made, and nothing here imports torch or
+Lightning, so ``leaderboard --figures`` stays a light command. The groups are taken as they are
+(:class:`benchmark.app.leaderboard.Group`, typed ``Any`` here to keep the import one-way).
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ def distinct_labels(labels: Sequence[str], settings: Sequence[Mapping[str, Any]]
     Equal labels get the settings in which their groups differ (``[embedding_dim=64]``: a group's
     label names only the options that set it apart from its siblings, not the table's own
     columns), and where even those agree, ``#1``, ``#2``, ... in order.
+
+    Args:
+        labels: one legend name per group, in drawing order.
+        settings: each group's settings (:attr:`Group.settings <benchmark.app.leaderboard.Group.settings>`),
+            aligned with ``labels``.
+
+    Returns:
+        The labels, same order and length, no two equal.
     """
     out = list(labels)
     for label in dict.fromkeys(labels):
@@ -40,6 +52,8 @@ def distinct_labels(labels: Sequence[str], settings: Sequence[Mapping[str, Any]]
         for i in same:
             extra = ", ".join(f"{k}={settings[i].get(k)}" for k in differ)
             out[i] = f"{label} [{extra}]" if extra else label
+    # Second pass: labels still equal after the first (groups whose settings agree on every key)
+    # are numbered, so that a legend never names two curves the same.
     for label in dict.fromkeys(out):
         same = [i for i, other in enumerate(out) if other == label]
         if len(same) > 1:
@@ -67,7 +81,22 @@ def leaderboard_figures(groups: Sequence[Any], rows: list[dict[str, Any]], rank_
                         select: str) -> dict[str, Any]:  # fmt: skip
     """The figures, by file stem (``ranking_<dataset>``, ``recall_at_k_<dataset>``,
     ``val_curve_<dataset>``), as matplotlib figures: the ranking bars with error bars per dataset,
-    R@K curves (mean over seeds), validation curves (mean over seeds, min-max band or bar)."""
+    R@K curves (mean over seeds), validation curves (mean over seeds, min-max band or bar).
+
+    Returned without saving (:func:`write_figures` saves them), so that a notebook can show or
+    restyle them.
+
+    Args:
+        groups: the leaderboard's groups (:func:`benchmark.app.leaderboard.group_runs`).
+        rows: their table rows (:func:`benchmark.app.leaderboard.table_rows`), values in percent.
+        rank_by: the ranking metric (``R@1``, ``refined/R@1``, ``MAP@R`` ...).
+        select: the number each run contributes (``final`` or ``test-best``), for the titles and
+            the R@K means.
+
+    Returns:
+        ``{file stem: matplotlib Figure}``; a dataset gets a ranking only if a row has a mean, an
+        R@K figure only if its runs report at least two K, a validation curve only if a run validated.
+    """
     plt = pyplot()
     out: dict[str, Any] = {}
     for dataset in sorted({str(r["dataset"]) for r in rows}):
@@ -76,6 +105,7 @@ def leaderboard_figures(groups: Sequence[Any], rows: list[dict[str, Any]], rank_
         subset = [r for r in rows if str(r["dataset"]) == dataset and r[f"{rank_by}_mean"] is not None]
         if subset:
             out[f"ranking_{dataset}"] = _ranking(plt, dataset, subset, family, names, rank_by, select)
+        # The K values the runs measured (the dataset's Recall@K convention), from their final tests.
         ks = sorted({int(k[2:]) for g in family for run in g.runs for k in run.test if k.startswith("R@") and k[2:].isdigit()})
         if len(ks) > 1:
             out[f"recall_at_k_{dataset}"] = _recall_at_k(plt, dataset, family, names, ks, select)
@@ -87,6 +117,11 @@ def leaderboard_figures(groups: Sequence[Any], rows: list[dict[str, Any]], rank_
 
 def _ranking(plt: Any, dataset: str, subset: list[dict[str, Any]], family: Sequence[Any], names: Mapping[int, str],
              rank_by: str, select: str) -> Any:  # fmt: skip
+    """Bars of the rows' mean ``rank_by`` with ± one sample std, the paper's number as a red tick.
+
+    Rows come ranked (best first) from the table; a row of one seed has no std: its error bar is zero.
+    """
+    # Wider with more groups, so that the rotated names stay readable.
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(subset) + 2), 3.6))
     means = [r[f"{rank_by}_mean"] for r in subset]
     stds = [r[f"{rank_by}_std"] or 0.0 for r in subset]
@@ -107,6 +142,7 @@ def _ranking(plt: Any, dataset: str, subset: list[dict[str, Any]], family: Seque
 
 def _recall_at_k(plt: Any, dataset: str, family: Sequence[Any], names: Mapping[int, str], ks: list[int],
                  select: str) -> Any:  # fmt: skip
+    """Mean Recall@K over seeds against K, one line per group that reports every K in ``ks``."""
     from matplotlib.ticker import NullLocator
 
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
@@ -117,6 +153,7 @@ def _recall_at_k(plt: Any, dataset: str, family: Sequence[Any], names: Mapping[i
     # a log axis (K grows geometrically) with ticks at exactly the K values measured, as integers
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
+    # The log axis's own minor ticks (and their labels, e.g. 3x10^0) would crowd the K values.
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlim(ks[0] / 1.25, ks[-1] * 1.25)
     ax.set_xlabel("K")
@@ -128,6 +165,12 @@ def _recall_at_k(plt: Any, dataset: str, family: Sequence[Any], names: Mapping[i
 
 
 def _val_curve(plt: Any, dataset: str, family: Sequence[Any], names: Mapping[int, str], rank_by: str) -> Any | None:
+    """Validation ``rank_by`` against epochs trained: per group the mean over its runs, with the
+    min-max band over seeds; None when no run of the dataset validated after training started.
+
+    Runs that validated at different epochs are aligned on the union of their epochs; a run
+    missing at an epoch is left out of that epoch's mean and band (NaN), not counted as zero.
+    """
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     drawn = False
     for g in family:
@@ -135,6 +178,7 @@ def _val_curve(plt: Any, dataset: str, family: Sequence[Any], names: Mapping[int
         epochs = sorted(set().union(*(c.keys() for c in curves)))
         if not epochs:
             continue
+        # (runs, epochs), percent
         table = np.array([[c.get(e, np.nan) for e in epochs] for c in curves], dtype=float) * 100
         mean = np.nanmean(table, axis=0)
         line = ax.plot(epochs, mean, label=f"{names[id(g)]}, n={len(g.runs)}", **point_markers(len(epochs), 4.0))
@@ -156,13 +200,21 @@ def _val_curve(plt: Any, dataset: str, family: Sequence[Any], names: Mapping[int
 
 
 def write_figures(groups: Sequence[Any], rows: list[dict[str, Any]], rank_by: str, select: str, out: Path) -> list[Path]:
-    """PNGs of :func:`leaderboard_figures` in ``out`` (each written atomically); their paths."""
+    """PNGs of :func:`leaderboard_figures` in ``out`` (each written atomically); their paths.
+
+    Args:
+        groups, rows, rank_by, select: as for :func:`leaderboard_figures`.
+        out: the folder (``--figures DIR``), created if missing; files of the same names are replaced.
+
+    Returns:
+        The paths written, in the order of :func:`leaderboard_figures` (the HTML page embeds them so).
+    """
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for stem, fig in leaderboard_figures(groups, rows, rank_by, select).items():
         fig.tight_layout()
         path = out / f"{stem}.png"
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+            fig.savefig(tmp, dpi=110, format="png")  # format given: the temporary's suffix is not .png
         paths.append(path)
     return paths

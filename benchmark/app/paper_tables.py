@@ -41,20 +41,27 @@ from benchmark.core.results import (
 
 @dataclass
 class Line:
-    """One number of the paper and what the suite has for it."""
+    """One number of the paper and what the suite has for it.
+
+    ``final`` and ``test_best`` hold one value per completed cell, so their mean and sample std
+    are over seeds (and over any other cells the suite maps to the same number). A completed cell
+    without the metric (a refined metric the run did not report) adds to ``completed`` only.
+    """
 
     number: PaperNumber
     cells: list[str] = field(default_factory=list)  # ids of the cells that reproduce it
-    completed: int = 0
+    completed: int = 0  # of those cells, the ones whose run is a result (completed, with its final test)
     final: list[float] = field(default_factory=list)  # per completed cell, percent
-    test_best: list[float] = field(default_factory=list)
+    test_best: list[float] = field(default_factory=list)  # per completed cell, percent; selected on test
 
     @property
     def covered(self) -> bool:
+        """Whether any cell of the suite reproduces this number (whatever its state)."""
         return bool(self.cells)
 
 
 def _stats(values: Sequence[float]) -> str:
+    """``mean ± sample std (n=..)`` of percent values, no std for one value, ``""`` for none."""
     if not values:
         return ""
     mean = statistics.fmean(values)
@@ -63,13 +70,26 @@ def _stats(values: Sequence[float]) -> str:
 
 
 def cell_setting(cell: Any, recipe: Callable[[Any], Path | None]) -> dict[str, Any]:
-    """A cell's backbone and embedding size: its own options, else its recipe's (``None`` if neither says)."""
+    """A cell's backbone and embedding size: its own options, else its recipe's (``None`` if neither says).
+
+    Read from the suite file and the recipe, not from the cell's run: a cell that has not run yet
+    must still be matched to the paper's numbers, so that an uncovered one shows before anything runs.
+
+    Args:
+        cell: a suite cell (:class:`benchmark.app.suites.spec.Cell`: ``backbone``, ``options``).
+        recipe: the recipe a cell's fit applies, or None
+            (:func:`benchmark.app.suites.reading.cell_recipe`).
+
+    Returns:
+        ``{"backbone": str | None, "dim": int | None}``.
+    """
     options = dict(cell.options)
     model: Mapping[str, Any] = {}
     path = recipe(cell)
     if path is not None and path.is_file():
         config = yaml.safe_load(path.read_text()) or {}
         section = config.get("model") or {}
+        # A recipe writes the model's options under init_args (class_path + init_args) or directly.
         model = section.get("init_args", section) or {}
     backbone = cell.backbone or options.get("model.backbone.name") or (model.get("backbone") or {}).get("name")
     dim = options.get("model.embedding_dim", model.get("embedding_dim"))
@@ -83,7 +103,12 @@ def _metric_key(number: PaperNumber, meta: Mapping[str, Any]) -> str:
 
 
 def _cell_values(run: Path, number: PaperNumber) -> tuple[float | None, float | None] | None:
-    """(final, test-best) of ``number``'s metric in a completed run, or None if it is not a result."""
+    """(final, test-best) of ``number``'s metric in a completed run, or None if it is not a result.
+
+    Both values are in percent; either is None when the run did not report the metric (test-best:
+    when the run has no evaluation selected on the test split, e.g. under the holdout protocol).
+    A run whose records cannot be read is not a result here: the table still stands.
+    """
     if not run_state(run).completed:
         return None
     try:
@@ -103,7 +128,22 @@ def _cell_values(run: Path, number: PaperNumber) -> tuple[float | None, float | 
 
 
 def lines(suite: Any, recipe: Callable[[Any], Path | None], tables: Iterable[str] | None = None) -> list[Line]:
-    """Every number of the suite's paper in the tables its cells reproduce (or ``tables``), in the paper's order."""
+    """Every number of the suite's paper in the tables its cells reproduce (or ``tables``), in the
+    paper's order.
+
+    A cell reproduces a number when its ``reproduces:`` entries name the number's table and row,
+    its dataset is the number's and its backbone and embedding size do not contradict it; one
+    ``(table, row)`` of the paper covers several numbers (datasets, backbones, metrics).
+
+    Args:
+        suite: a loaded suite (:class:`benchmark.app.suites.spec.Suite`: ``paper``, ``cells``,
+            ``run_dir(cell)``).
+        recipe: the recipe of a cell, for the settings its options leave to it (:func:`cell_setting`).
+        tables: the paper's tables to show (``--table``); by default those the suite's cells claim.
+
+    Returns:
+        One :class:`Line` per number, uncovered numbers included; empty when the suite names no paper.
+    """
     if suite.paper is None:
         return []
     claimed = {t for cell in suite.cells for t, _ in cell.reproduces}
@@ -140,7 +180,11 @@ COLUMNS = ("table", "row", "dataset", "backbone", "dim", "metric", "paper", "sta
 
 
 def cells_of(line: Line) -> list[str]:
-    """One line's cells in :data:`COLUMNS` order."""
+    """One line's cells in :data:`COLUMNS` order.
+
+    Our test-best is filled only where the paper's statistic is ``test-best``: it is the matching
+    (optimistic) number to set beside that paper's; the final number is always shown.
+    """
     n = line.number
     status = "NOT COVERED" if not line.covered else f"{line.completed} of {len(line.cells)} completed"
     test_best = _stats(line.test_best) if n.statistic == "test-best" else ""
@@ -149,7 +193,15 @@ def cells_of(line: Line) -> list[str]:
 
 
 def render(suite: Any, found: Sequence[Line], console: Any) -> None:
-    """One rich table per paper table, rows in the paper's order."""
+    """One rich table per paper table, rows in the paper's order.
+
+    The title counts the numbers not covered by any cell; those rows are red.
+
+    Args:
+        suite: the suite (its ``paper`` and ``name`` title the tables).
+        found: the lines of :func:`lines`.
+        console: a rich console (:func:`benchmark.core.io.console`).
+    """
     from rich.table import Table
 
     for table_name in dict.fromkeys(line.number.table for line in found):

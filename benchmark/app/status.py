@@ -1,6 +1,8 @@
 """``python -m benchmark status``: the run directories under some folders and their states.
 
 A light module (the results contract, rich): it starts without importing torch or Lightning.
+The states are read through :func:`benchmark.core.results.run_state`, the one reading that the
+leaderboard and ``suite status`` share, so a run is ``killed`` here exactly when it is there.
 """
 
 from __future__ import annotations
@@ -20,7 +22,24 @@ def main(argv: list[str]) -> int:
     The state is the run's ``status.json`` checked against its process: a run whose status says
     running but whose process is gone on this host (``kill -9``, out of memory, a lost node) is shown
     as ``killed``, not running for ever.
+
+    A run directory is any folder, at any depth, that holds one of the run records
+    (``config.yaml``, ``status.json``, ``metrics_val.json``, ``metrics_test.json``); folders under a
+    hidden one (a suite's ``.attempts/``, caches) are left out. The table shows, per run, its state,
+    the command that wrote the status, the exit code, and the trained steps and R@1 (in percent) of
+    its end-of-training test, never those of a later ``test --ckpt_path``.
+
+    Args:
+        argv: the arguments after ``status``: folders (run directories or folders of them) and
+            ``--state STATE`` (one of :data:`~benchmark.core.results.STATES` or ``unknown``).
+
+    Returns:
+        0 (the table is printed to stdout).
+
+    Raises:
+        UserError: a folder given is not a folder.
     """
+    # The first line of this docstring is the command's --help description.
     from rich.table import Table
 
     parser = argparse.ArgumentParser(prog="python -m benchmark status", description=main.__doc__.splitlines()[0])
@@ -31,6 +50,7 @@ def main(argv: list[str]) -> int:
     for folder in args.folders:
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder; pass run directories or the folder that holds them (default runs/).")
+        # Any record marks a run: a run that failed before its first evaluation has only its status.
         found = sorted({p.parent for name in RUN_RECORDS for p in folder.rglob(name)
                         if not any(part.startswith(".") for part in p.parent.relative_to(folder).parts)})  # fmt: skip
         runs += [(run, str(run.relative_to(folder)) if run != folder else str(folder)) for run in found]
@@ -42,6 +62,7 @@ def main(argv: list[str]) -> int:
         if args.state and state.state != args.state:
             continue
         steps, r1 = "", ""
+        # An unreadable results file leaves the two cells empty: the run's state is still worth a row.
         with contextlib.suppress(RecordError):
             record = read_record(run / "metrics_test.json") if (run / "metrics_test.json").is_file() else None
             final = final_evaluation(record) if record else None

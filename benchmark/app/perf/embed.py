@@ -44,20 +44,42 @@ from benchmark.engine.evaluation import RetrievalEvaluator
 
 
 def _build(args: argparse.Namespace, run_dir: Path, workers: int | None, extra: list[str]) -> Any:
+    """A ``test`` run of ``--method`` on ``--data`` as the command line builds it, not run.
+
+    Built through the run builder so that the recipe, the evaluation transform, the precision and
+    the evaluator are exactly those of ``python -m benchmark test``. Nothing is logged or drawn and
+    the run folder is a scratch folder, so the measured loop does only the evaluation's work.
+
+    Args:
+        args: this command's options (``--method``, ``--data``, ``--tiny``, ``--batches``).
+        run_dir: the scratch run folder.
+        workers: the loader's worker count, or None for the datamodule's (the recipe's) own.
+        extra: options this command does not know, passed on (``--data.root``, ``--trainer.*``).
+
+    Returns:
+        The built :class:`~benchmark.app.builder.BenchmarkCLI` (``.model``, ``.datamodule``, ``.trainer``).
+    """
     argv = ["--method", args.method, "--data", args.data, "--logger", "none", "--run_dir", str(run_dir),
             "--figures", "false", "--trainer.enable_progress_bar", "false"]
     if args.tiny:
+        # perf train's tiny settings without their "--data.num_workers 0": the worker count is what
+        # this command varies (--workers).
         argv += [a for a in TINY if a not in ("--data.num_workers", "0")] + ["--data.eval_batch_size", "64"]
     if workers is not None:
         argv += ["--data.num_workers", str(workers)]
     if args.batches:
         argv += ["--trainer.limit_test_batches", str(args.batches)]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # Lightning's advice (few workers, ...) would drown the report
         warnings.simplefilter("ignore")
         return build_cli("test", argv + extra, run=False)
 
 
 def _loader(cli: Any, split: str) -> Any:
+    """The evaluation loader of ``split`` (``test`` or ``val``), prepared as a test prepares it.
+
+    The method's data request is applied first: it sets the normalisation of its encoder, so the
+    batches are those the model would see in the loop.
+    """
     dm, model = cli.datamodule, cli.model
     dm.prepare_data()
     dm.setup("test")
@@ -67,7 +89,16 @@ def _loader(cli: Any, split: str) -> Any:
 
 
 def measure_data(loader: Any, batches: int | None) -> tuple[float, list[Any]]:
-    """Seconds to read the loader (first ``batches`` batches) and the batches read."""
+    """Seconds to read the loader (first ``batches`` batches) and the batches read.
+
+    The time includes starting the loader's workers (a fresh loader, as the loop's ``trainer.test``
+    builds one too). The batches are kept to be embedded by
+    :func:`measure_forward`, so that both measure the same images.
+
+    Args:
+        loader: an evaluation loader (:func:`_loader`).
+        batches: how many batches to read; None or 0 for all.
+    """
     out, start = [], time.perf_counter()
     for batch in loader:
         out.append(batch)
@@ -78,14 +109,18 @@ def measure_data(loader: Any, batches: int | None) -> tuple[float, list[Any]]:
 
 @torch.no_grad()
 def measure_forward(cli: Any, batches: list[Any]) -> float:
-    """Seconds of the model's embedding of ``batches`` (in memory, eval mode, trainer precision)."""
+    """Seconds of the model's embedding of ``batches`` (in memory, eval mode, trainer precision).
+
+    The images are moved to the device before the clock starts: this is the loop's ceiling, the
+    model alone, with nothing to wait for. ``model.embed`` is what the evaluation step computes.
+    """
     model, trainer = cli.model, cli.trainer
     device = trainer.strategy.root_device
     model.to(device).eval()
     moved = [move_data_to_device(b["image"], device) for b in batches]
     with trainer.precision_plugin.forward_context():
-        model.embed(moved[0])  # warm-up
-        sync_device(device)
+        model.embed(moved[0])  # warm-up (kernel selection, allocator, lazy initialisation)
+        sync_device(device)  # CUDA runs asynchronously: the clock starts once the warm-up is done
         start = time.perf_counter()
         for images in moved:
             model.embed(images)
@@ -94,20 +129,36 @@ def measure_forward(cli: Any, batches: list[Any]) -> float:
 
 
 def measure_loop(cli: Any) -> tuple[float, float]:
-    """(embedding loop seconds, metrics seconds) of ``trainer.test`` with the evaluator."""
+    """(embedding loop seconds, metrics seconds) of ``trainer.test`` with the evaluator.
+
+    Both come from the evaluator's own clock: the loop is its ``last_embed_seconds`` (the test
+    epoch's batches, loader and forward pipelined), the metrics the rest of its evaluation
+    (gathering, refinement, metrics). It always evaluates the test split, whatever ``--split``.
+    """
     trainer = cli.trainer
     evaluator = next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluator))
-    evaluator.write_results, evaluator.print_table = False, False
+    evaluator.write_results, evaluator.print_table = False, False  # time the evaluation, not its reporting
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     evaluation = evaluator.last_evaluation
     total = evaluation.seconds if evaluation is not None else float("nan")
+    # NaN metrics seconds if the evaluator kept no evaluation (it keeps one on global rank 0 only).
     return evaluator.last_embed_seconds, total - evaluator.last_embed_seconds
 
 
 @register_perf("embed", "evaluation end to end: the embedding loop against the loader alone and the forward alone")
 def main(argv: list[str] | None = None) -> int:
+    """``perf embed``: data alone, forward alone and the loop at each worker count, in one run.
+
+    Args:
+        argv: this command's options (``--help``; the module docstring explains the measurements);
+            unknown options go to the run builder.
+
+    Returns:
+        0. The rates are printed, reported as ``perf gpu`` headlines (without goals) and, with
+        ``--out``, written as JSON.
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmark perf embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default=DEFAULT_METHOD)
@@ -121,14 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.tiny and not args.batches:
         args.batches = 2
+    # None: the datamodule's own worker count (its recipe's or default).
     counts = [int(w) for w in args.workers.split(",") if w.strip()] or [None]
     if any(c is not None and c < 0 for c in counts):
         parser.error("--workers: counts must be >= 0")
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="perf-embed-") as scratch:
+        # Data alone and forward alone once, on the first worker count; a fresh run per loop below,
+        # so that no loop starts with another's warm workers or caches.
         base = _build(args, Path(scratch) / "base", counts[0], extra)
         data_s, batches = measure_data(_loader(base, args.split), args.batches or None)
-        images = sum(len(b["label"]) for b in batches)
+        images = sum(len(b["label"]) for b in batches)  # every rate is over these images
         forward_s = measure_forward(base, batches)
         rows["data"] = {"seconds": data_s, "images_per_second": images / data_s,
                         "workers": base.datamodule.num_workers}
@@ -150,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"  data alone     {rows['data']['images_per_second']:9,.0f} img/s  ({rows['data']['workers']} workers)",
                   highlight=False)
     console.print(f"  forward alone  {rows['forward']['images_per_second']:9,.0f} img/s", highlight=False)
+    # The loop cannot beat the slower of its two stages: the best loop / this is how well they overlap.
     ceiling = min(rows["data"]["images_per_second"], rows["forward"]["images_per_second"])
     for loop in loops:
         console.print(f"  loop           {loop['images_per_second']:9,.0f} img/s  ({loop['workers']} workers; "

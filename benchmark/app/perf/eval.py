@@ -48,11 +48,11 @@ from benchmark.core.io import console as make_console
 from benchmark.engine.evaluation.metrics import default_chunk_size, nmi, retrieval_metrics
 from benchmark.engine.evaluation.search import _block_size
 
-SOP_RECALL_KS = (1, 10, 100, 1000)
-TARGET_RATIO = 1.2
-TARGET_EXTRA_MIB = 2048
+SOP_RECALL_KS = (1, 10, 100, 1000)  # the Recall@K that papers report on SOP (and In-Shop)
+TARGET_RATIO = 1.2  # the suite's time over the floor's: its ranking may add at most 20 %
+TARGET_EXTRA_MIB = 2048  # peak extra memory of the suite at SOP scale
 TARGET_TIE_RATIO = 2.0  # all-equal embeddings against SOP-like ones of the same size
-TIE_SIZES = (10000, 60502)
+TIE_SIZES = (10000, 60502)  # --ties: rows measured (60,502: SOP's test split)
 TIE_VARIANTS = ("all-equal", "half-duplicated", "quantised")
 
 
@@ -71,6 +71,24 @@ def make_sop_like(
     Class sizes lie in [2, max_class_size] (mean n / num_classes); each class centre mixes a
     super-category direction with its own, and samples add isotropic noise. Rows are sorted
     by class, like SOP's list files. ``noise`` = 1.8 gives R@1 ~ 0.64, R@1000 ~ 0.999.
+
+    Metrics of 0 or 1 would let a ranking shortcut go unnoticed (every positive first, or none
+    anywhere near); a set between them makes the suite rank the way it does on real embeddings.
+
+    Args:
+        n: rows (query = gallery).
+        dim: embedding dimensions.
+        num_classes: classes; default ``n / 5.3466``, SOP's mean class size.
+        seed: the generator's seed (the set is the same on every machine).
+        noise: within-class noise, relative to the unit-norm centres.
+        super_classes: super-categories (SOP has 12) whose directions the class centres share.
+        max_class_size: the largest class (SOP's classes hold 2 to 12 images).
+
+    Returns:
+        ``(embeddings (n, dim) float32, labels (n,) int64)``.
+
+    Raises:
+        ValueError: ``n`` images cannot form ``num_classes`` classes of 2 to ``max_class_size``.
     """
     num_classes = num_classes or max(1, round(n / 5.3466))  # SOP: 60,502 images, 11,316 classes
     if not 2 * num_classes <= n <= max_class_size * num_classes:
@@ -82,10 +100,12 @@ def make_sop_like(
         room = (sizes < max_class_size).nonzero().flatten()
         pick = room[torch.randint(0, room.numel(), (remaining,), generator=g)]
         sizes += torch.bincount(pick, minlength=num_classes)
+        # A class picked more often than it has room for gives the excess back for the next round.
         over = (sizes - max_class_size).clamp(min=0)
         sizes -= over
         remaining = int(over.sum())
     labels = torch.repeat_interleave(torch.arange(num_classes), sizes)  # (n,)
+    # Sorted super-category ids: neighbouring classes share one, as SOP's list files group products.
     supers = torch.randn(super_classes, dim, generator=g)
     super_of = torch.randint(0, super_classes, (num_classes,), generator=g).sort().values
     centres = F.normalize(torch.randn(num_classes, dim, generator=g) + supers[super_of], dim=1)  # (C, dim)
@@ -100,10 +120,16 @@ def tied_variant(x: torch.Tensor, kind: str) -> torch.Tensor:
     of the rows repeats the first (ties of two, mostly across classes). ``quantised``: the
     first 8 coordinates rounded to -1, 0 or 1 at +-0.43 standard deviations, the rest 0
     (at most 3^8 distinct rows, a few hundred distinct scores: large tie groups everywhere).
+
+    The labels stay those of ``x``: the ties fall across classes, which is what a collapsed or
+    quantised model produces and what makes the suite's tie rule (lower index first) matter.
+
+    Raises:
+        ValueError: an unknown ``kind`` (not one of :data:`TIE_VARIANTS`).
     """
     n, dim = x.shape
     if kind == "all-equal":
-        return x[:1].expand(n, dim).clone()
+        return x[:1].expand(n, dim).clone()  # clone: a real (n, dim) tensor, not a stride-0 view
     if kind == "half-duplicated":
         out = x.clone()
         out[n // 2 :] = x[: n - n // 2]
@@ -118,6 +144,17 @@ def tied_variant(x: torch.Tensor, kind: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------- measurement
 @dataclass
 class Measurement:
+    """One timed block: a row of the report.
+
+    Attributes:
+        name: what was timed, as the table shows it.
+        seconds: wall time, the device synchronised before and after.
+        extra_mib: peak memory above the level before the block (:class:`PeakMemory`), or None
+            where it cannot be read.
+        note: a line printed under the table (the metric values, the peers' agreement).
+        values: the metrics the block computed (``--ties``: R@1 and MAP@R per set).
+    """
+
     name: str
     seconds: float
     extra_mib: float | None
@@ -126,7 +163,14 @@ class Measurement:
 
 
 class PeakMemory:
-    """Peak extra memory of a block: process RSS on CPU, device memory in use on CUDA."""
+    """Peak extra memory of a block: process RSS on CPU, device memory in use on CUDA.
+
+    A background thread samples the level every ``interval`` seconds while the block runs; the
+    extra memory is the peak minus the level before. On CUDA the level is the device's memory in
+    use as the driver reports it (``mem_get_info``): every process and the caching allocator's
+    reserve included, so it is what the block makes unavailable, not only what its tensors hold.
+    Sampling can miss a spike shorter than the interval.
+    """
 
     def __init__(self, device: torch.device, interval: float = 0.005) -> None:
         self.device = device
@@ -136,18 +180,21 @@ class PeakMemory:
         self._stop = threading.Event()
 
     def _used(self) -> int:
+        """Bytes in use now: the device's on CUDA, the process's resident set on the CPU."""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             return total - free
-        with open("/proc/self/statm") as f:
+        with open("/proc/self/statm") as f:  # fields: size, resident, shared, ... in pages
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def _sample(self) -> None:
+        """The sampling thread: raise :attr:`peak` until :meth:`measure`'s block ends."""
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self._used())
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[PeakMemory]:
+        """Measure the ``with`` block; :attr:`extra_mib` is set when it ends (None where unsupported)."""
         try:
             base = self._used()
         except (OSError, RuntimeError, ValueError):  # no /proc (not Linux): no memory figure
@@ -162,17 +209,28 @@ class PeakMemory:
         finally:
             self._stop.set()
             thread.join()
-            self.peak = max(self.peak, self._used())
+            self.peak = max(self.peak, self._used())  # a last sample: the block may end at its peak
             self.extra_mib = (self.peak - base) / 2**20
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously to the clock)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed(name: str, fn: Callable[[], Any], device: torch.device, note: str = "") -> tuple[Measurement, Any]:
-    """Run ``fn`` once; wall time and peak extra memory."""
+    """Run ``fn`` once; wall time and peak extra memory.
+
+    Args:
+        name: the row's label.
+        fn: the work to time, without arguments.
+        device: where it runs (synchronised before and after, and where memory is measured).
+        note: a line for the report.
+
+    Returns:
+        The measurement and ``fn``'s result.
+    """
     probe = PeakMemory(device)
     with probe.measure():
         _sync(device)
@@ -184,7 +242,17 @@ def timed(name: str, fn: Callable[[], Any], device: torch.device, note: str = ""
 
 
 def floor_product(x: torch.Tensor, chunk: int, block: int) -> None:
-    """The suite's unavoidable work: all queries against the padded gallery, chunk by chunk."""
+    """The suite's unavoidable work: all queries against the padded gallery, chunk by chunk.
+
+    The suite must score every query against every gallery item in fp32 to rank exactly; this is
+    that product alone, in the same (chunk, padded gallery) blocks, written into one preallocated
+    buffer, so neither allocation nor ranking is timed.
+
+    Args:
+        x: (n, D) embeddings, queries and gallery alike.
+        chunk: queries per product (the suite's chunk size).
+        block: the suite's gallery block; the gallery is zero-padded to a multiple of it.
+    """
     n = x.shape[0]
     padded = -(-n // block) * block
     gallery = x.new_zeros(padded, x.shape[1])  # (Gp, D), as the suite pads it
@@ -196,7 +264,12 @@ def floor_product(x: torch.Tensor, chunk: int, block: int) -> None:
 
 
 def faiss_knn(x: torch.Tensor, k: int) -> None:
-    """faiss exact inner-product search with k neighbours (GPU index on CUDA)."""
+    """faiss exact inner-product search with k neighbours (GPU index on CUDA).
+
+    How peer frameworks compute Recall@K: the k nearest of every query by a flat (exact) index,
+    then the metrics from those lists; only the search is timed here. The copy to a float32
+    NumPy array on the CPU is part of it, as faiss takes its input that way.
+    """
     import faiss
 
     xs = x.float().cpu().numpy()
@@ -209,7 +282,15 @@ def faiss_knn(x: torch.Tensor, k: int) -> None:
 
 
 def pml_accuracy(x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """pytorch-metric-learning's AccuracyCalculator on the metrics it shares with the suite."""
+    """pytorch-metric-learning's AccuracyCalculator on the metrics it shares with the suite.
+
+    ``k="max_bin_count"``: neighbours up to the largest class size, which R-Precision and MAP@R
+    need; ``ref_includes_query=True``: queries are the gallery, and each query's own row is not its
+    neighbour, as in the suite.
+
+    Returns:
+        ``{"precision_at_1", "r_precision", "mean_average_precision_at_r"}`` as fractions.
+    """
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     calc = AccuracyCalculator(
@@ -220,6 +301,8 @@ def pml_accuracy(x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- report
 def _library_versions() -> str:
+    """torch, faiss and pytorch-metric-learning versions, for the report's header: the peers'
+    times depend on them."""
     import faiss
     import pytorch_metric_learning
 
@@ -227,6 +310,15 @@ def _library_versions() -> str:
 
 
 def print_report(rows: list[Measurement], floor: Measurement, header: list[str], footer: list[str]) -> None:
+    """The report: header lines, one table of the measurements (seconds, ratio to the floor, peak
+    extra memory), each measurement's note, then the verdict lines against the targets.
+
+    Args:
+        rows: the measurements, floor and suite first.
+        floor: the floor the ratios are taken to (the best of the repeats).
+        header: lines before the table (command, data, device, versions).
+        footer: lines after it (the verdicts).
+    """
     from rich.table import Table
 
     console = make_console()
@@ -249,7 +341,22 @@ def print_report(rows: list[Measurement], floor: Measurement, header: list[str],
 
 
 def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.device) -> int:
-    """``--ties``: the suite on tied embeddings against SOP-like ones of the same size."""
+    """``--ties``: the suite on tied embeddings against SOP-like ones of the same size.
+
+    Tied scores are the suite's worst case: an exact rank must order every tie (lower index
+    first), and a whole gallery of equal scores is one tie. The ratio to SOP-like embeddings of
+    the same size shows what ties cost over ordinary scores; the metrics are printed too, since
+    all-equal embeddings must give the tie rule's values, not an error.
+
+    Args:
+        args: the parsed options (``--sizes``, ``--dim``, ``--repeats``, ``--map-at-k``,
+            ``--chunk-size``, ``--seed``, ``--noise``).
+        argv: the command line, for the report's first line.
+        device: where the suite runs.
+
+    Returns:
+        0 (the verdict is printed, not turned into an exit code).
+    """
     from rich.table import Table
 
     console = make_console()
@@ -264,6 +371,7 @@ def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.de
         table.add_column(name, justify=justify)
     verdict = []
     for n in args.sizes:
+        # The default class count for n rows (--classes is not applied here).
         x, labels = make_sop_like(n, args.dim, None, args.seed, args.noise)
         sets = {"SOP-like": x.to(device)} | {kind: tied_variant(x, kind).to(device) for kind in TIE_VARIANTS}
         labels = labels.to(device)
@@ -280,7 +388,7 @@ def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.de
                 m.values = metrics
                 if kind not in best or m.seconds < best[kind].seconds:
                     best[kind] = m
-        base = best["SOP-like"]
+        base = best["SOP-like"]  # the reference of this size, measured in the same rounds
         for kind, m in best.items():
             mem = "n/a" if m.extra_mib is None else f"{m.extra_mib:,.0f}"
             ratio = m.seconds / base.seconds
@@ -288,7 +396,7 @@ def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.de
                           f"{m.values['R@1']:.4f}", f"{m.values['MAP@R']:.4f}")
             if kind == "all-equal":
                 verdict.append(f"{n:,} rows: all-equal / SOP-like = {ratio:.2f} (target <= {TARGET_TIE_RATIO})")
-        del sets
+        del sets  # free this size's five sets (device memory) before building the next size's
     console.print(table)
     for line in verdict:
         console.print(line, highlight=False)
@@ -297,6 +405,16 @@ def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.de
 
 @register_perf("eval", "evaluation at SOP scale: the metric suite vs its floor, faiss and PML; --ties")
 def main(argv: list[str] | None = None) -> int:
+    """``perf eval``: the metric suite at SOP scale against its floor and its peers (or ``--ties``).
+
+    Args:
+        argv: the options (``--help``).
+
+    Returns:
+        0; the verdicts against the targets are printed, and the suite's seconds, its ratio to the
+        floor and faiss's seconds are reported as ``perf gpu`` headlines (with ``--goal-seconds``
+        as the suite's goal); ``--ties`` prints its table only.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m benchmark perf eval", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -330,9 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     x, labels = make_sop_like(args.n, args.dim, args.classes, args.seed, args.noise)
     x, labels = x.to(device), labels.to(device)
     made = time.perf_counter() - start
+    # The suite's own block and chunk sizes for this gallery and ranking depth (the largest K or k of
+    # mAP@k), so that the floor does the same products the suite does.
     depth = max(max(SOP_RECALL_KS), args.map_at_k)
     block = _block_size(args.n, depth)
-    chunk = args.chunk_size or default_chunk_size(-(-args.n // block) * block)
+    chunk = args.chunk_size or default_chunk_size(-(-args.n // block) * block)  # -(-a // b): ceil(a / b)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     header = [
         f"[bold]python -m benchmark perf eval[/bold] {' '.join(argv or [])}".rstrip(),
@@ -352,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
         )
         suites.append(m)
+    # The best of the repeats: the least disturbed by the rest of the machine.
     floor = min(floors, key=lambda m: m.seconds)
     suite = min(suites, key=lambda m: m.seconds)
     suite.note = ", ".join(
@@ -364,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(faiss_row)
     if not args.no_peers and not args.no_pml:
         pml_row, pml = timed("pytorch-metric-learning AccuracyCalculator", lambda: pml_accuracy(x, labels), device)
+        # Same definitions, independent code: their largest difference checks the suite's values.
         agree = max(
             abs(pml["precision_at_1"] - metrics["R@1"]),
             abs(pml["r_precision"] - metrics["R-Precision"]),
@@ -390,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if suite.extra_mib is not None:
         verdict.append(f"suite extra memory {suite.extra_mib:,.0f} MiB (target <= {TARGET_EXTRA_MIB:,})")
+    # The rows after floor and suite: faiss and pytorch-metric-learning (with --no-pml, NMI's row
+    # takes the second place).
     for row in rows[2:4] if not args.no_peers else []:
         verdict.append(f"suite is {row.seconds / suite.seconds:.1f}x faster than {row.name.split(',')[0]}")
     print_report(rows, floor, header, verdict)
@@ -404,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _faiss_gpu() -> bool:
+    """Whether faiss can search on a GPU (a faiss-gpu build and a visible device)."""
     try:
         import faiss
     except ImportError:
@@ -411,5 +536,5 @@ def _faiss_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # also runnable as a script, outside the command line
     raise SystemExit(main())
