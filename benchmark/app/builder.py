@@ -226,7 +226,7 @@ def rewrite_args(argv: list[str], subcommand: str | None = None) -> tuple[list[s
     # Plugins first: the names --method and --data look up may be theirs.
     registry.discover(pop_option(argv, "--plugin", repeat=True))
     methods = pop_option(argv, "--method")
-    datas = [a for a in pop_option(argv, "--data")]
+    datas = pop_option(argv, "--data")
     recipe = (pop_option(argv, "--recipe") or [None])[0]
     loggers = pop_option(argv, "--logger")
     logger = (loggers or ["wandb"])[0]

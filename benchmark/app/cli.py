@@ -142,8 +142,8 @@ def _run_training_command(command: str, argv: list[str]) -> int:
     except KeyboardInterrupt:
         # Ctrl-C where Lightning does not catch it (outside a trainer call: start-up, data preparation);
         # inside one, Lightning turns it into a SystemExit, handled above. No checkpoint is written.
-        status.write("interrupted", 130, "stopped by SIGINT")
-        return 130
+        status.write("interrupted", EXIT_SIGINT, "stopped by SIGINT")
+        return EXIT_SIGINT
     except NonFiniteLossError as err:
         # A diverged run is a result of its settings, not a bug: one line, no traceback, exit 1.
         status.write("failed", EXIT_FAILED, str(err))

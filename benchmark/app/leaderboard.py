@@ -136,7 +136,6 @@ class RunRecord:
         return None if best is None else best.get(metric)
 
 
-_flat_metrics = flat_metrics  # the name this module used before results.flat_metrics existed
 
 
 def settings(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -813,6 +812,8 @@ def main(argv: list[str] | None = None) -> int:
     # Without --metrics: the ranking metric first, then the defaults, each once.
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else \
         list(dict.fromkeys([args.metric, *DEFAULT_METRICS]))  # fmt: skip
+    if args.metric not in metrics:  # the rows are ranked by it: it is always shown, first
+        metrics.insert(0, args.metric)
     numbers = paper_numbers()
     groups = group_runs(records)
     rows = table_rows(groups, metrics, args.select, args.metric, numbers)

@@ -80,6 +80,14 @@ def test_one_row_per_method_with_mean_and_sample_std_over_seeds(runs: Path, caps
         assert row["select"] == "final" and row["differs"] == ""
 
 
+def test_the_ranking_metric_is_shown_when_metrics_leave_it_out(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--metric NMI --metrics R@1,R@2`` ranks by NMI and shows it first (it crashed with a KeyError)."""
+    rows = _csv(capsys, "--runs", str(runs), "--metric", "NMI", "--metrics", "R@1,R@2")
+    assert rows and all(row["NMI_mean"] and row["R@1_mean"] for row in rows)
+    means = [float(row["NMI_mean"]) for row in rows]
+    assert means == sorted(means, reverse=True)
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_runs_that_differ_in_any_option_are_separate_rows_naming_it(runs: Path, cub: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip

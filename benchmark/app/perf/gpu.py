@@ -31,6 +31,7 @@ import yaml
 from benchmark.core import registry
 from benchmark.core.contracts import PERF_HEADLINES, register_perf
 from benchmark.core.defaults import recipe_dir
+from benchmark.core.errors import ConfigError
 from benchmark.core.io import atomic_write_text
 from benchmark.core.io import console as make_console
 
@@ -52,17 +53,17 @@ def load_checks(path: Path | None = None) -> list[dict[str, Any]]:
         The checks in file order (the order they run in).
 
     Raises:
-        ValueError: a check lacks a key or has a non-string argument.
+        ConfigError: a check lacks a key or has a non-string argument (exit 2, no traceback).
     """
     path = path or recipe_dir() / CONFIG
     checks = (yaml.safe_load(path.read_text()) or {}).get("checks") or []
     for i, check in enumerate(checks):
         missing = [k for k in ("name", "command", "gpu", "cpu") if k not in check]
         if missing:
-            raise ValueError(f"{path}: check {i} lacks {', '.join(missing)}.")
+            raise ConfigError(f"{path}: check {i} lacks {', '.join(missing)}.")
         # argv must be strings, as on a command line; YAML reads an unquoted 224 as an int, hence the quotes.
         if not all(isinstance(a, str) for a in check["gpu"] + check["cpu"]):
-            raise ValueError(f"{path}: check {check['name']!r}: every argument must be a string (quote numbers).")
+            raise ConfigError(f"{path}: check {check['name']!r}: every argument must be a string (quote numbers).")
     return checks
 
 

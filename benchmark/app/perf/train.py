@@ -52,7 +52,7 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from benchmark.app.builder import build_cli
 from benchmark.core import registry
-from benchmark.core.contracts import perf_headline, register_perf
+from benchmark.core.contracts import UnknownNameError, perf_headline, register_perf
 from benchmark.core.defaults import recipe_dir
 from benchmark.core.io import atomic_write_text
 from benchmark.core.io import console as make_console
@@ -489,7 +489,7 @@ def _methods(requested: str | None) -> list[str]:
     """The methods to measure: ``--methods`` (comma-separated), or every registered one, sorted.
 
     Raises:
-        SystemExit: an unknown name (exit 1, with the registered names).
+        UnknownNameError: an unknown name (exit 2, with the registered names).
     """
     registry.discover()
     known = sorted(registry.METHODS)
@@ -498,7 +498,7 @@ def _methods(requested: str | None) -> list[str]:
     names = [m.strip() for m in requested.split(",") if m.strip()]
     unknown = [m for m in names if m not in known]
     if unknown:
-        raise SystemExit(f"perf train: unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}.")
+        raise UnknownNameError(f"perf train: unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}.")
     return names
 
 
