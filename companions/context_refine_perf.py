@@ -18,6 +18,9 @@ set path is bounded by its 6 d x d products per sample and block: 2 * 12.6 M mul
 
     python -m benchmark perf refine                  # d 512, k 8, T 8, 2 CPU threads, SOP-sized kNN
     python -m benchmark perf refine --knn-size 20000 --dtypes bfloat16
+
+The refiner is built from random weights: its speed does not depend on what it learned. The
+key numbers are also recorded as headlines (``perf_headline``), which ``perf gpu`` collects.
 """
 
 from __future__ import annotations
@@ -38,17 +41,24 @@ from methods.context_refine import ContextRefiner
 
 PAPER_RATE = 13_000  # refined embeddings per second, TitanXP (paper, section 4.7)
 PAPER_KNN_S = 3.5  # seconds for an SOP split's similarities, TitanXP
-PAPER_PARAMS = 12e6
+PAPER_PARAMS = 12e6  # "about 12 M parameters" for the default model (section 4.7)
+# --dtypes: the compute dtypes refine_set accepts (float32, or bfloat16 products: AMX on CPU).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work: CUDA kernels run asynchronously, so a timer read without
+    it would measure the launches, not the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (after ``warmup`` untimed calls)."""
+    """Median wall time of ``fn`` in seconds (after ``warmup`` untimed calls).
+
+    The warm-up absorbs one-time costs (allocator growth, oneDNN / cuBLAS kernel selection);
+    the median, not the mean, because a shared machine only ever adds time to a run.
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -62,13 +72,24 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
 
 
 def distinct_neighbours(num: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """(num, k) random neighbour lists, distinct within a row and never the row itself."""
+    """(num, k) random neighbour lists, distinct within a row and never the row itself.
+
+    Random, not nearest: the refiner's cost does not depend on which rows form a context, and
+    building real k-NN lists for the timed set would time the search too (measured apart,
+    :func:`measure_knn`). Each row takes increasing offsets from itself, every step at least 1
+    and their sum below ``num``, so the rows modulo ``num`` are distinct and never the row.
+    """
     steps = torch.randint(1, max(2, num // (k + 1)), (num, k), generator=generator)  # (num, k) >= 1
     return (torch.arange(num)[:, None] + steps.cumsum(dim=1)) % num  # increasing offsets < num
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, rows: int = 8192, dim: int = 512) -> float:
-    """GFLOP/s of a (rows, dim) @ (dim, dim) product now: the ceiling of the set path."""
+    """GFLOP/s of a (rows, dim) @ (dim, dim) product now: the ceiling of the set path.
+
+    The set path is 6 such products per sample and block, so this rate, measured in the same
+    minute as the refiner, says how close to the machine's limit the refiner runs, whatever
+    else the (shared) machine is doing.
+    """
     x = torch.randn(rows, dim, device=device).to(dtype)
     w = torch.randn(dim, dim, device=device).to(dtype)
     seconds = _time(lambda: x @ w, device, repeats=5, warmup=2)
@@ -84,15 +105,30 @@ def measure_rates(
     repeats: int,
     batch_size: int,
 ) -> dict[str, float]:
-    """Refined embeddings per second of the set, gather and per-pair paths."""
+    """Refined embeddings per second of the set, gather and per-pair paths.
+
+    Args:
+        refiner: the model (moved to ``device``, put in eval mode).
+        device: where to run.
+        num: samples refined per timed run of the set path; the set is also the bank.
+        k: neighbours per context.
+        dtype: compute dtype; bfloat16 runs the per-pair path under autocast.
+        repeats: timed runs per path (median).
+        batch_size: samples per forward of the per-pair path.
+
+    Returns:
+        Rates by path: ``set``, ``gather`` and ``per-pair``.
+    """
     refiner = refiner.to(device).eval()
     gen = torch.Generator().manual_seed(0)
     e0 = F.normalize(torch.randn(num, refiner.dim, generator=gen), dim=-1).to(device)  # (N, d)
+    # The set is its own bank, as at evaluation where a split's samples are each other's context.
     neighbours = distinct_neighbours(num, k, gen).to(device)  # (N, k) rows of e0
-    autocast = dtype != torch.float32
+    autocast = dtype != torch.float32  # the per-pair forward has no dtype argument: autocast instead
     small = max(batch_size, num // 4)  # the slower paths time a quarter of the set
 
     def per_pair() -> None:
+        """The training-time computation: each pair projected on its own, batch by batch."""
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
             for a in range(0, small, batch_size):
                 idx = slice(a, min(a + batch_size, small))
@@ -100,6 +136,7 @@ def measure_rates(
 
     return {
         "set": num / _time(lambda: refiner.refine_set(e0, e0, neighbours, dtype=dtype), device, repeats),
+        # fast=False: the gathered (c, k, d) contexts, which the sparse CPU path avoids.
         "gather": small
         / _time(
             lambda: refiner.refine_set(e0[:small], e0, neighbours[:small], dtype=dtype, fast=False),
@@ -111,7 +148,12 @@ def measure_rates(
 
 
 def measure_knn(size: int, dim: int, k: int, device: torch.device, backend: str) -> float:
-    """Seconds to find the k nearest neighbours (self excluded) of ``size`` rows among themselves."""
+    """Seconds to find the k nearest neighbours (self excluded) of ``size`` rows among themselves.
+
+    Timed once without warm-up: at SOP size one search takes seconds, and evaluation runs it
+    once per split. ``backend``: ``torch`` (the exact chunked search,
+    :func:`benchmark.nn.neighbours.exact_knn`) or ``faiss``.
+    """
     gen = torch.Generator().manual_seed(1)
     x = F.normalize(torch.randn(size, dim, generator=gen), dim=-1).to(device)  # (N, d)
     rows = torch.arange(size, device=device)
@@ -120,6 +162,11 @@ def measure_knn(size: int, dim: int, k: int, device: torch.device, backend: str)
 
 @register_perf("refine", "Context-Refine: refined embeddings per second and the kNN search of an SOP-sized set")
 def main(argv: list[str] | None = None) -> int:
+    """``perf refine``: print the refinement rates per device and dtype, and the k-NN search times.
+
+    Returns:
+        0; the verdict against ``--target`` is printed, not the exit code.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m benchmark perf refine", description=__doc__.split("\n\n")[0]
     )
@@ -150,16 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # the CPU rates are per thread budget, stated in the output
     torch.manual_seed(0)
-    refiner = ContextRefiner(args.dim, args.blocks)
+    refiner = ContextRefiner(args.dim, args.blocks)  # one head (the constructor default), as printed below
     params = sum(p.numel() for p in refiner.parameters())
+    # The load average is printed with the rates: on a shared machine it explains slow numbers.
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(
         f"Context-Refine CA: d={args.dim}, k={args.neighbours}, T={args.blocks}, 1 head; "
         f"{params:,} parameters ({params / 1e6:.1f} M; paper: about {PAPER_PARAMS / 1e6:.0f} M)"
     )
     print(f"CPU: {os.cpu_count()} cores visible, {args.threads} threads used, load average {load}")
+    # A missing GPU is skipped with a line, not an error: the default asks for both devices.
     devices = []
     for name in (d.strip() for d in args.devices.split(",") if d.strip()):
         if name == "cuda" and not torch.cuda.is_available():
@@ -168,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         devices.append(torch.device(name))
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     unknown = [d for d in dtypes if d not in DTYPES]
-    if unknown:
+    if unknown:  # refused before anything is timed: a typo would otherwise cost the float32 runs first
         parser.error(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
 
     flops = 2 * params  # multiply-adds of one refined embedding on the set path, x 2
@@ -185,11 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                 refiner, device, args.num, args.neighbours, DTYPES[name], args.repeats, args.batch_size
             )
             ceiling = gemm_rate(device, DTYPES[name], dim=args.dim)
-            if device.type == "cpu":
+            if device.type == "cpu":  # the target is stated for the CPU set path, the best dtype
                 cpu_best = max(cpu_best, rates["set"])
+            # One CPU headline (the last dtype asked for), every GPU one; the goal applies on a GPU only.
             if name == dtypes[-1] or device.type == "cuda":
                 perf_headline(f"Context-Refine refined embeddings/s ({device.type}, {name})", rates["set"], "1/s",
                               args.goal_rate if device.type == "cuda" and args.goal_rate > 0 else None)
+            # "GEMM bound": the embeddings/s the set path would reach at the GEMM rate alone.
             print(
                 f"{label:<26} {name:<9} {rates['set']:>9,.0f} {rates['gather']:>9,.0f} {rates['per-pair']:>9,.0f}"
                 f"   {ceiling:>12,.0f} {ceiling * 1e9 / flops:>10,.0f}"
@@ -198,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "meets" if cpu_best >= args.target else "misses"
         print(f"CPU set path, best: {cpu_best:,.0f}/s; {verdict} the target of {args.target:,.0f}/s")
 
+    # The paper's second number: the neighbour lists of an SOP-sized split (--knn-backends "" skips).
     backends = [b.strip() for b in args.knn_backends.split(",") if b.strip()]
     if backends and args.knn_size > 0:
         print(
@@ -207,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         for device in devices:
             for backend in backends:
                 where = f"cpu ({args.threads} threads)" if device.type == "cpu" else device.type
-                if backend == "faiss" and not faiss_available():
+                if backend == "faiss" and not faiss_available():  # an optional dependency
                     print(f"{where:<26} faiss: not installed, skipped")
                     continue
                 seconds = measure_knn(args.knn_size, args.dim, args.neighbours, device, backend)

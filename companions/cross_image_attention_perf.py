@@ -13,6 +13,9 @@ The encoder is left out: its memory is the same with and without the method. Rep
 * ``time``: one forward + backward, median of a few repetitions.
 
     python -m benchmark perf cia_memory --batch-sizes 64,80,100 --tokens 49
+
+The inputs are random tensors of the real shapes (weights seeded): memory and time depend on
+the shapes, not the values. docs/methods/cross_image_attention.md quotes the results.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ from methods.cross_image_attention import (
 
 
 def _build(args: argparse.Namespace, batch: int, device: torch.device, dtype: torch.dtype):
+    """The blocks and one batch's inputs: (B, D) embeddings, (B, N, C) tokens, labels.
+
+    The inputs require gradients, as the encoder's outputs do in training, so the backward
+    pass runs through them and autograd saves what a real step saves. Labels come in
+    consecutive groups of ``--samples-per-class``: the P x K batches the recipes sample.
+    """
 
     torch.manual_seed(0)
     stack = CrossImageAttention(
@@ -50,6 +59,12 @@ def _build(args: argparse.Namespace, batch: int, device: torch.device, dtype: to
 
 
 def _step(stack, emb: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, mode: str) -> torch.Tensor:
+    """The all-pairs forward: conditional embeddings of every ordered pair, similarities, MS loss.
+
+    Every anchor's tokens are attended to by all B embeddings at once (the embeddings repeated
+    along a new anchor axis), which is the B x B computation whose memory this command measures.
+    The loss is computed in float32 whatever the blocks' dtype (``--dtype``).
+    """
 
     z, _ = stack(emb.unsqueeze(0).expand(len(tokens), -1, -1), tokens)  # (B_a, B_1, D)
     sim = pair_similarity_matrix(z, emb, mode)  # (B, B)
@@ -58,7 +73,12 @@ def _step(stack, emb: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, 
 
 
 def saved_bytes(args: argparse.Namespace, batch: int, device: torch.device, dtype: torch.dtype) -> int:
-    """Bytes of the distinct tensors autograd saves for backward in one all-pairs step."""
+    """Bytes of the distinct tensors autograd saves for backward in one all-pairs step.
+
+    A ``saved_tensors_hooks`` pack hook sees every tensor autograd keeps; tensors are counted
+    by their storage, so views of one buffer count once. Parameters and inputs are left out:
+    they exist whether or not the step runs. Exact and device-independent, unlike a peak.
+    """
     stack, emb, tokens, labels = _build(args, batch, device, dtype)
     storages: dict[int, int] = {}
     inputs = {emb.untyped_storage().data_ptr(), tokens.untyped_storage().data_ptr()}
@@ -78,14 +98,23 @@ def saved_bytes(args: argparse.Namespace, batch: int, device: torch.device, dtyp
 
 
 def measure(args: argparse.Namespace, batch: int) -> dict[str, float]:
-    """Saved bytes, peak bytes and time of one configuration (run in this process)."""
+    """Saved bytes, peak bytes and time of one configuration (run in this process).
+
+    On CPU the peak is the rise of the process's peak resident set size (``ru_maxrss``), a
+    high-water mark that never goes down: hence one fresh process per configuration (the
+    ``--single`` runs of :func:`main`). The peak is read after the first repetition, the one
+    that also pays the allocator's first allocations.
+
+    Returns:
+        ``batch``, ``pairs`` (B²), ``saved_bytes``, ``peak_bytes`` and ``time_s`` (median).
+    """
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     stack, emb, tokens, labels = _build(args, batch, device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = torch.cuda.memory_allocated()  # the blocks and inputs: not what the step adds
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
     times = []
@@ -100,6 +129,7 @@ def measure(args: argparse.Namespace, batch: int) -> dict[str, float]:
                 peak = torch.cuda.max_memory_allocated() - base
             else:
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        # Freed between repetitions, so the gradients of one step do not add to the next.
         emb.grad = tokens.grad = None
         stack.zero_grad(set_to_none=True)
     saved = saved_bytes(args, batch, device, dtype)  # after the peak: the CPU peak is per process
@@ -109,6 +139,11 @@ def measure(args: argparse.Namespace, batch: int) -> dict[str, float]:
 
 @register_perf("cia_memory", "Cross-Image-Attention: memory and time of the all-pairs blocks + loss per batch size")
 def main(argv: list[str] | None = None) -> int:
+    """``perf cia_memory``: one line (or JSON line) per batch size, each measured in a new process.
+
+    Returns:
+        0. A configuration that fails (e.g. out of memory) raises ``CalledProcessError``.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", default="64,80,100", help="comma-separated B (recipes: 80 CUB/Cars, 100 SOP/In-Shop)")
     parser.add_argument("--samples-per-class", type=int, default=4)
@@ -119,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--mlp-ratio", type=float, default=4.0)
     parser.add_argument("--pair-similarity", default="mutual", choices=("mutual", "anchor"))
-    parser.add_argument("--checkpoint-blocks", action="store_true")
+    parser.add_argument("--checkpoint-blocks", action="store_true")  # the method's checkpoint_blocks option
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=3)
@@ -127,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # internal: one config, this process
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    if args.single:
+    if args.single:  # the child process: one configuration, its result as the last stdout line
         print(json.dumps(measure(args, sizes[0])))
         return 0
     print(
@@ -137,15 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.json:
         print(f"{'B':>5} {'pairs':>7} {'saved MiB':>10} {'peak MiB':>9} {'fwd+bwd s':>10}")
+    # Each batch size reruns this module with the same options, one --batch-sizes value and
+    # --single: a fresh process, so the CPU peak of one size cannot hide another's.
     raw = list(argv if argv is not None else sys.argv[1:])
     for batch in sizes:
         rest = [a for a in raw if not a.startswith("--batch-sizes")]
         if "--batch-sizes" in raw:  # drop the value of a separate "--batch-sizes VALUE"
             i = raw.index("--batch-sizes")
             rest = raw[:i] + raw[i + 2 :]
+        # The module's own entry point (__main__ below), not `python -m benchmark perf`: no CLI start-up.
         cmd = [sys.executable, "-m", "companions.cross_image_attention_perf", *rest, "--batch-sizes", str(batch), "--single"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        row = json.loads(out)
+        row = json.loads(out)  # the child's last line; anything it printed before is ignored
         if args.json:
             print(json.dumps(row))
         else:

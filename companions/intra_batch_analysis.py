@@ -10,6 +10,11 @@ solid green; negatives: hatched red; the node itself grey), at the last layer, a
 test samples the weight per positive and per negative neighbour at every layer::
 
     python -m benchmark analyze intra_batch_attention --ckpt runs/<run>/checkpoints/last.ckpt
+
+The question it answers: does the trained MPN listen to the right neighbours? An MPN whose
+weight per positive is no higher than per negative refines by averaging, not by message
+passing; the per-layer summary in the JSON (mean weight and total mass on positives, negatives
+and the node itself) gives the numbers behind the picture.
 """
 
 from __future__ import annotations
@@ -31,7 +36,19 @@ SHOWN = 6  # at most this many samples drawn with their batch (settings.queries,
 @torch.no_grad()
 def batch_attention(model: Any, nodes: torch.Tensor, batches: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """(N, D) normalised nodes, (G, B) index batches (node 0 first) -> (G, L, B): the weight node 0
-    gives every batch member at each of the L MPN layers, heads averaged (eval mode)."""
+    gives every batch member at each of the L MPN layers, heads averaged (eval mode).
+
+    The MPN is run layer by layer by hand, because its forward returns the updated nodes, not
+    the weights: at each layer node 0's query is scored against every member's key with the
+    layer's own :meth:`attention_weights`, then the layer updates all nodes for the next one.
+    Eval mode turns attention dropout off; the module's mode is restored afterwards.
+
+    Args:
+        model: an Intra-Batch model (its ``mpn``).
+        nodes: the normalised embeddings the batches index.
+        batches: index batches, the refined sample in column 0.
+        chunk: batches per forward, bounding the memory of a whole test split.
+    """
     mpn = model.mpn
     was_training = mpn.training
     mpn.eval()
@@ -46,7 +63,7 @@ def batch_attention(model: Any, nodes: torch.Tensor, batches: torch.Tensor, chun
                 per_layer.append(weights.mean(dim=1)[:, 0].float())  # (c, B)
                 h = layer(h)
             out.append(torch.stack(per_layer, dim=1))  # (c, L, B)
-    finally:
+    finally:  # also on an error: the model may be trained or evaluated further
         mpn.train(was_training)
     return torch.cat(out) if out else nodes.new_zeros(0, len(mpn.layers), batches.shape[1])
 
@@ -57,27 +74,39 @@ def batch_attention(model: Any, nodes: torch.Tensor, batches: torch.Tensor, chun
     methods=(METHOD,),
 )
 def attention(context: FigureContext) -> FigureResult:
-    plt = pyplot()
+    """``intra_batch_attention``: node 0's attention over its reciprocal k-NN test batch.
+
+    Left, for up to :data:`SHOWN` seeded test queries, the batch's images above bars of the
+    weight each member receives at the last layer (the one the refined embedding comes from);
+    right, the distribution over every test query of the weight per positive and per negative
+    neighbour, one histogram pair per layer.
+    """
+    plt = pyplot()  # the figure layer's headless matplotlib, imported first
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     evaluation = context.require_evaluation()
     model = context.model
     device = next(model.parameters()).device
     cfg = model.refine_config
+    # The batches the model's own refine() builds at test time: same settings, same database.
     nodes = F.normalize(evaluation.embeddings.float(), dim=-1).to(device)
     batches = reciprocal_knn_batches(nodes, evaluation.is_gallery.to(device), cfg.k1, cfg.batch_size, cfg.alpha,
                                      cfg.strict_overlap)  # (N, B), column 0 = the sample
+    # The queries' batches (every sample, when the queries are the gallery).
     queries = evaluation.is_query.nonzero().flatten().to(device)
     weights = batch_attention(model, nodes, batches[queries]).cpu()  # (Q, L, B)
     members = batches[queries].cpu()
     labels = evaluation.labels
+    # Positives share node 0's class; column 0 (the node itself) is neither.
     positive = labels[members] == labels[members[:, :1]]  # (Q, B), column 0 is the node itself
     positive[:, 0] = False
     negative = ~positive
     negative[:, 0] = False
     layers = weights.shape[1]
+    # The weights per positive and per negative neighbour at each layer, over every query.
     per_pos = [weights[:, t][positive].numpy() for t in range(layers)]
     per_neg = [weights[:, t][negative].numpy() for t in range(layers)]
+    # Seeded, so that the same checkpoint always shows the same samples.
     rng = np.random.default_rng(context.seed)
     count = max(1, min(SHOWN, context.settings.queries, len(queries)))
     shown = sorted(rng.choice(len(queries), size=count, replace=False).tolist())
@@ -90,13 +119,17 @@ def attention(context: FigureContext) -> FigureResult:
         b = members.shape[1]
         x = np.arange(b)
         w = weights[q, -1].numpy()  # the last layer (what the refined embedding comes from)
+        # Colour and hatching both mark positives / negatives, so the figure reads in grey too.
         colours = ["0.6"] + [CORRECT if positive[q, j] else INCORRECT for j in range(1, b)]
         hatches = [""] + ["" if positive[q, j] else "//" for j in range(1, b)]
         for xi, wi, c, hatch in zip(x, w, colours, hatches):
             ax.bar(xi, wi, color=c, hatch=hatch, edgecolor="white", width=0.7)
             ax.text(xi, wi, f"{wi:.2f}", ha="center", va="bottom", fontsize=6.5)
+        # Headroom above the bars for the thumbnails (drawn at 1.45 x the scale).
         top = max(float(w.max()) * 1.25, 1e-6)
         ax.set_ylim(0, top * 1.9)
+        # Thumbnails of the dataset images (evaluation.indices maps a row to its image), so a
+        # reader sees what the node attends to, not only whether it shares the class.
         for xi in x:  # the batch member's image above its bar
             index = int(evaluation.indices[members[q, xi]])
             box = AnnotationBbox(OffsetImage(context.thumbnail(index, 40), zoom=0.75), (xi, top * 1.45), frameon=False)
@@ -113,9 +146,10 @@ def attention(context: FigureContext) -> FigureResult:
                         "batch_labels": [int(labels[m]) for m in members[q]],
                         "positive": positive[q].tolist(), "attention": weights[q].tolist()})
     ax = fig.add_subplot(grid[:, 1])
+    # Shared bins over the neighbours' weights (column 0, the node itself, left out).
     bins = np.linspace(0, max(1e-6, float(weights[:, :, 1:].max())), 30)
     for t in range(layers):
-        alpha = 0.35 + 0.5 * (t + 1) / layers
+        alpha = 0.35 + 0.5 * (t + 1) / layers  # later layers drawn more opaque
         ax.hist(per_pos[t], bins=bins, color=CORRECT, alpha=alpha * 0.7, density=True,
                 label=f"positives, layer {t + 1} (mean {per_pos[t].mean() if per_pos[t].size else float('nan'):.3f})")
         ax.hist(per_neg[t], bins=bins, color=INCORRECT, alpha=alpha * 0.7, density=True, hatch="//", edgecolor="white",
@@ -124,10 +158,14 @@ def attention(context: FigureContext) -> FigureResult:
     ax.set_ylabel("density")
     ax.set_title(f"all {len(queries)} test nodes: weight per neighbour", fontsize=8)
     ax.legend(fontsize=6.5, frameon=False)
+    # With a null logit a node may give its batch less than 1 in total: the title says which
+    # softmax the model has, since the bars are read against it.
     fig.suptitle(f"{context.method}: reciprocal k-NN test batches (k1={cfg.k1}, batch {members.shape[1]}), "
                  f"{'null logit: weights sum below 1' if getattr(model.mpn_config, 'null_logit', False) else 'softmax over the batch'}",
                  fontsize=9)
     fig.tight_layout()
+    # Per layer: mean weight per positive / negative neighbour, and the mass (sum of weights)
+    # a node puts on its positives, its negatives and itself, averaged over the queries.
     summary = {
         f"layer{t + 1}": {
             "mean_weight_positive": float(per_pos[t].mean()) if per_pos[t].size else None,

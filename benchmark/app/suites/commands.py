@@ -1,4 +1,12 @@
-"""The serial runner and the views: ``suite run`` (serial), ``run-cell``, ``--dry-run``, ``status``."""
+"""The serial runner and the views: ``suite run`` (serial), ``run-cell``, ``--dry-run``, ``status``.
+
+Each function here takes a loaded, validated suite and the selected cells, reads every cell's
+state from disk (:mod:`.state`), decides per cell what to do (:func:`.state.plan_cell`) and
+either shows it (``--dry-run``, ``status``) or runs the fits one at a time (:mod:`.runner`). The
+exit codes follow ``fit``'s: 0 when every selected cell is completed, 1 when one is not, 130 /
+143 when a signal stopped the run. ``run-cell``, the unit a W&B agent or a submitit job runs,
+also waits for the cells it needs (:func:`wait_for_needs`).
+"""
 
 from __future__ import annotations
 
@@ -50,6 +58,12 @@ from benchmark.core.io import console as make_console
 
 # ---------------------------------------------------------------------------- commands
 def _selected(suite: Suite, only: list[str]) -> list[Cell]:
+    """The cells ``--only`` selects (a cell matching any of the selectors), in the suite's order.
+
+    Raises:
+        SuiteError: a malformed selector, or selectors that match no cell (a typo would
+            otherwise run nothing and report success).
+    """
     if not only:
         return list(suite.cells)
     problems = _Problems(suite.path)
@@ -63,32 +77,56 @@ def _selected(suite: Suite, only: list[str]) -> list[Cell]:
 
 def run_serial(suite: Suite, cells: list[Cell], retry_failed: bool, live: bool | None = None,
                restart_changed: bool = False) -> int:
-    """Run the cells one after another, each a fit subprocess; the exit code of the suite."""
+    """Run the cells one after another, each a fit subprocess; the exit code of the suite.
+
+    Completed cells are skipped; failed ones are only reported unless ``retry_failed``; cells
+    that need another cell run after it, in the suite's (dependency) order. A SIGINT / SIGTERM
+    stops the running fit cleanly (it saves ``last.ckpt``) and starts no further cell.
+
+    Args:
+        suite: the loaded suite.
+        cells: the selected cells (``--only``), in the suite's order.
+        retry_failed: ``--retry-failed``.
+        live: force the live progress view on or off (default: on a terminal).
+        restart_changed: ``--restart-changed``.
+
+    Returns:
+        0 when every selected cell is completed afterwards, 1 otherwise, 130 / 143 when a
+        signal stopped the run.
+    """
+    # Planned once up front for the opening line and the summary; each cell is planned again
+    # right before it starts, when the cells it needs may have finished.
     states = {c.id: cell_state(suite, c) for c in suite.cells}
     plans = {c.id: plan_cell(suite, c, retry_failed, states, restart_changed) for c in cells}
+    # Blocked cells are attempted too: the cells they need may complete earlier in this run.
     todo = [c for c in cells if plans[c.id].action in (*STARTS, "blocked")]
     skipped = [c for c in cells if plans[c.id].action == "skip"]
     reported = [c for c in cells if plans[c.id].action in ("report", "wait", "refuse")]
+    # One line up front: what this run will do, before the first fit's output starts.
     print(f"[suite] {suite.name}: {_plural(len(cells), 'cell')} in {suite.output}: {len(skipped)} completed (skipped), "
           f"{len(todo)} to run, {len(reported)} failed or running elsewhere (not started)", flush=True)
     progress = Progress(suite, len(todo), live=live)
     with _Signals() as signals:
         try:
             for cell in todo:
-                if signals.received is not None:
+                if signals.received is not None:  # stopped: no further cell starts
                     break
                 plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)  # needs may have finished
                 plans[cell.id] = plan
-                if plan.action not in STARTS:
+                if plan.action not in STARTS:  # e.g. a cell it needs failed earlier in this run
                     states[cell.id] = plan.state
                     progress.not_started(cell, plan.note)
                     continue
                 run = CellRun(suite, cell, plan)
                 run.start()
                 signals.running.append(run)
+                # A signal that came while the fit was being started found no running fit to
+                # forward to: send it now, or the fit would run to its end.
                 if signals.received is not None:  # the signal came while the fit was starting
                     run.send(signals.received, "stopped by " + signal.Signals(signals.received).name)
                 progress.started(run)
+                # Polled, not waited on: the time limit, the view and the signal handler must
+                # run while the fit does.
                 while run.poll() is None:
                     run.check_time_limit()
                     progress.refresh()
@@ -96,13 +134,15 @@ def run_serial(suite: Suite, cells: list[Cell], retry_failed: bool, live: bool |
                 code = run.finish()
                 signals.running.remove(run)
                 states[cell.id] = cell_state(suite, cell)
+                # The suite knows why it stopped the fit (Ctrl-C, the time limit): a better
+                # note than the fit's generic one.
                 if run.reason and states[cell.id].state == "interrupted":
                     states[cell.id].reason = run.reason
                 progress.finished(run, code, states[cell.id])
         finally:
             progress.close()
     _summary(suite, cells, states, plans)
-    if signals.exit_code is not None:
+    if signals.exit_code is not None:  # stopped: 130 / 143 whatever the cells' states
         return signals.exit_code
     return EXIT_OK if all(states[c.id].state == "completed" for c in cells) else EXIT_FAILED
 
@@ -115,7 +155,11 @@ WAITABLE = ("pending", "running")  # states of a needed cell that may still comp
 
 def record_blocked(suite: Suite, cell: Cell, reason: str) -> None:
     """Note in the cell's ``suite.json`` that it was not started, and why (``suite status`` shows the
-    cell as blocked). The arguments are not recorded: the cell has not run with any."""
+    cell as blocked). The arguments are not recorded: the cell has not run with any.
+
+    Earlier attempts and arguments already in the record are kept; the file is written
+    atomically, since other agents may read it at the same time.
+    """
     run = suite.run_dir(cell)
     record = _read_json(run / RECORD)
     payload = {"suite": str(suite.path), "cell": cell.id, **({"argv": record["argv"]} if record.get("argv") else {}),
@@ -137,12 +181,20 @@ def wait_for_needs(suite: Suite, cell: Cell, retry_failed: bool, restart_changed
       stops after a few quick ones, which would end the sweep on that machine;
     * 1 when the wait runs out (recorded as blocked too): something is holding the sweep up;
     * 130 on Ctrl-C.
+
+    Args:
+        suite: the loaded suite.
+        cell: the cell to run once its needs have completed.
+        retry_failed, restart_changed: as for :func:`.state.plan_cell`.
+        wait_s: the longest wait in seconds (``--wait-needs``); 0 decides at once.
     """
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + wait_s  # monotonic: a clock change must not end or extend the wait
     poll = min(30.0, max(1.0, wait_s / 60))  # 24 h: every 30 s; a minute: every second
-    said = ""
+    said = ""  # the last "waiting for" line printed: printed again only when it changes
     try:
         while True:
+            # Planned again on every poll: the cell's own state may change too (another process
+            # sharing the folder may have run it meanwhile, which makes the plan a skip).
             plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)
             if plan.action != "blocked":
                 return plan
@@ -150,6 +202,8 @@ def wait_for_needs(suite: Suite, cell: Cell, retry_failed: bool, restart_changed
             unfinished = {n: s for n, s in unfinished.items() if s.state != "completed"}
             if not unfinished:
                 continue  # completed between the two reads
+            # A need that is failed, interrupted or blocked will not complete while we wait: only
+            # a person (or a `suite run`) can change that, so do not hold an agent for hours.
             stuck = {n: s for n, s in unfinished.items() if s.state not in WAITABLE}
             if stuck:
                 reason = "; ".join(f"needs {n}, which is {s.state}" + (f" ({s.reason})" if s.reason else "")
@@ -169,12 +223,12 @@ def wait_for_needs(suite: Suite, cell: Cell, retry_failed: bool, restart_changed
                       f"(`python -m benchmark suite run {suite.path}`), or wait longer with --wait-needs.",
                       file=sys.stderr, flush=True)
                 return EXIT_FAILED
-            if waiting != said:
+            if waiting != said:  # one line per change, not one per poll, in an agent's log
                 print(f"[suite] {cell.id}: waiting for the cells it needs: {waiting}; up to {_duration(left)} more, "
                       f"checking every {poll:g} s (--wait-needs sets the limit).", flush=True)
                 said = waiting
             time.sleep(min(poll, left))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # no fit runs yet, so Python's default Ctrl-C handling applies
         print(f"\n[suite] {cell.id}: Ctrl-C while waiting for the cells it needs; not started.", file=sys.stderr)
         return EXIT_SIGINT
 
@@ -182,17 +236,35 @@ def wait_for_needs(suite: Suite, cell: Cell, retry_failed: bool, restart_changed
 def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False, restart_changed: bool = False,
             wait_needs_s: float = WAIT_NEEDS_MINUTES * 60) -> int:
     """``suite run-cell``: one cell with the suite's rules; the fit's exit code (see
-    :func:`wait_for_needs` for a cell whose needs have not completed)."""
+    :func:`wait_for_needs` for a cell whose needs have not completed).
+
+    A completed cell is skipped (0); a failed one not retried, or one running elsewhere, is
+    not started (1); an interrupted one resumes from ``last.ckpt``. Unlike :func:`run_serial`
+    it shows no live view, and ``run-cell`` takes no lock: several agents run cells of one
+    folder at once, and their output goes to logs.
+
+    Args:
+        suite: the loaded suite.
+        cell: the cell to run.
+        retry_failed, restart_changed: ``--retry-failed``, ``--restart-changed``.
+        quiet: leave out the line that shows the fit's command and log before it starts.
+        wait_needs_s: how long to wait for the cells it needs, in seconds (``--wait-needs``).
+
+    Raises:
+        SuiteError: the cell is interrupted but its options changed
+            (:func:`.state.refuse_changed`).
+    """
     plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)
     if plan.action == "blocked":
         waited = wait_for_needs(suite, cell, retry_failed, restart_changed, wait_needs_s)
         if isinstance(waited, int):
             return waited
         plan = waited
-    refuse_changed(suite, {cell.id: plan})
+    refuse_changed(suite, {cell.id: plan})  # after the wait: the plan a need's completion produced
     if plan.action == "skip":
         print(f"[suite] {cell.id}: {plan.note}; nothing to do.", flush=True)
         return EXIT_OK
+    # Exit 1 for these: the agent's run fails visibly, unlike a blocked skip (see wait_for_needs).
     if plan.action in ("report", "wait"):
         print(f"[suite] {cell.id}: not started: {plan.note}"
               + (" (--retry-failed starts it again)" if plan.action == "report" else ""), file=sys.stderr, flush=True)
@@ -219,17 +291,31 @@ def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False, r
 
 
 def dry_run(suite: Suite, cells: list[Cell], retry_failed: bool, restart_changed: bool = False) -> int:
-    """List the cells, their states, what a run would do (and why) and their exact ``fit`` commands."""
+    """List the cells, their states, what a run would do (and why) and their exact ``fit`` commands.
+
+    Starts nothing and writes nothing (no lock, no output folder), so it is safe beside a
+    running suite. Per cell: its state (``changed`` when the file's options differ from those
+    it ran with), the planned action and its reason, the recipe that applies when the cell
+    gives none, the cells it needs, the paper rows it reproduces and the ``fit`` command a
+    run would use (with ``--ckpt_path`` when it resumes).
+
+    Returns:
+        0: a dry run judges nothing; the states and notes say what needs attention.
+    """
+    # Every cell's state, not only the selected ones': a selected cell's plan reads its needs' states.
     states = {c.id: cell_state(suite, c) for c in suite.cells}
     print(f"suite {suite.name} ({suite.path}): {len(cells)} cells, output {suite.output}")
     for i, cell in enumerate(cells, 1):
         plan = plan_cell(suite, cell, retry_failed, states, restart_changed)
+        # The plan as a user reads it: report, wait and refuse are all "not started"; a blocked
+        # cell runs once the cells it needs have completed, later in the same run.
         label = {"skip": "skip", "run": "run", "resume": "resume", "retry": "retry", "restart": "restart",
                  "report": "not started", "wait": "not started", "refuse": "not started",
                  "blocked": "after its dependencies"}[plan.action]
         note = f" ({plan.note})" if plan.note else ""
         shown = states[cell.id].state + (", changed" if states[cell.id].changed else "")
         print(f"[{i}/{len(cells)}] {cell.id}: {shown} -> {label}{note}")
+        # The recipe fit applies on its own; a cell with its own --config / --recipe says which itself.
         if "config" not in cell.options and "recipe" not in cell.options:
             recipe = recipe_dir() / cell.method / f"{cell.dataset}.yaml"
             print(f"    recipe: {recipe if recipe.is_file() else 'none (the constructors defaults apply)'}")
@@ -237,6 +323,7 @@ def dry_run(suite: Suite, cells: list[Cell], retry_failed: bool, restart_changed
             print(f"    needs: {', '.join(cell.needs)}")
         for table, row in cell.reproduces:
             print(f"    reproduces: {suite.paper} {table}, {row}")
+        # A cell that would not start now still shows the command it would run with.
         command_plan = plan if plan.action in STARTS else Plan("run", plan.state)
         print(f"    {shlex.join(fit_command(suite, cell, command_plan))}")
     for line in changed_lines(suite, cells, states):
@@ -245,8 +332,17 @@ def dry_run(suite: Suite, cells: list[Cell], retry_failed: bool, restart_changed
 
 
 def show_status(suite: Suite, cells: list[Cell]) -> int:
-    """``suite status``: the table of cells (with SLURM's view of submitted ones) and what changed."""
+    """``suite status``: the table of cells (with SLURM's view of submitted ones) and what changed.
+
+    A cell that was submitted to SLURM but has not started (or whose job ended) shows its job:
+    ``job <id> pending`` while SLURM still holds it, ``submitted as job <id>`` otherwise, so
+    that a queued cell is not mistaken for a forgotten one.
+
+    Returns:
+        0: the view reports states, it does not judge them.
+    """
     states = {c.id: cell_state(suite, c) for c in suite.cells}
+    # SLURM's view is added to the note only: a cell's state is still what its folder says.
     jobs = submitted_jobs(suite.output / ".submitit")
     queued = queued_on_slurm(jobs)
     for cell_id, job in jobs.items():

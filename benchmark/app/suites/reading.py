@@ -22,10 +22,17 @@ from benchmark.core.io import console as make_console
 
 # ---------------------------------------------------------------------------- parsers
 def _parser(command: str) -> argparse.ArgumentParser:
+    """The argparse parser of one suite command (``run``, ``run-cell``, ``status``, ...).
+
+    One builder for every command, so that an option shared by several (``--output``,
+    ``--only``, ``--retry-failed``) is spelt and explained the same everywhere; the heavy
+    commands (:mod:`.command`) import it from this light module.
+    """
     parser = _ArgumentParser(prog=f"python -m benchmark suite {command}", add_help=True)
     parser.add_argument("file", help="suite file or the name of a shipped suite")
     if command in ("run", "status", "run-cell"):
         parser.add_argument("--output", help="the suite's output folder (default: output: in the file)")
+    # export-sweep takes no --output: the agents run `run-cell FILE`, which reads output: from the file.
     if command in ("run", "status", "export-sweep"):
         parser.add_argument("--only", action="append", default=[], help="selector, e.g. dataset=cub,seed=0")
     if command in ("run", "run-cell"):
@@ -39,6 +46,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--wait", action="store_true", help="slurm: wait for the jobs")
     if command == "run-cell":
         parser.add_argument("--cell", required=True, help="the cell id (suite run --dry-run lists them)")
+        # Kept as text: command.py reads it as minutes or a duration, as resources.time is read.
         parser.add_argument("--wait-needs", default=f"{WAIT_NEEDS_MINUTES // 60}h",
                             help="how long to wait for the cells this one needs (90, '90m', '4h'; 0: not at all)")
     if command == "export-sweep":
@@ -51,17 +59,38 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors raised as :class:`SuiteError` instead of printed with ``exit(2)``.
+
+    The CLI then reports a bad suite option like any other user error (one ``error:`` line,
+    exit 2) and the message says which ``--help`` lists the options.
+    """
     def error(self, message: str):  # type: ignore[override]
-        command = self.prog.rsplit(" ", 1)[-1]
+        """Raise ``message`` (argparse's wording) as a SuiteError naming the command.
+
+        Raises:
+            SuiteError: always; argparse expects ``error`` never to return.
+        """
+        command = self.prog.rsplit(" ", 1)[-1]  # prog is "python -m benchmark suite <command>"
         raise SuiteError(f"suite {command}: {message}. `python -m benchmark suite {command} --help` lists the options.")
 
 
 def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by :func:`_parser` for ``command``.
+
+    Raises:
+        SuiteError: an unknown option or a bad value (``--help`` exits through SystemExit,
+            which the entry points turn into exit 0).
+    """
     return _parser(command).parse_args(argv)
 
 
 def cell_recipe(cell: Cell) -> Path | None:
-    """The recipe a cell's fit applies (its own --config/--recipe, else configs/<method>/<dataset>.yaml)."""
+    """The recipe a cell's fit applies (its own --config/--recipe, else configs/<method>/<dataset>.yaml).
+
+    ``suite paper-table`` reads the backbone and embedding size a cell trains with from it
+    when the cell's options do not give them. None for ``recipe: none`` and when the file
+    does not exist.
+    """
     given = cell.options.get("recipe") or cell.options.get("config")
     if given == "none":
         return None
@@ -70,7 +99,15 @@ def cell_recipe(cell: Cell) -> Path | None:
 
 
 def _cmd_paper_table(argv: list[str]) -> int:
-    """``suite paper-table FILE``: the paper's tables in its order, our numbers beside them, uncovered cells marked."""
+    """``suite paper-table FILE``: the paper's tables in its order, ours beside them, uncovered cells marked.
+
+    The rendering is :mod:`benchmark.app.paper_tables`; this command adds the suite's file,
+    output folder and ``--table`` choice.
+
+    Raises:
+        SuiteError: the suite names no ``paper:``, or the tables asked for hold none of its
+            numbers.
+    """
     args = _parse_args("paper-table", argv)
     suite = load_suite(args.file, args.output)
     if suite.paper is None:
@@ -83,6 +120,11 @@ def _cmd_paper_table(argv: list[str]) -> int:
 
 
 def _cmd_list(argv: list[str]) -> int:
+    """``suite list``: every shipped suite with its number of cells and the first line of its description.
+
+    A shipped suite that no longer loads (a registry name renamed, a plugin missing) is listed
+    as invalid with the reason instead of failing the whole listing.
+    """
     from rich.table import Table
 
     table = Table(title="suites (python -m benchmark suite run NAME)")
@@ -102,6 +144,11 @@ def _cmd_list(argv: list[str]) -> int:
 
 
 def _cmd_status(argv: list[str]) -> int:
+    """``suite status FILE``: the table of cells, their states and what changed (no lock needed).
+
+    It only reads the run directories, so it can run beside a ``suite run`` of the same folder,
+    or on another machine that sees it.
+    """
     args = _parse_args("status", argv)
     suite = load_suite(args.file, args.output)
     return show_status(suite, _selected(suite, args.only))
@@ -112,7 +159,15 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"status": _cmd_status, "paper
 
 
 def main(argv: list[str]) -> int:
-    """``python -m benchmark suite status|paper-table|list ...`` (user errors: SuiteError, exit 2)."""
+    """``python -m benchmark suite status|paper-table|list ...`` (user errors: SuiteError, exit 2).
+
+    What ``python -m benchmark`` calls for these three commands before importing torch;
+    :func:`benchmark.app.suites.command.main` serves them too.
+
+    Raises:
+        SuiteError: an unknown command (with the closest reading one) or any user error of
+            the command.
+    """
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return EXIT_OK

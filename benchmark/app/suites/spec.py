@@ -1,5 +1,20 @@
 """The suite file: its constants, data model (Resources, Cell, Suite) and loading (grids, selectors,
-placeholders, dependencies, the paper rows its cells reproduce)."""
+placeholders, dependencies, the paper rows its cells reproduce).
+
+:func:`load_suite` turns a YAML file (docs/leaderboard.md, "The file format") into a
+:class:`Suite`: every grid is expanded into the product methods × datasets × backbones ×
+variants × ``options:`` combinations × seeds, then ``exclude:`` removes cells and ``cells:``
+overrides options of the cells its selectors match, in file order. A cell's options are applied
+in this order, a later one replacing an earlier one: ``args``, the grid's ``args``, the
+variant's, the ``options`` combination's, the matching ``cells:`` entries, then ``resources``.
+String values may name placeholders (``{output}``, ``{cell}``, ...), and a cell whose options
+name another cell's run directory needs that cell (:func:`_find_dependencies`).
+
+Loading reads only the file and the registries' names (:func:`benchmark.core.catalog.catalog`,
+which imports no method), so the light commands (``suite status``, ``list``) can use it.
+Problems are collected in :class:`_Problems` and raised together as one :class:`SuiteError`, so
+that a user fixes a file in one pass instead of one error per run.
+"""
 
 from __future__ import annotations
 
@@ -24,33 +39,45 @@ try:  # POSIX file locks (run_lock); Windows has none and runs without the lock
 except ImportError:  # pragma: no cover - not on the platforms CI runs
     fcntl = None  # type: ignore[assignment]
 
+# A suite's exit codes are the fit's (benchmark.core.errors): 0 completed, 1 failed, 2 a user
+# error, 130 / 143 stopped by SIGINT / SIGTERM; EXIT_OK names the first in this package.
 EXIT_OK = EXIT_COMPLETED
 
+# The keys each section of the file accepts; any other key is reported with the closest of these
+# (_unknown_keys), since a misspelt key that is silently ignored would run the wrong grid.
 SUITE_KEYS = ("name", "description", "output", "plugins", "args", "grid", "cells", "exclude", "resources", "slurm",
               "paper", "reproduces")
 REPRODUCES_KEYS = ("cells", "table", "row")
 GRID_KEYS = ("methods", "datasets", "backbones", "seeds", "variants", "options", "args")
 RESOURCE_KEYS = ("devices", "num_nodes", "accelerator", "precision", "time", "cpus_per_task", "mem_gb")
 SLURM_KEYS = ("partition", "account", "qos", "constraint", "array_parallelism", "signal_delay_s", "setup", "additional")
+# What a selector (cells:, exclude:, --only, reproduces:) may name, in the order a cell id lists them.
 AXES = ("method", "dataset", "backbone", "variant", "seed")
-# Set by the grid, the cell's folder or the launcher: not options a suite may give.
+# Set by the grid, the cell's folder or the launcher: not options a suite may give. Each value
+# says where the setting comes from instead; the message quotes it.
 RESERVED = {
     "method": "grid.methods", "data": "grid.datasets", "backbone": "grid.backbones",
     "seed_everything": "grid.seeds", "run_dir": "the suite (<output>/<cell id>)",
     "ckpt_path": "the suite (it resumes interrupted cells itself)", "plugin": "plugins: at the top of the file",
     "print_config": "suite run --dry-run", "help": "python -m benchmark fit --help",
 }
-# resources: keys that are also trainer options.
+# resources: keys that are also trainer options. Written once in resources:, they reach both the
+# fit (as these options) and the launchers (SLURM's GPUs and nodes), so the two cannot disagree.
 RESOURCE_FLAGS = {"devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
                   "accelerator": "trainer.accelerator", "precision": "trainer.precision"}
+# {name} in string values, filled per cell (_placeholders); {output} is the resolved output folder.
 PLACEHOLDERS = ("output", "method", "dataset", "backbone", "variant", "seed", "cell")
+# Suite and variant names become folder names, cell ids and W&B group parts: no separators, no spaces.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+# A fit option as the command line writes it without the dashes: dotted Python identifiers.
 _OPTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# The smallest useful grid, quoted by the messages about a missing or empty grid.
 GRID_EXAMPLE = "grid: {methods: [ms], datasets: [cub], seeds: [0, 1, 2]}"
 RECORD = "suite.json"  # the suite's record of a cell's attempts, in the cell's run directory
 RUN_LOCK = ".suite-run.lock"  # held by the `suite run` that is using an output folder
 LOG = "fit.log"  # the cell's output (every attempt, appended)
 
+# `suite --help`; each command's own options are in its argparse parser (reading._parser).
 USAGE = """usage: python -m benchmark suite <command> FILE [options]
 
 FILE is a suite file (configs/suites/*.yaml; docs/leaderboard.md) or the name of a shipped suite.
@@ -86,7 +113,22 @@ class SuiteError(UserError):
 class Resources:
     """What one run needs. ``devices`` / ``num_nodes`` / ``accelerator`` / ``precision`` become
     trainer options of the cell; ``time`` (minutes) stops a serial run with SIGTERM (resumable)
-    and is the SLURM time limit; ``cpus_per_task`` / ``mem_gb`` are for the launchers."""
+    and is the SLURM time limit; ``cpus_per_task`` / ``mem_gb`` are for the launchers.
+
+    Frozen, hence hashable: the submitit launcher groups the cells of a stage by their
+    resources, one job array per distinct value. ``None`` means "not given": the trainer's or
+    the launcher's default applies.
+
+    Attributes:
+        devices: devices per node (``--trainer.devices``; GPUs per SLURM node), an integer
+            >= 1 or ``"auto"``.
+        num_nodes: nodes of one run (``--trainer.num_nodes``; SLURM ``--nodes``).
+        accelerator: ``--trainer.accelerator`` (``cpu`` also means: no GPUs for the job).
+        precision: ``--trainer.precision``.
+        time: the time limit in minutes.
+        cpus_per_task: CPUs per task for submitit.
+        mem_gb: memory per node in GB for submitit.
+    """
 
     devices: int | str | None = None
     num_nodes: int | None = None
@@ -99,7 +141,25 @@ class Resources:
 
 @dataclass
 class Cell:
-    """One ``fit`` of the grid: its id (also its folder name), axes, options and resources."""
+    """One ``fit`` of the grid: its id (also its folder name), axes, options and resources.
+
+    Attributes:
+        id: ``<method>-<dataset>[-<backbone>][-<variant>]-seed<seed>``: the run directory's
+            name under the suite's output folder, the same for the same file every time.
+        method, dataset, backbone: registered names; ``backbone`` None uses the recipe's.
+        variant: the variant's name joined with the ``options:`` labels (``""``: none).
+        seed: ``--seed_everything``.
+        options: fit options without dashes -> YAML values, in command-line order (a later
+            option wins, so the order is the precedence of the file's sections).
+        sources: where the suite file set each option, quoted by the validation's messages.
+        resources: what the run needs; its trainer keys are also in ``options``.
+        plugins: ``--plugin`` modules (the file's ``plugins:``).
+        needs: ids of the cells whose run directory this cell's options name.
+        template: the arguments before placeholders were filled and before the resources'
+            trainer options were added, without the seed: the validation parses one cell
+            per template.
+        reproduces: the (table, row) pairs of the suite's paper this cell gives a number for.
+    """
 
     id: str
     method: str
@@ -116,18 +176,28 @@ class Cell:
     reproduces: tuple[tuple[str, str], ...] = ()  # (table, row) of the suite's paper this cell reproduces
 
     def group(self, suite_name: str) -> str:
-        """The W&B group of the cell's run: its configuration without the seed, so seeds group together."""
+        """The W&B group of the cell's run: its configuration without the seed, so seeds group together.
+
+        ``<suite>/<dataset>/<method>[/<backbone>][/<variant>]``; the runner passes it as
+        ``WANDB_RUN_GROUP`` unless the environment already sets one."""
         return "/".join([suite_name, self.dataset, self.method, *([self.backbone] if self.backbone else []),
                          *([self.variant] if self.variant else [])])
 
     def axis(self, name: str) -> str:
+        """The cell's value on axis ``name`` (one of :data:`AXES`) as text, as selectors match it.
+
+        A cell without a backbone has ``""`` there, which only ``backbone=*`` matches."""
         value = {"method": self.method, "dataset": self.dataset, "backbone": self.backbone or "",
                  "variant": self.variant, "seed": self.seed}[name]
         return str(value)
 
     @property
     def argv(self) -> list[str]:
-        """The ``fit`` arguments, without ``--run_dir`` / ``--ckpt_path`` (the suite adds those)."""
+        """The ``fit`` arguments, without ``--run_dir`` / ``--ckpt_path`` (the suite adds those).
+
+        ``--seed_everything`` always comes last: ``argv[:-2]`` is the cell without its seed
+        (:attr:`template`, the validation's grouping). A ``config`` list becomes one
+        ``--config`` per file, as ``fit`` takes several."""
         argv = ["--method", self.method, "--data", self.dataset]
         if self.backbone:
             argv += ["--backbone", self.backbone]
@@ -144,6 +214,18 @@ class Cell:
 
 @dataclass
 class Suite:
+    """A loaded suite file: its cells in dependency order and what the launchers need.
+
+    Attributes:
+        path: the suite file (a shipped suite's path inside the package).
+        name: the file's ``name:``, else the file name; names the default output folder.
+        description: one line for ``suite list`` and the W&B sweep.
+        output: the output folder, resolved to an absolute path (relative ones are relative to
+            the directory the command runs in).
+        cells: every cell, each after the cells it needs (:func:`_find_dependencies`).
+        slurm: the ``slurm:`` section, for ``--launcher slurm``.
+        plugins: ``--plugin`` modules of every cell.
+    """
     path: Path
     name: str
     description: str
@@ -154,6 +236,11 @@ class Suite:
     paper: str | None = None  # the paper whose tables the suite reproduces (benchmark/core/reference/<paper>.csv)
 
     def cell(self, cell_id: str) -> Cell:
+        """The cell with id ``cell_id``.
+
+        Raises:
+            SuiteError: no such cell; the message offers the closest ids (a typo in ``--cell``).
+        """
         for cell in self.cells:
             if cell.id == cell_id:
                 return cell
@@ -162,12 +249,17 @@ class Suite:
         raise SuiteError(f"{self.path}: no cell {cell_id!r}.{hint} `suite run {self.path} --dry-run` lists the cells.")
 
     def run_dir(self, cell: Cell) -> Path:
+        """``<output>/<cell id>``: the cell's run directory (``fit --run_dir``) and its state on disk."""
         return self.output / cell.id
 
 
 def flag_value(value: Any) -> str:
-    """A YAML value as the command line writes it (``true``, ``null``, ``[1, 2, 4]``)."""
-    if isinstance(value, bool):
+    """A YAML value as the command line writes it (``true``, ``null``, ``[1, 2, 4]``).
+
+    Lists and mappings are YAML flow style on one line (a width no value reaches: YAML would
+    otherwise wrap a long list, and the wrapped text is no longer one argument), which the
+    fit's parser reads back as the same value."""
+    if isinstance(value, bool):  # YAML's spelling, as the file wrote it; str() would give "True"
         return "true" if value else "false"
     if value is None:
         return "null"
@@ -178,13 +270,25 @@ def flag_value(value: Any) -> str:
 
 # ---------------------------------------------------------------------------- loading
 def shipped_suites() -> dict[str, Path]:
+    """The suites installed with the package (``configs/suites/*.yaml``), by file stem, sorted.
+
+    Found through :func:`benchmark.core.defaults.recipe_dir`, the same folder the recipes come
+    from, so an installed package finds them as a checkout does; none when the folder is absent.
+    """
     folder = recipe_dir() / "suites"
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
 def resolve_suite_path(name: str) -> Path:
-    """A suite file, or the name of one shipped in ``configs/suites`` (``smoke``)."""
-    path = Path(name).expanduser()
+    """A suite file, or the name of one shipped in ``configs/suites`` (``smoke``).
+
+    A file that exists wins over a shipped suite of the same name.
+
+    Raises:
+        SuiteError: ``name`` is neither a file nor a shipped suite (a folder, a missing
+            path); the message lists the shipped suites.
+    """
+    path = Path(name).expanduser()  # ~ in a path given on the command line in quotes
     if path.is_file():
         return path
     shipped = shipped_suites()
@@ -197,16 +301,32 @@ def resolve_suite_path(name: str) -> Path:
 
 
 class _Problems:
-    """Every problem found in a suite file, reported together before anything runs."""
+    """Every problem found in a suite file, reported together before anything runs.
+
+    The loading and validation functions record into one instance instead of raising, so a
+    file with five mistakes gets one message listing five, each naming its key or cell.
+    ``items`` is public: a caller may look at the first problem itself (``run-cell``'s
+    ``--wait-needs``) instead of raising them all.
+    """
 
     def __init__(self, path: Path) -> None:
+        """Collect the problems of the suite file at ``path`` (named in the message)."""
         self.path, self.items = path, []
 
     def add(self, message: str) -> None:
+        """Record one problem; a message already recorded (the same mistake in many cells) is kept once."""
         if message not in self.items:
             self.items.append(message)
 
     def raise_if_any(self) -> None:
+        """Raise the problems found so far as one SuiteError, if any.
+
+        Called between the loading steps whose later checks would only repeat an earlier
+        problem (e.g. a selector over cells a broken grid could not produce).
+
+        Raises:
+            SuiteError: one problem on one line, several as a list ("no cell was started").
+        """
         if not self.items:
             return
         if len(self.items) == 1:
@@ -216,6 +336,10 @@ class _Problems:
 
 
 def _unknown_keys(where: str, given: Iterable[str], allowed: Iterable[str], problems: _Problems) -> None:
+    """Report every key of ``given`` that is not in ``allowed``, with the closest valid key.
+
+    ``where`` names the section (``the suite file``, ``grid[1]``, ``slurm``) in the message.
+    """
     allowed = list(allowed)
     for key in given:
         if key not in allowed:
@@ -225,6 +349,7 @@ def _unknown_keys(where: str, given: Iterable[str], allowed: Iterable[str], prob
 
 
 def _mapping(value: Any, where: str, problems: _Problems) -> dict[str, Any]:
+    """``value`` as a mapping: ``None`` (an empty YAML section) is ``{}``; anything else is a problem."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -234,20 +359,32 @@ def _mapping(value: Any, where: str, problems: _Problems) -> dict[str, Any]:
 
 
 def _list(value: Any, where: str, problems: _Problems, hint: str) -> list[Any] | None:
+    """``value`` as a list: a scalar is a list of one (``seeds: 0``), ``None`` stays None (absent).
+
+    An empty list is a problem (``hint`` says what to write instead), never an empty axis: it
+    would silently give a grid without cells.
+    """
     if value is None:
         return None
     if not isinstance(value, list):
         value = [value]
-    if not value:
+    if not value:  # after the scalar case: an empty string is a list of one, not empty
         problems.add(f"{where} is an empty list: {hint}.")
         return None
     return value
 
 
 def _options(value: Any, where: str, problems: _Problems, resources_allowed: bool = False) -> dict[str, Any]:
-    """``{option: value}`` of fit options; keys may be written with or without ``--``."""
+    """``{option: value}`` of fit options; keys may be written with or without ``--``.
+
+    Refused, as problems: a key that is no option name, an option the suite sets itself
+    (:data:`RESERVED`), and a bare ``model`` / ``trainer`` (the class comes from the grid,
+    only its sub-options may be given). ``resources_allowed``: a ``cells:`` entry, which may
+    also hold a ``resources`` mapping, returned under that key for the caller to apply.
+    """
     out: dict[str, Any] = {}
     for key, item in _mapping(value, where, problems).items():
+        # Written as on the command line or without the dashes: both name the same option.
         name = str(key)[2:] if str(key).startswith("--") else str(key)
         if resources_allowed and name == "resources":
             out[name] = item
@@ -266,17 +403,23 @@ def _options(value: Any, where: str, problems: _Problems, resources_allowed: boo
 
 
 def _minutes(value: Any, where: str, problems: _Problems) -> float | None:
-    """``90``, ``"90m"``, ``"4h"``, ``"1-12:00:00"``, ``"2:30:00"`` as minutes."""
+    """``90``, ``"90m"``, ``"4h"``, ``"1-12:00:00"``, ``"2:30:00"`` as minutes.
+
+    The colon forms follow SLURM's ``--time``: ``MM:SS``, ``HH:MM:SS``, ``D-HH:MM:SS``; a
+    number is minutes and must be positive; a unit may also be ``s`` or ``d``. Returns None
+    when ``value`` is None, or after recording a problem when it is not a duration.
+    """
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
     text = str(value).strip()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text)  # a number and a unit: 90m, 1.5h
     if match:
         return float(match.group(1)) * {"s": 1 / 60, "m": 1, "h": 60, "d": 1440}[match.group(2)]
     match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2})(?::(\d{2}))?", text)
     if match:
+        # Two fields are MM:SS, three HH:MM:SS (SLURM's reading), with an optional D- prefix.
         days, a, b, c = match.groups()
         hours, minutes, seconds = (int(a), int(b), int(c)) if c is not None else (0, int(a), int(b))
         return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
@@ -285,8 +428,14 @@ def _minutes(value: Any, where: str, problems: _Problems) -> float | None:
 
 
 def _resources(value: Any, where: str, problems: _Problems, base: Resources | None = None) -> Resources:
+    """The ``resources:`` mapping at ``where`` as :class:`Resources`, on top of ``base``.
+
+    ``base`` is what the cell had so far: a ``cells:`` entry's resources change only the keys
+    it names. Invalid values are recorded as problems (the suite does not load).
+    """
     raw = _mapping(value, where, problems)
     _unknown_keys(where, raw, RESOURCE_KEYS, problems)
+    # Start from base's fields and replace those given: Resources is frozen, so a new one.
     fields = dict(vars(base)) if base is not None else {}
     for key in ("num_nodes", "cpus_per_task"):
         if key in raw:
@@ -295,6 +444,7 @@ def _resources(value: Any, where: str, problems: _Problems, base: Resources | No
             else:
                 fields[key] = raw[key]
     if "devices" in raw:
+        # "auto" is the trainer's own value; the launchers then request no GPUs for the job.
         devices = raw["devices"]
         if not ((isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1) or devices == "auto"):
             problems.add(f"{where}.devices must be a positive integer or 'auto', not {devices!r}.")
@@ -314,14 +464,27 @@ def _resources(value: Any, where: str, problems: _Problems, base: Resources | No
 
 
 def _closest(name: str, known: Iterable[str]) -> str:
+    """`` Did you mean X?`` for the closest of ``known`` to a misspelt ``name``, else ``""``."""
     close = difflib.get_close_matches(name, list(known), n=2, cutoff=0.6)
     return f" Did you mean {' or '.join(close)}?" if close else ""
 
 
 def parse_selector(text: Any, where: str, problems: _Problems) -> dict[str, str] | None:
-    """``"method=ms,dataset=cub"`` (or ``{method: ms, dataset: cub}``) -> {axis: pattern}; patterns may use * and ?."""
+    """``"method=ms,dataset=cub"`` (or ``{method: ms, dataset: cub}``) -> {axis: pattern}.
+
+    Patterns may use ``*`` and ``?`` (:func:`matches`).
+
+    Args:
+        text: the selector as the file or ``--only`` gives it.
+        where: the key or flag it came from, for the message.
+        problems: where a malformed selector is recorded.
+
+    Returns:
+        The selector, or None (the problem recorded) for text that is not
+        ``axis=value[,...]``, names an axis outside :data:`AXES` or gives an empty value.
+    """
     out: dict[str, str] = {}
-    if isinstance(text, dict):
+    if isinstance(text, dict):  # the mapping form (exclude: entries) reads as the text form
         text = ",".join(f"{k}={v}" for k, v in text.items())
     for part in str(text).split(","):
         axis, eq, pattern = part.strip().partition("=")
@@ -338,10 +501,20 @@ def parse_selector(text: Any, where: str, problems: _Problems) -> dict[str, str]
 
 
 def matches(cell: Cell, selector: dict[str, str]) -> bool:
+    """Whether ``cell`` matches every ``axis: pattern`` of ``selector`` (shell patterns).
+
+    Case-sensitive on every platform (``fnmatchcase``): registered names are, and a suite must
+    select the same cells on Linux and macOS.
+    """
     return all(fnmatch.fnmatchcase(cell.axis(axis), pattern) for axis, pattern in selector.items())
 
 
 def _variant_name(option: str, value: Any) -> str:
+    """The label of one ``options:`` value: the option's last part and the value (``layers2``).
+
+    Characters a cell id may not hold are dropped (``[1, 2]`` gives ``12``), so two values can
+    share a label; the duplicate-cell check then reports it.
+    """
     text = flag_value(value)
     text = re.sub(r"[^A-Za-z0-9_.+=-]+", "", text) or "x"
     return f"{option.rsplit('.', 1)[-1]}{text}"
@@ -349,7 +522,9 @@ def _variant_name(option: str, value: Any) -> str:
 
 def _placeholders(value: Any, fill: dict[str, str]) -> Any:
     """``{output}``, ``{method}``, ``{dataset}``, ``{backbone}``, ``{variant}``, ``{seed}``, ``{cell}``
-    in string values (others, e.g. a YAML mapping written as a string, stay as they are)."""
+    in string values (others, e.g. a YAML mapping written as a string, stay as they are).
+
+    Strings inside lists are filled too; mapping values are returned unchanged."""
     if isinstance(value, str):
         return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", lambda m: fill[m.group(1)], value)
     if isinstance(value, list):
@@ -358,7 +533,22 @@ def _placeholders(value: Any, fill: dict[str, str]) -> Any:
 
 
 def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
-    """Read and expand a suite file; every schema problem and name error raises one SuiteError."""
+    """Read and expand a suite file; every schema problem and name error raises one SuiteError.
+
+    Args:
+        path: a suite file, or the name of a shipped suite (``smoke``).
+        output: replaces the file's ``output:`` (``--output DIR``).
+
+    Returns:
+        The suite, its cells expanded, options overridden, placeholders filled, resources
+        turned into trainer options, and ordered so that every cell follows the cells it needs.
+
+    Raises:
+        SuiteError: an unreadable file, invalid YAML, or every problem of the file at once:
+            unknown keys, empty lists, unknown methods / datasets / backbones, bad option
+            names, selectors that match nothing, duplicate cells, a dependency cycle, and
+            ``reproduces:`` rows that the paper does not have.
+    """
     path = resolve_suite_path(str(path))
     problems = _Problems(path)
     try:
@@ -367,35 +557,42 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         raise SuiteError(f"{path} is not valid YAML: {err}") from None
     except OSError as err:
         raise SuiteError(f"Cannot read suite file {path}: {err}") from None
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict):  # an empty file (None), a list or a scalar: nothing else can be checked
         raise SuiteError(f"{path}: a suite file is a mapping with a grid: section (docs/leaderboard.md).")
     _unknown_keys("the suite file", raw, SUITE_KEYS, problems)
-    name = str(raw.get("name") or path.stem)
+    name = str(raw.get("name") or path.stem)  # the default output folder and the W&B groups' first part
     if not _NAME.match(name):
         problems.add(f"name {name!r}: use letters, digits and _ . + = - only (it names the output folder).")
+    # Plugins first: they register the methods, datasets and backbones the grid may name.
     plugins = tuple(str(p) for p in (_list(raw.get("plugins"), "plugins", problems, "remove the key") or []))
     try:
         known = catalog(plugins)  # the registered names, read without importing the methods (fast status)
     except ImportError as err:
         raise SuiteError(f"{path}: {err}") from None
     out = Path(output if output is not None else raw.get("output") or Path("runs") / "suites" / name).expanduser()
+    # Absolute: the cells' run directories are passed to fits and submitit jobs, and {output}
+    # written into an option must name the same folder from wherever those start.
     out = out.resolve()
+    # The sections every cell shares; a grid, its variants and cells: entries refine them.
     common = _options(raw.get("args"), "args", problems)
     base_resources = _resources(raw.get("resources"), "resources", problems)
     slurm = _mapping(raw.get("slurm"), "slurm", problems)
     _unknown_keys("slurm", slurm, SLURM_KEYS, problems)
 
+    # grid: is required: a suite without cells is a mistake in the file, not an empty run.
     grids = raw.get("grid")
     if grids is None:
         problems.add(f"no grid: section. Add one, e.g. {GRID_EXAMPLE}.")
         grids = []
-    grids = grids if isinstance(grids, list) else [grids]
+    grids = grids if isinstance(grids, list) else [grids]  # one grid, or a list of grids
     if raw.get("grid") is not None and not grids:
         problems.add(f"grid is an empty list, so the suite has no cell: give at least one grid, e.g. {GRID_EXAMPLE}.")
     cells: list[Cell] = []
     for g, grid in enumerate(grids):
         where = "grid" if len(grids) == 1 else f"grid[{g}]"
         cells += _expand_grid(grid, where, common, base_resources, plugins, known, problems)
+    # Raised before the selectors are applied: over a grid with errors they would report
+    # "matches no cell" for cells the user did ask for.
     problems.raise_if_any()
 
     # exclude:, then cells: (per-cell overrides by selector, in file order; later wins).
@@ -404,12 +601,15 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         selector = parse_selector(text, f"exclude[{i}]", problems)
         if selector is None:
             continue
+        # Against the full grid, so that two overlapping excludes are not reported as matching nothing.
         if not any(matches(c, selector) for c in all_cells):
             problems.add(f"exclude[{i}] {text!r} matches no cell of the grid.")
         cells = [c for c in cells if not matches(c, selector)]
     for key, overrides in _mapping(raw.get("cells"), "cells", problems).items():
         where = f"cells[{key!r}]"
         selector = parse_selector(key, where, problems)
+        # The options are checked before giving up on a broken selector, so that one pass
+        # reports both.
         options = _options(overrides, where, problems, resources_allowed=True)
         if selector is None:
             continue
@@ -417,6 +617,7 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         if not chosen:
             problems.add(f"{where} matches no cell. Cells are selected by axis=value (e.g. method=ms,dataset=cub).")
         resources = options.pop("resources", None)
+        # Every matching entry applies, in file order: a later entry wins over an earlier one.
         for cell in chosen:
             for option, value in options.items():
                 cell.options.pop(option, None)  # the override's position: last
@@ -425,15 +626,20 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
             if resources is not None:
                 cell.resources = _resources(resources, f"{where}.resources", problems, base=cell.resources)
     problems.raise_if_any()
+    # exclude: alone can empty a valid grid; say so rather than run a suite of no cell.
     if not cells:
         problems.add("the grid has no cell left after exclude:.")
 
     seen: dict[str, int] = {}
     for i, cell in enumerate(cells):
+        # Taken before the placeholders are filled: cells whose options differ only in what
+        # {output}, {cell}, ... fill in share one parse check (validate_cells).
         cell.template = tuple(cell.argv[:-2])
         fill = {"output": str(out), "method": cell.method, "dataset": cell.dataset, "backbone": cell.backbone or "",
                 "variant": cell.variant, "seed": str(cell.seed), "cell": cell.id}
         cell.options = {k: _placeholders(v, fill) for k, v in cell.options.items()}
+        # Resources last: they are the final say on the trainer's devices, nodes, accelerator and
+        # precision, and giving one both ways would leave the winner to the argument order.
         for key, flag in RESOURCE_FLAGS.items():
             value = getattr(cell.resources, key)
             if value is None:
@@ -447,12 +653,14 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         if cell.id in seen:
             problems.add(f"duplicate cell {cell.id}: two entries of the grid give the same method, dataset, backbone, "
                          "variant and seed. Remove the repeated value, or give the variants different names.")
-        seen.setdefault(cell.id, i)
+        seen.setdefault(cell.id, i)  # two cells with one id would share (and overwrite) one run directory
     problems.raise_if_any()
+    # The paper rows and the dependencies need the final cells (ids, filled option values).
     paper = _paper_rows(raw, cells, problems)
     problems.raise_if_any()
     suite = Suite(path=path, name=name, description=str(raw.get("description") or "").strip(), output=out,
                   cells=cells, slurm=slurm, plugins=plugins, paper=paper)
+    # Last: a dependency is found by a cell's run directory in another cell's filled-in options.
     _find_dependencies(suite, problems)
     problems.raise_if_any()
     return suite
@@ -463,8 +671,14 @@ def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> 
 
     Every entry names cells by selector and one (table, row) of ``benchmark/core/reference/<paper>.csv``;
     both must exist, so a suite cannot claim a row the paper does not have or a cell it does not run.
+    Each matching cell gets the (table, row) in :attr:`Cell.reproduces` (``suite paper-table``).
+    ``reproduces:`` without ``paper:`` is a problem: the rows would belong to no table.
+
+    Returns:
+        The paper's name, or None without ``paper:`` (or with an unknown paper, a problem).
     """
     entries = _list(raw.get("reproduces"), "reproduces", problems, "remove the key") or []
+    # The reference numbers are read from the package (benchmark/core/reference/), no run needed.
     paper = raw.get("paper")
     if paper is None:
         if entries:
@@ -484,6 +698,7 @@ def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> 
             problems.add(f"{where} needs {', '.join(missing)} (e.g. {{cells: variant=base, table: Table 1, row: Ours}}).")
             continue
         key = (str(entry["table"]), str(entry["row"]))
+        # The hint lists the rows of the named table, or the tables when the table itself is wrong.
         if key not in rows:
             in_table = sorted(r for t, r in rows if t == key[0])
             hint = f" Rows of {key[0]}: {'; '.join(in_table)}." if in_table else \
@@ -497,6 +712,7 @@ def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> 
         if not chosen:
             problems.add(f"{where}.cells {entry['cells']!r} matches no cell.")
         for cell in chosen:
+            # Overlapping selectors may give a cell the same row twice: it reproduces it once.
             if key not in cell.reproduces:
                 cell.reproduces += (key,)
     return str(paper)
@@ -504,6 +720,21 @@ def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> 
 
 def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resources, plugins: tuple[str, ...], known: Catalog,
                  problems: _Problems) -> list[Cell]:
+    """The cells of one grid (``where`` names it in messages), before ``exclude:`` and ``cells:``.
+
+    Args:
+        grid: the grid's mapping as read from the file.
+        where: ``grid`` or ``grid[i]``.
+        common: the file's ``args:``, applied first.
+        resources: the file's ``resources:``, shared by every cell until ``cells:`` changes them.
+        plugins: the file's ``plugins:``.
+        known: the registered method, dataset and backbone names.
+        problems: where every problem found is recorded; the returned cells may then be partial.
+
+    Returns:
+        One cell per combination of method, dataset, backbone, variant, ``options:`` values and
+        seed, in that nesting order (seeds innermost).
+    """
     if isinstance(grid, dict):
         # A cell's method and dataset are what the table compares: never a silent default (`fit`'s
         # defaults would turn `grid: {}` into one cell of the default method on the synthetic data).
@@ -516,11 +747,16 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
     _unknown_keys(where, grid, GRID_KEYS, problems)
     methods = _list(grid.get("methods"), f"{where}.methods", problems, "list at least one method") or []
     datasets = _list(grid.get("datasets"), f"{where}.datasets", problems, "list at least one dataset") or []
+    # Without the key: one backbone, None (each recipe's); an empty list, already a problem,
+    # gives no cell rather than silently falling back to the recipes'.
     backbones = _list(grid.get("backbones"), f"{where}.backbones", problems,
                       "list at least one backbone, or leave the key out for each recipe's") or (
         [] if "backbones" in grid else [None])
+    # Without the key: seed 0 alone; an empty list is a problem and gives no cell.
     seeds = _list(grid.get("seeds"), f"{where}.seeds", problems, "list at least one seed") or (
         [] if "seeds" in grid else [0])
+    # Checked against the registries' names (plugins included) so that a typo fails here, with
+    # the registered names, and not minutes later in one fit subprocess per cell.
     for kind, names, table, command in (
         ("method", methods, known.methods, "list"), ("dataset", datasets, known.datasets, "list"),
         ("backbone", [b for b in backbones if b is not None], known.backbones, "list"),
@@ -530,15 +766,18 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
                 problems.add(f"{where}: unknown {kind} {name!r}.{_closest(str(name), table)} "
                              f"Registered: {', '.join(sorted(table))} (python -m benchmark {command}).")
     for seed in seeds:
+        # bool is an int in Python, and YAML reads `yes` / `true` as True.
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             problems.add(f"{where}.seeds: {seed!r} is not a non-negative integer.")
+    # A repeated value would give two cells with one id, i.e. one run directory for two runs.
     for kind, values in (("methods", methods), ("datasets", datasets), ("backbones", backbones), ("seeds", seeds)):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             problems.add(f"duplicate cells: {where}.{kind} lists {', '.join(repeated)} more than once.")
-    grid_args = _options(grid.get("args"), f"{where}.args", problems)
+    grid_args = _options(grid.get("args"), f"{where}.args", problems)  # after the file's args: win over them
 
     # Named override sets × the product of `options:`, each combination one variant.
+    # `named` holds (name, options, where the file set them); without variants: one unnamed, empty.
     named: list[tuple[str, dict[str, Any], str]] = [("", {}, "")]
     if "variants" in grid:
         raw_variants = _mapping(grid["variants"], f"{where}.variants", problems)
@@ -555,27 +794,34 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
         raw_options = _options(grid["options"], f"{where}.options", problems)
         if not raw_options:
             problems.add(f"{where}.options is empty: give option: [values], or remove the key.")
+        # One axis per option: its (option, label, value) triples; the product crosses them.
         axes = []
         for option, values in raw_options.items():
             values = _list(values, f"{where}.options.{option}", problems, "give at least one value")
             if values:
                 axes.append([(option, _variant_name(option, v), v) for v in values])
         products = [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+    # Each entry of `products` is one combination: (option, label, value) per option axis.
     cells = []
     for method, dataset, backbone, (vname, voptions, vsource), combo, seed in itertools.product(
         methods, datasets, backbones, named, products, seeds
     ):
+        # e.g. variant "wide" with options layers=2, heads=4: "wide_layers2_heads4".
         variant = "_".join([p for p in [vname, *(label for _, label, _ in combo)] if p])
         options: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for source, opts in (("args", common), (f"{where}.args", grid_args), (vsource, voptions),
                              (f"{where}.options", {o: v for o, _, v in combo})):
             for option, value in opts.items():
+                # Re-inserted, not updated: the option moves to the end of the command line, so
+                # that it also comes after a --config file of an earlier section, which the
+                # parser applies in order (a later file would otherwise undo the override).
                 options.pop(option, None)
                 options[option] = value
                 sources[option] = source
         parts = [str(method), str(dataset), *([str(backbone)] if backbone else []), *([variant] if variant else []),
                  f"seed{seed}"]
+        # An invalid seed is already a problem; 0 only keeps the Cell well-formed until it is raised.
         cells.append(Cell(id="-".join(parts), method=str(method), dataset=str(dataset), backbone=backbone,
                           variant=variant, seed=seed if isinstance(seed, int) else 0, options=options,
                           sources=sources, resources=resources, plugins=plugins))
@@ -584,14 +830,21 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
 
 def _find_dependencies(suite: Suite, problems: _Problems) -> None:
     """A cell whose options name another cell's run directory (a stage-1 checkpoint) needs it:
-    it runs after it, and is not started while that cell has not completed."""
+    it runs after it, and is not started while that cell has not completed.
+
+    Sets every cell's :attr:`Cell.needs` and reorders ``suite.cells`` so that each cell comes
+    after the cells it needs, keeping the file's order otherwise (a stable topological sort,
+    level by level). A cycle is recorded as a problem and leaves the order unchanged."""
     folders = {cell.id: str(suite.run_dir(cell)) for cell in suite.cells}
     for cell in suite.cells:
         text = " ".join(cell.argv)
         cell.needs = tuple(
             other for other, folder in folders.items()
+            # The folder must end there: `...-seed1` must not match inside `...-seed10/...`.
             if other != cell.id and re.search(re.escape(folder) + r"(/|$|\s)", text)
         )
+    # Kahn's algorithm by levels: each pass takes every cell whose needs are all placed, in
+    # file order, so a suite without dependencies keeps its order exactly.
     order: list[Cell] = []
     done: set[str] = set()
     remaining = list(suite.cells)
@@ -609,10 +862,12 @@ def _find_dependencies(suite: Suite, problems: _Problems) -> None:
 
 # ---------------------------------------------------------------------------- text helpers
 def _plural(n: int, word: str) -> str:
+    """``1 cell``, ``3 cells``."""
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _duration(seconds: float | None) -> str:
+    """``M:SS`` or ``H:MM:SS`` for a time in seconds; ``""`` for None (a cell that never ran)."""
     if seconds is None:
         return ""
     seconds = int(round(seconds))

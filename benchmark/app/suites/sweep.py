@@ -1,4 +1,11 @@
-"""``suite export-sweep``: a W&B sweep whose agents run the cells."""
+"""``suite export-sweep``: a W&B sweep whose agents run the cells.
+
+The sweep does not describe the grid in W&B's terms: it is a grid over one parameter, ``cell``,
+whose values are the cell ids, and every agent run executes ``suite run-cell FILE --cell=<id>``.
+The suite file stays the one description of every cell's options, and an agent run follows the
+suite's rules (skip completed, resume interrupted, wait for the cells it needs); W&B only
+distributes the ids over the machines that run agents.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,8 @@ from benchmark.app.suites.state import cell_state
 from benchmark.core import registry
 from benchmark.core.io import atomic_write_text
 
+# wandb's command macros: ${env} is /usr/bin/env, ${interpreter} `python`, ${program} the suite file
+# (the sweep's program:), ${args} the parameters as --name=value, here --cell=<id>.
 SWEEP_COMMAND = ["${env}", "${interpreter}", "-m", "benchmark", "suite", "run-cell", "${program}", "${args}"]
 
 FALLBACK_METRIC = ("test/R@1", "max")  # the leaderboard's default ranking, logged by every method
@@ -27,13 +36,22 @@ def sweep_metric(cells: list[Cell]) -> tuple[dict[str, str], str]:
     in the direction of ``--checkpoint.mode`` or the method's ``selection_mode``; the sweep's metric
     is its test-split counterpart (``test/...``, the end-of-training test, in every run's summary).
     When the cells disagree (a two-stage suite), or a metric has no test counterpart, it is
-    ``test/R@1`` (maximize), which every method logs and the leaderboard ranks by by default."""
+    ``test/R@1`` (maximize), which every method logs and the leaderboard ranks by by default.
+
+    Returns:
+        The ``metric:`` mapping (``name``, ``goal``) and a sentence saying why it was chosen,
+        which :func:`export_sweep` writes into the file's header.
+    """
     chosen: set[tuple[str, str]] = set()
+    # The method classes carry selection_metric / selection_mode, so they are imported here
+    # (with the suite's plugins), unlike the name-only catalog that loading uses.
     registry.discover(sorted({plugin for cell in cells for plugin in cell.plugins}))  # the classes' selection metrics
     for cell in cells:
         method = registry.METHODS.get(cell.method)
         monitor = str(cell.options.get("checkpoint.monitor") or getattr(method, "selection_metric", "val/R@1"))
         mode = str(cell.options.get("checkpoint.mode") or getattr(method, "selection_mode", "max"))
+        # Only a val/ metric has a test counterpart that every run's summary holds (the
+        # end-of-training test); a train/ or custom monitor falls back to test/R@1.
         chosen.add(("test/" + monitor.removeprefix("val/"), mode) if monitor.startswith("val/") else FALLBACK_METRIC)
     if len(chosen) == 1:
         (name, mode), = chosen
@@ -47,7 +65,12 @@ def sweep_metric(cells: list[Cell]) -> tuple[dict[str, str], str]:
 
 def sweep_config(suite: Suite, cells: list[Cell], program: str) -> dict[str, Any]:
     """A W&B sweep (grid over one ``cell`` parameter) whose agents run ``suite run-cell``, with the
-    metric the cells are judged by (:func:`sweep_metric`)."""
+    metric the cells are judged by (:func:`sweep_metric`).
+
+    The cells are listed in the suite's order, which puts every cell after those it needs, so
+    that the agents reach stage-1 cells first. ``program`` is the suite file as the user named
+    it; the agents resolve it from the folder they run in.
+    """
     return {
         "name": f"suite-{suite.name}",
         "description": suite.description or f"benchmark suite {suite.name}",
@@ -61,7 +84,20 @@ def sweep_config(suite: Suite, cells: list[Cell], program: str) -> dict[str, Any
 
 
 def export_sweep(suite: Suite, cells: list[Cell], program: str, out: str | None) -> int:
-    """Write (or print) the sweep config of ``cells``, with a header on how to start it."""
+    """Write (or print) the sweep config of ``cells``, with a header on how to start it.
+
+    Warns (stderr) about two setups in which the sweep runs but does not do what it is for:
+    cells that do not log to W&B (the sweep's runs would show no metric), and cells that need
+    a cell the sweep does not run and that has not completed (their agents would wait, then
+    give up).
+
+    Args:
+        program: the suite file as given on the command line.
+        out: the file to write (atomically), or None to print the config to stdout.
+
+    Raises:
+        SuiteError: ``out`` cannot be written.
+    """
     config = sweep_config(suite, cells, program)
     metric, why = sweep_metric(cells)
     header = (
@@ -75,6 +111,7 @@ def export_sweep(suite: Suite, cells: list[Cell], program: str, out: str | None)
         "#   wandb agent <entity>/<project>/<sweep id>\n"
     )
     text = header + yaml.safe_dump(config, sort_keys=False, width=1 << 20)
+    # A cell without a logger option uses fit's default, wandb.
     others = sorted({str(c.options.get("logger", "wandb")) for c in cells} - {"wandb"})
     if others:
         print(f"[suite] note: cells log with --logger {', '.join(others)}; the sweep's runs show their metrics in W&B "

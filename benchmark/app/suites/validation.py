@@ -1,5 +1,13 @@
 """Validation before anything runs: every cell's configuration parsed by the run builder's own parser,
-and the output folder checked."""
+and the output folder checked.
+
+A suite of many cells must not discover a misspelt option in its twentieth cell hours after it
+started, nor in every cell's fit at once under a launcher. Each distinct configuration is
+therefore parsed here, in-process, exactly as ``fit --print_config`` parses it (recipe, option
+names and types), and every refusal is reported with the cells it concerns and where the suite
+file set the option. Also here: the output folder's write check and the lock that keeps two
+``suite run`` of one folder apart.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +30,21 @@ from benchmark.core.errors import UserError
 # ---------------------------------------------------------------------------- validation
 def validate_cells(suite: Suite, cells: list[Cell] | None = None) -> None:
     """Parse every cell's configuration with the CLI's parser, as ``fit --print_config`` does
-    (recipe, options, types), in this process. Cells that differ only in their seed share one check."""
+    (recipe, options, types), in this process. Cells that differ only in their seed share one check.
+
+    Args:
+        suite: the loaded suite.
+        cells: the cells to check (``--only``, one ``run-cell``); default every cell.
+
+    Raises:
+        SuiteError: every refused configuration at once, each message naming up to three of
+            its cells and the suite-file entries that set the options it names.
+    """
     problems = _Problems(suite.path)
     checked: dict[tuple[str, ...], str | None] = {}
-    refused: dict[str, list[str]] = {}  # one message, every cell it concerns
+    # One message, every cell it concerns: a typo in the file's args would otherwise give one
+    # identical line per cell.
+    refused: dict[str, list[str]] = {}
     for cell in cells if cells is not None else suite.cells:
         argv = cell.argv
         # Cells that differ only in the seed or in what {placeholders} filled in (paths) parse alike.
@@ -34,6 +53,8 @@ def validate_cells(suite: Suite, cells: list[Cell] | None = None) -> None:
             checked[key] = _parse_error(argv)
         message = checked[key]
         if message:
+            # Point back into the file: the options the parser's message names, with the entry
+            # (args, grid.variants.x, cells[...]) that set each for this cell.
             origin = [f"--{o} ({src})" for o, src in cell.sources.items() if re.search(rf"--{re.escape(o)}\b", message)]
             where = f" Set in the suite file: {', '.join(origin)}." if origin else ""
             refused.setdefault(f"{message}{where}", []).append(cell.id)
@@ -44,27 +65,43 @@ def validate_cells(suite: Suite, cells: list[Cell] | None = None) -> None:
 
 
 def _parse_error(argv: list[str]) -> str | None:
-    """The CLI's message for a configuration it refuses, or None."""
+    """The CLI's message for a configuration it refuses, or None.
+
+    ``--print_config`` makes the parser stop after parsing (a SystemExit, 0 on success), so
+    no model, datamodule or trainer is built. The printed configuration and the
+    parser's own error output are captured; a refusal comes back as the parser's ``error:``
+    lines, or as the message of the UserError a check raised while parsing.
+    """
     out, err = io.StringIO(), io.StringIO()
     code: Any = 0
     try:
+        # Quiet: the configuration and any library warnings would otherwise print once per
+        # distinct cell configuration in the middle of the suite's own output.
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             warnings.simplefilter("ignore")
             build_cli("fit", [*argv, "--print_config"], run=True)
-    except SystemExit as exit_:
+    except SystemExit as exit_:  # how jsonargparse ends both --print_config and a parse error
         code = exit_.code
     except Exception as error:  # noqa: BLE001 - what the parser refuses is the user's to fix
         cause = _user_cause(error)
         return str(cause) if cause is not None else f"{type(error).__name__}: {error}"
     if code in (0, None):
         return None
+    # jsonargparse prints the usage, then "error: ..." lines; keep those (the usage is long and
+    # the same for every cell), else the last line, else the exit code.
     lines = [line.strip() for line in err.getvalue().splitlines() if line.strip()]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
     return " ".join(errors) if errors else (lines[-1] if lines else f"the configuration was refused (exit {code}).")
 
 
 def _user_cause(error: BaseException) -> BaseException | None:
-    """The UserError behind ``error`` (itself or a cause), as the CLI reports it."""
+    """The UserError behind ``error`` (itself or a cause), as the CLI reports it.
+
+    A check's ConfigError may reach here wrapped by the parser or a library; the chain of
+    ``__cause__`` / ``__context__`` is followed (each exception once: a chain may loop) so
+    that the user sees the check's message rather than the wrapper's. None when there is
+    no UserError in the chain: the caller then reports the error's type and text.
+    """
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -76,10 +113,23 @@ def _user_cause(error: BaseException) -> BaseException | None:
 
 
 def check_output(folder: Path, create: bool) -> None:
-    """The output folder must be writable (created when ``create``)."""
+    """The output folder must be writable (created when ``create``).
+
+    Args:
+        folder: the suite's output folder.
+        create: create it (``suite run``, ``run-cell``) and prove it writable by writing a
+            file; otherwise (``--dry-run``) create nothing and check that the nearest existing
+            folder on its path lets a user create it.
+
+    Raises:
+        SuiteError: the folder cannot be created or written, with the options that change it.
+    """
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            # Writing a file is the real test: mkdir succeeds on an existing folder whatever its
+            # permissions, and os.access can be wrong on network file systems (Python's docs).
+            # The pid in the name keeps two concurrent commands from removing each other's probe.
             probe = folder / f".write-test-{os.getpid()}"
             probe.touch()
             probe.unlink()
@@ -87,6 +137,7 @@ def check_output(folder: Path, create: bool) -> None:
             raise SuiteError(f"Cannot write into the suite's output folder {folder}: {err}. "
                              "Pass --output DIR (or output: in the file) with a writable folder.") from None
         return
+    # The first existing folder on the path is where a run would create the rest.
     existing = folder
     while not existing.exists():
         existing = existing.parent
@@ -105,13 +156,16 @@ def run_lock(folder: Path) -> Iterator[None]:
     released when the process ends however it ends, so a killed run leaves nothing stale; the
     file names its holder for the message a second run gets.
     """
-    if fcntl is None:
+    if fcntl is None:  # no flock (Windows): run without the lock
         yield
         return
     path = folder / RUN_LOCK
+    # "a+" creates the file without truncating it: a run that is refused still reads the
+    # holder's line; the holder empties and rewrites it only once it has the lock.
     handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
     try:
         try:
+            # Non-blocking: a second run is refused at once instead of waiting for hours.
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
