@@ -51,7 +51,7 @@ from benchmark.app.checkpoints import (
 from benchmark.core import registry
 from benchmark.core.defaults import CONFIG_DIR, DEFAULT_DATA, DEFAULT_METHOD
 from benchmark.core.errors import CLIError, UserError
-from benchmark.core.io import remove_stale_temporaries
+from benchmark.core.io import make_writable_dir, remove_stale_temporaries
 from benchmark.core.results import (
     ROLE_FINAL,
     comparison_config,
@@ -497,10 +497,7 @@ class BenchmarkCLI(LightningCLI):
             created = not path.exists()
         # Writable now, before the model is built and the data read, rather than at the first checkpoint.
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
+            make_writable_dir(path)
         except OSError as err:
             raise CLIError(f"Cannot write into the run directory {path}: {err}. Pass --run_dir to a writable folder.") from err
         os.environ["DML_BENCHMARK_RUN_DIR"] = str(path)

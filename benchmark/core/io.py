@@ -83,6 +83,23 @@ def check_writable(path: str | os.PathLike[str], option: str) -> None:
         raise UserError(f"Cannot write {option} {target}: {err.strerror or err}. Pass a writable path.") from None
 
 
+def make_writable_dir(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` (and its parents) and prove it writable by creating and removing a probe file.
+
+    Checked before long work starts (a run folder, a suite's output): a read-only mount or a full disk
+    fails here, not at the first checkpoint. Raises the OSError; the caller words it for its option.
+    Writing a file is the real test: mkdir succeeds on an existing folder whatever its permissions,
+    and os.access can be wrong on network file systems. The pid in the probe's name keeps two
+    concurrent commands from removing each other's probe.
+    """
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
+    return path
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files :func:`atomic_path` left in ``folder`` when its writer was killed
     (``.<name>.<pid>.<id>.tmp`` whose process no longer runs on this machine); returns them.

@@ -23,10 +23,7 @@ from benchmark.app.suites.commands import (
 from benchmark.app.suites.launchers import run_submitit
 from benchmark.app.suites.reading import _parse_args
 from benchmark.app.suites.spec import (
-    EXIT_OK,
-    USAGE,
     SuiteError,
-    _closest,
     _minutes,
     _Problems,
     load_suite,
@@ -43,23 +40,12 @@ def main(argv: list[str]) -> int:
     Returns:
         The command's exit code (docs/leaderboard.md, Suites); 0 for ``--help``.
     """
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return EXIT_OK
-    command, rest = argv[0], argv[1:]
     # The reading commands too: `python -m benchmark` sends them to reading.main before the heavy
     # imports, but cli.main(["suite", "status", ...]) arrives here.
     commands: dict[str, Callable[[list[str]], int]] = {
         "run": _cmd_run, "run-cell": _cmd_run_cell, "export-sweep": _cmd_export, **reading.COMMANDS,
     }
-    if command not in commands:
-        raise SuiteError(f"Unknown suite command {command!r}.{_closest(command, commands)} "
-                         f"Choose one of: {', '.join(commands)}.")
-    try:
-        return commands[command](rest)
-    except SystemExit as exit_:  # --help of a suite command
-        # argparse exits after printing --help (its errors are SuiteErrors: reading._ArgumentParser).
-        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    return reading.dispatch(argv, commands)
 
 
 def _cmd_run(argv: list[str]) -> int:

@@ -29,6 +29,9 @@ from benchmark.app.suites.state import STARTS, cell_state, plan_cell, queued_on_
 from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT
 from benchmark.core.io import atomic_write_text
 
+#: submitit's local executor's time limit for a cell without ``resources.time``: a year, i.e. none.
+LOCAL_NO_LIMIT_MIN = 365 * 24 * 60
+
 
 # ---------------------------------------------------------------------------- submitit launchers
 class CellJob(submitit.helpers.Checkpointable):
@@ -151,6 +154,10 @@ def _executor(suite: Suite, launcher: str, resources: Resources, folder: Path):
     params: dict[str, Any] = {"name": f"suite-{suite.name}", "nodes": resources.num_nodes or 1}
     if resources.time:
         params["timeout_min"] = int(max(1, round(resources.time)))  # submitit takes whole minutes
+    elif launcher == "local":
+        # No limit asked for: submitit's local executor would otherwise stop (and requeue, then fail) a
+        # job after its default of a few minutes; a cell without resources.time runs until it ends.
+        params["timeout_min"] = LOCAL_NO_LIMIT_MIN
     if resources.cpus_per_task:
         params["cpus_per_task"] = resources.cpus_per_task
     if resources.mem_gb:

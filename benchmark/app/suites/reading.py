@@ -168,14 +168,31 @@ def main(argv: list[str]) -> int:
         SuiteError: an unknown command (with the closest reading one) or any user error of
             the command.
     """
+    return dispatch(argv, COMMANDS)
+
+
+def dispatch(argv: list[str], commands: dict[str, Callable[[list[str]], int]]) -> int:
+    """Run ``argv[0]`` of ``commands`` with the rest of ``argv``: the one dispatch of every suite command.
+
+    Args:
+        argv: the command's name, then its arguments; empty or ``--help`` prints the usage.
+        commands: the commands this entry point serves, by name.
+
+    Returns:
+        The command's exit code; 0 after ``--help``.
+
+    Raises:
+        SuiteError: an unknown command (naming the closest one) or any user error of the command.
+    """
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return EXIT_OK
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        raise SuiteError(f"Unknown reading suite command {command!r}.{_closest(command, COMMANDS)} "
-                         f"Choose one of: {', '.join(COMMANDS)}.")
+    if command not in commands:
+        raise SuiteError(f"Unknown suite command {command!r}.{_closest(command, commands)} "
+                         f"Choose one of: {', '.join(commands)}.")
     try:
-        return COMMANDS[command](rest)
-    except SystemExit as exit_:  # --help of a suite command
+        return commands[command](rest)
+    except SystemExit as exit_:
+        # argparse exits after printing --help (its errors are SuiteErrors: _ArgumentParser).
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK

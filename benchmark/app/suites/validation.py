@@ -25,6 +25,7 @@ from typing import Any
 from benchmark.app.builder import build_cli
 from benchmark.app.suites.spec import RUN_LOCK, Cell, Suite, SuiteError, _Problems, fcntl
 from benchmark.core.errors import UserError
+from benchmark.core.io import make_writable_dir
 
 
 # ---------------------------------------------------------------------------- validation
@@ -126,13 +127,7 @@ def check_output(folder: Path, create: bool) -> None:
     """
     if create:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            # Writing a file is the real test: mkdir succeeds on an existing folder whatever its
-            # permissions, and os.access can be wrong on network file systems (Python's docs).
-            # The pid in the name keeps two concurrent commands from removing each other's probe.
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
+            make_writable_dir(folder)
         except OSError as err:
             raise SuiteError(f"Cannot write into the suite's output folder {folder}: {err}. "
                              "Pass --output DIR (or output: in the file) with a writable folder.") from None
