@@ -20,14 +20,10 @@ from benchmark.app.suites.commands import (
     run_one,
     run_serial,
 )
+from benchmark.app.suites.fields import SuiteError, _minutes, _Problems
 from benchmark.app.suites.launchers import run_submitit
 from benchmark.app.suites.reading import _parse_args
-from benchmark.app.suites.spec import (
-    SuiteError,
-    _minutes,
-    _Problems,
-    load_suite,
-)
+from benchmark.app.suites.spec import load_suite
 from benchmark.app.suites.state import cell_state, plan_cell, refuse_changed
 from benchmark.app.suites.sweep import export_sweep
 from benchmark.app.suites.validation import check_output, run_lock, validate_cells

@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 
+from benchmark.app.suites.fields import SuiteError, _Problems
 from benchmark.app.suites.runner import (
     CellRun,
     Progress,
@@ -32,10 +33,8 @@ from benchmark.app.suites.spec import (
     RECORD,
     Cell,
     Suite,
-    SuiteError,
     _duration,
     _plural,
-    _Problems,
     matches,
     parse_selector,
 )

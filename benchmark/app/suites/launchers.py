@@ -23,8 +23,9 @@ from typing import Any
 import submitit
 import torch
 
+from benchmark.app.suites.fields import Resources
 from benchmark.app.suites.runner import CellRun, _Signals, _summary
-from benchmark.app.suites.spec import EXIT_OK, LOG, Cell, Resources, Suite, _duration, _plural
+from benchmark.app.suites.spec import EXIT_OK, LOG, Cell, Suite, _duration, _plural
 from benchmark.app.suites.state import STARTS, cell_state, plan_cell, queued_on_slurm, submitted_jobs
 from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT
 from benchmark.core.io import atomic_write_text

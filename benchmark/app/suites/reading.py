@@ -14,7 +14,8 @@ from pathlib import Path
 
 from benchmark.app import paper_tables
 from benchmark.app.suites.commands import WAIT_NEEDS_MINUTES, _selected, show_status
-from benchmark.app.suites.spec import EXIT_OK, USAGE, Cell, SuiteError, _closest, load_suite, shipped_suites
+from benchmark.app.suites.fields import SuiteError, _closest
+from benchmark.app.suites.spec import EXIT_OK, USAGE, Cell, load_suite, shipped_suites
 from benchmark.core.defaults import recipe_dir
 from benchmark.core.errors import UserError
 from benchmark.core.io import console as make_console

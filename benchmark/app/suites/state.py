@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmark.app.suites.spec import RECORD, Cell, Suite, SuiteError, _plural
+from benchmark.app.suites.fields import SuiteError
+from benchmark.app.suites.spec import RECORD, Cell, Suite, _plural
 from benchmark.core.errors import EXIT_SIGINT, EXIT_SIGTERM
 from benchmark.core.results import RecordError, final_evaluation, read_record, run_state
 

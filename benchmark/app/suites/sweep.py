@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from benchmark.app.suites.spec import EXIT_OK, Cell, Suite, SuiteError
+from benchmark.app.suites.fields import SuiteError
+from benchmark.app.suites.spec import EXIT_OK, Cell, Suite
 from benchmark.app.suites.state import cell_state
 from benchmark.core import registry
 from benchmark.core.io import atomic_write_text

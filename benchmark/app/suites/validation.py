@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.app.builder import build_cli
-from benchmark.app.suites.spec import RUN_LOCK, Cell, Suite, SuiteError, _Problems, fcntl
+from benchmark.app.suites.fields import SuiteError, _Problems
+from benchmark.app.suites.spec import RUN_LOCK, Cell, Suite, fcntl
 from benchmark.core.errors import UserError
 from benchmark.core.io import make_writable_dir
 
