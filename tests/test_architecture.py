@@ -237,3 +237,11 @@ def test_no_cycle_is_dodged_by_importing_by_name() -> None:
                     and node.value not in packages and node.value != module and layer(node.value) > layer(module):  # fmt: skip
                 offenders.append(f"{module} names the higher-layer module {node.value!r}")
     assert offenders == []
+
+
+MAX_LINES = 800  # issue #27: a module a reader can hold in mind; split along a seam beyond this
+
+
+def test_no_module_is_longer_than_800_lines() -> None:
+    long = {m: n for m, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"modules over {MAX_LINES} lines: {long}"
