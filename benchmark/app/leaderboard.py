@@ -291,6 +291,8 @@ class Group:
     settings: dict[str, Any]  # what the runs agree on (settings(): the comparison key, steps, row fields)
     runs: list[RunRecord]
     differs: dict[str, Any] = field(default_factory=dict)  # fields that set it apart from its siblings
+    # The same fields by their full comparison-config keys (model.lr), as runs log them (config.model.lr).
+    differs_keys: list[str] = field(default_factory=list)
 
     def values(self, metric: str, select: str) -> list[tuple[Any, float]]:
         """(seed, value) per run that has the metric.
@@ -408,6 +410,7 @@ def group_runs(records: Iterable[RunRecord]) -> list[Group]:
         varying = sorted(k for k in keys if len({repr(c.get(k)) for c in configs}) > 1)
         for g, config in zip(family, configs):
             g.differs = {_short_name(k): config.get(k) for k in varying if k not in ROW_FIELDS}
+            g.differs_keys = [k for k in varying if k not in ROW_FIELDS]
     return result
 
 
@@ -468,6 +471,7 @@ def table_rows(groups: Sequence[Group], metrics: Sequence[str], select: str, ran
     for g in groups:
         row: dict[str, Any] = {k: g.settings.get(k) for k in ROW_FIELDS}
         row["differs"] = ", ".join(f"{k}={v}" for k, v in g.differs.items())
+        row["differs_keys"] = list(g.differs_keys)
         row["label"] = g.label
         row["n_seeds"] = len(g.seeds)
         row["runs"] = len(g.runs)

@@ -61,17 +61,16 @@ def runset_filter(dataset: str, suite: str | None = None) -> str:
 
 
 def _varying_options(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The comparison-config keys that differ between the dataset's rows (from their ``differs``).
+    """The comparison-config keys that differ between the dataset's rows, in full (``model.lr``).
 
-    The names are those the ``differs`` column shows (``lr=0.001, steps_trained=2``): the leaderboard
-    writes a ``model.`` / ``data.`` option without its section, other keys in full. Returned in
-    first-seen order, each once.
+    From the rows' ``differs_keys``: the ``differs`` column shortens ``model.lr`` to ``lr`` for
+    reading, which is not the key a run logs (``config.model.lr``), so a chart column built from it
+    would plot nothing. Returned in first-seen order, each once.
     """
     keys: list[str] = []
     for row in rows:
-        for part in str(row.get("differs") or "").split(", "):
-            name = part.split("=", 1)[0]
-            if name and name not in keys:
+        for name in row.get("differs_keys") or ():
+            if name not in keys:
                 keys.append(name)
     return keys
 

@@ -106,6 +106,13 @@ def test_runs_that_differ_in_any_option_are_separate_rows_naming_it(runs: Path, 
         assert float(row["R@1_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-4)
     groups = [g for g in group_runs(local_runs(tmp_path))]
     assert all("image_size" not in g.differs for g in groups)  # a row column is not repeated in "differs"
+    # The W&B report charts these options by the keys runs log (config.model.lr), not the short names.
+    import benchmark.app.wandb_report as report_module
+    from benchmark.app.leaderboard import table_rows
+
+    assert report_module._varying_options(table_rows(groups, ["R@1"], "final", "R@1", [])) == ["model.beta", "model.lr"]
+    logged = json.loads((tmp_path / "ms-beta-s0" / "metrics_test.json").read_text())
+    assert {"model.beta", "model.lr"} <= set(logged["config"])  # logged to W&B as config.<key>
 
 
 @pytest.mark.filterwarnings("ignore")
