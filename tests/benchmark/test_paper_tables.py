@@ -17,6 +17,7 @@ from benchmark.app.cli import main
 from benchmark.app.suites.reading import cell_recipe
 from benchmark.app.suites.spec import load_suite, shipped_suites
 from benchmark.core import papers
+from benchmark.core.defaults import recipe_dir
 from benchmark.core.papers import STATISTICS, known_papers, paper_numbers
 from tests.benchmark.test_suites import tiny_suite
 from tests.datamodules import fixtures
@@ -109,3 +110,11 @@ def test_paper_table_puts_our_numbers_beside_the_papers_with_its_statistic(
     assert main(["suite", "run", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "toy has no row 'Oursss' in 'Table 1'" in err and "Rows of Table 1: Larger; Ours" in err
+
+
+def test_a_cell_with_recipe_auto_reads_the_shipped_recipe(tmp_path: Path) -> None:
+    """``recipe: auto`` is what ``fit`` does by default: the paper table reads the same recipe (it read none)."""
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text("name: s\nargs:\n  recipe: auto\ngrid:\n  methods: [ms]\n  datasets: [cub]\n")
+    cell = load_suite(suite_file, tmp_path / "out").cells[0]
+    assert cell_recipe(cell) == recipe_dir() / "ms" / "cub.yaml" and cell_recipe(cell).is_file()

@@ -95,6 +95,8 @@ def cell_recipe(cell: Cell) -> Path | None:
     given = cell.options.get("recipe") or cell.options.get("config")
     if given == "none":
         return None
+    if given == "auto":  # what `fit --recipe auto` means: the shipped recipe of the method and dataset
+        given = None
     path = Path(str(given)) if given else recipe_dir() / cell.method / f"{cell.dataset}.yaml"
     return path if path.is_file() else None
 
