@@ -48,7 +48,14 @@ from typing import Any
 
 from benchmark.app import wandb_report
 from benchmark.app.leaderboard_figures import write_figures
-from benchmark.app.leaderboard_tables import csv_columns, render_console, to_csv, to_html, to_markdown
+from benchmark.app.leaderboard_tables import (
+    ROW_FIELDS,
+    csv_columns,
+    render_console,
+    to_csv,
+    to_html,
+    to_markdown,
+)
 from benchmark.core.errors import UserError
 from benchmark.core.io import atomic_write_text, check_writable
 from benchmark.core.io import console as make_console
@@ -75,8 +82,6 @@ PER_RUN = {"seed", "data_seed", "checkpoint", "versions", "stage", "split", "eva
            "recall_ks", "nmi", "weights", "run", "selection_metric", "num_train_images", "num_test_images",
            "num_train_classes", "sampler"}
 PER_RUN_PREFIXES = ("version.", "hparams/", "best/", "test/", "val/", "train/", "time/", "_")
-# Shown in every row (in this order); every other comparability field is shown only where it differs.
-ROW_FIELDS = ("dataset", "protocol", "method", "backbone", "embedding_dim", "image_size")
 #: Shown after the ranking metric when ``--metrics`` is not given (a metric a run lacks stays empty).
 DEFAULT_METRICS = ("R@1", "MAP@R", "R-Precision", "NMI")
 

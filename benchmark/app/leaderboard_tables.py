@@ -20,18 +20,8 @@ from benchmark.core.results import (
     OPTIMISTIC,
 )
 
-#: The rules for the number a run contributes (``--select``); see the module docstring.
-SELECTIONS = ("final", "test-best")
-# Recorded per run but not a setting: a seed sweep differs only in these. Used only to group runs
-# recorded before the comparison key existed (settings()); newer runs are grouped by the key.
-PER_RUN = {"seed", "data_seed", "checkpoint", "versions", "stage", "split", "evaluations", "metrics", "refined",
-           "recall_ks", "nmi", "weights", "run", "selection_metric", "num_train_images", "num_test_images",
-           "num_train_classes", "sampler"}
-PER_RUN_PREFIXES = ("version.", "hparams/", "best/", "test/", "val/", "train/", "time/", "_")
 # Shown in every row (in this order); every other comparability field is shown only where it differs.
 ROW_FIELDS = ("dataset", "protocol", "method", "backbone", "embedding_dim", "image_size")
-#: Shown after the ranking metric when ``--metrics`` is not given (a metric a run lacks stays empty).
-DEFAULT_METRICS = ("R@1", "MAP@R", "R-Precision", "NMI")
 
 
 def _fmt(mean: float | None, std: float | None) -> str:

@@ -22,10 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmark.app.builder import build_cli
+from benchmark.app.builder import build_cli, user_error
 from benchmark.app.suites.fields import SuiteError, _Problems
 from benchmark.app.suites.spec import RUN_LOCK, Cell, Suite, fcntl
-from benchmark.core.errors import UserError
 from benchmark.core.io import make_writable_dir
 
 
@@ -85,7 +84,7 @@ def _parse_error(argv: list[str]) -> str | None:
     except SystemExit as exit_:  # how jsonargparse ends both --print_config and a parse error
         code = exit_.code
     except Exception as error:  # noqa: BLE001 - what the parser refuses is the user's to fix
-        cause = _user_cause(error)
+        cause = user_error(error)
         return str(cause) if cause is not None else f"{type(error).__name__}: {error}"
     if code in (0, None):
         return None
@@ -94,24 +93,6 @@ def _parse_error(argv: list[str]) -> str | None:
     lines = [line.strip() for line in err.getvalue().splitlines() if line.strip()]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
     return " ".join(errors) if errors else (lines[-1] if lines else f"the configuration was refused (exit {code}).")
-
-
-def _user_cause(error: BaseException) -> BaseException | None:
-    """The UserError behind ``error`` (itself or a cause), as the CLI reports it.
-
-    A check's ConfigError may reach here wrapped by the parser or a library; the chain of
-    ``__cause__`` / ``__context__`` is followed (each exception once: a chain may loop) so
-    that the user sees the check's message rather than the wrapper's. None when there is
-    no UserError in the chain: the caller then reports the error's type and text.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, UserError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def check_output(folder: Path, create: bool) -> None:
