@@ -9,6 +9,7 @@ of whose time is the interpreter's imports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,9 +24,8 @@ import pytest
 import yaml
 
 from benchmark.app.cli import main
-from benchmark.app.suites.runner import CellRun
 from benchmark.app.suites.spec import LOG, RECORD, RUN_LOCK, Cell, Suite, load_suite, shipped_suites
-from benchmark.app.suites.state import CellState, Plan, argv_changes, cell_state, plan_cell
+from benchmark.app.suites.state import argv_changes, cell_state, plan_cell
 from benchmark.app.suites.validation import run_lock, validate_cells
 from benchmark.core.results import flatten_config
 from tests.datamodules import fixtures
@@ -442,6 +442,41 @@ def test_ctrl_c_stops_the_running_cell_resumably_and_exits_130(
     assert plan.action == "resume" and plan.ckpt == run / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow  # a real `suite run` process and its job's fit, interrupted: about 40 s on 2 cores
+@pytest.mark.parametrize("launcher", ["serial", "local"])
+def test_a_terminal_ctrl_c_reaches_the_fit_once_so_it_saves_instead_of_aborting(
+    cub_root: Path, tmp_path: Path, launcher: str
+) -> None:
+    """A terminal sends Ctrl-C to its whole foreground process group. The suite's jobs must not
+    get it from there as well as from the suite's relay: a fit given SIGINT twice aborts
+    without saving. Here `suite run` is its own process group, and the group gets the SIGINT."""
+    out = tmp_path / "out"
+    path = tiny_suite(tmp_path / "long.yaml", cub_root, out, batches=2000)
+    run = out / CELLS[0]
+    suite_run = subprocess.Popen(  # noqa: S603 - our own interpreter
+        [sys.executable, "-m", "benchmark", "suite", "run", str(path), "--launcher", launcher, "--max-parallel", "1"]
+        if launcher == "local" else [sys.executable, "-m", "benchmark", "suite", "run", str(path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics_val.json").is_file() and time.monotonic() < deadline and suite_run.poll() is None:
+            time.sleep(0.2)  # the pre-training evaluation is written: training comes next
+        time.sleep(1.0)
+        with contextlib.suppress(ProcessLookupError):  # a suite that already ended fails below
+            os.killpg(suite_run.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        output, _ = suite_run.communicate(timeout=240)
+    finally:
+        if suite_run.poll() is None:
+            os.killpg(suite_run.pid, signal.SIGKILL)
+    assert suite_run.returncode == 130, output[-3000:]
+    status = _status(run)
+    assert status["status"] == "interrupted" and status["exit_code"] == 130, status
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert _record(run)["attempts"][-1]["exit_code"] == 130
+    assert not (out / CELLS[1]).exists()  # no further cell started
+
+
 def test_the_slurm_launcher_submits_one_job_array_per_stage_with_the_suites_resources(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -491,26 +526,28 @@ slurm: {{partition: gpu, account: acc, array_parallelism: 8, setup: ["source .ve
     assert len(list(scripts.iterdir())) == 3  # only ms-cub-resnet50-seed0 again
 
 
-@pytest.mark.slow  # a real fit subprocess run past its time limit
-def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(tmp_path: Path) -> None:
-    """resources.time: the serial runner sends SIGTERM to the fit's process group (here a stand-in process)."""
-    path = tmp_path / "s.yaml"
-    path.write_text(f"output: {tmp_path / 'out'}\ngrid: {{{MS}}}\nresources: {{time: 1m}}\n")
+@pytest.mark.slow  # a real fit run past its time limit: about 40 s on 2 cores
+def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(
+    cub_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """resources.time through the real `suite run`: the cell's job sends its fit SIGTERM once the
+    limit has passed; the fit saves last.ckpt, the cell ends interrupted with the limit as its
+    reason, and the next run resumes it."""
+    out = tmp_path / "out"
+    path = tiny_suite(tmp_path / "long.yaml", cub_root, out, batches=2000, seeds="[0]", extra="resources: {time: 25s}\n")
+    code = main(["suite", "run", str(path)])
+    output = capsys.readouterr().out
+    assert code == 1, output[-3000:]
+    run = out / CELLS[0]
+    status, attempt = _status(run), _record(run)["attempts"][-1]
+    assert status["status"] == "interrupted" and status["exit_code"] == 143
+    assert attempt["exit_code"] == 143 and attempt["reason"] == "time limit (0:25) reached"
+    assert 25 <= attempt["seconds"] < 120
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "1 interrupted" in output
     suite = load_suite(path)
-    cell = suite.cells[0]
-    run = CellRun(suite, cell, Plan("run", CellState("pending")))
-    run.proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    try:
-        run.started = time.monotonic() - 30
-        run.check_time_limit()
-        assert run.proc.poll() is None and not run.signals  # 30 s < 1 min
-        run.started = time.monotonic() - 61
-        run.check_time_limit()
-        assert run.proc.wait(timeout=10) == -signal.SIGTERM
-        assert run.signals == [signal.SIGTERM] and run.reason == "time limit (1:00) reached"
-    finally:
-        if run.proc.poll() is None:
-            run.proc.kill()
+    plan = plan_cell(suite, suite.cells[0], retry_failed=False)
+    assert plan.action == "resume" and plan.ckpt == run / "checkpoints" / "last.ckpt"
 
 
 # ---------------------------------------------------------------------------- changed options

@@ -18,10 +18,9 @@ from benchmark.app.suites.commands import (
     _selected,
     dry_run,
     run_one,
-    run_serial,
 )
 from benchmark.app.suites.fields import SuiteError, _minutes, _Problems
-from benchmark.app.suites.launchers import run_submitit
+from benchmark.app.suites.launchers import default_parallel, run_here, run_slurm
 from benchmark.app.suites.reading import _parse_args
 from benchmark.app.suites.spec import load_suite
 from benchmark.app.suites.state import cell_state, plan_cell, refuse_changed
@@ -80,10 +79,12 @@ def _cmd_run(argv: list[str]) -> int:
         # ones), because a selected cell's plan depends on the states of the cells it needs.
         states = {c.id: cell_state(suite, c) for c in suite.cells}
         refuse_changed(suite, {c.id: plan_cell(suite, c, args.retry_failed, states, args.restart_changed) for c in cells})
-        if args.launcher == "serial":
-            return run_serial(suite, cells, args.retry_failed, restart_changed=args.restart_changed)
-        return run_submitit(suite, cells, args.retry_failed, args.launcher, args.wait, args.max_parallel,
-                            restart_changed=args.restart_changed)
+        if args.launcher == "slurm":
+            return run_slurm(suite, cells, args.retry_failed, args.wait, restart_changed=args.restart_changed)
+        # serial and local are one path: submitit jobs on this machine, one at a time or several.
+        parallel = 1 if args.launcher == "serial" else args.max_parallel or default_parallel(cells)
+        return run_here(suite, cells, args.retry_failed, parallel, restart_changed=args.restart_changed,
+                        launcher=args.launcher)
 
 
 def _cmd_run_cell(argv: list[str]) -> int:

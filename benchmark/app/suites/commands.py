@@ -1,8 +1,8 @@
-"""The serial runner and the views: ``suite run`` (serial), ``run-cell``, ``--dry-run``, ``status``.
+"""The commands that take one cell or only read: ``run-cell``, ``--dry-run``, ``status``.
 
 Each function here takes a loaded, validated suite and the selected cells, reads every cell's
 state from disk (:mod:`.state`), decides per cell what to do (:func:`.state.plan_cell`) and
-either shows it (``--dry-run``, ``status``) or runs the fits one at a time (:mod:`.runner`). The
+either shows it (``--dry-run``, ``status``) or runs its one cell (``run-cell``, :mod:`.runner`). The
 exit codes follow ``fit``'s: 0 when every selected cell is completed, 1 when one is not, 130 /
 143 when a signal stopped the run. ``run-cell``, the unit a W&B agent or a submitit job runs,
 also waits for the cells it needs (:func:`wait_for_needs`).
@@ -12,21 +12,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import signal
 import socket
 import sys
 import time
 
 from benchmark.app.suites.fields import SuiteError, _Problems
-from benchmark.app.suites.runner import (
-    CellRun,
-    Progress,
-    _counts,
-    _Signals,
-    _summary,
-    changed_lines,
-    status_table,
-)
+from benchmark.app.suites.runner import CellRun, log_tail, run_attempt
 from benchmark.app.suites.spec import (
     EXIT_OK,
     LOG,
@@ -49,6 +40,7 @@ from benchmark.app.suites.state import (
     refuse_changed,
     submitted_jobs,
 )
+from benchmark.app.suites.views import _counts, changed_lines, status_table
 from benchmark.core.defaults import recipe_dir
 from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT
 from benchmark.core.io import atomic_write_text
@@ -72,80 +64,6 @@ def _selected(suite: Suite, only: list[str]) -> list[Cell]:
     if not chosen:
         raise SuiteError(f"--only {' '.join(only)} matches no cell of {suite.path}. `suite status` lists them.")
     return chosen
-
-
-def run_serial(suite: Suite, cells: list[Cell], retry_failed: bool, live: bool | None = None,
-               restart_changed: bool = False) -> int:
-    """Run the cells one after another, each a fit subprocess; the exit code of the suite.
-
-    Completed cells are skipped; failed ones are only reported unless ``retry_failed``; cells
-    that need another cell run after it, in the suite's (dependency) order. A SIGINT / SIGTERM
-    stops the running fit cleanly (it saves ``last.ckpt``) and starts no further cell.
-
-    Args:
-        suite: the loaded suite.
-        cells: the selected cells (``--only``), in the suite's order.
-        retry_failed: ``--retry-failed``.
-        live: force the live progress view on or off (default: on a terminal).
-        restart_changed: ``--restart-changed``.
-
-    Returns:
-        0 when every selected cell is completed afterwards, 1 otherwise, 130 / 143 when a
-        signal stopped the run.
-    """
-    # Planned once up front for the opening line and the summary; each cell is planned again
-    # right before it starts, when the cells it needs may have finished.
-    states = {c.id: cell_state(suite, c) for c in suite.cells}
-    plans = {c.id: plan_cell(suite, c, retry_failed, states, restart_changed) for c in cells}
-    # Blocked cells are attempted too: the cells they need may complete earlier in this run.
-    todo = [c for c in cells if plans[c.id].action in (*STARTS, "blocked")]
-    skipped = [c for c in cells if plans[c.id].action == "skip"]
-    reported = [c for c in cells if plans[c.id].action in ("report", "wait", "refuse")]
-    # One line up front: what this run will do, before the first fit's output starts.
-    print(f"[suite] {suite.name}: {_plural(len(cells), 'cell')} in {suite.output}: {len(skipped)} completed (skipped), "
-          f"{len(todo)} to run, {len(reported)} failed or running elsewhere (not started)", flush=True)
-    progress = Progress(suite, len(todo), live=live)
-    with _Signals() as signals:
-        try:
-            for cell in todo:
-                if signals.received is not None:  # stopped: no further cell starts
-                    break
-                plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)  # needs may have finished
-                plans[cell.id] = plan
-                if plan.action not in STARTS:  # e.g. a cell it needs failed earlier in this run
-                    states[cell.id] = plan.state
-                    progress.not_started(cell, plan.note)
-                    continue
-                run = CellRun(suite, cell, plan)
-                run.start()
-                signals.running.append(run)
-                # A signal that came while the fit was being started found no running fit to
-                # forward to: send it now, or the fit would run to its end.
-                if signals.received is not None:  # the signal came while the fit was starting
-                    run.send(signals.received, "stopped by " + signal.Signals(signals.received).name)
-                progress.started(run)
-                # Polled, not waited on: the time limit, the view and the signal handler must
-                # run while the fit does.
-                while run.poll() is None:
-                    run.check_time_limit()
-                    progress.refresh()
-                    time.sleep(0.25)
-                code = run.finish()
-                signals.running.remove(run)
-                states[cell.id] = cell_state(suite, cell)
-                # The suite knows why it stopped the fit (Ctrl-C, the time limit): a better
-                # note than the fit's generic one.
-                if run.reason and states[cell.id].state == "interrupted":
-                    states[cell.id].reason = run.reason
-                progress.finished(run, code, states[cell.id])
-        finally:
-            progress.close()
-    _summary(suite, cells, states, plans)
-    if signals.exit_code is not None:  # stopped: 130 / 143 whatever the cells' states
-        return signals.exit_code
-    return EXIT_OK if all(states[c.id].state == "completed" for c in cells) else EXIT_FAILED
-
-
 
 
 WAIT_NEEDS_MINUTES = 24 * 60  # run-cell: how long a cell waits for the cells it needs (--wait-needs)
@@ -238,7 +156,7 @@ def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False, r
     :func:`wait_for_needs` for a cell whose needs have not completed).
 
     A completed cell is skipped (0); a failed one not retried, or one running elsewhere, is
-    not started (1); an interrupted one resumes from ``last.ckpt``. Unlike :func:`run_serial`
+    not started (1); an interrupted one resumes from ``last.ckpt``. Unlike ``suite run`` (:func:`.launchers.run_here`)
     it shows no live view, and ``run-cell`` takes no lock: several agents run cells of one
     folder at once, and their output goes to logs.
 
@@ -268,23 +186,18 @@ def run_one(suite: Suite, cell: Cell, retry_failed: bool, quiet: bool = False, r
         print(f"[suite] {cell.id}: not started: {plan.note}"
               + (" (--retry-failed starts it again)" if plan.action == "report" else ""), file=sys.stderr, flush=True)
         return EXIT_FAILED
-    with _Signals() as signals:
-        run = CellRun(suite, cell, plan)
-        run.start()
-        signals.running.append(run)
-        if signals.received is not None:
-            run.send(signals.received, "stopped by " + signal.Signals(signals.received).name)
-        if not quiet:
-            print(f"[suite] {cell.id}: {plan.action}; log {run.run_dir / LOG}\n$ {shlex.join(run.command)}", flush=True)
-        while run.poll() is None:
-            run.check_time_limit()
-            time.sleep(0.25)
-        code = run.finish()
+    run = CellRun(suite, cell, plan)
+    if not quiet:
+        print(f"[suite] {cell.id}: {plan.action}; log {run.run_dir / LOG}\n$ {shlex.join(fit_command(suite, cell, plan))}",
+              flush=True)
+    # This process is the cell's job (a W&B agent's, or one a user starts): it relays a signal it
+    # gets to the fit, which stops after its step and saves last.ckpt.
+    code = run_attempt(run)
     state = cell_state(suite, cell)
     print(f"[suite] {cell.id}: {state.state} (exit {code}) after {_duration(run.elapsed)}"
           + (f", test R@1 {state.r_at_1}" if state.r_at_1 else ""), flush=True)
     if state.state == "failed":
-        for line in run.log_tail(12):
+        for line in log_tail(run.run_dir, 12):
             print(f"    | {line}", file=sys.stderr, flush=True)
     return code
 

@@ -1,18 +1,26 @@
-"""The submitit launchers: the cells as jobs on this machine or SLURM job arrays (one per stage).
+"""The one launcher path: every cell runs as a submitit job, on this machine or as SLURM job arrays.
 
-The suite does not schedule jobs itself: submitit does, on this machine (``LocalExecutor``,
-real subprocesses) or on a SLURM cluster (``sbatch`` job arrays). What runs inside every job
-is :class:`CellJob`, which applies the suite's rules to its one cell (skip completed, resume
-interrupted, refuse what cannot start) and runs the cell's ``fit`` as a subprocess, as the
-serial runner does. Stages follow the cells' dependencies: under SLURM a later stage's arrays
-wait for the earlier ones (``afterok``); locally a stage starts when the previous one ended.
-Job logs and ``jobs.json`` (cell -> job id) go to ``<output>/.submitit/``.
+The suite does not start or supervise processes itself: submitit does, on this machine
+(``LocalExecutor``: ``suite run`` one job at a time, ``--launcher local`` several at once) or
+on a SLURM cluster (``sbatch`` job arrays, one per stage and resource set). What runs inside
+every job is :class:`CellJob`, which applies the suite's rules to its one cell (skip
+completed, resume interrupted, refuse what cannot start) and runs the cell's attempt
+(:func:`.runner.run_attempt`). Stages follow the cells' dependencies: under SLURM a later
+stage's arrays wait for the earlier ones (``afterok``); here a cell is planned again right
+before its job starts, once the cells it needs have ended. Job logs and ``jobs.json`` (cell ->
+job id) go to ``<output>/.submitit/``.
+
+Signals on this machine: the jobs do not share the terminal with the suite (their controller
+ignores SIGINT, the job leaves the terminal's process group), so a Ctrl-C reaches the suite
+alone, which starts no further job and relays the signal once to each running job
+(:func:`relay`), whose fit then stops after its step and saves ``last.ckpt``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,19 +32,22 @@ import submitit
 import torch
 
 from benchmark.app.suites.fields import Resources
-from benchmark.app.suites.runner import CellRun, _Signals, _summary
+from benchmark.app.suites.runner import CellRun, SignalHandlers, job_attempt, run_attempt
 from benchmark.app.suites.spec import EXIT_OK, LOG, Cell, Suite, _duration, _plural
 from benchmark.app.suites.state import STARTS, cell_state, plan_cell, queued_on_slurm, submitted_jobs
-from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT
+from benchmark.app.suites.views import Progress, Watched, _summary
+from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM
 from benchmark.core.io import atomic_write_text
 
-#: submitit's local executor's time limit for a cell without ``resources.time``: a year, i.e. none.
+#: submitit's local executor's time limit: a year, i.e. none. Its own limit would stop the job
+#: with its checkpoint signal and requeue it on this machine; ``resources.time`` is enforced by
+#: the job instead (:meth:`.runner.CellRun.wait`), which ends the cell interrupted, resumable.
 LOCAL_NO_LIMIT_MIN = 365 * 24 * 60
 
 
-# ---------------------------------------------------------------------------- submitit launchers
+# ---------------------------------------------------------------------------- the job
 class CellJob(submitit.helpers.Checkpointable):
-    """A submitit job running one cell (with the rules of ``run_one``: skip, resume, refuse).
+    """A submitit job running one cell (with the suite's rules: skip, resume, refuse).
 
     On SLURM's time limit or a preemption submitit calls :meth:`checkpoint`: the fit gets
     SIGTERM, saves ``last.ckpt`` and exits, and the job is requeued; the requeued job resumes
@@ -48,8 +59,8 @@ class CellJob(submitit.helpers.Checkpointable):
     one, so a requeued job carries no state of the attempt it replaces.
 
     Args:
-        enforce_time: SIGTERM the fit after ``resources.time`` (the local launcher); under
-            SLURM the scheduler's time limit and submitit's warning signal do it instead.
+        enforce_time: SIGTERM the fit after ``resources.time`` (this machine); under SLURM the
+            scheduler's time limit and submitit's warning signal do it instead.
         restart_changed: ``--restart-changed`` of the ``suite run`` that submitted the job.
     """
 
@@ -81,25 +92,31 @@ class CellJob(submitit.helpers.Checkpointable):
             return {"cell": cell_id, "state": "completed", "exit_code": 0, "skipped": True}
         if plan.action not in STARTS:
             raise RuntimeError(f"{cell_id}: not started: {plan.note}")
-        self.run = CellRun(suite, cell, plan)
-        self.run.start()
-        # Hand the other tasks the exact command (with --ckpt_path when it resumes), so every
-        # rank runs the same fit; Lightning joins them into one DDP run from SLURM's environment.
-        if env.num_tasks > 1:
-            atomic_write_text(self.run.run_dir / f".launch-{env.job_id}.json", json.dumps({"command": self.run.command}))
-        with _Signals() as signals:
-            signals.running.append(self.run)
-            # Polled, so that the handlers (signals, submitit's checkpoint) and the time limit
-            # run while the fit does.
-            while self.run.poll() is None:
-                if self.enforce_time:
-                    self.run.check_time_limit()
-                time.sleep(0.5)
-            code = self.run.finish()
+        here = env.cluster == "local"
+        if here:
+            # Out of the terminal's process group: a Ctrl-C reaches the suite, which relays it once
+            # (the job would otherwise get it twice, from the terminal and from the suite).
+            with contextlib.suppress(OSError):
+                os.setsid()
+        self.run = CellRun(suite, cell, plan, job_id=str(env.job_id))
+        # Under SLURM the scheduler signals the fit itself (scancel, preemption): relaying its
+        # SIGTERM would be a second one, which aborts the fit before it has saved.
+        run_attempt(self.run, enforce_time=self.enforce_time,
+                    relay=(signal.SIGINT, signal.SIGTERM) if here else (signal.SIGINT,),
+                    on_start=lambda run: self._hand_over(run, env))
+        code = self.run.exit_code
         state = cell_state(suite, cell)
         if code != 0:
             raise RuntimeError(f"{cell_id}: {state.state} (exit {code}): {state.reason}; log {self.run.run_dir / LOG}")
         return {"cell": cell_id, "state": state.state, "exit_code": code, "seconds": round(self.run.elapsed, 1)}
+
+    @staticmethod
+    def _hand_over(run: CellRun, env: Any) -> None:
+        """Task 0 of a multi-task job: hand the other tasks the exact command (``--ckpt_path``
+        included when it resumes), so every rank runs the same fit; Lightning joins them into one
+        DDP run from SLURM's environment."""
+        if env.num_tasks > 1:
+            atomic_write_text(run.run_dir / f".launch-{env.job_id}.json", json.dumps({"command": run.command}))
 
     def _follow(self, suite: Suite, cell: Cell, env: Any) -> dict[str, Any]:
         """Task ``global_rank`` > 0 of a multi-task job: run task 0's command, once it is written.
@@ -130,7 +147,7 @@ class CellJob(submitit.helpers.Checkpointable):
         arguments, is what submitit requeues. The requeued job finds the cell interrupted and
         resumes it.
         """
-        if self.run is not None and self.run.poll() is None:
+        if self.run is not None and self.run.proc is not None and self.run.proc.poll() is None:
             self.run.send(signal.SIGTERM, "time limit or preemption (requeued)")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.run.proc.wait(timeout=300)
@@ -147,23 +164,15 @@ def _executor(suite: Suite, launcher: str, resources: Resources, folder: Path):
     constraint, array parallelism, warning delay, setup lines, further sbatch options).
     """
     executor = submitit.AutoExecutor(folder=str(folder), cluster=launcher)
-    # GPUs per node are requested only for an integer device count on a non-CPU accelerator:
-    # "auto" says nothing submitit could reserve.
-    gpus = 0
-    if resources.accelerator not in ("cpu",) and isinstance(resources.devices, int):
-        gpus = resources.devices
+    gpus = _gpus(resources)
     params: dict[str, Any] = {"name": f"suite-{suite.name}", "nodes": resources.num_nodes or 1}
-    if resources.time:
-        params["timeout_min"] = int(max(1, round(resources.time)))  # submitit takes whole minutes
-    elif launcher == "local":
-        # No limit asked for: submitit's local executor would otherwise stop (and requeue, then fail) a
-        # job after its default of a few minutes; a cell without resources.time runs until it ends.
-        params["timeout_min"] = LOCAL_NO_LIMIT_MIN
     if resources.cpus_per_task:
         params["cpus_per_task"] = resources.cpus_per_task
     if resources.mem_gb:
         params["mem_gb"] = resources.mem_gb
     if launcher == "slurm":
+        if resources.time:
+            params["timeout_min"] = int(max(1, round(resources.time)))  # submitit takes whole minutes
         params["gpus_per_node"] = gpus
         params["tasks_per_node"] = max(1, gpus)  # one task per GPU: Lightning's SLURM environment
         slurm = suite.slurm
@@ -177,11 +186,37 @@ def _executor(suite: Suite, launcher: str, resources: Resources, folder: Path):
         if slurm.get("additional"):
             params["slurm_additional_parameters"] = dict(slurm["additional"])
     else:
+        # The job enforces resources.time itself (LOCAL_NO_LIMIT_MIN says why).
+        params["timeout_min"] = LOCAL_NO_LIMIT_MIN
         params["tasks_per_node"] = 1  # Lightning starts its own DDP processes on one machine
-        if gpus:
-            params["gpus_per_node"] = gpus
+        # submitit shows a local job only the GPUs it is given (CUDA_VISIBLE_DEVICES): a cell that
+        # asks for none by number (devices: auto, the default) sees every GPU, as its fit would alone.
+        params["gpus_per_node"] = gpus if gpus else (0 if resources.accelerator == "cpu" else _gpus_here())
     executor.update_parameters(**params)
     return executor
+
+
+def _gpus(resources: Resources) -> int:
+    """GPUs per node a cell asks for: an integer device count on a non-CPU accelerator, else 0
+    (``"auto"`` says nothing a launcher could reserve)."""
+    if resources.accelerator != "cpu" and isinstance(resources.devices, int):
+        return resources.devices
+    return 0
+
+
+def _gpus_here() -> int:
+    """The GPUs of this machine (0 without CUDA)."""
+    return torch.cuda.device_count()
+
+
+def default_parallel(cells: list[Cell]) -> int:
+    """``--launcher local`` without ``--max-parallel``: one job per GPU set of this machine (a cell
+    asking for no GPUs by number uses them all: one job at a time), every cell at once without GPUs."""
+    here = _gpus_here()
+    if not here:
+        return max(1, len(cells))
+    per_job = max([_gpus(c.resources) for c in cells] or [0])
+    return max(1, here // per_job) if per_job else 1
 
 
 def _stages(suite: Suite, cells: list[Cell]) -> list[list[Cell]]:
@@ -202,6 +237,177 @@ def _stages(suite: Suite, cells: list[Cell]) -> list[list[Cell]]:
     return [stages[k] for k in sorted(stages)]
 
 
+# ---------------------------------------------------------------------------- this machine
+def _submit(executor: Any, job: CellJob, suite: Suite, cell: Cell, retry_failed: bool) -> Any:
+    """Submit ``cell`` as a local job whose controller ignores Ctrl-C.
+
+    submitit's local controller turns a Ctrl-C into killing its job a second later, before the
+    fit could save; it is started with SIGINT ignored (a disposition a child process inherits),
+    and the suite relays the signal to the job instead (:func:`relay`). The job itself handles
+    SIGINT again (:class:`.runner.Relay`).
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to ignore
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return executor.submit(job, suite, cell.id, retry_failed)
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGINT, previous)
+
+
+def relay(suite: Suite, watched: Watched, signum: int) -> bool:
+    """Send ``signum`` to the job running ``watched``'s cell, if its attempt has started.
+
+    The job's process is the one its attempt recorded for this job (its id: submitit's job id);
+    the job relays the signal to the fit. Returns False when the attempt has not started yet
+    (the caller tries again) or has ended.
+    """
+    attempt = job_attempt(suite.run_dir(watched.cell), str(watched.job.job_id))
+    if attempt is None:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(int(attempt["pid"]), signum)
+    return True
+
+
+class _Stop(SignalHandlers):
+    """SIGINT / SIGTERM to the suite while its jobs run here: say so once, start no further job,
+    relay every signal to the running jobs (a second Ctrl-C too: the fits then abort), exit 130 / 143.
+
+    A context manager: the previous handlers come back on exit. ``watching`` is the list of
+    running jobs the caller keeps current; a signal that came before a job's attempt started is
+    relayed by :meth:`flush`, which the caller calls while it waits.
+    """
+
+    def __init__(self, suite: Suite) -> None:
+        super().__init__()
+        self.suite = suite
+        self.received: int | None = None
+        self.watching: list[Watched] = []
+        self._pending: dict[int, list[int]] = {}  # id(watched) -> signals not relayed yet
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n[suite] {name}: stopping the running cells (they save last.ckpt and resume on the next run); "
+                  "no further cell starts.", file=sys.stderr, flush=True)
+        for watched in self.watching:
+            self._pending.setdefault(id(watched), []).append(signum)
+        self.flush()
+
+    def flush(self) -> None:
+        """Relay the signals each running job has not received yet, where its attempt has started."""
+        for watched in self.watching:
+            pending = self._pending.get(id(watched), [])
+            while pending and relay(self.suite, watched, pending[0]):
+                watched.relayed.append(pending.pop(0))
+
+    def watch(self, watched: Watched) -> None:
+        """A job has started: a signal received before it started is relayed to it too."""
+        self.watching.append(watched)
+        if self.received is not None:
+            self._pending[id(watched)] = [self.received]
+
+    @property
+    def exit_code(self) -> int | None:
+        """130 after SIGINT, 143 after SIGTERM (the shell's 128 + signal), None without a signal."""
+        if self.received is None:
+            return None
+        return EXIT_SIGINT if self.received == signal.SIGINT else EXIT_SIGTERM
+
+
+def run_here(suite: Suite, cells: list[Cell], retry_failed: bool, max_parallel: int = 1, live: bool | None = None,
+             restart_changed: bool = False, launcher: str = "serial") -> int:
+    """Run the cells as submitit jobs on this machine, at most ``max_parallel`` at once (``suite run``: one).
+
+    Completed cells are skipped; failed ones are only reported unless ``retry_failed``; a cell
+    is planned again right before its job starts, in the suite's (dependency) order, so that a
+    cell that needs another starts once that one has completed (and is not started when it
+    failed). With several GPUs and a cell asking for ``devices: g``, a job takes a free slot
+    k and sees GPUs [k*g, (k+1)*g). A SIGINT / SIGTERM stops the running fits cleanly (they save
+    ``last.ckpt``) and starts no further cell.
+
+    Args:
+        suite: the loaded suite.
+        cells: the selected cells (``--only``), in the suite's order.
+        retry_failed: ``--retry-failed``.
+        max_parallel: the most jobs at once (``--max-parallel``; ``suite run`` without a launcher: 1).
+        live: force the live progress view on or off (default: on a terminal).
+        restart_changed: ``--restart-changed``.
+        launcher: ``serial`` (``suite run``) or ``local`` (``--launcher local``, whose jobs are
+            recorded in ``jobs.json``, as SLURM's are; a serial run's jobs are its own business).
+
+    Returns:
+        0 when every selected cell is completed afterwards, 1 otherwise, 130 / 143 when a
+        signal stopped the run.
+    """
+    states = {c.id: cell_state(suite, c) for c in suite.cells}
+    plans = {c.id: plan_cell(suite, c, retry_failed, states, restart_changed) for c in cells}
+    # Blocked cells are attempted too: the cells they need may complete earlier in this run.
+    todo = [c for c in cells if plans[c.id].action in (*STARTS, "blocked")]
+    skipped = [c for c in cells if plans[c.id].action == "skip"]
+    reported = [c for c in cells if plans[c.id].action in ("report", "wait", "refuse")]
+    folder = suite.output / ".submitit"
+    # One line up front: what this run will do, before the first fit's output starts.
+    print(f"[suite] {suite.name}: {_plural(len(cells), 'cell')} in {suite.output}: {len(skipped)} completed (skipped), "
+          f"{len(todo)} to run, {len(reported)} failed or running elsewhere (not started); "
+          f"{launcher}: {'one job at a time' if max_parallel == 1 else f'up to {max_parallel} jobs at once'}, "
+          f"job logs in {folder}",
+          flush=True)
+    progress = Progress(suite, len(todo), live=live)
+    jobs = _Jobs(suite, folder, len(todo))
+    job = CellJob(enforce_time=True, restart_changed=restart_changed)
+    pending = list(todo)
+    free_slots = list(range(max(1, max_parallel)))
+    slots: dict[int, int] = {}  # id(watched) -> its slot
+    with _Stop(suite) as stop:
+        try:
+            while (pending and stop.received is None) or stop.watching:
+                # Start jobs while there are free slots; a cell whose needs have not all ended waits.
+                while pending and free_slots and stop.received is None:
+                    ready = [c for c in pending if not (set(c.needs) & {w.cell.id for w in stop.watching})]
+                    if not ready:
+                        break
+                    cell = ready[0]
+                    pending.remove(cell)
+                    plan = plan_cell(suite, cell, retry_failed, restart_changed=restart_changed)  # needs may have ended
+                    plans[cell.id] = plan
+                    if plan.action not in STARTS:  # e.g. a cell it needs failed earlier in this run
+                        states[cell.id] = plan.state
+                        progress.not_started(cell, plan.note)
+                        continue
+                    slot = free_slots.pop(0)
+                    executor = _executor(suite, "local", cell.resources, folder)
+                    gpus = _gpus(cell.resources)
+                    if gpus and _gpus_here() >= (slot + 1) * gpus:  # its own GPUs (CUDA_VISIBLE_DEVICES)
+                        executor.update_parameters(visible_gpus=list(range(slot * gpus, (slot + 1) * gpus)))
+                    watched = Watched(cell, plan, suite.run_dir(cell))
+                    watched.job = _submit(executor, job, suite, cell, retry_failed)
+                    if launcher == "local":
+                        jobs.add(cell, watched.job)
+                    slots[id(watched)] = slot
+                    stop.watch(watched)
+                    progress.started(watched)
+                stop.flush()
+                progress.refresh()
+                time.sleep(0.25)
+                for watched in [w for w in stop.watching if w.job.done()]:
+                    stop.watching.remove(watched)
+                    free_slots.append(slots.pop(id(watched)))
+                    states[watched.cell.id] = state = cell_state(suite, watched.cell)
+                    attempt = job_attempt(watched.run_dir, str(watched.job.job_id), ended=True) or {}
+                    progress.finished(watched, attempt.get("exit_code", EXIT_FAILED), state)
+        finally:
+            progress.close()
+    _summary(suite, cells, states, plans)
+    if stop.exit_code is not None:  # stopped: 130 / 143 whatever the cells' states
+        return stop.exit_code
+    return EXIT_OK if all(states[c.id].state == "completed" for c in cells) else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------- SLURM
 class _Jobs:
     """The submitted jobs: ``jobs.json`` for the record, one line per job as it finishes.
 
@@ -249,7 +455,7 @@ class _Jobs:
             time.sleep(1.0)
 
     def cancel(self) -> None:
-        """Cancel the jobs that have not finished (Ctrl-C), then wait for all of them to end.
+        """Cancel the jobs that have not finished (Ctrl-C; SLURM's scancel), then wait for all of them to end.
 
         Errors are ignored: a job may finish between the check and the cancel, and the user asked
         to stop; waiting keeps the suite from exiting while a job is still winding down.
@@ -263,15 +469,9 @@ class _Jobs:
                 job.wait()
 
 
-
-
-
-
-def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: str, wait: bool,
-                 max_parallel: int | None, restart_changed: bool = False) -> int:
-    """Hand the cells to submitit: one job array per stage and resource set (SLURM; a later
-    stage's arrays depend on the earlier ones), or local jobs (at most ``max_parallel`` at once,
-    a stage after the previous one has finished). Each job runs :class:`CellJob`.
+def run_slurm(suite: Suite, cells: list[Cell], retry_failed: bool, wait: bool, restart_changed: bool = False) -> int:
+    """Hand the cells to SLURM through submitit: one job array per stage and resource set, a later
+    stage's arrays depending on the earlier ones (``afterok``). Each job runs :class:`CellJob`.
 
     Cells that SLURM still holds from an earlier submission are not submitted again.
 
@@ -279,13 +479,11 @@ def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: 
         suite: the loaded suite.
         cells: the selected cells.
         retry_failed: ``--retry-failed``, passed to every job.
-        launcher: ``local`` or ``slurm``.
-        wait: SLURM: wait for the jobs and print the summary (the local launcher always waits).
-        max_parallel: local: at most this many jobs at once (default: one per GPU set).
+        wait: wait for the jobs and print the summary (default: submit and return).
         restart_changed: ``--restart-changed``, passed to every job.
 
     Returns:
-        0 after a SLURM submission without ``wait``; otherwise 0 when every selected cell has
+        0 after a submission without ``wait``; otherwise 0 when every selected cell has
         completed, 1 when one has not, 130 after Ctrl-C (the jobs are cancelled).
     """
     states = {c.id: cell_state(suite, c) for c in suite.cells}
@@ -294,16 +492,16 @@ def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: 
     folder = suite.output / ".submitit"
     # A second `suite run --launcher slurm` must not queue a cell twice: two jobs would run
     # one cell into one folder.
-    queued = queued_on_slurm(submitted_jobs(folder)) if launcher == "slurm" else {}
+    queued = queued_on_slurm(submitted_jobs(folder))
     for cell in [c for c in todo if c.id in queued]:
         print(f"[suite] {cell.id}: already submitted ({queued[cell.id]}); not submitted again", flush=True)
     todo = [c for c in todo if c.id not in queued]
-    print(f"[suite] {suite.name}: {_plural(len(cells), 'cell')}, {len(todo)} to run with submitit ({launcher}); "
+    print(f"[suite] {suite.name}: {_plural(len(cells), 'cell')}, {len(todo)} to run with submitit (slurm); "
           f"job logs in {folder}", flush=True)
     jobs = _Jobs(suite, folder, len(todo))
     interrupted = None
     try:
-        previous: list[str] = []  # the job arrays of the earlier stages (SLURM: afterok dependencies)
+        previous: list[str] = []  # the job arrays of the earlier stages (afterok dependencies)
         for stage in _stages(suite, todo):
             # One job array per resource set: the sbatch options are per array.
             groups: dict[Resources, list[Cell]] = {}
@@ -311,11 +509,8 @@ def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: 
                 groups.setdefault(cell.resources, []).append(cell)
             stage_ids = []
             for resources, group in groups.items():
-                executor = _executor(suite, launcher, resources, folder)
-                job = CellJob(enforce_time=launcher != "slurm", restart_changed=restart_changed)  # SLURM: its own limit
-                if launcher == "local":  # returns once the group's jobs have finished
-                    _local_jobs(executor, job, group, retry_failed, max_parallel, resources, jobs)
-                    continue
+                executor = _executor(suite, "slurm", resources, folder)
+                job = CellJob(enforce_time=False, restart_changed=restart_changed)  # SLURM enforces its own limit
                 # afterok: a later stage starts only once every earlier array succeeded; the
                 # file's own additional sbatch options are kept beside the dependency.
                 if previous:
@@ -328,14 +523,14 @@ def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: 
                     stage_ids.append(str(array[0].job_id).split("_")[0])
                     print(f"[suite] submitted {_plural(len(group), 'cell')} as job array {stage_ids[-1]}", flush=True)
             previous += stage_ids
-        if launcher == "slurm" and wait:
+        if wait:
             jobs.wait()
     except KeyboardInterrupt:
         interrupted = EXIT_SIGINT
         print("\n[suite] Ctrl-C: cancelling the jobs (running cells save last.ckpt and resume on the next run).",
               file=sys.stderr, flush=True)
         jobs.cancel()
-    if launcher == "slurm" and not wait and interrupted is None:
+    if not wait and interrupted is None:
         print(f"[suite] submitted; `python -m benchmark suite status {suite.path}` shows the cells' states "
               f"(job ids in {folder / 'jobs.json'}).", flush=True)
         return EXIT_OK
@@ -344,36 +539,3 @@ def run_submitit(suite: Suite, cells: list[Cell], retry_failed: bool, launcher: 
     if interrupted is not None:
         return interrupted
     return EXIT_OK if all(states[c.id].state == "completed" for c in cells) else EXIT_FAILED
-
-
-def _local_jobs(executor: Any, job: CellJob, group: list[Cell], retry_failed: bool, max_parallel: int | None,
-                resources: Resources, jobs: _Jobs) -> None:
-    """Run ``group`` as local jobs, at most ``max_parallel`` at once, each on its own GPUs.
-
-    submitit's local executor starts every job at once and shows each the same GPUs; here a job
-    takes a free slot k and sees GPUs [k*g, (k+1)*g) (g = ``resources.devices``). Without
-    ``--max-parallel``: one slot per GPU set, or every cell at once on a CPU-only machine.
-    Returns once every job of the group has finished, reporting each as it ends.
-    """
-    gpus = resources.devices if isinstance(resources.devices, int) and resources.accelerator != "cpu" else 0
-    available = torch.cuda.device_count() if gpus else 0
-    if available < gpus:
-        gpus = 0  # no (or too few) GPUs here: each cell runs as its accelerator setting decides
-    slots = available // gpus if gpus else len(group)
-    free = list(range(max(1, min(max_parallel or slots, slots))))
-    pending, running = list(group), []
-    while pending or running:
-        while pending and free:
-            cell, slot = pending.pop(0), free.pop(0)
-            if gpus:  # submitit sets the job's CUDA_VISIBLE_DEVICES from visible_gpus
-                executor.update_parameters(visible_gpus=list(range(slot * gpus, (slot + 1) * gpus)))
-            submitted = executor.submit(job, jobs.suite, cell.id, retry_failed)
-            jobs.add(cell, submitted)
-            running.append((submitted, slot))
-        time.sleep(0.5)
-        # A finished job frees its slot (and GPUs) for the next pending cell.
-        for submitted, slot in list(running):
-            if submitted.done():
-                running.remove((submitted, slot))
-                free.append(slot)
-        jobs.report_finished()

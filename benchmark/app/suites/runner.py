@@ -1,18 +1,25 @@
-"""Running one cell as a ``fit`` subprocess (its record, log, signals, time limit) and the progress view.
+"""One attempt of a cell, inside the job that runs it: its ``fit`` process, record, log, signals and time limit.
 
-A cell always runs as its own ``python -m benchmark fit`` process (:class:`CellRun`), never in
-the suite's process: a crash, a CUDA error or a leak in one cell cannot take the others down,
-and every cell starts from a clean interpreter, exactly as a user's own ``fit`` would. The
-suite process only starts fits, forwards signals to them (:class:`_Signals`), enforces the
-time limit, records each attempt in the cell's ``suite.json`` and shows the progress
-(:class:`Progress`, :func:`status_table`). The serial runner, ``run-cell`` and the submitit
-jobs all drive cells through this module.
+Every launcher reaches a cell the same way: submitit starts a job (:class:`.launchers.CellJob`;
+``suite run`` one job after another on this machine, ``--launcher local`` several at once,
+``--launcher slurm`` as job arrays), and the job runs :func:`run_attempt` for its cell; ``suite
+run-cell`` (a W&B agent's unit) is such a job already and calls it directly. Scheduling,
+process start-up, time limits on a cluster and requeueing are submitit's; what this module adds
+is what submitit does not know about a ``fit``:
+
+* the fit runs as its own ``python -m benchmark fit`` child of the job, never inside it: a
+  clean interpreter exactly as a user's own ``fit`` (Lightning's DDP launcher re-runs the
+  process's own command line for its workers, which in a submitit job would be the job again);
+* its output goes to the cell's ``fit.log`` and its attempts to the cell's ``suite.json``,
+  written when the attempt starts (a job killed meanwhile leaves a trace) and when it ends;
+* a signal the job receives is relayed to the fit once (:class:`Relay`), so a Ctrl-C makes the
+  fit stop after its step and save ``last.ckpt``; ``resources.time`` is a timed wait on the
+  fit (local jobs; SLURM enforces its own limit), after which the fit gets SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -20,51 +27,38 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from benchmark.app.suites.spec import LOG, RECORD, Cell, Suite, _duration, _plural
-from benchmark.app.suites.state import CellState, Plan, _move_aside, _read_json, fit_command
+from benchmark.app.suites.spec import LOG, RECORD, Cell, Suite, _duration
+from benchmark.app.suites.state import Plan, _move_aside, _read_json, fit_command
 from benchmark.core.errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM
 from benchmark.core.io import atomic_write_text
-from benchmark.core.io import console as make_console
-
-
-# ---------------------------------------------------------------------------- running one cell
-def _die_with_parent() -> None:
-    """Linux: the fit gets SIGTERM (and saves last.ckpt) if the suite process dies.
-
-    Runs in the child between fork and exec (``preexec_fn``); the setting survives the exec.
-    Without it a fit whose suite was killed (SIGKILL, an out-of-memory kill) would train on
-    unsupervised, in its own session where no terminal signal reaches it. Best effort: a libc
-    without ``prctl`` (not glibc) leaves the fit as it is.
-    """
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class CellRun:
-    """One attempt of a cell: a ``fit`` subprocess in its own process group, output to ``fit.log``.
+    """One attempt of a cell: a ``fit`` child process with its output in ``fit.log``.
 
-    The caller drives it: :meth:`start`, then :meth:`poll` (and :meth:`check_time_limit`)
-    until the fit ends, then :meth:`finish`, which records the exit code. The attempt is
-    written to ``suite.json`` twice: when it starts (so that a suite killed meanwhile leaves a
-    trace) and when it ends.
+    The job drives it: :meth:`start`, :meth:`wait` (the fit's end, or the time limit), then
+    :meth:`finish`, which records the exit code. The attempt records the job's process id
+    (``pid``): the process a suite relays a Ctrl-C to (:func:`.launchers.relay`).
 
     Attributes:
         run_dir: the cell's run directory.
         proc: the fit's process, once started.
-        signals: the signals forwarded to the fit so far (the time limit's SIGTERM included).
-        reason: why the attempt ended, as recorded: the first forwarded signal's reason, else
-            the fit's last error line from its log.
+        signals: the signals sent to the fit so far (the time limit's SIGTERM included).
+        reason: why the attempt ended, as recorded: the first signal's reason, else the fit's
+            last error line from its log.
         attempts: every attempt recorded in ``suite.json``, this one last.
     """
 
-    def __init__(self, suite: Suite, cell: Cell, plan: Plan) -> None:
-        """Prepare an attempt of ``cell`` as ``plan`` says (``run``, ``resume``, ``retry``, ``restart``)."""
-        self.suite, self.cell, self.plan = suite, cell, plan
+    def __init__(self, suite: Suite, cell: Cell, plan: Plan, job_id: str | None = None) -> None:
+        """Prepare an attempt of ``cell`` as ``plan`` says (``run``, ``resume``, ``retry``, ``restart``),
+        in the submitit job ``job_id`` (None: ``run-cell``, the process itself)."""
+        self.suite, self.cell, self.plan, self.job_id = suite, cell, plan, job_id
+        self.exit_code: int | None = None
         self.run_dir = suite.run_dir(cell)
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -73,7 +67,7 @@ class CellRun:
         self.attempts: list[dict[str, Any]] = []
 
     def start(self) -> None:
-        """Start the fit: set the folder up, record the attempt, and launch the subprocess.
+        """Set the folder up, record the attempt, and start the fit.
 
         A ``retry`` / ``restart``, and a ``run`` whose folder already holds a run (``fit`` refuses
         to start a second run in a folder with a ``config.yaml``), move the old folder aside first
@@ -104,13 +98,12 @@ class CellRun:
         env.update(DML_BENCHMARK_SUITE=self.suite.name, DML_BENCHMARK_CELL=self.cell.id,
                    DML_BENCHMARK_VARIANT=self.cell.variant or "")  # fmt: skip
         self.started = time.monotonic()
-        # A new session (and process group): a Ctrl-C at the terminal goes to the foreground
-        # group only, i.e. to the suite, which decides what the fit gets (_Signals) instead of
-        # the fit and its DDP workers each getting it directly; killpg then reaches the whole
-        # group. No stdin: a fit must never wait for input nobody can give.
+        # No stdin: a fit must never wait for input nobody can give. Its own session: a Ctrl-C at
+        # a terminal reaches the job, which relays it once (:class:`Relay`); the fit would
+        # otherwise get it twice, from the terminal and from the job, and abort without saving.
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             self.command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            start_new_session=True,
         )
 
     @property
@@ -118,12 +111,8 @@ class CellRun:
         """Seconds since the fit started (monotonic clock); 0 before :meth:`start`."""
         return time.monotonic() - self.started if self.started else 0.0
 
-    def poll(self) -> int | None:
-        """The fit's exit code once it has ended, else None (also before :meth:`start`)."""
-        return self.proc.poll() if self.proc is not None else None
-
     def send(self, signum: int, reason: str = "") -> None:
-        """Forward a signal to the fit's process group (its DDP workers included).
+        """Send a signal to the fit (a no-op once it has ended).
 
         Args:
             signum: the signal, e.g. ``signal.SIGTERM``.
@@ -133,20 +122,28 @@ class CellRun:
             return
         self.signals.append(signum)
         self.reason = self.reason or reason
-        # The fit may end between the poll above and here: a group that is gone is not an error.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signum)
+        # The fit may end between the poll above and here: a process that is gone is not an error.
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)
 
-    def check_time_limit(self) -> None:
-        """SIGTERM the fit once it has run longer than ``resources.time`` (call it while polling).
+    def wait(self, time_limit_min: float | None = None) -> int:
+        """Wait for the fit to end; past ``time_limit_min`` minutes it gets SIGTERM, once.
 
-        The fit stops after its current step and saves ``last.ckpt``, so the cell ends interrupted
-        and the next ``suite run`` resumes it, as a cluster's time limit would. Sent once: a fit
-        that already received a signal is left to finish saving.
+        After the SIGTERM the fit stops after its current step and saves ``last.ckpt``, so the
+        cell ends interrupted and the next ``suite run`` resumes it, as a cluster's time limit
+        would. A signal relayed meanwhile (:class:`Relay`) interrupts the wait only to run its
+        handler; the wait goes on until the fit has ended.
+
+        Returns:
+            The fit's exit code (see :meth:`finish`).
         """
-        limit = self.cell.resources.time
-        if limit and self.elapsed > limit * 60 and not self.signals:
-            self.send(signal.SIGTERM, f"time limit ({_duration(limit * 60)}) reached")
+        assert self.proc is not None, "start() first"
+        if time_limit_min:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return self.proc.wait(timeout=max(0.0, time_limit_min * 60 - self.elapsed))
+            if not self.signals:  # a fit already stopping (Ctrl-C) is left to finish saving
+                self.send(signal.SIGTERM, f"time limit ({_duration(time_limit_min * 60)}) reached")
+        return self.proc.wait()
 
     def finish(self) -> int:
         """Wait for the fit to end, close its log and record the attempt's exit code and reason.
@@ -162,8 +159,8 @@ class CellRun:
             # The reason shown for a failure: the fit's last "error: ..." line (how the CLI reports
             # a user error) or "Error..." line; after a traceback, whose header says nothing, the
             # last line of output, i.e. the exception itself.
-            errors = [line for line in self.log_tail(40) if line.startswith(("error:", "Error", "Traceback"))]
-            last = self.log_tail(1)
+            errors = [line for line in log_tail(self.run_dir, 40) if line.startswith(("error:", "Error", "Traceback"))]
+            last = log_tail(self.run_dir, 1)
             self.reason = (errors[-1] if errors and not errors[-1].startswith("Traceback") else last[0] if last else "")[:300]
         self.log.write(f"===== exit {code} after {_duration(self.elapsed)}\n")
         self.log.close()
@@ -177,7 +174,7 @@ class CellRun:
         suite file with on the next run. Written atomically, as other processes read it at any time.
         """
         attempt = {"action": self.plan.action, "command": self.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "host": socket.gethostname()}
+                   "host": socket.gethostname(), "pid": os.getpid(), "job_id": self.job_id}
         if code is None:
             self.attempts.append(attempt)
         else:  # the attempt appended by start(), completed with how it ended
@@ -185,44 +182,41 @@ class CellRun:
         payload = {"suite": str(self.suite.path), "cell": self.cell.id, "argv": self.cell.argv, "attempts": self.attempts}
         atomic_write_text(self.run_dir / RECORD, json.dumps(payload, indent=2) + "\n")
 
-    def log_tail(self, lines: int = 1) -> list[str]:
-        """The last ``lines`` non-empty lines of ``fit.log``, without colour codes or the suite's own
-        header lines; ``[]`` when the log cannot be read.
 
-        Only the last 16 KiB are read, so the progress view can call it twice a second on a log of
-        any size. Carriage returns count as line ends: progress bars rewrite one line with them.
-        """
-        try:
-            with open(self.run_dir / LOG, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 16384))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return []
-        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
-        parts = [p.strip() for p in re.split(r"[\r\n]", text) if p.strip() and not p.startswith("=====")]
-        return parts[-lines:]
+def log_tail(run_dir: Path, lines: int = 1) -> list[str]:
+    """The last ``lines`` non-empty lines of a cell's ``fit.log``, without colour codes or the suite's
+    own header lines; ``[]`` when the log cannot be read.
+
+    Only the last 16 KiB are read, so the progress view can call it twice a second on a log of
+    any size. Carriage returns count as line ends: progress bars rewrite one line with them.
+    """
+    try:
+        with open(run_dir / LOG, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    parts = [p.strip() for p in re.split(r"[\r\n]", text) if p.strip() and not p.startswith("=====")]
+    return parts[-lines:]
 
 
-class _Signals:
-    """SIGINT / SIGTERM while cells run: forward to the running fit (it stops after its step and
-    saves last.ckpt), start no further cell, exit 130 / 143. A second Ctrl-C is forwarded too
-    (the fit then aborts at once).
+class SignalHandlers:
+    """A context manager that routes ``signals`` to :meth:`_handle` while it is entered and
+    restores the previous handlers on exit.
 
-    A context manager: the previous handlers come back on exit. ``running`` is the list of
-    attempts the caller keeps current; ``received`` the first signal, if any.
+    Python installs handlers only from the main thread; elsewhere (a test running a command in
+    a thread) the default handling stays.
     """
 
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.running: list[CellRun] = []
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self._signals = signals
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _Signals:
-        # Python installs handlers only from the main thread; elsewhere (e.g. a test running the
-        # suite in a thread) the cells run with the default handling.
+    def __enter__(self) -> Any:
         with contextlib.suppress(ValueError):  # not the main thread
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in self._signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -232,248 +226,80 @@ class _Signals:
                 signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        """Remember the first signal, say once what happens now, and forward every signal to the fits.
+        raise NotImplementedError
 
-        The fits run in their own sessions (:meth:`CellRun.start`), so this forwarding is the only
-        way a Ctrl-C reaches them: the first one makes a fit stop after its step and save, a second
-        one makes it abort.
-        """
+
+class Relay(SignalHandlers):
+    """SIGINT / SIGTERM received by the job while its fit runs: relayed to the fit, each once.
+
+    The first signal makes the fit stop after its step and save ``last.ckpt`` (exit 130 / 143),
+    a second one makes it abort. A signal that arrives before the fit has started is kept and
+    sent as soon as it has (:meth:`attach`). ``received`` is the first signal, if any.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        """Relay ``signals`` (a SLURM job relays SIGINT only: SLURM signals the fit itself)."""
+        super().__init__(signals)
+        self.received: int | None = None
+        self.run: CellRun | None = None
+
+    def attach(self, run: CellRun) -> None:
+        """The fit has started: from now on signals go to it, and one that came earlier goes now."""
+        self.run = run
+        if self.received is not None:
+            run.send(self.received, _stopped_by(self.received))
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        """Remember the first signal and relay every signal to the fit, if it runs."""
         if self.received is None:
             self.received = signum
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            print(f"\n[suite] {name}: stopping the running cell (it saves last.ckpt and resumes on the next run); "
-                  "no further cell starts.", file=sys.stderr, flush=True)
-        for run in self.running:
-            run.send(signum, "stopped by " + ("SIGINT" if signum == signal.SIGINT else "SIGTERM"))
-
-    @property
-    def exit_code(self) -> int | None:
-        """130 after SIGINT, 143 after SIGTERM (the shell's 128 + signal), None without a signal."""
-        if self.received is None:
-            return None
-        return EXIT_SIGINT if self.received == signal.SIGINT else EXIT_SIGTERM
+        if self.run is not None:
+            self.run.send(signum, _stopped_by(signum))
 
 
+def _stopped_by(signum: int) -> str:
+    """``stopped by SIGINT``: the reason recorded for an attempt a signal ended."""
+    return f"stopped by {signal.Signals(signum).name}"
 
 
-class Progress:
-    """Cells finished / running / failed, elapsed and ETA: a live view on a terminal, lines otherwise.
-
-    On a terminal a ``rich`` live view is redrawn in place (the running cells with their last
-    log line, the last failures); in a pipe or a log file, where a redrawn view would be
-    garbage, every event is one ``[suite] ...`` line instead.
+def run_attempt(run: CellRun, enforce_time: bool = True, relay: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                on_start: Callable[[CellRun], None] | None = None) -> int:
+    """Run one attempt in this process's job: start the fit, wait for it, record how it ended.
 
     Args:
-        suite: the suite, for the headline.
-        todo: the number of cells this run will attempt (the denominator of ``n/todo``).
-        live: force the live view on or off; default: on when stdout is a terminal.
-    """
-
-    def __init__(self, suite: Suite, todo: int, live: bool | None = None) -> None:
-        self.suite, self.todo = suite, todo
-        self.counts = {"completed": 0, "failed": 0, "interrupted": 0, "not started": 0}
-        self.durations: list[float] = []  # of the cells that ran to their end: the ETA's sample
-        self.start = time.monotonic()
-        self.running: list[CellRun] = []
-        self.failures: list[str] = []
-        self.live_view = None
-        if live if live is not None else sys.stdout.isatty():
-            from rich.live import Live  # only for the live view
-
-            self.live_view = Live(self._render(), console=make_console(), refresh_per_second=2, transient=False)
-            self.live_view.start()
-
-    @property
-    def finished_count(self) -> int:
-        """Cells done with in this run, whatever their outcome."""
-        return sum(self.counts.values())
-
-    def eta(self) -> str:
-        """Time left: the cells left times the mean time of the cells finished so far, less the
-        time the running ones have already spent (each counted up to that mean).
-
-        ``"?"`` before any cell has finished, ``""`` when none is left. Cells of one suite differ
-        (methods, datasets), so this is a rough guide that improves as cells finish.
-        """
-        left = self.todo - self.finished_count
-        if left <= 0:
-            return ""
-        if not self.durations:
-            return "?"
-        mean = sum(self.durations) / len(self.durations)
-        running = sum(min(r.elapsed, mean) for r in self.running)
-        return _duration(max(0.0, left * mean - running))
-
-    def headline(self) -> str:
-        """``3/8 finished (2 completed, 1 failed) · 1 running · elapsed 1:02:03 · ETA 2:10:00``."""
-        eta = self.eta()
-        counts = ", ".join(f"{n} {k}" for k, n in self.counts.items() if n)
-        return (f"{self.finished_count}/{self.todo} finished{' (' + counts + ')' if counts else ''} · "
-                f"{len(self.running)} running · elapsed {_duration(time.monotonic() - self.start)}"
-                + (f" · ETA {eta}" if eta else ""))
-
-    def _render(self):
-        """The live view: the headline, each running cell with its time and last log line, the last
-        five failures."""
-        from rich.markup import escape
-        from rich.table import Table
-
-        # Log lines and reasons are escaped: a fit's output may hold "[...]" that rich would
-        # read as markup.
-        table = Table.grid(padding=(0, 1))
-        table.add_row(f"[bold]suite {self.suite.name}[/bold]: {self.headline()}")
-        for run in self.running:
-            tail = run.log_tail(1)
-            table.add_row(f"  [cyan]▶ {run.cell.id}[/cyan] {_duration(run.elapsed)}  [dim]{escape(tail[0][:120]) if tail else ''}[/dim]")
-        for line in self.failures[-5:]:
-            table.add_row(f"  [red]✗ {escape(line)}[/red]")
-        return table
-
-    def say(self, line: str) -> None:
-        """Print one event line; with the live view, above it (the view is redrawn below)."""
-        if self.live_view is None:
-            print(f"[suite] {line}", flush=True)
-        else:
-            self.live_view.console.print(line, highlight=False, markup=False)
-
-    def started(self, run: CellRun) -> None:
-        """A cell's fit has started (printed as a line without the live view, which shows it anyway)."""
-        self.running.append(run)
-        if self.live_view is None:
-            self.say(f"{self.finished_count + 1}/{self.todo} {run.cell.id}: {run.plan.action}"
-                     f"{' (' + run.plan.note + ')' if run.plan.note else ''}; log {run.run_dir / LOG}")
-        self.refresh()
-
-    def not_started(self, cell: Cell, note: str) -> None:
-        """A cell that was to run was not started (its plan changed, e.g. a cell it needs failed)."""
-        self.counts["not started"] += 1
-        self.failures.append(f"{cell.id}: not started, {note}")
-        self.say(f"{cell.id}: not started ({note})")
-        self.refresh()
-
-    def finished(self, run: CellRun, code: int, state: CellState) -> None:
-        """A cell's fit has ended with ``code``; ``state`` is its state read afterwards.
-
-        A failed cell's last log lines are printed at once, so the reason is visible without opening
-        ``fit.log``. Only completed and failed cells count for the ETA: an interrupted one ran for
-        part of its time.
-        """
-        self.running.remove(run)
-        # A fit that ended without leaving a state the counts know (e.g. no status.json) counts as failed.
-        self.counts[state.state if state.state in self.counts else "failed"] += 1
-        if state.state in ("completed", "failed"):
-            self.durations.append(run.elapsed)
-        if state.state == "completed":
-            self.say(f"{run.cell.id}: completed in {_duration(run.elapsed)}"
-                     + (f", test R@1 {state.r_at_1}" if state.r_at_1 else "") + f" — {self.headline()}")
-        else:
-            self.failures.append(f"{run.cell.id}: {state.state}, exit {code} ({state.reason or 'see ' + str(run.run_dir / LOG)})")
-            self.say(f"{run.cell.id}: {state.state} (exit {code}) after {_duration(run.elapsed)}: {state.reason} — "
-                     f"{self.headline()}")
-            if state.state == "failed":
-                for line in run.log_tail(12):
-                    self.say(f"    | {line}")
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Redraw the live view (a no-op without it); called while the fit runs, for the times."""
-        if self.live_view is not None:
-            self.live_view.update(self._render())
-
-    def close(self) -> None:
-        """Draw the final view and stop the live display, leaving it on the screen."""
-        if self.live_view is not None:
-            self.live_view.update(self._render())
-            self.live_view.stop()
-
-
-def status_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], plans: dict[str, Plan] | None = None):
-    """The cells as a table: state (``(changed)`` when the file's options differ from those the
-    cell ran with), exit code, attempts, time, test R@1 and a note.
-
-    Args:
-        suite: the suite (title: its name and output folder).
-        cells: the rows, in this order.
-        states: every cell's state, by id.
-        plans: when given (after a run), the note of a cell that was not started says why
-            (blocked, failed and not retried, refused) instead of its last reason.
+        run: the attempt, not started yet.
+        enforce_time: SIGTERM the fit after ``resources.time`` (a scheduler that enforces its
+            own limit, SLURM, needs no second one).
+        relay: the signals this process relays to the fit (:class:`Relay`).
+        on_start: called once the fit has started (a multi-task job hands its command over).
 
     Returns:
-        A ``rich`` table; notes are cut to 100 characters (:func:`changed_lines` gives the
-        changes in full).
+        The fit's exit code, also kept as ``run.exit_code``.
     """
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"suite {suite.name} ({suite.output})")
-    for column in ("cell", "state", "exit", "tries", "time", "test R@1 %", "note"):
-        table.add_column(column, justify="right" if column in ("exit", "tries", "time") else "left")
-    colours = {"completed": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "pending": "dim",
-               "blocked": "magenta"}
-    for cell in cells:
-        state = states[cell.id]
-        note = state.reason
-        if plans and cell.id in plans and plans[cell.id].action in ("blocked", "report", "refuse"):
-            note = plans[cell.id].note
-        # What the next `suite run` does with the cell, where it is not obvious from its state.
-        if state.state == "interrupted" and state.checkpoint is not None and not state.changed:
-            note = f"{note}; resumes from last.ckpt".strip("; ")
-        if state.changed and "options changed" not in note:
-            note = f"options changed: {'; '.join(state.changes)}; {note}".strip("; ")
-        # "(changed)" beside the state, in any state: a completed cell's results are then the
-        # old options'.
-        shown = f"[{colours.get(state.state, 'white')}]{state.state}[/]" + (" [magenta](changed)[/]" if state.changed else "")
-        table.add_row(cell.id, shown, "" if state.exit_code is None else str(state.exit_code), str(state.attempts or ""),
-                      _duration(state.seconds), state.r_at_1, escape(note[:100]))
-    return table
+    with Relay(relay) as relayed:
+        run.start()
+        relayed.attach(run)
+        if on_start is not None:
+            on_start(run)
+        run.wait(run.cell.resources.time if enforce_time else None)
+        run.exit_code = run.finish()
+    return run.exit_code
 
 
-def changed_lines(suite: Suite, cells: list[Cell], states: dict[str, CellState]) -> list[str]:
-    """Every cell whose options changed since it ran, with what changed in full (the table's note
-    is cut short), and what to do about it; no lines when none changed.
+def job_attempt(run_dir: Path, job_id: str, ended: bool = False) -> dict[str, Any] | None:
+    """The attempt job ``job_id`` recorded in the cell's ``suite.json`` (its ``pid``, and its
+    ``exit_code`` once it has ended).
 
-    Shown by ``suite status``, ``--dry-run`` and ``suite run``'s summary: a changed cell's
-    results (or its refusal to resume) would otherwise look unexplained.
+    Args:
+        run_dir: the cell's run directory.
+        job_id: the submitit job's id.
+        ended: the attempt once it has ended; by default the attempt while it runs.
+
+    Returns:
+        The attempt, or None: the job has recorded none yet, or it has (not) ended.
     """
-    changed = [c for c in cells if states[c.id].changed]
-    if not changed:
-        return []
-    lines = [f"changed since they ran ({RECORD}'s arguments -> the suite file's now):"]
-    lines += [f"  {c.id} ({states[c.id].state}): {'; '.join(states[c.id].changes)}" for c in changed]
-    lines.append(f"completed cells keep the results of their old options and interrupted ones are not resumed: "
-                 f"`python -m benchmark suite run {suite.path} --restart-changed` starts them again from scratch "
-                 f"(the old attempts are kept under {suite.output / '.attempts'}).")
-    return lines
-
-
-
-
-def _counts(states: Iterable[CellState]) -> str:
-    """``3 completed, 1 failed, 2 pending (1 changed)``: the states counted, in a fixed order."""
-    counts: dict[str, int] = {}
-    changed = 0
-    for state in states:
-        counts[state.state] = counts.get(state.state, 0) + 1
-        changed += state.changed
-    order = ("completed", "running", "interrupted", "failed", "blocked", "pending")
-    return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)) + (f" ({changed} changed)" if changed else "")
-
-
-def _summary(suite: Suite, cells: list[Cell], states: dict[str, CellState], plans: dict[str, Plan]) -> None:
-    """The table that closes every run, the counts, and the command that deals with each kind of
-    cell left over (failed: ``--retry-failed``; interrupted: run again; changed:
-    ``--restart-changed``), then where to read the results over the seeds."""
-    console = make_console()
-    console.print(status_table(suite, cells, states, plans))
-    console.print(f"{_plural(len(cells), 'cell')}: {_counts(states[c.id] for c in cells)}", highlight=False)
-    failed = [c for c in cells if states[c.id].state == "failed"]
-    if failed:
-        console.print(f"failed cells keep their folder and log ({LOG}); start them again with "
-                      f"`python -m benchmark suite run {suite.path} --retry-failed`.", highlight=False)
-    if any(states[c.id].state == "interrupted" and not states[c.id].changed for c in cells):
-        console.print(f"interrupted cells resume from last.ckpt with `python -m benchmark suite run {suite.path}`.",
-                      highlight=False)
-    for line in changed_lines(suite, cells, states):
-        console.print(line, highlight=False, markup=False)
-    if any(states[c.id].state == "completed" for c in cells):
-        console.print(f"results over the seeds: `python -m benchmark leaderboard --runs {suite.output}`", highlight=False)
+    attempts = _read_json(run_dir / RECORD).get("attempts", [])
+    for attempt in reversed(attempts):
+        if str(attempt.get("job_id")) == job_id:
+            return attempt if ("exit_code" in attempt) == ended else None
+    return None
