@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -24,6 +25,22 @@ import pytest
 import yaml
 
 from benchmark.app.cli import main
+from benchmark.app.suites.fields import (
+    GRID_KEYS,
+    REPRODUCES_KEYS,
+    RESOURCE_KEYS,
+    SLURM_KEYS,
+    SUITE_KEYS,
+    GridSpec,
+    Reproduces,
+    Resources,
+    SlurmSpec,
+    SuiteFile,
+    _parse_fields,
+    _Problems,
+    _resources,
+    _section,
+)
 from benchmark.app.suites.spec import LOG, RECORD, RUN_LOCK, Cell, Suite, load_suite, shipped_suites
 from benchmark.app.suites.state import argv_changes, cell_state, plan_cell
 from benchmark.app.suites.validation import run_lock, validate_cells
@@ -210,6 +227,104 @@ def test_several_problems_are_reported_together(tmp_path: Path, capsys: pytest.C
     assert "4 problems, no cell was started" in err
     for fragment in ("unknown method 'mss'", "unknown dataset 'cubb'", "grid.seeds lists 0", "unknown key 'gpus'"):
         assert fragment in err
+
+
+# Values of the wrong type, refused by the suite file's schema (benchmark/app/suites/fields.py):
+# each problem names its key (an entry of a list or mapping by index or key) and what to write.
+# (file, fragments the message has, fragments it must not have)
+BAD_TYPES = {
+    "devices-zero": (f"grid: {{{MS}}}\nresources: {{devices: 0}}\n",
+                     ["resources.devices = 0 is not a positive integer or 'auto'"], []),
+    "negative-memory": (f"grid: {{{MS}}}\nresources: {{mem_gb: -1}}\n", ["resources.mem_gb = -1 is not a positive number"], []),
+    "cell-resources": (f"grid: {{{MS}}}\ncells:\n  method=ms: {{resources: {{num_nodes: 1.5}}}}\n",
+                       ["cells['method=ms'].resources.num_nodes = 1.5 is not a positive integer"], []),
+    "time-not-a-duration": (f"grid: {{{MS}}}\nresources: {{time: true}}\n",
+                            ["resources.time = True is not a duration", "'90m', '4h' or 'D-HH:MM:SS'"], []),
+    # The slurm: section's values were not checked: they failed in submitit, after the submission started.
+    "slurm-array-parallelism": (f"grid: {{{MS}}}\nslurm: {{array_parallelism: many}}\n",
+                                ["slurm.array_parallelism = 'many' is not a positive integer"], []),
+    "slurm-signal-delay": (f"grid: {{{MS}}}\nslurm: {{signal_delay_s: -5}}\n",
+                           ["slurm.signal_delay_s = -5 is not a non-negative integer"], []),
+    "slurm-additional": (f"grid: {{{MS}}}\nslurm: {{additional: [exclusive]}}\n",
+                         ["slurm.additional = ['exclusive'] is not a mapping of sbatch options"], []),
+    "seed-yes": (f"grid: {{{MS}, seeds: [0, yes]}}\n", ["grid.seeds[1] = True is not a non-negative integer"], []),
+    "method-not-a-name": ("grid: {methods: [ms, {margin: 1}], datasets: [cub]}\n",
+                          ["grid.methods[1] = {'margin': 1} is not a method name"], ["unknown method"]),
+    # A list where a mapping belongs was also reported as an empty mapping.
+    "variants-not-a-mapping": ("grid: {methods: ms, datasets: cub, variants: [a]}\n",
+                               ["grid.variants = ['a'] is not a mapping of variant names to options"], ["is empty"]),
+    "variant-not-a-mapping": (f"grid: {{{MS}, variants: {{a: 3}}}}\n",
+                              ["grid.variants['a'] = 3 is not a mapping of options"], []),
+    "grid-entry-not-a-mapping": (f"grid:\n  - {{{MS}}}\n  - 3\n", ["grid[1] = 3 is not a grid mapping"], []),
+    "reproduces-without-row": (f"grid: {{{MS}}}\npaper: intra_batch\nreproduces: [{{cells: variant=base, table: Table 1}}]\n",
+                               ["reproduces[0] names no row", "e.g. {cells: variant=base, table: Table 1, row: Ours}"], []),
+    "description-not-text": (f"grid: {{{MS}}}\ndescription: [a, b]\n", ["description = ['a', 'b'] is not one line of text"], []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TYPES))
+def test_a_value_of_the_wrong_type_is_named_with_its_key_and_the_fix(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, fragments, absent = BAD_TYPES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"output: {tmp_path / 'out'}\n" + text)
+    assert main(["suite", "run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    for fragment in absent:
+        assert fragment not in err, (fragment, err)
+
+
+def test_type_problems_are_reported_with_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong value in a grid does not hide the grid's other problems, nor those of other sections."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("grid: {methods: [mss], datasets: [synthetic], seeds: [0, yes]}\nresources: {devices: 0}\n"
+                    "slurm: {array_parallelism: many}\n")
+    assert main(["suite", "run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "4 problems, no cell was started" in err
+    for fragment in ("unknown method 'mss'", "grid.seeds[1] = True", "resources.devices = 0", "slurm.array_parallelism"):
+        assert fragment in err, (fragment, err)
+
+
+def test_the_schema_reads_a_scalar_as_a_list_of_one_and_a_number_as_text(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"output: {tmp_path / 'out'}\ngrid: {{methods: ms, datasets: synthetic, seeds: 3}}\n"
+                    "resources: {precision: 32, time: '90', devices: auto, mem_gb: 4}\n"
+                    "slurm: {setup: source .venv/bin/activate, array_parallelism: '2'}\n")
+    suite = load_suite(path)
+    (cell,) = suite.cells
+    assert cell.id == "ms-synthetic-seed3"
+    assert cell.resources == Resources(devices="auto", precision="32", time=90.0, mem_gb=4.0)
+    # Plain builtins: the resources are hashed (one job array each) and pickled into submitit jobs.
+    assert [type(v) for v in (cell.resources.precision, cell.resources.time, cell.resources.mem_gb)] == [str, float, float]
+    assert pickle.loads(pickle.dumps(cell.resources)) == cell.resources and hash(cell.resources)
+    assert cell.argv[cell.argv.index("--trainer.precision") + 1] == "32"
+    # One setup line is a list of one (submitit's slurm_setup), not a string split into characters.
+    assert suite.slurm == {"setup": ["source .venv/bin/activate"], "array_parallelism": 2}
+    assert type(suite.slurm["array_parallelism"]) is int
+
+
+def test_the_documented_file_format_is_the_schema() -> None:
+    """docs/leaderboard.md's example names every key of every section, and its values have the schema's types."""
+    text = (REPO / "docs" / "leaderboard.md").read_text()
+    doc = yaml.safe_load(text.split("### The file format", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert tuple(doc) == SUITE_KEYS
+    assert {key for grid in doc["grid"] for key in grid} == set(GRID_KEYS)
+    assert tuple(doc["resources"]) == RESOURCE_KEYS and tuple(doc["slurm"]) == SLURM_KEYS
+    assert all(tuple(entry) == REPRODUCES_KEYS for entry in doc["reproduces"])
+    problems = _Problems(Path("docs/leaderboard.md"))
+    _parse_fields(SuiteFile, doc, "the suite file", problems, prefix="")
+    for i, grid in enumerate(doc["grid"]):
+        assert _section(GridSpec, grid, f"grid[{i}]", problems) is not None
+    assert _section(SlurmSpec, doc["slurm"], "slurm", problems) is not None
+    assert _resources(doc["resources"], "resources", problems).time == 12 * 60
+    for i, entry in enumerate(doc["reproduces"]):
+        assert _section(Reproduces, entry, f"reproduces[{i}]", problems) is not None
+    assert problems.items == []
 
 
 def test_an_unwritable_output_folder_fails_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,19 +1,24 @@
-"""The suite file: its constants, data model (Resources, Cell, Suite) and loading (grids, selectors,
+"""The suite file: its constants, data model (Cell, Suite) and loading (grids, selectors,
 placeholders, dependencies, the paper rows its cells reproduce).
 
 :func:`load_suite` turns a YAML file (docs/leaderboard.md, "The file format") into a
-:class:`Suite`: every grid is expanded into the product methods × datasets × backbones ×
-variants × ``options:`` combinations × seeds, then ``exclude:`` removes cells and ``cells:``
-overrides options of the cells its selectors match, in file order. A cell's options are applied
+:class:`Suite`. The file's keys and value types are its schema's (:mod:`.fields`:
+:class:`SuiteFile`, :class:`GridSpec`, :class:`Resources`, ...), parsed by jsonargparse section
+by section; this module works on the typed sections and checks what is not a type (registered
+names, options the suite sets itself, selectors, duplicates, dependencies). Every grid is
+expanded into the product methods × datasets × backbones × variants × ``options:``
+combinations × seeds, then ``exclude:`` removes cells and ``cells:`` overrides options of the
+cells its selectors match, in file order. A cell's options are applied
 in this order, a later one replacing an earlier one: ``args``, the grid's ``args``, the
 variant's, the ``options`` combination's, the matching ``cells:`` entries, then ``resources``.
 String values may name placeholders (``{output}``, ``{cell}``, ...), and a cell whose options
 name another cell's run directory needs that cell (:func:`_find_dependencies`).
 
 Loading reads only the file and the registries' names (:func:`benchmark.core.catalog.catalog`,
-which imports no method), so the light commands (``suite status``, ``list``) can use it.
-Problems are collected in :class:`_Problems` and raised together as one :class:`SuiteError`, so
-that a user fixes a file in one pass instead of one error per run.
+which imports no method; jsonargparse imports no torch either), so the light commands
+(``suite status``, ``list``) can use it. Problems are collected in :class:`_Problems` and
+raised together as one :class:`SuiteError`, so that a user fixes a file in one pass instead of
+one error per run.
 """
 
 from __future__ import annotations
@@ -29,15 +34,20 @@ from typing import Any
 import yaml
 
 from benchmark.app.suites.fields import (
+    GRID_EXAMPLE,
+    GridSpec,
+    Reproduces,
     Resources,
+    SlurmSpec,
     SuiteError,
+    SuiteFile,
     _closest,
     _list,
-    _mapping,
     _options,
+    _parse_fields,
     _Problems,
     _resources,
-    _unknown_keys,
+    _section,
 )
 from benchmark.core.catalog import Catalog, catalog
 from benchmark.core.defaults import recipe_dir
@@ -53,13 +63,6 @@ except ImportError:  # pragma: no cover - not on the platforms CI runs
 # error, 130 / 143 stopped by SIGINT / SIGTERM; EXIT_OK names the first in this package.
 EXIT_OK = EXIT_COMPLETED
 
-# The keys each section of the file accepts; any other key is reported with the closest of these
-# (_unknown_keys), since a misspelt key that is silently ignored would run the wrong grid.
-SUITE_KEYS = ("name", "description", "output", "plugins", "args", "grid", "cells", "exclude", "resources", "slurm",
-              "paper", "reproduces")
-REPRODUCES_KEYS = ("cells", "table", "row")
-GRID_KEYS = ("methods", "datasets", "backbones", "seeds", "variants", "options", "args")
-SLURM_KEYS = ("partition", "account", "qos", "constraint", "array_parallelism", "signal_delay_s", "setup", "additional")
 # What a selector (cells:, exclude:, --only, reproduces:) may name, in the order a cell id lists them.
 AXES = ("method", "dataset", "backbone", "variant", "seed")
 # resources: keys that are also trainer options. Written once in resources:, they reach both the
@@ -70,8 +73,6 @@ RESOURCE_FLAGS = {"devices": "trainer.devices", "num_nodes": "trainer.num_nodes"
 PLACEHOLDERS = ("output", "method", "dataset", "backbone", "variant", "seed", "cell")
 # Suite and variant names become folder names, cell ids and W&B group parts: no separators, no spaces.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-# The smallest useful grid, quoted by the messages about a missing or empty grid.
-GRID_EXAMPLE = "grid: {methods: [ms], datasets: [cub], seeds: [0, 1, 2]}"
 RECORD = "suite.json"  # the suite's record of a cell's attempts, in the cell's run directory
 RUN_LOCK = ".suite-run.lock"  # held by the `suite run` that is using an output folder
 LOG = "fit.log"  # the cell's output (every attempt, appended)
@@ -341,9 +342,10 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
 
     Raises:
         SuiteError: an unreadable file, invalid YAML, or every problem of the file at once:
-            unknown keys, empty lists, unknown methods / datasets / backbones, bad option
-            names, selectors that match nothing, duplicate cells, a dependency cycle, and
-            ``reproduces:`` rows that the paper does not have.
+            unknown keys, values of the wrong type (the schema of :mod:`.fields`), empty
+            lists, unknown methods / datasets / backbones, bad option names, selectors that
+            match nothing, duplicate cells, a dependency cycle, and ``reproduces:`` rows that
+            the paper does not have.
     """
     path = resolve_suite_path(str(path))
     problems = _Problems(path)
@@ -355,45 +357,53 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         raise SuiteError(f"Cannot read suite file {path}: {err}") from None
     if not isinstance(raw, dict):  # an empty file (None), a list or a scalar: nothing else can be checked
         raise SuiteError(f"{path}: a suite file is a mapping with a grid: section (docs/leaderboard.md).")
-    _unknown_keys("the suite file", raw, SUITE_KEYS, problems)
-    name = str(raw.get("name") or path.stem)  # the default output folder and the W&B groups' first part
+    # The top level's keys and value types; the sections with a class of their own are parsed
+    # below, each where it is used. A wrong value leaves its key at the default (and is reported).
+    parsed = _parse_fields(SuiteFile, raw, "the suite file", problems, prefix="")
+    top = SuiteFile(**(parsed or {}))
+    name = top.name or path.stem  # the default output folder and the W&B groups' first part
     if not _NAME.match(name):
         problems.add(f"name {name!r}: use letters, digits and _ . + = - only (it names the output folder).")
     # Plugins first: they register the methods, datasets and backbones the grid may name.
-    plugins = tuple(str(p) for p in (_list(raw.get("plugins"), "plugins", problems, "remove the key") or []))
+    plugins = tuple(top.plugins or ())
+    if raw.get("plugins") is not None and top.plugins is None:
+        # Without the plugins given, every name they register would be reported as unknown too.
+        problems.raise_if_any()
     try:
         known = catalog(plugins)  # the registered names, read without importing the methods (fast status)
     except ImportError as err:
         raise SuiteError(f"{path}: {err}") from None
-    out = Path(output if output is not None else raw.get("output") or Path("runs") / "suites" / name).expanduser()
+    out = Path(output if output is not None else top.output or Path("runs") / "suites" / name).expanduser()
     # Absolute: the cells' run directories are passed to fits and submitit jobs, and {output}
     # written into an option must name the same folder from wherever those start.
     out = out.resolve()
     # The sections every cell shares; a grid, its variants and cells: entries refine them.
-    common = _options(raw.get("args"), "args", problems)
-    base_resources = _resources(raw.get("resources"), "resources", problems)
-    slurm = _mapping(raw.get("slurm"), "slurm", problems)
-    _unknown_keys("slurm", slurm, SLURM_KEYS, problems)
+    common = _options(top.args, "args", problems)
+    base_resources = _resources(top.resources, "resources", problems)
+    slurm_spec = _section(SlurmSpec, top.slurm, "slurm", problems)
+    # The launchers read the keys given (slurm.get(key)), as submitit's slurm_<key> parameters.
+    slurm = {k: v for k, v in vars(slurm_spec).items() if v is not None} if slurm_spec else {}
 
     # grid: is required: a suite without cells is a mistake in the file, not an empty run.
-    grids = raw.get("grid")
-    if grids is None:
+    # (top.grid is a list: one grid is a list of one; None after a wrong value, already reported.)
+    grids = top.grid or []
+    if raw.get("grid") is None:
         problems.add(f"no grid: section. Add one, e.g. {GRID_EXAMPLE}.")
-        grids = []
-    grids = grids if isinstance(grids, list) else [grids]  # one grid, or a list of grids
-    if raw.get("grid") is not None and not grids:
+    elif top.grid == []:
         problems.add(f"grid is an empty list, so the suite has no cell: give at least one grid, e.g. {GRID_EXAMPLE}.")
     cells: list[Cell] = []
     for g, grid in enumerate(grids):
         where = "grid" if len(grids) == 1 else f"grid[{g}]"
-        cells += _expand_grid(grid, where, common, base_resources, plugins, known, problems)
+        spec = _section(GridSpec, grid, where, problems)
+        if spec is not None:  # None: a grid without (valid) methods / datasets, reported
+            cells += _expand_grid(spec, where, common, base_resources, plugins, known, problems)
     # Raised before the selectors are applied: over a grid with errors they would report
     # "matches no cell" for cells the user did ask for.
     problems.raise_if_any()
 
     # exclude:, then cells: (per-cell overrides by selector, in file order; later wins).
     all_cells = list(cells)
-    for i, text in enumerate(_list(raw.get("exclude"), "exclude", problems, "remove the key") or []):
+    for i, text in enumerate(top.exclude or []):
         selector = parse_selector(text, f"exclude[{i}]", problems)
         if selector is None:
             continue
@@ -401,7 +411,7 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         if not any(matches(c, selector) for c in all_cells):
             problems.add(f"exclude[{i}] {text!r} matches no cell of the grid.")
         cells = [c for c in cells if not matches(c, selector)]
-    for key, overrides in _mapping(raw.get("cells"), "cells", problems).items():
+    for key, overrides in (top.cells or {}).items():
         where = f"cells[{key!r}]"
         selector = parse_selector(key, where, problems)
         # The options are checked before giving up on a broken selector, so that one pass
@@ -452,9 +462,9 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
         seen.setdefault(cell.id, i)  # two cells with one id would share (and overwrite) one run directory
     problems.raise_if_any()
     # The paper rows and the dependencies need the final cells (ids, filled option values).
-    paper = _paper_rows(raw, cells, problems)
+    paper = _paper_rows(top, cells, problems)
     problems.raise_if_any()
-    suite = Suite(path=path, name=name, description=str(raw.get("description") or "").strip(), output=out,
+    suite = Suite(path=path, name=name, description=(top.description or "").strip(), output=out,
                   cells=cells, slurm=slurm, plugins=plugins, paper=paper)
     # Last: a dependency is found by a cell's run directory in another cell's filled-in options.
     _find_dependencies(suite, problems)
@@ -462,7 +472,7 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
     return suite
 
 
-def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> str | None:
+def _paper_rows(top: SuiteFile, cells: list[Cell], problems: _Problems) -> str | None:
     """``paper:`` and ``reproduces:``: which cells reproduce which rows of the paper's tables.
 
     Every entry names cells by selector and one (table, row) of ``benchmark/core/reference/<paper>.csv``;
@@ -473,27 +483,24 @@ def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> 
     Returns:
         The paper's name, or None without ``paper:`` (or with an unknown paper, a problem).
     """
-    entries = _list(raw.get("reproduces"), "reproduces", problems, "remove the key") or []
+    entries = top.reproduces or []
     # The reference numbers are read from the package (benchmark/core/reference/), no run needed.
-    paper = raw.get("paper")
+    paper = top.paper
     if paper is None:
         if entries:
             problems.add("reproduces: needs paper: NAME (the paper whose tables the cells reproduce).")
         return None
     known = known_papers()
-    if str(paper) not in known:
+    if paper not in known:
         problems.add(f"paper {paper!r} has no reference numbers; known papers: {', '.join(known)} (benchmark/core/reference/).")
         return None
-    rows = {(n.table, n.row) for n in paper_numbers(papers=[str(paper)])}
-    for i, entry in enumerate(entries):
+    rows = {(n.table, n.row) for n in paper_numbers(papers=[paper])}
+    for i, raw_entry in enumerate(entries):
         where = f"reproduces[{i}]"
-        entry = _mapping(entry, where, problems)
-        _unknown_keys(where, entry, REPRODUCES_KEYS, problems)
-        missing = [k for k in REPRODUCES_KEYS if k not in entry]
-        if missing:
-            problems.add(f"{where} needs {', '.join(missing)} (e.g. {{cells: variant=base, table: Table 1, row: Ours}}).")
+        entry = _section(Reproduces, raw_entry, where, problems)
+        if entry is None:  # a wrong or missing cells / table / row, reported
             continue
-        key = (str(entry["table"]), str(entry["row"]))
+        key = (entry.table, entry.row)
         # The hint lists the rows of the named table, or the tables when the table itself is wrong.
         if key not in rows:
             in_table = sorted(r for t, r in rows if t == key[0])
@@ -501,25 +508,25 @@ def _paper_rows(raw: dict[str, Any], cells: list[Cell], problems: _Problems) -> 
                 f" Tables: {', '.join(sorted({t for t, _ in rows}))}."  # fmt: skip
             problems.add(f"{where}: {paper} has no row {key[1]!r} in {key[0]!r}.{hint}")
             continue
-        selector = parse_selector(entry["cells"], f"{where}.cells", problems)
+        selector = parse_selector(entry.cells, f"{where}.cells", problems)
         if selector is None:
             continue
         chosen = [c for c in cells if matches(c, selector)]
         if not chosen:
-            problems.add(f"{where}.cells {entry['cells']!r} matches no cell.")
+            problems.add(f"{where}.cells {entry.cells!r} matches no cell.")
         for cell in chosen:
             # Overlapping selectors may give a cell the same row twice: it reproduces it once.
             if key not in cell.reproduces:
                 cell.reproduces += (key,)
-    return str(paper)
+    return paper
 
 
-def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resources, plugins: tuple[str, ...], known: Catalog,
-                 problems: _Problems) -> list[Cell]:
+def _expand_grid(grid: GridSpec, where: str, common: dict[str, Any], resources: Resources, plugins: tuple[str, ...],
+                 known: Catalog, problems: _Problems) -> list[Cell]:
     """The cells of one grid (``where`` names it in messages), before ``exclude:`` and ``cells:``.
 
     Args:
-        grid: the grid's mapping as read from the file.
+        grid: the grid, parsed (its methods and datasets given, every axis a non-empty list).
         where: ``grid`` or ``grid[i]``.
         common: the file's ``args:``, applied first.
         resources: the file's ``resources:``, shared by every cell until ``cells:`` changes them.
@@ -531,26 +538,11 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
         One cell per combination of method, dataset, backbone, variant, ``options:`` values and
         seed, in that nesting order (seeds innermost).
     """
-    if isinstance(grid, dict):
-        # A cell's method and dataset are what the table compares: never a silent default (`fit`'s
-        # defaults would turn `grid: {}` into one cell of the default method on the synthetic data).
-        absent = [key for key in ("methods", "datasets") if grid.get(key) is None]
-        if absent:
-            what = "is empty" if not grid else f"names no {' and no '.join(absent)}"
-            problems.add(f"{where} {what}: every grid lists its methods: and datasets: (registered names: python -m "
-                         f"benchmark list), e.g. {GRID_EXAMPLE}; the embedded default is datasets: [synthetic].")
-    grid = _mapping(grid, where, problems)
-    _unknown_keys(where, grid, GRID_KEYS, problems)
-    methods = _list(grid.get("methods"), f"{where}.methods", problems, "list at least one method") or []
-    datasets = _list(grid.get("datasets"), f"{where}.datasets", problems, "list at least one dataset") or []
-    # Without the key: one backbone, None (each recipe's); an empty list, already a problem,
-    # gives no cell rather than silently falling back to the recipes'.
-    backbones = _list(grid.get("backbones"), f"{where}.backbones", problems,
-                      "list at least one backbone, or leave the key out for each recipe's") or (
-        [] if "backbones" in grid else [None])
-    # Without the key: seed 0 alone; an empty list is a problem and gives no cell.
-    seeds = _list(grid.get("seeds"), f"{where}.seeds", problems, "list at least one seed") or (
-        [] if "seeds" in grid else [0])
+    # The schema made every axis a non-empty list; a cell's method and dataset are always given
+    # (a silent default would turn a grid without them into fit's default method on the synthetic data).
+    methods, datasets = grid.methods, grid.datasets
+    backbones = grid.backbones or [None]  # without the key: one backbone, None (each recipe's)
+    seeds = grid.seeds or [0]  # without the key: seed 0 alone
     # Checked against the registries' names (plugins included) so that a typo fails here, with
     # the registered names, and not minutes later in one fit subprocess per cell.
     for kind, names, table, command in (
@@ -558,36 +550,31 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
         ("backbone", [b for b in backbones if b is not None], known.backbones, "list"),
     ):
         for name in names:
-            if not isinstance(name, str) or name not in table:
-                problems.add(f"{where}: unknown {kind} {name!r}.{_closest(str(name), table)} "
+            if name not in table:
+                problems.add(f"{where}: unknown {kind} {name!r}.{_closest(name, table)} "
                              f"Registered: {', '.join(sorted(table))} (python -m benchmark {command}).")
-    for seed in seeds:
-        # bool is an int in Python, and YAML reads `yes` / `true` as True.
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            problems.add(f"{where}.seeds: {seed!r} is not a non-negative integer.")
     # A repeated value would give two cells with one id, i.e. one run directory for two runs.
     for kind, values in (("methods", methods), ("datasets", datasets), ("backbones", backbones), ("seeds", seeds)):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             problems.add(f"duplicate cells: {where}.{kind} lists {', '.join(repeated)} more than once.")
-    grid_args = _options(grid.get("args"), f"{where}.args", problems)  # after the file's args: win over them
+    grid_args = _options(grid.args, f"{where}.args", problems)  # after the file's args: win over them
 
     # Named override sets × the product of `options:`, each combination one variant.
     # `named` holds (name, options, where the file set them); without variants: one unnamed, empty.
     named: list[tuple[str, dict[str, Any], str]] = [("", {}, "")]
-    if "variants" in grid:
-        raw_variants = _mapping(grid["variants"], f"{where}.variants", problems)
-        if not raw_variants:
+    if grid.variants is not None:
+        if not grid.variants:
             problems.add(f"{where}.variants is empty: name at least one override set, or remove the key.")
         named = []
-        for vname, overrides in raw_variants.items():
+        for vname, overrides in grid.variants.items():
             vname = str(vname)
             if not _NAME.match(vname):
                 problems.add(f"{where}.variants: name {vname!r}: use letters, digits and _ . + = - only.")
             named.append((vname, _options(overrides, f"{where}.variants.{vname}", problems), f"{where}.variants.{vname}"))
     products: list[list[tuple[str, str, Any]]] = [[]]
-    if "options" in grid:
-        raw_options = _options(grid["options"], f"{where}.options", problems)
+    if grid.options is not None:
+        raw_options = _options(grid.options, f"{where}.options", problems)
         if not raw_options:
             problems.add(f"{where}.options is empty: give option: [values], or remove the key.")
         # One axis per option: its (option, label, value) triples; the product crosses them.
@@ -615,11 +602,9 @@ def _expand_grid(grid: Any, where: str, common: dict[str, Any], resources: Resou
                 options.pop(option, None)
                 options[option] = value
                 sources[option] = source
-        parts = [str(method), str(dataset), *([str(backbone)] if backbone else []), *([variant] if variant else []),
-                 f"seed{seed}"]
-        # An invalid seed is already a problem; 0 only keeps the Cell well-formed until it is raised.
-        cells.append(Cell(id="-".join(parts), method=str(method), dataset=str(dataset), backbone=backbone,
-                          variant=variant, seed=seed if isinstance(seed, int) else 0, options=options,
+        parts = [method, dataset, *([backbone] if backbone else []), *([variant] if variant else []), f"seed{seed}"]
+        cells.append(Cell(id="-".join(parts), method=method, dataset=dataset, backbone=backbone,
+                          variant=variant, seed=seed, options=options,
                           sources=sources, resources=resources, plugins=plugins))
     return cells
 
