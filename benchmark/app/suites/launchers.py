@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import torch
 
 from benchmark.app.suites.fields import Resources
 from benchmark.app.suites.runner import CellRun, SignalHandlers, job_attempt, run_attempt
@@ -205,7 +204,13 @@ def _gpus(resources: Resources) -> int:
 
 
 def _gpus_here() -> int:
-    """The GPUs of this machine (0 without CUDA)."""
+    """The GPUs of this machine (0 without CUDA).
+
+    torch is imported here, not with the module: every job imports this module to unpickle its
+    :class:`CellJob`, and a second of torch's import per cell is paid for nothing there (its
+    fit imports torch itself)."""
+    import torch
+
     return torch.cuda.device_count()
 
 
