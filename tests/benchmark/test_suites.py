@@ -433,6 +433,10 @@ def test_a_suite_runs_every_cell_as_its_own_fit_in_a_deterministic_folder(
         record = _record(run)
         assert record["attempts"][-1]["exit_code"] == 0
         assert record["attempts"][-1]["command"][1:4] == ["-m", "benchmark", "fit"]
+        # One launcher path: the serial run's cell ran as a submitit job (its log beside the others'),
+        # not as a fit the suite process supervised itself.
+        job = record["attempts"][-1]["job_id"]
+        assert job and list((out / ".submitit").glob(f"{job}_0_log.out")), record["attempts"][-1]
         assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == i
     assert main(["suite", "status", str(path)]) == 0
     shown = capsys.readouterr().out
@@ -663,6 +667,24 @@ def test_a_cell_past_its_time_limit_gets_sigterm_and_is_resumable(
     suite = load_suite(path)
     plan = plan_cell(suite, suite.cells[0], retry_failed=False)
     assert plan.action == "resume" and plan.ckpt == run / "checkpoints" / "last.ckpt"
+
+
+def test_a_local_job_of_a_cell_without_a_gpu_count_sees_every_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit shows a local job only the GPUs it is given (CUDA_VISIBLE_DEVICES): a cell with
+    devices: auto (the default) was given none, so its fit trained on the CPU of a GPU machine.
+    Here the machine has 4 GPUs (a stand-in count): an auto cell gets all four, a devices: 2 cell
+    two, and accelerator: cpu none."""
+    from benchmark.app.suites import launchers
+
+    monkeypatch.setattr(launchers, "_gpus_here", lambda: 4)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"output: {tmp_path / 'out'}\ngrid: {{{MS}, variants: {{auto: {{}}, two: {{}}, cpu: {{}}}}}}\n"
+                    "cells:\n  variant=two: {resources: {devices: 2}}\n  variant=cpu: {resources: {accelerator: cpu}}\n")
+    suite = load_suite(path)
+    given = {c.variant: launchers._executor(suite, "local", c.resources, tmp_path / "jobs")._executor.parameters["gpus_per_node"]
+             for c in suite.cells}
+    assert given == {"auto": 4, "two": 2, "cpu": 0}
+    assert launchers.default_parallel([suite.cells[1]]) == 2 and launchers.default_parallel([suite.cells[0]]) == 1
 
 
 # ---------------------------------------------------------------------------- changed options
