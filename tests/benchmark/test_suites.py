@@ -187,6 +187,10 @@ BAD = {
                                  ["cells['method=margin'] matches no cell"]),
     "bad-selector-axis": (f"grid: {{{MS}}}\nexclude: [methd=ms]\n", ["unknown axis 'methd'", "method"]),
     "bad-time": (f"grid: {{{MS}}}\nresources: {{time: soon}}\n", ["resources.time", "not a duration"]),
+    # Cells that differ only in their resources shared one validation parse, the first cell's:
+    # a wrong value in another cell's resources reached its fit.
+    "resource-of-one-cell": (f"grid: {{{MS}, seeds: [0, 1]}}\ncells:\n  seed=1: {{resources: {{precision: foo}}}}\n",
+                             ["ms-synthetic-seed1", "--trainer.precision", "resources.precision"]),
     "resource-twice": (f"args: {{trainer.devices: 2}}\ngrid: {{{MS}}}\nresources: {{devices: 1}}\n",
                        ["--trainer.devices is given both", "give it once"]),
     "no-grid": ("name: x\n", ["no grid: section"]),

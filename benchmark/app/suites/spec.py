@@ -456,6 +456,9 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
             else:
                 cell.options[flag] = value
                 cell.sources[flag] = f"resources.{key}"
+                # Part of what the validation parses: cells that differ only in their resources
+                # (a cells: entry's precision) would otherwise share the first one's check.
+                cell.template += (f"--{flag}", flag_value(value))
         if cell.id in seen:
             problems.add(f"duplicate cell {cell.id}: two entries of the grid give the same method, dataset, backbone, "
                          "variant and seed. Remove the repeated value, or give the variants different names.")

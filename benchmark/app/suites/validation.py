@@ -56,7 +56,9 @@ def validate_cells(suite: Suite, cells: list[Cell] | None = None) -> None:
         if message:
             # Point back into the file: the options the parser's message names, with the entry
             # (args, grid.variants.x, cells[...]) that set each for this cell.
-            origin = [f"--{o} ({src})" for o, src in cell.sources.items() if re.search(rf"--{re.escape(o)}\b", message)]
+            # (as --option, or as jsonargparse's quoted "option" key of a refused value)
+            origin = [f"--{o} ({src})" for o, src in cell.sources.items()
+                      if re.search(rf'--{re.escape(o)}\b|"{re.escape(o)}"', message)]
             where = f" Set in the suite file: {', '.join(origin)}." if origin else ""
             refused.setdefault(f"{message}{where}", []).append(cell.id)
     for message, ids in refused.items():
@@ -88,11 +90,15 @@ def _parse_error(argv: list[str]) -> str | None:
         return str(cause) if cause is not None else f"{type(error).__name__}: {error}"
     if code in (0, None):
         return None
-    # jsonargparse prints the usage, then "error: ..." lines; keep those (the usage is long and
-    # the same for every cell), else the last line, else the exit code.
-    lines = [line.strip() for line in err.getvalue().splitlines() if line.strip()]
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
-    return " ".join(errors) if errors else (lines[-1] if lines else f"the configuration was refused (exit {code}).")
+    # jsonargparse prints the usage, then "error: ..." and the lines that explain it (a value
+    # refused by each alternative of a Union, indented below); keep those, on one line (the usage
+    # is long and the same for every cell), else the last line, else the exit code.
+    text = err.getvalue()
+    first = re.search(r"^error: ", text, re.M)
+    if first:
+        return " ".join(line.strip() for line in text[first.end():].splitlines() if line.strip())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else f"the configuration was refused (exit {code})."
 
 
 def check_output(folder: Path, create: bool) -> None:
