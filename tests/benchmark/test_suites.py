@@ -691,6 +691,17 @@ def test_a_local_job_of_a_cell_without_a_gpu_count_sees_every_gpu(tmp_path: Path
     assert launchers.default_parallel([suite.cells[1]]) == 2 and launchers.default_parallel([suite.cells[0]]) == 1
 
 
+def test_a_requeued_multi_task_job_hands_its_tasks_a_new_launch_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM keeps a requeued job's id: the other tasks must wait for task 0's new command (which
+    resumes with --ckpt_path), not start the previous attempt's from the file it left."""
+    from benchmark.app.suites.launchers import launch_file
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    first = launch_file(tmp_path, "123_4")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert launch_file(tmp_path, "123_4") != first and launch_file(tmp_path, "123_4").parent == tmp_path
+
+
 # ---------------------------------------------------------------------------- changed options
 def _fake_attempt(suite: Suite, cell: Cell, status: str | None, exit_code: int | None = None,
                   pid: int | None = None, checkpoint: bool = False) -> Path:

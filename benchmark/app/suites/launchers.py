@@ -115,7 +115,7 @@ class CellJob(submitit.helpers.Checkpointable):
         included when it resumes), so every rank runs the same fit; Lightning joins them into one
         DDP run from SLURM's environment."""
         if env.num_tasks > 1:
-            atomic_write_text(run.run_dir / f".launch-{env.job_id}.json", json.dumps({"command": run.command}))
+            atomic_write_text(launch_file(run.run_dir, env.job_id), json.dumps({"command": run.command}))
 
     def _follow(self, suite: Suite, cell: Cell, env: Any) -> dict[str, Any]:
         """Task ``global_rank`` > 0 of a multi-task job: run task 0's command, once it is written.
@@ -126,7 +126,7 @@ class CellJob(submitit.helpers.Checkpointable):
         Raises:
             RuntimeError: task 0 did not write its command in time.
         """
-        launch = suite.run_dir(cell) / f".launch-{env.job_id}.json"
+        launch = launch_file(suite.run_dir(cell), env.job_id)
         deadline = time.monotonic() + 600
         while not launch.is_file():
             if time.monotonic() > deadline:
@@ -153,6 +153,15 @@ class CellJob(submitit.helpers.Checkpointable):
             self.run.finish()
         self.run = None
         return submitit.helpers.DelayedSubmission(CellJob(self.enforce_time, self.restart_changed), *args, **kwargs)
+
+
+def launch_file(run_dir: Path, job_id: str) -> Path:
+    """Where task 0 of a multi-task job leaves the fit's command for the other tasks.
+
+    Named by the job and by SLURM's requeue count (``SLURM_RESTART_COUNT``): a requeued job
+    keeps its id, and its other tasks must not start the previous attempt's command (without
+    the ``--ckpt_path`` the new one resumes from) before task 0 has written the new one."""
+    return run_dir / f".launch-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}.json"
 
 
 def _executor(suite: Suite, launcher: str, resources: Resources, folder: Path):
