@@ -313,7 +313,8 @@ class BenchmarkCLI(LightningCLI):
         if (self.run_info.get("command") or "fit") == "fit" and hasattr(self.datamodule, "training_batches"):
             # The batch settings against the data, before any folder or data pass.
             batches = len(self.datamodule.training_batches(self.model.data_request()))
-            every = self._get(self.config_init, "trainer", default={}).get("log_every_n_steps") or 50
+            every = self._get(self.config_init, "trainer", default={}).get("log_every_n_steps")
+            every = 50 if every is None else every  # Lightning's default; 0 (no step logging) is kept
             if 0 < batches < every:
                 # Lightning writes step metrics every log_every_n_steps steps: an epoch shorter than
                 # that would leave train/loss out of every logger. Write once an epoch then.

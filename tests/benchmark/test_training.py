@@ -144,3 +144,23 @@ def test_per_step_terms_are_logged_only_when_written_and_the_loggers_get_the_sam
         assert float(row["train/loss"]) == pytest.approx(losses[int(row["step"])], rel=1e-6)
     assert all(row["train/grad_norm"] for row in rows)  # logged at the same steps
     assert contracts.logs_this_step(None) is True
+
+
+def test_log_every_n_steps_0_turns_step_logging_off(tmp_path: Path) -> None:
+    """An epoch shorter than log_every_n_steps is logged once an epoch (so train/loss reaches the
+    loggers; test_wandb checks it), but 0, which turns Lightning's step logging off, was read as
+    the default 50 and turned back on (one train/loss row per epoch)."""
+    import csv
+    import warnings
+
+    run = tmp_path / "run"
+    args = ["fit", "--method", "ms", "--backbone", "resnet_tiny_test", "--backbone.pretrained", "false",
+            "--data.batches_per_epoch", "3", "--data.num_workers", "0", "--trainer.max_epochs", "1",
+            "--trainer.log_every_n_steps", "0", "--trainer.enable_progress_bar", "false", "--figures", "false",
+            "--logger", "csv", "--run_dir", str(run), "--trainer.precision", "32-true"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and not any(row.get("train/loss") for row in rows)  # the epoch's evaluations only
