@@ -68,7 +68,7 @@ def _build(args: argparse.Namespace, run_dir: Path, workers: int | None, extra: 
     if workers is not None:
         argv += ["--data.num_workers", str(workers)]
     if args.batches:
-        argv += ["--trainer.limit_test_batches", str(args.batches)]
+        argv += ["--trainer.limit_test_batches", str(args.batches), "--trainer.limit_val_batches", str(args.batches)]
     with warnings.catch_warnings():  # Lightning's advice (few workers, ...) would drown the report
         warnings.simplefilter("ignore")
         return build_cli("test", argv + extra, run=False)
@@ -128,23 +128,30 @@ def measure_forward(cli: Any, batches: list[Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure_loop(cli: Any) -> tuple[float, float]:
-    """(embedding loop seconds, metrics seconds) of ``trainer.test`` with the evaluator.
+def measure_loop(cli: Any, split: str = "test") -> tuple[float, float, int, str]:
+    """(embedding loop seconds, metrics seconds, images, stage) of the evaluation of ``split``.
 
-    Both come from the evaluator's own clock: the loop is its ``last_embed_seconds`` (the test
-    epoch's batches, loader and forward pipelined), the metrics the rest of its evaluation
-    (gathering, refinement, metrics). It always evaluates the test split, whatever ``--split``.
+    ``trainer.test`` for ``test``, ``trainer.validate`` for ``val``: the split the data and the
+    forward were measured on (the loop always evaluated test, and its rate divided val's image
+    count by test's time). The times come from the evaluator's own clock: the loop is its
+    ``last_embed_seconds`` (the epoch's batches, loader and forward pipelined), the metrics the
+    rest of its evaluation (gathering, refinement, metrics); the images and the stage are those
+    of the evaluation it kept.
     """
     trainer = cli.trainer
     evaluator = next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluator))
-    evaluator.write_results, evaluator.print_table = False, False  # time the evaluation, not its reporting
+    # Time the evaluation, not its reporting; keep it whichever the split, for its images and stage.
+    evaluator.write_results, evaluator.print_table, evaluator.keep_stages = False, False, (split,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        run = trainer.test if split == "test" else trainer.validate
+        run(cli.model, datamodule=cli.datamodule, verbose=False)
     evaluation = evaluator.last_evaluation
-    total = evaluation.seconds if evaluation is not None else float("nan")
-    # NaN metrics seconds if the evaluator kept no evaluation (it keeps one on global rank 0 only).
-    return evaluator.last_embed_seconds, total - evaluator.last_embed_seconds
+    # NaN metrics seconds (0 images) if the evaluator kept no evaluation (it keeps one on global rank 0 only).
+    if evaluation is None:
+        return evaluator.last_embed_seconds, float("nan"), 0, split
+    return (evaluator.last_embed_seconds, evaluation.seconds - evaluator.last_embed_seconds, len(evaluation.labels),
+            evaluation.stage)
 
 
 @register_perf("embed", "evaluation end to end: the embedding loop against the loader alone and the forward alone")
@@ -191,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         for count in counts:
             print(f"[perf embed] the loop with {count if count is not None else 'the default'} workers", file=sys.stderr)
             cli = _build(args, Path(scratch) / f"loop{count}", count, extra)
-            embed_s, metrics_s = measure_loop(cli)
+            embed_s, metrics_s, looped, stage = measure_loop(cli, args.split)
             loops.append({"workers": cli.datamodule.num_workers, "seconds": embed_s, "metrics_seconds": metrics_s,
-                          "images_per_second": images / embed_s})
+                          "images": looped, "stage": stage, "images_per_second": looped / embed_s})
         rows["loop"] = loops
     precision = str(base.trainer.precision)
     console = make_console()
