@@ -47,14 +47,18 @@ def render_console(rows: list[dict[str, Any]], metrics: Sequence[str], rank_by: 
         subset = [r for r in rows if str(r["dataset"]) == dataset]
         title = f"{dataset}: mean ± sample std over seeds (%), ranked by {rank_by}; number per run: {subset[0]['select']}"
         table = Table(title=title)
-        for col in headers(metrics, rank_by):
+        columns = headers(metrics, rank_by)
+        for col in columns:
             table.add_column(col)
         for r in subset:
             table.add_row(*_row_cells(r, metrics, rank_by))
             if per_seed:
                 for seed, v in r[f"{rank_by}_per_seed"].items():
-                    # Under the first metric column (the six columns before it are the row's fields).
-                    table.add_row("", f"seed {seed}", "", "", "", "", f"{v:.2f}")
+                    # The seed under the row's backbone, its value under the ranking metric's column
+                    # (not always the first metric: --metrics R@1,MAP@R --metric MAP@R).
+                    cells = [""] * len(columns)
+                    cells[1], cells[columns.index(rank_by)] = f"seed {seed}", f"{v:.2f}"
+                    table.add_row(*cells)
         for n in [n for n in refs if n.dataset == dataset]:
             table.add_row(*_paper_cells(n, metrics), style="dim")
         console.print(table)

@@ -265,3 +265,21 @@ def test_the_wandb_report_is_built_from_a_recorded_project(project: tuple[Path, 
     assert main(["--wandb", "me/dml", "--publish"]) == 0
     assert saved[0] is report and saved[0].id == "report-1"
     assert "published https://wandb.example.com/report/report-1" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_per_seed_values_sit_under_the_ranking_metric(runs: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """--per-seed wrote every seed's value under the first metric column, whichever ranked the rows."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per table row
+    out = runs.parent / "board.json"
+    assert main(["--runs", str(runs), "--metrics", "R@1,MAP@R", "--metric", "MAP@R", "--format", "json", "--out", str(out)]) == 0
+    per_seed = {f"{v:.2f}" for r in json.loads(out.read_text())["rows"] for v in r["MAP@R_per_seed"].values()}
+    capsys.readouterr()
+    assert main(["--runs", str(runs), "--metrics", "R@1,MAP@R", "--metric", "MAP@R", "--per-seed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "MAP@R" in line and "method" in line)
+    column = [c.strip() for c in header.split("┃")].index("MAP@R")
+    seeds = [[c.strip() for c in line.split("│")] for line in lines if "seed " in line]
+    assert len(seeds) == 2 * len(METHODS)
+    assert all(cells[column] in per_seed and cells[column - 1] == "" for cells in seeds), seeds
