@@ -209,3 +209,23 @@ def test_perf_eval_ties_runs_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) 
     for kind in ("SOP-like", "all-equal", "half-duplicated", "quantised"):
         assert kind in out
     assert "300 rows: all-equal / SOP-like = " in out
+
+
+def test_perf_eval_ties_refuses_classes_it_would_ignore(capsys: pytest.CaptureFixture[str]) -> None:
+    """--classes was silently ignored with --ties (each size uses SOP's class size): refused now."""
+    from benchmark.app.cli import main
+
+    assert main(["perf", "eval", "--ties", "--sizes", "300", "--classes", "50", "--device", "cpu"]) == 2
+    assert "--classes does not apply with --ties" in capsys.readouterr().err
+
+
+def test_perf_eval_compares_the_suite_with_its_peers_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """The verdict compared the suite with the rows after floor and suite by position: with --no-pml
+    that was NMI's row (another metric), reported as a peer the suite is 'faster than'."""
+    from benchmark.app.cli import main
+
+    assert main(["perf", "eval", "--n", "2000", "--dim", "16", "--no-pml", "--map-at-k", "100", "--k", "100",
+                 "--device", "cpu", "--nmi-iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "faster than faiss IndexFlatIP search" in out and "NMI (faiss k-means" in out
+    assert "faster than NMI" not in out

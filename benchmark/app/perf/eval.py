@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.core.contracts import perf_headline, register_perf
+from benchmark.core.errors import CLIError
 from benchmark.core.io import console as make_console
 from benchmark.engine.evaluation.metrics import default_chunk_size, nmi, retrieval_metrics
 from benchmark.engine.evaluation.search import _block_size
@@ -371,7 +372,7 @@ def ties_main(args: argparse.Namespace, argv: list[str] | None, device: torch.de
         table.add_column(name, justify=justify)
     verdict = []
     for n in args.sizes:
-        # The default class count for n rows (--classes is not applied here).
+        # SOP's mean class size for n rows (main refuses --classes with --ties).
         x, labels = make_sop_like(n, args.dim, None, args.seed, args.noise)
         sets = {"SOP-like": x.to(device)} | {kind: tied_variant(x, kind).to(device) for kind in TIE_VARIANTS}
         labels = labels.to(device)
@@ -443,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.ties:
+        if args.classes is not None:
+            # Each size of --sizes has its own class count (SOP's mean class size); one --classes
+            # cannot fit them all, and ignoring it would time another set than the one asked for.
+            raise CLIError("perf eval: --classes does not apply with --ties (each of --sizes uses SOP's mean "
+                           "class size, n / 5.35); leave it out.")
         return ties_main(args, argv, device)
     start = time.perf_counter()
     x, labels = make_sop_like(args.n, args.dim, args.classes, args.seed, args.noise)
@@ -479,10 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
     )
     rows = [floor, suite]
+    peers = []  # the rows of the other libraries the verdict compares the suite with
 
     if not args.no_peers:
         faiss_row, _ = timed(f"faiss IndexFlatIP search, k={args.k}", lambda: faiss_knn(x, args.k), device)
         rows.append(faiss_row)
+        peers.append(faiss_row)
     if not args.no_peers and not args.no_pml:
         pml_row, pml = timed("pytorch-metric-learning AccuracyCalculator", lambda: pml_accuracy(x, labels), device)
         # Same definitions, independent code: their largest difference checks the suite's values.
@@ -496,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             f"MAP@R {pml['mean_average_precision_at_r']:.4f} (max |diff| to suite {agree:.1e})"
         )
         rows.append(pml_row)
+        peers.append(pml_row)
     if not args.no_nmi:
         nmi_row, value = timed(
             f"NMI (faiss k-means, {int(labels.max()) + 1:,} clusters, {args.nmi_iters} iters)",
@@ -512,16 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if suite.extra_mib is not None:
         verdict.append(f"suite extra memory {suite.extra_mib:,.0f} MiB (target <= {TARGET_EXTRA_MIB:,})")
-    # The rows after floor and suite: faiss and pytorch-metric-learning (with --no-pml, NMI's row
-    # takes the second place).
-    for row in rows[2:4] if not args.no_peers else []:
+    for row in peers:  # NMI's row is not a peer: it computes another metric
         verdict.append(f"suite is {row.seconds / suite.seconds:.1f}x faster than {row.name.split(',')[0]}")
     print_report(rows, floor, header, verdict)
     where = "GPU" if device.type == "cuda" else "CPU"
     perf_headline(f"metric suite at {args.n:,} x {args.dim} ({where})", suite.seconds, "s",
                   args.goal_seconds if args.goal_seconds > 0 else None, higher_is_better=False)
     perf_headline("metric suite / matrix-product floor", ratio, "x", TARGET_RATIO, higher_is_better=False)
-    for row in rows[2:3] if not args.no_peers else []:
+    for row in peers[:1]:  # faiss's search
         perf_headline(f"faiss IndexFlatIP k={args.k} ({'GPU' if _faiss_gpu() and device.type == 'cuda' else 'CPU'})",
                       row.seconds, "s", higher_is_better=False)
     return 0
