@@ -567,6 +567,18 @@ def _parse_filters(items: Sequence[str]) -> dict[str, str]:
     return filters
 
 
+def _is_text(value: str) -> bool:
+    """Whether a ``--filter`` value is text as a run's config stores it, not a number, boolean or null
+    (which a config holds typed: ``seed=0`` names the number 0)."""
+    if value.strip().lower() in ("true", "false", "null", "none"):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return True
+    return False
+
+
 def _read_records(args: argparse.Namespace, filters: Mapping[str, str]) -> list[RunRecord]:
     """The runs of ``--runs`` (local folders) or ``--wandb`` (a W&B project), filtered.
 
@@ -583,8 +595,14 @@ def _read_records(args: argparse.Namespace, filters: Mapping[str, str]) -> list[
                 f"--wandb {args.wandb} reads the project through W&B's API, which needs a login: run `wandb login` "
                 "(or set WANDB_API_KEY), or read local run folders with --runs DIR."
             )
+        # Server-side only the filters whose value is text as W&B stores it: W&B compares typed
+        # values (a seed is logged as the number 0, which the text "0" does not equal), so a value
+        # that reads as a number, a boolean or null is matched here, as text, like a local run's.
+        server = {f"config.{k}": v for k, v in filters.items() if _is_text(v)}
+        here = {k: v for k, v in filters.items() if f"config.{k}" not in server}
         try:
-            return wandb_runs(args.wandb, {f"config.{k}": v for k, v in filters.items()})
+            records = wandb_runs(args.wandb, server)
+            return [r for r in records if all(str(r.meta.get(k)) == v for k, v in here.items())]
         except UserError:
             raise
         except Exception as err:  # the API's own errors: a wrong entity or project, no network

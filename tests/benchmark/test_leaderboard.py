@@ -177,6 +177,14 @@ def test_wandb_and_the_run_folders_give_the_same_rows(project: tuple[Path, list[
         assert remote == local and len(local) == 2
     assert [r["method"] for r in _csv(capsys, "--wandb", "me/dml", "--filter", "method=ms")] == ["ms"]
     assert api.calls[-1] == ("me/dml", {"config.method": "ms"})
+    # A number is logged typed (seed 0), which W&B's filter does not match with the text "0": such a
+    # value is matched on the runs read, as a local run's is (the table found no run).
+    seeded = _csv(capsys, "--wandb", "me/dml", "--filter", "method=ms", "--filter", "seed=0")
+    assert [r["method"] for r in seeded] == ["ms"] and seeded[0]["seeds"] == "0"
+    assert api.calls[-1] == ("me/dml", {"config.method": "ms"})
+    local = _csv(capsys, "--runs", str(runs), "--filter", "method=ms", "--filter", "seed=0")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in local] == [
+        {k: v for k, v in r.items() if k not in drop} for r in seeded]
 
 
 @pytest.mark.filterwarnings("ignore")

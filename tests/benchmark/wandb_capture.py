@@ -37,7 +37,8 @@ class RecordedApi:
 
     def runs(self, path: str, filters: dict[str, Any] | None = None) -> list[RecordedRun]:
         self.calls.append((path, filters))
-        return [r for r in self._runs if all(str(r.config.get(k.split(".", 1)[1])) == v for k, v in (filters or {}).items())]
+        # Typed equality, as W&B's server compares config values: the text "0" does not match a seed 0.
+        return [r for r in self._runs if all(r.config.get(k.split(".", 1)[1]) == v for k, v in (filters or {}).items())]
 
 
 @contextlib.contextmanager
