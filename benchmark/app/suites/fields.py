@@ -385,7 +385,7 @@ def _options(value: dict[str, Any] | None, where: str, problems: _Problems,
         if name in RESERVED:
             problems.add(f"{where}: --{name} is set by {RESERVED[name]}, not by an option.")
             continue
-        if name == "data" or name == "model" or name == "trainer":
+        if name in ("model", "trainer"):  # (data is reserved above: the grid's datasets choose it)
             problems.add(f"{where}: {name!r} needs a sub-option ({name}.X); the class is chosen by the grid.")
             continue
         out[name] = item
