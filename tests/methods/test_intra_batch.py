@@ -635,10 +635,19 @@ def test_cpu_fit_improves_recall_and_reports_refined_metrics(tmp_path: Path, mon
     model, emb, is_gallery, refined = refine_calls[0]
     data = evaluated[-1]  # the test evaluation: labels in the same (dataset-index) order
     assert torch.equal(data["embeddings"], emb) and len(emb) == 800  # 100 test classes x 8 images
-    batches = ReferenceReciprocalBatches(emb, is_gallery, 10, 7).all_batches()  # (800, 7)
+    nodes = F.normalize(emb.float(), dim=1)
+    cfg = model.refine_config
+    batches = reciprocal_knn_batches(nodes, is_gallery, 10, 7, cfg.alpha, cfg.strict_overlap)  # (800, 7): refine's
+    # The literal transcription (float64 squared distances of the raw embeddings) gives the same
+    # batches but where a distance ties within rounding: here 1 row of 800, whose batch differs
+    # because another sample's 10th and 11th neighbours lie 1e-7 apart (0.0318599 vs 0.0318600).
+    # The test applied the MPN to the transcription's batches and failed on that row; the exact
+    # semantics are checked against it on untied embeddings (test_reciprocal_batches_equal_the_per_query_reference).
+    reference = ReferenceReciprocalBatches(emb, is_gallery, 10, 7, cfg.alpha, cfg.strict_overlap).all_batches()
+    same = (batches.sort(dim=1).values == reference.sort(dim=1).values).all(dim=1)
+    assert int((~same).sum()) <= len(same) // 100, int((~same).sum())
     model.eval()
     with torch.no_grad():
-        nodes = F.normalize(emb.float(), dim=1)
         by_hand = F.normalize(model.mpn_features([o[:, 0] for o in model.mpn(nodes[batches])]), dim=1)
     torch.testing.assert_close(refined, by_hand, rtol=1e-4, atol=1e-5)
     labels, roles = data["labels"], {"is_query": data["is_query"], "is_gallery": data["is_gallery"]}
