@@ -258,6 +258,30 @@ def test_a_signalled_fit_stops_saves_last_ckpt_and_exits_non_zero(
         assert _json(run / "status.json")["status"] == "completed"
 
 
+@pytest.mark.slow  # two DDP processes on the CPU: about 20 s on 2 cores
+@pytest.mark.filterwarnings("ignore:.*differs from the published.*")
+def test_sigterm_to_a_ddp_fits_first_process_stops_every_rank_and_saves(cub_root: Path, tmp_path: Path) -> None:
+    """A suite's job sends SIGTERM to its fit's process only (no longer to its process group): the
+    DDP workers Lightning started must stop with it, the checkpoint be written, and no process be
+    left behind (Lightning's SIGTERM handler relays the signal to them)."""
+    proc, run, marker = _start_fit(cub_root, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                                   "--trainer.strategy", "ddp")
+    _wait_for(marker, proc, timeout=240)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no DDP worker process"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 143, out[-3000:]
+    status = _json(run / "status.json")
+    assert status["status"] == "interrupted" and status["exit_code"] == 143
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 3 <= state["global_step"] < 400
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a DDP worker outlived its fit"
+
+
 # ---------------------------------------------------------------------------- divergence
 @pytest.mark.filterwarnings("ignore:.*differs from the published.*")
 def test_a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(
