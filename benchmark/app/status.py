@@ -54,13 +54,16 @@ def main(argv: list[str]) -> int:
         found = sorted({p.parent for name in RUN_RECORDS for p in folder.rglob(name)
                         if not any(part.startswith(".") for part in p.parent.relative_to(folder).parts)})  # fmt: skip
         runs += [(run, str(run.relative_to(folder)) if run != folder else str(folder)) for run in found]
-    table = Table(title=f"{len(runs)} run(s) in {', '.join(map(str, args.folders))}")
+    # Filtered before the title: it counts the runs the table shows (it counted every run found).
+    shown = [(run, name, run_state(run)) for run, name in runs]
+    shown = [row for row in shown if not args.state or row[2].state == args.state]
+    title = f"{len(shown)} run(s)" + (f" {args.state}" if args.state else "") + f" in {', '.join(map(str, args.folders))}"
+    if args.state:
+        title += f" (of {len(runs)})"
+    table = Table(title=title)
     for col in ("run", "state", "command", "exit", "steps", "final R@1", "updated", "reason"):
         table.add_column(col, overflow="fold")
-    for run, name in runs:
-        state = run_state(run)
-        if args.state and state.state != args.state:
-            continue
+    for run, name, state in shown:
         steps, r1 = "", ""
         # An unreadable results file leaves the two cells empty: the run's state is still worth a row.
         with contextlib.suppress(RecordError):

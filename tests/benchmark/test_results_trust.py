@@ -104,6 +104,11 @@ def test_only_completed_runs_count_and_the_others_are_listed_apart(grid: Path, t
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert any("ms-s4" in line and "killed" in line for line in out.splitlines())
+    assert "5 run(s) in" in out
+    # --state: the title counts the runs shown (it said 5 over a table of 1).
+    assert main(["status", str(tmp_path), "--state", "failed"]) == 0
+    out = capsys.readouterr().out
+    assert "1 run(s) failed in" in out and "(of 5)" in out and "ms-s3" in out and "ms-s0" not in out
 
 
 def statistics_mean(values: list[float]) -> float:
