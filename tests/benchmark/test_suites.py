@@ -691,6 +691,45 @@ def test_a_local_job_of_a_cell_without_a_gpu_count_sees_every_gpu(tmp_path: Path
     assert launchers.default_parallel([suite.cells[1]]) == 2 and launchers.default_parallel([suite.cells[0]]) == 1
 
 
+def test_parallel_jobs_here_start_a_cell_only_after_the_cells_it_needs_have_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--launcher local with room for three jobs, cells x <- a <- b (each names the previous one's
+    folder): a waits while x runs, and b must wait while a has not even started. b was started
+    next to x (a was pending, not running), found a not completed and was reported not started."""
+    from benchmark.app.suites import launchers
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"output: {tmp_path / 'out'}\ngrid: {{{MS}, variants: {{x: {{}}, "
+                    "a: {data.root: '{output}/ms-synthetic-x-seed0'}, b: {data.root: '{output}/ms-synthetic-a-seed0'}}}\n")
+    suite = load_suite(path)
+    assert [c.needs for c in suite.cells] == [(), ("ms-synthetic-x-seed0",), ("ms-synthetic-a-seed0",)]
+    started: list[tuple[str, tuple[str, ...]]] = []  # (cell, cells running when it was submitted)
+    running: dict[str, int] = {}
+
+    class Job:  # a stand-in for submitit's local job: done on its second poll, the cell completed
+        def __init__(self, cell: Cell) -> None:
+            self.cell, self.job_id, self.polls = cell, str(len(started)), 0
+
+        def done(self) -> bool:
+            self.polls += 1
+            if self.polls == 2:
+                _fake_attempt(suite, self.cell, "completed", 0)
+                running.pop(self.cell.id)
+            return self.polls >= 2
+
+    def submit(executor, job, suite_, cell, retry_failed):
+        started.append((cell.id, tuple(running)))
+        running[cell.id] = 1
+        return Job(cell)
+
+    monkeypatch.setattr(launchers, "_submit", submit)
+    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+    assert launchers.run_here(suite, suite.cells, retry_failed=False, max_parallel=3, live=False, launcher="local") == 0
+    assert started == [("ms-synthetic-x-seed0", ()), ("ms-synthetic-a-seed0", ()), ("ms-synthetic-b-seed0", ())]
+    assert ": not started" not in capsys.readouterr().out  # (the headline names the "not started" count)
+
+
 def test_a_requeued_multi_task_job_hands_its_tasks_a_new_launch_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SLURM keeps a requeued job's id: the other tasks must wait for task 0's new command (which
     resumes with --ckpt_path), not start the previous attempt's from the file it left."""

@@ -379,9 +379,11 @@ def run_here(suite: Suite, cells: list[Cell], retry_failed: bool, max_parallel: 
     with _Stop(suite) as stop:
         try:
             while (pending and stop.received is None) or stop.watching:
-                # Start jobs while there are free slots; a cell whose needs have not all ended waits.
+                # Start jobs while there are free slots; a cell waits while a cell it needs is running
+                # or still to start (its plan would otherwise find that need not completed).
                 while pending and free_slots and stop.received is None:
-                    ready = [c for c in pending if not (set(c.needs) & {w.cell.id for w in stop.watching})]
+                    unfinished = {w.cell.id for w in stop.watching} | {c.id for c in pending}
+                    ready = [c for c in pending if not set(c.needs) & unfinished]
                     if not ready:
                         break
                     cell = ready[0]
